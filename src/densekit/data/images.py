@@ -1,0 +1,125 @@
+"""Image files to uint8 tensors: the one decode path for ``predict`` and ``imagefolder``.
+
+Every image is decoded as RGB by ``torchvision.io.decode_image``, which lets libpng and
+libjpeg expand palettes, drop alpha, and convert CMYK and grayscale correctly (decoding
+"unchanged" would hand back palette indices or CMYK planes as if they were pixels).
+Formats torchvision cannot decode (BMP, TIFF, PPM) go through Pillow instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+from .core import DataError
+
+log = logging.getLogger(__name__)
+
+# Suffixes the imagefolder reader picks up (lower case). The first group is decoded by
+# torchvision, the rest by Pillow.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+
+# torchvision prefixes its decoder errors with the C++ source location.
+_CPP_PREFIX = re.compile(r"^.*?\.cpp:\d+,\s*")
+
+
+def _decode_torchvision(data: bytes) -> torch.Tensor:
+    img = decode_image(
+        torch.frombuffer(bytearray(data), dtype=torch.uint8),
+        mode=ImageReadMode.RGB,
+        apply_exif_orientation=True,
+    )
+    if img.dim() == 4:  # an animated GIF: its frames; keep the first
+        img = img[0]
+    if img.dtype != torch.uint8:  # 16-bit PNG
+        img = TF.to_dtype(img, torch.uint8, scale=True)
+    return img
+
+
+def _decode_pillow(path: Path) -> torch.Tensor:
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def read_image(path: str | os.PathLike, image_size: tuple[int, int]) -> torch.Tensor:
+    """Decode one image file to uint8 RGB (3, H, W), resized with antialiasing."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: image file not found") from e
+    except IsADirectoryError as e:
+        raise DataError(f"{path}: is a directory, expected an image file") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
+    if not data:
+        raise DataError(f"{path}: empty file, expected an image")
+    try:
+        img = _decode_torchvision(data)
+    except RuntimeError as tv_error:
+        reason = _CPP_PREFIX.sub("", str(tv_error))
+        if not reason.startswith("Unsupported image file"):
+            raise DataError(f"{path}: cannot decode image: {reason}") from tv_error
+        try:
+            img = _decode_pillow(path)
+        except Exception as pil_error:  # Pillow raises many types for bad files
+            raise DataError(
+                f"{path}: not a readable image (tried PNG, JPEG, GIF, WebP, then Pillow: {pil_error})"
+            ) from pil_error
+    if img.dim() != 3 or img.shape[0] != 3 or min(img.shape[1:]) < 1:
+        raise DataError(f"{path}: decoded to an unexpected shape {tuple(img.shape)}, expected 3 x H x W")
+    if tuple(img.shape[1:]) != tuple(image_size):
+        img = TF.resize(img, list(image_size), antialias=True)
+    return img
+
+
+def is_gray(img: torch.Tensor) -> bool:
+    """True when an RGB image has R == G == B everywhere, i.e. carries no colour."""
+    return bool((img[0] == img[1]).all() and (img[1] == img[2]).all())
+
+
+def to_channels(img: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Convert a uint8 RGB (3, H, W) image to ``in_chans`` (1 or 3) channels."""
+    if in_chans == 3:
+        return img
+    # A gray source decoded as RGB has three equal planes; taking one keeps it exact
+    # instead of rounding it through the luma weights.
+    return img[:1] if is_gray(img) else TF.rgb_to_grayscale(img, num_output_channels=1)
+
+
+def _check_args(in_chans: int, image_size: tuple[int, int]) -> tuple[int, int]:
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}")
+    try:
+        h, w = image_size
+    except (TypeError, ValueError):
+        raise ValueError(f"image_size must be a (height, width) pair, got {image_size!r}") from None
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in (h, w)):
+        raise ValueError(f"image_size must be two positive ints, got {image_size!r}")
+    return h, w
+
+
+def load_images(paths: Sequence[str | os.PathLike], in_chans: int, image_size: tuple[int, int]) -> torch.Tensor:
+    """Decode image files of any size and channel layout into uint8 (N, in_chans, H, W).
+
+    Gray, gray+alpha, RGB, RGBA and palette images are all accepted; alpha is dropped,
+    ``in_chans`` 1 means grayscale and 3 means RGB, and every image is resized to
+    ``image_size`` (height, width) with antialiasing. A missing or undecodable file
+    raises DataError naming it.
+    """
+    h, w = _check_args(in_chans, image_size)
+    out = torch.empty((len(paths), in_chans, h, w), dtype=torch.uint8)
+    for i, path in enumerate(paths):
+        out[i] = to_channels(read_image(path, (h, w)), in_chans)
+    return out

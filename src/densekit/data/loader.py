@@ -1,0 +1,178 @@
+"""A whole split held on one device, served as normalized float batches.
+
+Data loading is the bottleneck for small images on a fast card, so (as in the CIFAR-10
+speed runs) the uint8 images stay on the device and each batch is gathered, augmented
+and normalized there with a few tensor ops: no workers, no per-image Python.
+
+Every random choice of an epoch (order, crop offsets, flips) is drawn up front from a
+CPU generator seeded with (seed, epoch) alone. A run resumed at (epoch, step) therefore
+sees exactly the batches an uninterrupted run would, on any device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .core import Split
+
+
+@dataclasses.dataclass
+class Augment:
+    crop_padding: int = 0  # random crop of the original size from the zero-padded image (CIFAR recipe: 4)
+    hflip: bool = False  # random horizontal flip with p=0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.crop_padding, bool) or not isinstance(self.crop_padding, int) or self.crop_padding < 0:
+            raise ValueError(f"crop_padding must be an int >= 0, got {self.crop_padding!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.crop_padding > 0 or self.hflip
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed for one epoch; depends only on (seed, epoch)."""
+    return (seed * 1_000_003 + epoch) % (1 << 64)
+
+
+def crop_flip(
+    x: torch.Tensor, padding: int, offsets: torch.Tensor | None, flips: torch.Tensor | None
+) -> torch.Tensor:
+    """Random-crop and flip a batch (B, C, H, W) with one gather, given the draws.
+
+    ``offsets`` (B, 2) holds each sample's (dy, dx) in [0, 2 * padding], the top-left
+    corner of its H x W window in the zero-padded image; ``flips`` (B,) says which
+    samples are mirrored left-right after cropping. Either may be None (no crop, no flip).
+    Output pixel (i, j) of sample b reads the padded image at (dy + i, dx + j), or at
+    (dy + i, dx + W-1-j) when b is flipped.
+    """
+    b, c, h, w = x.shape
+    rows = torch.arange(h, device=x.device).expand(b, h)
+    cols = torch.arange(w, device=x.device).expand(b, w)
+    if flips is not None:
+        cols = torch.where(flips[:, None], (w - 1) - cols, cols)
+    if offsets is not None and padding > 0:
+        # zeros before normalization, i.e. black, as in the paper's recipe
+        x = F.pad(x, (padding, padding, padding, padding))
+        rows = rows + offsets[:, :1]
+        cols = cols + offsets[:, 1:]
+    return x[
+        torch.arange(b, device=x.device)[:, None, None, None],
+        torch.arange(c, device=x.device)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+
+
+class DeviceLoader:
+    """Holds a whole Split on one device as uint8 and yields normalized float batches;
+    augmentation is done per batch on tensors (no per-image Python)."""
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: str | torch.device = "cpu",
+        shuffle: bool = False,
+        augment: Augment | None = None,
+        drop_last: bool = False,
+        seed: int = 0,
+        channels_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        chans = split.images.shape[1]
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if len(mean) != chans or len(std) != chans:
+            raise ValueError(f"mean and std must have one value per channel ({chans}), got mean={mean}, std={std}")
+        if not all(s > 0 for s in std):
+            raise ValueError(f"std must be > 0 for every channel, got {std}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.shuffle = shuffle
+        self.augment = augment if augment is not None and augment.active else None
+        self.drop_last = drop_last
+        self.seed = seed
+        self.channels_last = channels_last
+        self.dtype = dtype
+        self.images = split.images.to(self.device).contiguous()
+        self.labels = split.labels.to(self.device)
+        # Normalize in float32 even for half-precision outputs, so that the rounding
+        # happens once, at the final cast.
+        self._compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        mean_t = torch.tensor(mean, dtype=torch.float64).view(1, chans, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float64).view(1, chans, 1, 1)
+        # (x / 255 - mean) / std folded into one multiply-add on the raw uint8 values,
+        # so each batch costs a single float pass
+        self._scale = (1.0 / (255.0 * std_t)).to(self.device, self._compute_dtype)
+        self._shift = (-mean_t / std_t).to(self.device, self._compute_dtype)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch(0)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``epoch``, from batch ``start_step`` on.
+
+        Skipped batches cost nothing: their random draws are made with the rest of the
+        epoch's, and their images are never gathered.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= len(self):
+            raise ValueError(f"start_step must be an int in [0, {len(self)}], got {start_step!r}")
+        return self._batches(epoch, start_step)
+
+    def _draws(self, epoch: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        n = len(self.labels)
+        g = torch.Generator(device="cpu")
+        g.manual_seed(epoch_seed(self.seed, epoch))
+        order = torch.randperm(n, generator=g) if self.shuffle else None
+        offsets = flips = None
+        if self.augment is not None:
+            if self.augment.crop_padding > 0:
+                offsets = torch.randint(0, 2 * self.augment.crop_padding + 1, (n, 2), generator=g)
+            if self.augment.hflip:
+                flips = torch.rand(n, generator=g) < 0.5
+        return tuple(t if t is None else t.to(self.device) for t in (order, offsets, flips))
+
+    def _batches(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, offsets, flips = self._draws(epoch)
+        n = len(self.labels)
+        for step in range(start_step, len(self)):
+            lo, hi = step * self.batch_size, min((step + 1) * self.batch_size, n)
+            if order is None:
+                x, y = self.images[lo:hi], self.labels[lo:hi]
+            else:
+                idx = order[lo:hi]
+                x, y = self.images[idx], self.labels[idx]
+            if self.augment is not None:
+                x = crop_flip(
+                    x,
+                    self.augment.crop_padding,
+                    None if offsets is None else offsets[lo:hi],
+                    None if flips is None else flips[lo:hi],
+                )
+            yield self._normalize(x), y
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            # on the uint8 batch, where the copy is a quarter the size; the float ops
+            # below keep the memory format
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = x.to(self._compute_dtype) * self._scale + self._shift
+        return out.to(self.dtype)

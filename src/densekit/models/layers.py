@@ -1,0 +1,233 @@
+"""The parts of a densely connected network, named as in the paper.
+
+Huang, Liu, van der Maaten, Weinberger, "Densely Connected Convolutional Networks",
+CVPR 2017 (arXiv:1608.06993): a *dense layer* (BN-ReLU-Conv, with an optional 1x1
+"bottleneck" in front), a *dense block* whose every layer sees the concatenation of the
+block input and all earlier layers' outputs, and a *transition* (BN-ReLU-Conv1x1-AvgPool)
+between blocks. One code path serves 1D, 2D and 3D inputs: ``spatial_dims`` picks the
+convolution, batch norm and pooling classes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from torch import nn
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+_MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+
+# torchvision before 0.3 saved dense layers as "norm.1", "conv.2", ... (nn.Sequential
+# children with dotted names); this matches one such key relative to its layer.
+LEGACY_LAYER_KEY = re.compile(
+    r"^(norm|relu|conv)\.([12])\.(weight|bias|running_mean|running_var|num_batches_tracked)$"
+)
+
+
+def check_spatial_dims(spatial_dims: int) -> int:
+    if spatial_dims not in _CONV:
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    return spatial_dims
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_drop_rate(drop_rate) -> float:
+    if not 0.0 <= float(drop_rate) < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+    return float(drop_rate)
+
+
+def conv_nd(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int,
+            stride: int = 1, padding: int = 0) -> nn.Module:
+    # Every convolution here feeds a batch norm, which has its own shift: a bias is dead weight.
+    return _CONV[check_spatial_dims(spatial_dims)](
+        in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+
+
+def norm_nd(spatial_dims: int, num_features: int) -> nn.Module:
+    return _NORM[check_spatial_dims(spatial_dims)](num_features)
+
+
+def avg_pool_nd(spatial_dims: int, kernel_size: int, stride: int) -> nn.Module:
+    return _AVG_POOL[check_spatial_dims(spatial_dims)](kernel_size, stride)
+
+
+def max_pool_nd(spatial_dims: int, kernel_size: int, stride: int, padding: int) -> nn.Module:
+    return _MAX_POOL[check_spatial_dims(spatial_dims)](kernel_size, stride, padding)
+
+
+class DenseLayer(nn.Module):
+    """One layer of a dense block: it adds ``growth_rate`` (k) new feature maps.
+
+    With ``bn_size`` (the paper's "B" variant) it is BN-ReLU-Conv1x1(bn_size*k)-BN-ReLU-
+    Conv3x3(k); with ``bn_size`` None or 0 it is the plain BN-ReLU-Conv3x3(k). Its input is
+    the concatenation of every earlier feature map, given as one tensor or as a list.
+
+    ``input_index`` (a buffer, None by default) names the input channels the layer reads;
+    pruning sets it so that a layer can drop inputs without touching the block around it.
+    """
+
+    def __init__(self, in_channels: int, growth_rate: int, bn_size: int | None = 4,
+                 drop_rate: float = 0.0, memory_efficient: bool = False,
+                 spatial_dims: int = 2) -> None:
+        super().__init__()
+        _check_positive_int("in_channels", in_channels)
+        _check_positive_int("growth_rate", growth_rate)
+        if bn_size:
+            _check_positive_int("bn_size", bn_size)
+        self.in_channels = in_channels
+        self.growth_rate = growth_rate
+        self.bn_size = bn_size or 0
+        self.drop_rate = _check_drop_rate(drop_rate)
+        self.memory_efficient = memory_efficient
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        if self.bn_size:
+            width = self.bn_size * growth_rate
+            self.norm1 = norm_nd(spatial_dims, in_channels)
+            self.relu1 = nn.ReLU(inplace=True)
+            self.conv1 = conv_nd(spatial_dims, in_channels, width, 1)
+            self.norm2 = norm_nd(spatial_dims, width)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv2 = conv_nd(spatial_dims, width, growth_rate, 3, padding=1)
+        else:
+            self.norm1 = norm_nd(spatial_dims, in_channels)
+            self.relu1 = nn.ReLU(inplace=True)
+            self.conv1 = conv_nd(spatial_dims, in_channels, growth_rate, 3, padding=1)
+        self.register_buffer("input_index", None)
+
+    @property
+    def has_bottleneck(self) -> bool:
+        return self.bn_size > 0
+
+    def bottleneck(self, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        """BN-ReLU-Conv of the concatenated input: the part that sees every earlier map."""
+        if self.input_index is not None:
+            x = x.index_select(1, self.input_index)
+        if not recompute:
+            return self.conv1(self.relu1(self.norm1(x)))
+        # The recompute in backward must run the same ops as the forward without moving the
+        # running statistics a second time (checkpoint stops it early: no restoring after).
+        n = self.norm1
+        x = F.batch_norm(x, n.running_mean.clone(), n.running_var.clone(), n.weight, n.bias, True, 0.0, n.eps)
+        return self.conv1(self.relu1(x))
+
+    def _checkpointed_bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        calls = []
+
+        def run(inp):
+            calls.append(None)
+            return self.bottleneck(inp, recompute=len(calls) > 1)
+
+        return cp.checkpoint(run, x, use_reentrant=False)
+
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            x = torch.cat(list(x), 1)
+        if self.memory_efficient and self.training and x.requires_grad:
+            # Recompute the concatenated BN-ReLU-Conv1x1 in backward instead of storing it
+            # (Pleiss et al., "Memory-Efficient Implementation of DenseNets", 2017).
+            out = self._checkpointed_bottleneck(x)
+        else:
+            out = self.bottleneck(x)
+        if self.has_bottleneck:
+            out = self.conv2(self.relu2(self.norm2(out)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Remap legacy "norm.1.weight"-style keys so that old checkpoints load through
+        # the ordinary load_state_dict, strictly, with no key dropped.
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            match = LEGACY_LAYER_KEY.match(key[len(prefix):])
+            if match:
+                name, index, tensor = match.groups()
+                state_dict[f"{prefix}{name}{index}.{tensor}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, growth_rate={self.growth_rate}, bn_size={self.bn_size}"
+
+
+class DenseBlock(nn.ModuleDict):
+    """``num_layers`` dense layers; layer i sees the block input and layers 0..i-1.
+
+    The output is the concatenation of the input and every layer's ``growth_rate`` new
+    maps: ``out_channels = in_channels + num_layers * growth_rate``.
+
+    With ``memory_efficient=True`` (the default of :func:`densekit.create_model`) the block
+    runs as one fused operation that writes each layer's output once into a shared
+    feature buffer and recomputes the cheap BN-ReLU in backward, so training memory grows
+    linearly with depth without recomputing convolutions (see ``fused.py``).
+    """
+
+    def __init__(self, in_channels: int, growth_rate: int, num_layers: int,
+                 bn_size: int | None = 4, drop_rate: float = 0.0,
+                 memory_efficient: bool = False, spatial_dims: int = 2) -> None:
+        super().__init__()
+        _check_positive_int("in_channels", in_channels)
+        _check_positive_int("growth_rate", growth_rate)
+        _check_positive_int("num_layers", num_layers)
+        self.in_channels = in_channels
+        self.growth_rate = growth_rate
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        channels = in_channels
+        for i in range(num_layers):
+            layer = DenseLayer(channels, growth_rate, bn_size, drop_rate, memory_efficient, spatial_dims)
+            self.add_module(f"denselayer{i + 1}", layer)
+            channels += growth_rate
+        self.out_channels = channels
+        self.memory_efficient = memory_efficient
+
+    @property
+    def memory_efficient(self) -> bool:
+        return self._memory_efficient
+
+    @memory_efficient.setter
+    def memory_efficient(self, value: bool) -> None:
+        self._memory_efficient = bool(value)
+        for layer in self.values():
+            layer.memory_efficient = bool(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"DenseBlock expected {self.in_channels} input channels, got {x.shape[1]}")
+        if self.memory_efficient:
+            from .fused import fused_dense_block, supports_fused
+
+            if supports_fused(self):
+                return fused_dense_block(self, x)
+        return self.forward_plain(x)
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference path: concatenate, as torchvision does; fast paths are tested against it."""
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class Transition(nn.Sequential):
+    """BN-ReLU-Conv1x1-AvgPool(2) between two dense blocks: compresses and halves the size."""
+
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2) -> None:
+        _check_positive_int("in_channels", in_channels)
+        _check_positive_int("out_channels", out_channels)
+        super().__init__()
+        self.add_module("norm", norm_nd(spatial_dims, in_channels))
+        self.add_module("relu", nn.ReLU(inplace=True))
+        self.add_module("conv", conv_nd(spatial_dims, in_channels, out_channels, 1))
+        self.add_module("pool", avg_pool_nd(spatial_dims, 2, 2))
+        self.in_channels = in_channels
+        self.out_channels = out_channels

@@ -1,0 +1,73 @@
+"""default_data_dir and load_dataset's own checks, and the DataError contract."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import densekit.data as data
+from densekit.data import DATASETS, DataError, Dataset, Split, default_data_dir, load_dataset
+
+
+def test_public_names():
+    assert DATASETS == ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder")
+    assert set(data.__all__) == {"DATASETS", "Augment", "DataError", "Dataset", "DeviceLoader", "Split",
+                                 "default_data_dir", "load_dataset", "load_images"}
+    assert issubclass(DataError, ValueError)
+
+
+def test_defaults_without_env(monkeypatch):
+    monkeypatch.delenv("DENSEKIT_DATA", raising=False)
+    assert default_data_dir("fashion-mnist") == Path("/usr/share/datasets/fashion-mnist")
+    assert default_data_dir("mnist") == Path("/usr/share/datasets/mnist")
+    for name in ("cifar10", "cifar100", "imagefolder"):
+        with pytest.raises(DataError, match=f"^{name}: no default data directory; pass --data-dir"):
+            default_data_dir(name)
+
+
+def test_env_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("DENSEKIT_DATA", str(tmp_path))
+    (tmp_path / "cifar10").mkdir()
+    assert default_data_dir("cifar10") == tmp_path / "cifar10"
+    assert default_data_dir("cifar100") == tmp_path
+    assert default_data_dir("fashion-mnist") == tmp_path
+    monkeypatch.setenv("DENSEKIT_DATA", "")
+    assert default_data_dir("fashion-mnist") == Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_env_root_is_used_by_load_dataset(monkeypatch, tmp_path):
+    monkeypatch.setenv("DENSEKIT_DATA", str(tmp_path))
+    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path))}: no cifar10 data"):
+        load_dataset("cifar10")
+
+
+@pytest.mark.parametrize("call", [lambda: load_dataset("densenet"), lambda: default_data_dir("cifar-10")])
+def test_unknown_name_lists_known(call):
+    with pytest.raises(DataError) as info:
+        call()
+    assert "known: fashion-mnist, mnist, cifar10, cifar100, imagefolder" in str(info.value)
+
+
+def test_data_error_is_one_line():
+    e = DataError("/x/y: cannot decode:\n  line two\n\tline three")
+    assert str(e) == "/x/y: cannot decode: line two line three"
+
+
+def test_split_checks_its_tensors():
+    good = torch.zeros(2, 1, 3, 3, dtype=torch.uint8)
+    assert len(Split(good, torch.zeros(2, dtype=torch.int64))) == 2
+    with pytest.raises(ValueError, match="images must be a uint8"):
+        Split(good.float(), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="labels must be an int64"):
+        Split(good, torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="2 images and 3 labels"):
+        Split(good, torch.zeros(3, dtype=torch.int64))
+
+
+def test_dataset_num_classes():
+    s = Split(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64))
+    ds = Dataset("x", s, s, ["a", "b", "c"], 1, (2, 2), (0.0,), (1.0,))
+    assert ds.num_classes == 3

@@ -1,0 +1,185 @@
+"""Every registered model, generically: shapes, gradients, published sizes, bad input."""
+
+import pytest
+import torch
+
+import densekit
+from densekit import DenseNet, create_model, list_models
+from densekit.models import get_variant
+
+# Published counts: torchvision's model docs (1000 classes); Huang et al. 2017 Table 2
+# (10 classes) for the CIFAR networks, given there to 0.1M.
+EXACT = {
+    "densenet121": 7_978_856,
+    "densenet161": 28_681_000,
+    "densenet169": 14_149_480,
+    "densenet201": 20_013_928,
+}
+PAPER_MILLIONS = {
+    "densenet_40_k12": 1.0,
+    "densenet_100_k12": 7.0,
+    "densenet_100_k24": 27.2,
+    "densenet_bc_100_k12": 0.8,
+    "densenet_bc_250_k24": 15.3,
+    "densenet_bc_190_k40": 25.6,
+}
+# Too heavy to push through a backward pass on every CI run; their blocks are the same code.
+HEAVY = {"densenet264", "densenet_bc_190_k40", "densenet_bc_250_k24", "densenet_100_k24", "densenet161", "densenet201"}
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_torchvision_parameter_counts(name):
+    assert n_params(create_model(name)) == EXACT[name]
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_MILLIONS))
+def test_paper_parameter_counts(name):
+    assert round(n_params(create_model(name)) / 1e6, 1) == PAPER_MILLIONS[name]
+
+
+def test_pinned_counts_of_the_rest():
+    # Not published; pinned so that an accidental change of structure shows.
+    assert n_params(create_model("densenet264")) == 33_337_704
+    assert n_params(create_model("dense_resnet121")) == 36_610_706
+
+
+def test_list_models():
+    names = list_models()
+    assert len(names) == 12 and names == sorted(names)
+    assert list_models("densenet_bc_*") == ["densenet_bc_100_k12", "densenet_bc_190_k40", "densenet_bc_250_k24"]
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n not in HEAVY])
+def test_forward_backward_every_model(name):
+    torch.manual_seed(0)
+    c, *size = get_variant(name).input_size
+    size = [max(s // 4, 32) for s in size]
+    model = create_model(name, num_classes=7)
+    x = torch.randn(2, c, *size)
+    out = model(x)
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    # every conv gets a non-zero gradient: the dense connections really carry signal
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("conv2.weight"))
+
+
+@pytest.mark.parametrize("name", sorted(HEAVY))
+def test_heavy_models_build_and_infer(name):
+    model = create_model(name).eval()
+    c, *size = get_variant(name).input_size
+    with torch.no_grad():
+        out = model(torch.randn(1, c, *[max(s // 7, model.min_input_size) for s in size]))
+    assert out.shape == (1, get_variant(name).num_classes) and torch.isfinite(out).all()
+
+
+def test_head_api():
+    model = create_model("densenet_bc_100_k12").eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, model.num_features, 8, 8) and (feats >= 0).all()
+    pooled = model.forward_head(feats, pre_logits=True)
+    assert pooled.shape == (2, 342)
+    torch.testing.assert_close(model.forward_head(feats), model(x))
+    model.reset_classifier(5)
+    assert model(x).shape == (2, 5)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 342)
+
+
+@pytest.mark.parametrize("name,size", [("densenet121", 64), ("densenet_bc_100_k12", 32), ("dense_resnet121", 32)])
+def test_features_only(name, size):
+    model = create_model(name, features_only=True).eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        feats = model(x)
+    assert len(feats) == len(model.feature_info)
+    for f, info in zip(feats, model.feature_info):
+        assert f.shape[1] == info["num_chs"]
+        assert f.shape[2] == size // info["reduction"]
+    reductions = [i["reduction"] for i in model.feature_info]
+    assert reductions == sorted(reductions)
+
+
+def test_features_only_out_indices():
+    model = create_model("densenet121", features_only=True, out_indices=(2, 4))
+    assert [i["reduction"] for i in model.feature_info] == [8, 32]
+    assert [i["num_chs"] for i in model.feature_info] == [512, 1024]
+    feats = model(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == [512, 1024]
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(1, (64,)), (3, (16, 16, 16))])
+def test_1d_and_3d(spatial_dims, size):
+    torch.manual_seed(0)
+    model = DenseNet(12, (2, 3), stem="cifar", spatial_dims=spatial_dims, in_chans=2, num_classes=4,
+                     memory_efficient=True)
+    x = torch.randn(2, 2, *size)
+    out = model(x)
+    assert out.shape == (2, 4)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.features.denseblock1.denselayer1.conv2.weight.dim() == spatial_dims + 2
+    imagenet = DenseNet(8, (2, 2), spatial_dims=spatial_dims, num_classes=3).eval()
+    assert imagenet(torch.randn(1, 3, *[s * 2 for s in size])).shape == (1, 3)
+
+
+def test_seed_hybrid_uses_every_stage():
+    model = create_model("dense_resnet121")
+    blocks = [m for n, m in model.features.named_children() if n.startswith("denseblock")]
+    assert [len(b) for b in blocks] == [6, 12, 24, 16]
+    assert [b.growth_rate for b in blocks] == [16, 32, 64, 128]
+    # channels are tracked, never mismatched: each block starts where the last one ended
+    assert blocks[0].in_channels == 16
+    assert model.feature_info[-1]["reduction"] == 8
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+
+
+def test_public_api():
+    assert set(densekit.__all__) >= {"create_model", "list_models", "load", "DenseLayer", "DenseBlock",
+                                     "Transition", "DenseNet"}
+
+
+@pytest.mark.parametrize("kwargs,arg", [
+    (dict(growth_rate=0), "growth_rate"),
+    (dict(growth_rate=-4), "growth_rate"),
+    (dict(compression=0), "compression"),
+    (dict(compression=1.5), "compression"),
+    (dict(block_config=()), "block_config"),
+    (dict(block_config=(6, 0)), "block_config"),
+    (dict(block_config=(6, -1)), "block_config"),
+    (dict(spatial_dims=4), "spatial_dims"),
+    (dict(spatial_dims=0), "spatial_dims"),
+    (dict(stem="tiny"), "stem"),
+    (dict(drop_rate=1.0), "drop_rate"),
+    (dict(num_classes=-1), "num_classes"),
+    (dict(in_chans=0), "in_chans"),
+    (dict(bn_size=-2), "bn_size"),
+])
+def test_bad_configuration(kwargs, arg):
+    with pytest.raises(ValueError, match=arg):
+        DenseNet(**{"block_config": (2, 2), **kwargs})
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(ValueError, match="unknown model 'densnet121'; known: dense_resnet121, densenet121"):
+        create_model("densnet121")
+    with pytest.raises(ValueError, match="unknown argument 'growth'"):
+        create_model("densenet121", growth=3)
+
+
+def test_bad_forward_input():
+    model = create_model("densenet121")
+    with pytest.raises(ValueError, match="expected 3 input channels, got 1"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="expected a 4D input"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match=r"too small.*>= 29"):
+        model(torch.randn(1, 3, 28, 28))
+    assert model.eval()(torch.randn(1, 3, 29, 29)).shape == (1, 1000)  # the smallest that fits

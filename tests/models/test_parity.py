@@ -1,0 +1,165 @@
+"""Same function as torchvision, and the fast paths the same function as the plain one."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+from densekit import DenseBlock, DenseLayer, DenseNet, create_model
+
+
+def rel_max_diff(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", ["densenet121", "densenet161", "densenet169", "densenet201"])
+def test_torchvision_checkpoint_loads_strictly_and_matches(name):
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, name)().eval()
+    # torchvision initialises BN to identity; random statistics make the check bite
+    for m in reference.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = reference(x)
+    for memory_efficient in (False, True):
+        model = create_model(name, memory_efficient=memory_efficient).eval()
+        result = model.load_state_dict(reference.state_dict(), strict=True)
+        assert not result.missing_keys and not result.unexpected_keys
+        with torch.no_grad():
+            assert rel_max_diff(model(x), want) <= 1e-5
+
+
+def test_legacy_keys_load_through_load_state_dict():
+    reference = torchvision.models.densenet121().eval()
+    legacy = {}
+    for key, value in reference.state_dict().items():
+        for part in ("norm1", "norm2", "conv1", "conv2"):
+            if f".{part}." in key and "denselayer" in key:
+                key = key.replace(f".{part}.", f".{part[:-1]}.{part[-1]}.")
+        legacy[key] = value
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
+    model = create_model("densenet121").eval()
+    model.load_state_dict(legacy)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_max_diff(model(x), reference(x)) <= 1e-5
+
+
+def test_wrong_shapes_do_not_load():
+    model = create_model("densenet121")
+    state = torchvision.models.densenet169().state_dict()
+    with pytest.raises(RuntimeError):
+        model.load_state_dict(state)
+
+
+def _grads(module):
+    return [p.grad.clone() for p in module.parameters()]
+
+
+def _compare(plain, fast, x, train):
+    plain.train(train)
+    fast.train(train)
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    y1, y2 = plain(x1), fast(x2)
+    grad = torch.randn_like(y1)
+    y1.backward(grad)
+    y2.backward(grad)
+    torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-5)
+    for g1, g2 in zip(_grads(plain), _grads(fast)):
+        torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-4)
+    for b1, b2 in zip(plain.buffers(), fast.buffers()):
+        torch.testing.assert_close(b2, b1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(1, (20,)), (2, (9, 7)), (3, (5, 6, 4))])
+@pytest.mark.parametrize("bn_size", [4, 0])
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_block_same_function_and_gradients(spatial_dims, size, bn_size, train):
+    torch.manual_seed(spatial_dims)
+    plain = DenseBlock(6, 5, 4, bn_size=bn_size, spatial_dims=spatial_dims)
+    for m in plain.modules():
+        if hasattr(m, "running_var"):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    fast = copy.deepcopy(plain)
+    fast.memory_efficient = True
+    _compare(plain, fast, torch.randn(3, 6, *size), train)
+
+
+def test_fused_network_channels_last_and_several_steps():
+    torch.manual_seed(0)
+    plain = create_model("densenet_bc_100_k12", memory_efficient=False, block_config=(3, 3, 3))
+    fast = copy.deepcopy(plain).set_memory_efficient(True)
+    for model in (plain, fast):
+        model.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):  # running statistics accumulate identically
+        for m in (plain, fast):
+            m.zero_grad()
+        _compare(plain, fast, x, train=True)
+    _compare(plain, fast, x, train=False)
+
+
+def test_checkpointed_layer_same_function():
+    torch.manual_seed(0)
+    layer = DenseLayer(10, 4)
+    lean = copy.deepcopy(layer)
+    lean.memory_efficient = True
+    _compare(layer, lean, torch.randn(2, 10, 6, 6), train=True)
+
+
+def test_fused_dropout_keeps_expectation():
+    torch.manual_seed(0)
+    block = DenseBlock(4, 8, 2, drop_rate=0.5, memory_efficient=True)
+    x = torch.randn(64, 4, 8, 8, requires_grad=True)
+    out = block(x)
+    new = out[:, 4:]
+    zero_fraction = (new == 0).float().mean().item()
+    assert 0.4 < zero_fraction < 0.6
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    block.eval()
+    assert (block(x)[:, 4:] == 0).float().mean().item() < 0.05
+
+
+def test_fused_keeps_less_memory_than_plain():
+    # autograd keeps the concatenations and their BN-ReLU copies on the plain path; count
+    # the bytes held by saved tensors through the saved-tensor hooks.
+    def saved_bytes(model):
+        seen = {}
+
+        def pack(t):
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        x = torch.randn(8, 3, 32, 32)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x).sum()
+        return sum(seen.values())
+
+    torch.manual_seed(0)
+    plain = create_model("densenet_bc_100_k12", memory_efficient=False)
+    fast = copy.deepcopy(plain).set_memory_efficient(True)
+    assert saved_bytes(fast) < 0.5 * saved_bytes(plain)
+
+
+def test_bf16_autocast_on_cpu_runs_the_fused_path():
+    torch.manual_seed(0)
+    model = DenseNet(8, (2, 2), stem="cifar", num_classes=3, memory_efficient=True)
+    ref = copy.deepcopy(model).set_memory_efficient(False)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, want = model(x), ref(x)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert rel_max_diff(out.float(), want.float()) < 0.05
