@@ -13,9 +13,9 @@ import sys
 
 from ..errors import UserError
 
-# Subcommand name -> module under densekit.cli with add_arguments(parser) and run(args).
+# Subcommand -> (module under densekit.cli with add_arguments(parser) and run(args), help).
 COMMANDS = {
-    "models": "list the registered models with their size and cost",
+    "models": ("models", "list the registered models with their size and cost"),
 }
 
 
@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f".{name}", __name__)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(f".{module_name}", __name__)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
