@@ -8,7 +8,15 @@ __all__ = ["create_model", "list_models", "load", "DenseLayer", "DenseBlock", "T
 
 
 def load(run_dir, device="cpu"):
-    """Load a trained run directory (model.safetensors + model.json) ready for inference."""
+    """Load a trained run directory (model.safetensors + model.json) ready for inference.
+
+    Returns the model in eval mode on ``device`` ("cpu", "cuda", "cuda:N" or "auto"), with
+    ``model.pretrained_cfg``: ``classes``, ``in_chans``, ``image_size`` (H, W), ``input_size``
+    (C, H, W), ``mean`` and ``std``. Feed it ``(x / 255 - mean) / std`` for uint8 images ``x``.
+
+    Example: ``model = densekit.load("runs/my-run")``, then
+    ``model.pretrained_cfg["classes"][model(x).argmax(1)[0]]`` names the first image's class.
+    """
     from .train.checkpoint import load_run_model
 
     return load_run_model(run_dir, device=device)

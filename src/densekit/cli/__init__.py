@@ -16,6 +16,9 @@ from ..errors import UserError
 # Subcommand -> (module under densekit.cli with add_arguments(parser) and run(args), help).
 COMMANDS = {
     "models": ("models", "list the registered models with their size and cost"),
+    "train": ("train", "train a model on a dataset into a run directory"),
+    "eval": ("evaluate", "accuracy, per-class accuracy and confusion matrix of a trained run"),
+    "predict": ("predict", "classify image files with a trained run (one JSON line per image)"),
 }
 
 

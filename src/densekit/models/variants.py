@@ -18,6 +18,7 @@ class Variant:
     bn_size: int = 4                            # 1x1 bottleneck to bn_size*k ("B"); 0 = plain layer
     compression: float = 0.5                    # theta: fraction of channels a transition keeps ("C")
     stem: str = "imagenet"                      # "imagenet" 7x7/2 + maxpool, "cifar" 3x3, "resnet" 3x3-BN-ReLU
+    stem_stride: int = 1                        # 2: the 3x3 stem conv halves small inputs (28 px)
     num_classes: int = 1000                     # default head: ImageNet-1k, CIFAR-10
     input_size: tuple[int, ...] = (3, 224, 224)  # default input (channels, *spatial) for MACs and tests
     source: str = field(default="", compare=False)  # where the numbers come from

@@ -1,0 +1,22 @@
+"""``densekit predict``: classify image files with a trained run, one JSON line per image."""
+
+from __future__ import annotations
+
+from ..train.checkpoint import dumps
+from .train import add_device_argument, positive_int
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run_dir", metavar="DIR", help="run directory written by `densekit train`")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files (PNG, JPEG, ...; any size and channels)")
+    p.add_argument("--top-k", type=positive_int, default=1, metavar="K",
+                   help="also list the K most likely classes (default: 1)")
+    add_device_argument(p)
+
+
+def run(args) -> int:
+    from ..train import predict
+
+    for row in predict(args.run_dir, args.images, top_k=args.top_k, device=args.device):
+        print(dumps(row), flush=True)
+    return 0

@@ -1,0 +1,173 @@
+"""``densekit train``: train a registered model on a dataset into a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+
+from ..data import DATASETS
+from ..errors import UserError
+from ..train.recipes import RECIPES
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def model_arg(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. growth_rate=12), got {text!r}")
+    try:
+        value = ast.literal_eval(raw)  # numbers, tuples, lists, None, True
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word is a string: stem=cifar
+    return key, value
+
+
+def _defaults(field: str) -> str:
+    return ", ".join(f"{name}: {getattr(recipe, field)}" for name, recipe in RECIPES.items())
+
+
+def add_device_argument(p) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default: auto)")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="registered model name (default: densenet_bc_100_k12; see `densekit models`)")
+    p.add_argument("--model-arg", dest="model_args", action="append", type=model_arg, metavar="KEY=VALUE",
+                   help="override one DenseNet argument of the model, e.g. growth_rate=12 or block_config=(6,6,6); "
+                        "repeatable")
+    p.add_argument("--dataset", choices=DATASETS, help="default: fashion-mnist")
+    p.add_argument("--data-dir", help="folder with the dataset's files (default: $DENSEKIT_DATA, or the system "
+                                      "location for fashion-mnist and mnist)")
+    p.add_argument("--image-size", type=positive_int, help="side images are resized to (imagefolder only; default 64)")
+    p.add_argument("--recipe", choices=list(RECIPES), help="fast (default) or paper (Huang et al. 2017)")
+    p.add_argument("--epochs", type=positive_int, help=f"default: the recipe's ({_defaults('epochs')})")
+    p.add_argument("--batch-size", type=positive_int, help=f"default: the recipe's ({_defaults('batch_size')})")
+    p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default: the recipe's; {_defaults('lr')})")
+    p.add_argument("--seed", type=non_negative_int, help="seeds the weights and every epoch's order and "
+                                                          "augmentation (default: 0)")
+    p.add_argument("--train-limit", type=positive_int, metavar="N", help="train on the first N training images only")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic algorithms only: bit-identical reruns and resumes on the same machine")
+    add_device_argument(p)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: on CUDA only)")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<dataset>-<model>-<time>); "
+                                                "must be empty or hold a run of the same config")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out DIR where it stopped")
+    p.add_argument("--max-steps", type=positive_int, metavar="N",
+                   help="stop after N optimizer steps of the run (resumable with --resume)")
+    p.add_argument("--save-every", type=positive_int, metavar="N",
+                   help="steps between mid-epoch checkpoints (default: 200)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+class _ProgressBar:
+    """The tqdm bar on stderr: loss, accuracy, images/s; tqdm itself shows the time left."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self.epochs = 0
+        self.out = None
+
+    def __call__(self, event) -> None:
+        info = event.info
+        if event.kind == "start":
+            self.out = info["out"]
+            self.epochs = info["epochs"]
+            if self.enabled:
+                from tqdm import tqdm
+
+                # a log file gets a line per redraw: redraw rarely there
+                self.bar = tqdm(total=info["stop_at"], initial=info["global_step"], unit="step", file=sys.stderr,
+                                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 1, desc=f"epoch {info['global_step'] // info['steps_per_epoch'] + 1}"
+                                                        f"/{self.epochs}")
+        elif self.bar is not None and event.kind == "step":
+            self.bar.set_description(f"epoch {info['epoch'] + 1}/{self.epochs}", refresh=False)
+            self.bar.set_postfix(loss=f"{info['loss']:.4f}", acc=f"{info['acc']:.4f}",
+                                 img_s=f"{info['images_per_s']:.0f}", refresh=False)
+            self.bar.update(info["global_step"] - self.bar.n)
+        elif self.bar is not None and event.kind == "epoch":
+            self.bar.write(f"epoch {info['epoch']}/{info['epochs']}: train loss {info['train_loss']:.4f} "
+                           f"acc {info['train_acc']:.4f} | test loss {info['test_loss']:.4f} "
+                           f"acc {info['test_acc']:.4f} | lr {info['lr']:.4g} | {info['seconds']:.1f} s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def summary_lines(s: dict) -> list[str]:
+    where = s["device"] if s["device"] == "cpu" else f"{s['device']} {s['device_name']}"
+    layout = ", channels-last" if s["channels_last"] else ""
+    lines = [f"{s['model']} on {s['dataset']}: {s['epochs_completed']}/{s['epochs']} epochs, {s['steps']} steps in "
+             f"{s['train_seconds']:.1f} s ({s['images_per_second']:.0f} images/s; {where}, {s['precision']}{layout})",
+             f"test accuracy {100 * s['test_accuracy']:.2f}% ({s['test_correct']}/{s['test_images']}), "
+             f"test loss {s['test_loss']:.4f}",
+             f"{s['params']:,} parameters, {s['macs'] / 1e6:.1f} M MACs per "
+             f"{'x'.join(map(str, s['input_size']))} image"]
+    if not s["finished"]:
+        lines.append(f"stopped at step {s['steps']} of {s['total_steps']}; continue with: "
+                     f"densekit train --out {s['out']} --resume")
+    lines.append(f"run saved in {s['out']} (densekit eval {s['out']}; densekit predict {s['out']} IMAGE...)")
+    return lines
+
+
+def run(args) -> int:
+    from ..train import TrainConfig, train
+
+    config = TrainConfig(
+        model=args.model, model_args=dict(args.model_args) if args.model_args else None, dataset=args.dataset,
+        data_dir=args.data_dir, image_size=args.image_size, recipe=args.recipe, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, train_limit=args.train_limit,
+        deterministic=args.deterministic, device=args.device, channels_last=args.channels_last, out=args.out,
+        resume=args.resume, max_steps=args.max_steps, save_every=args.save_every)
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out DIR, the run to continue")
+    progress = _ProgressBar(enabled=not args.no_progress)
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():
+            summary = train(config, on_event=progress)
+    except KeyboardInterrupt:
+        progress.close()
+        if progress.out is not None:
+            print(f"densekit train: the last checkpoint is kept; continue with: densekit train --out {progress.out} "
+                  "--resume", file=sys.stderr)
+        raise
+    finally:
+        progress.close()
+    print("\n".join(summary_lines(summary)))
+    return 0

@@ -1,0 +1,330 @@
+"""Run directories: what a training run writes, and how it is read back.
+
+A run directory holds
+
+- ``model.json``: how to rebuild the model and feed it (registered name, the full
+  :class:`~densekit.models.DenseNet` arguments, dataset, class names, preprocessing);
+- ``model.safetensors``: the model's ``state_dict`` (weights and BN statistics);
+- ``resume.safetensors``: the resume state, one file so that it is replaced in one step;
+  tensors (model, optimizer buffers, RNG states) as safetensors, everything else (epoch,
+  step, scheduler, optimizer hyper-parameters, config, metrics so far) as JSON in its
+  metadata. No pickle anywhere: loading a run dir cannot run code;
+- ``metrics.jsonl``: one object per finished epoch: ``epoch`` (from 1), ``train_loss``
+  (with the recipe's label smoothing), ``train_acc`` (on augmented batches), ``test_loss``,
+  ``test_acc`` (full test split), ``lr`` (of the epoch's last step), ``seconds`` (training
+  only: no evaluation, no checkpoint writes);
+- ``curves.png``: loss and accuracy against epoch, drawn when the run ends or stops;
+- ``summary.json``: model, dataset, params, macs, epochs, steps, finished, train_seconds,
+  test_accuracy (fraction of the full test split; ``densekit eval`` reproduces it),
+  device, precision, torch version, the recipe with every number, ...;
+- ``confusion.png``, once ``densekit eval`` has run.
+
+Every file is written to a temporary name in the same directory, flushed, fsynced and
+renamed over the old one, so a kill at any moment leaves the previous version whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..models import DenseNet
+
+log = logging.getLogger(__name__)
+
+MODEL_JSON = "model.json"
+WEIGHTS = "model.safetensors"
+RESUME = "resume.safetensors"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CURVES = "curves.png"
+CONFUSION = "confusion.png"
+
+FORMAT = "densekit.run"
+FORMAT_VERSION = 1
+_RESUME_KEY = "densekit.resume"
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+# -- atomic writes ------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # the rename itself lives in the directory: sync it too, or a power cut may undo it
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a directory
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def remove_stale_temps(run_dir: Path) -> None:
+    """Delete temp files a killed writer left behind (never read: only renames publish)."""
+    for name in (MODEL_JSON, WEIGHTS, RESUME, METRICS, SUMMARY, CURVES, CONFUSION):
+        for tmp in run_dir.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def _plain(obj: object) -> object:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # JSON has no NaN; strict readers (jq, browsers) reject Python's "NaN"
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def dumps(obj: object, indent: int | None = None) -> str:
+    """JSON text with non-finite numbers as null."""
+    return json.dumps(_plain(obj), indent=indent, allow_nan=False)
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    atomic_write(path, (dumps(obj, indent=2) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """Rewrite metrics.jsonl whole from the records the resume state holds, so the two agree."""
+    atomic_write(run_dir / METRICS, "".join(dumps(r) + "\n" for r in history).encode())
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    # safetensors stores dense row-major data: channels-last weights are copied to that layout
+    plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return safetensors.torch.save(plain, metadata=metadata)
+
+
+def save_weights(path: str | os.PathLike, model: nn.Module) -> None:
+    atomic_write(path, _tensor_bytes(model.state_dict()))
+
+
+# -- model.json and loading a trained model -----------------------------------------
+
+
+def model_info(name: str, model_args: dict, kwargs: dict, dataset, data_dir: str | None) -> dict:
+    """The content of model.json: everything needed to rebuild the model and feed it."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": name,
+        "model_args": model_args,   # what the user changed from the registered variant
+        "model_kwargs": kwargs,     # the full DenseNet arguments: rebuilds even if the variant changes
+        "dataset": dataset.name,
+        "data_dir": data_dir,
+        "classes": list(dataset.classes),
+        "num_classes": dataset.num_classes,
+        "preprocessing": {
+            "in_chans": dataset.in_chans,
+            "image_size": list(dataset.image_size),
+            "mean": list(dataset.mean),  # per channel, [0, 1] units, of the training images
+            "std": list(dataset.std),
+            "resize": "bilinear, antialiased",
+        },
+    }
+
+
+def read_model_info(run_dir: str | os.PathLike) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: run directory not found")
+    path = run_dir / MODEL_JSON
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a densekit run directory (no {MODEL_JSON})")
+    info = read_json(path)
+    if info.get("format") != FORMAT:
+        raise UserError(f"{path}: not a densekit run description (format {info.get('format')!r})")
+    if info.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path}: written by a newer densekit (format version {info['format_version']})")
+    try:
+        pre = info["preprocessing"]
+        for key in ("model", "model_kwargs", "classes"):
+            info[key]
+        for key in ("in_chans", "image_size", "mean", "std"):
+            pre[key]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path}: missing field {e}") from None
+    return info
+
+
+def build_model(info: dict, source: object = MODEL_JSON) -> DenseNet:
+    try:
+        return DenseNet(**info["model_kwargs"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}: cannot rebuild the model: {e}") from e
+
+
+def pretrained_cfg(info: dict, run_dir: Path) -> dict:
+    """What a caller needs to feed the model, in timm's ``pretrained_cfg`` spirit."""
+    pre = info["preprocessing"]
+    h, w = pre["image_size"]
+    return dict(
+        model=info["model"],
+        run_dir=str(run_dir),
+        dataset=info.get("dataset"),
+        classes=list(info["classes"]),
+        num_classes=len(info["classes"]),
+        in_chans=pre["in_chans"],
+        image_size=(h, w),
+        input_size=(pre["in_chans"], h, w),
+        mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]),
+    )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise UserError(f"{path}: cannot read safetensors file: {e}") from e
+
+
+def load_run_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> DenseNet:
+    """Rebuild a trained model from ``run_dir`` in eval mode, ready for inference.
+
+    The returned model carries ``model.pretrained_cfg``, a dict with ``classes``,
+    ``in_chans``, ``image_size`` (H, W), ``input_size`` (C, H, W), ``mean`` and ``std``
+    (per channel, for inputs scaled to [0, 1]): feed it ``(x / 255 - mean) / std``.
+    ``device`` is "cpu", "cuda", "cuda:N" or "auto"; the weights are float32.
+    """
+    from .runtime import select_runtime
+
+    run_dir = Path(run_dir)
+    info = read_model_info(run_dir)
+    model = build_model(info, run_dir / MODEL_JSON)
+    state = read_state_dict(run_dir / WEIGHTS)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{run_dir / WEIGHTS}: does not match {MODEL_JSON}: {e}") from e
+    model.pretrained_cfg = pretrained_cfg(info, run_dir)
+    return model.to(select_runtime(str(device)).device).eval()
+
+
+# -- resume state -------------------------------------------------------------------
+
+
+def save_resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, rng: dict[str, torch.Tensor],
+                meta: dict) -> None:
+    """Write the whole resume state as one safetensors file (tensors + JSON metadata)."""
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    extra: dict[str, dict] = {}
+    for idx, state in opt["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{idx}/{name}"] = value
+            else:
+                extra.setdefault(str(idx), {})[name] = value
+    tensors.update({f"rng/{k}": v for k, v in rng.items()})
+    meta = dict(meta, format_version=FORMAT_VERSION,
+                optimizer={"param_groups": opt["param_groups"], "state": extra},
+                scheduler=scheduler.state_dict())
+    atomic_write(path, _tensor_bytes(tensors, {_RESUME_KEY: json.dumps(meta)}))
+
+
+def read_resume_meta(path: Path) -> dict:
+    """The JSON part of a resume file (cheap: the tensors are not read)."""
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get(_RESUME_KEY)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except Exception as e:
+        raise UserError(f"{path}: cannot read the resume state: {e}") from e
+    if raw is None:
+        raise UserError(f"{path}: not a densekit resume file")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: corrupt resume state: {e}") from e
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path}: written by a newer densekit (format version {meta['format_version']})")
+    return meta
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    # Buffers come back row-major; give each its parameter's layout (channels-last on CUDA)
+    # so that the fused multi-tensor update keeps its fast path.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def load_resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore model, optimizer and scheduler from ``path``; returns (meta, RNG states)."""
+    meta = read_resume_meta(path)
+    tensors = read_state_dict(path)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        kind, _, rest = key.partition("/")
+        groups.setdefault(kind, {})[rest] = value
+    try:
+        model.load_state_dict(groups.get("model", {}), strict=True)
+        state: dict[int, dict] = {}
+        for key, value in groups.get("optimizer", {}).items():
+            idx, _, name = key.partition("/")
+            state.setdefault(int(idx), {})[name] = value
+        for idx, values in meta["optimizer"]["state"].items():
+            state.setdefault(int(idx), {}).update(values)
+        optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        _match_layouts(optimizer)
+        scheduler.load_state_dict(meta["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: resume state does not fit this model and optimizer: {e}") from e
+    return meta, groups.get("rng", {})

@@ -1,0 +1,210 @@
+"""One training epoch and one evaluation pass: the loops, and nothing else.
+
+The device is never waited on per step: losses and correct counts stay on it and are
+read back every ``SYNC_EVERY`` steps (and before any checkpoint), so the host keeps
+queueing work. The check for a non-finite loss happens at those reads, before any
+checkpoint is written, so a diverged run never overwrites its last good state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import DeviceLoader, Split
+from ..errors import UserError
+from .runtime import Runtime
+
+EVAL_BATCH_SIZE = 500  # any size gives the same predictions (BN in eval mode); large batches are fast
+SYNC_EVERY = 25        # steps between reads of the loss from the device
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite; ``step`` is the 1-based optimizer step."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@dataclasses.dataclass
+class EpochStats:
+    """What an epoch has accumulated so far; part of the resume state."""
+
+    loss_sum: float = 0.0   # sum over images of the training loss
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0    # training time, without evaluation and checkpoint writes
+    lr: float = 0.0         # the learning rate of the last step taken
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.seen if self.seen else math.nan
+
+    @property
+    def acc(self) -> float:
+        return self.correct / self.seen if self.seen else math.nan
+
+
+@dataclasses.dataclass
+class StepReport:
+    epoch: int              # 0-based
+    step: int               # steps done in this epoch
+    steps_per_epoch: int
+    global_step: int        # steps done in the run
+    loss: float             # mean over the steps since the last report
+    acc: float
+    images_per_s: float
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DeviceLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    criterion: nn.Module,
+    runtime: Runtime,
+    *,
+    epoch: int,
+    start_step: int,
+    global_step: int,
+    stats: EpochStats,
+    max_steps: int | None = None,
+    save_every: int | None = None,
+    save: Callable[[int, int], None] | None = None,
+    report: Callable[[StepReport], None] | None = None,
+) -> tuple[int, int]:
+    """Train ``epoch`` from batch ``start_step`` on; returns (steps done in the epoch, global step).
+
+    Stops early once ``global_step`` reaches ``max_steps``. Every ``save_every`` global
+    steps inside the epoch it calls ``save(step_in_epoch, global_step)``; the epoch's end
+    is left to the caller. Raises :class:`Diverged` on a non-finite loss.
+    """
+    model.train()
+    n = len(loader)
+    pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+    tick = time.perf_counter()
+    step = start_step
+
+    def flush() -> None:
+        nonlocal tick
+        if not pending:
+            return
+        # one read-back for all pending steps: (loss, correct) per step
+        values = torch.stack([torch.stack([l.float(), c.float()]) for l, c, _ in pending]).cpu().numpy()
+        sizes = np.array([b for _, _, b in pending], dtype=np.float64)
+        finite = np.isfinite(values[:, 0])
+        if not finite.all():
+            bad = int(np.argmin(finite))
+            at = global_step - len(pending) + bad + 1
+            batch = step - len(pending) + bad
+            raise Diverged(f"loss is {values[bad, 0]} at step {at} (epoch {epoch + 1}, batch {batch + 1} "
+                           f"of {n})", at)
+        now = time.perf_counter()
+        elapsed = now - tick
+        tick = now
+        stats.loss_sum += float((values[:, 0] * sizes).sum())
+        stats.correct += int(values[:, 1].sum())
+        stats.seen += int(sizes.sum())
+        stats.seconds += elapsed
+        if report is not None:
+            report(StepReport(epoch=epoch, step=step, steps_per_epoch=n, global_step=global_step,
+                              loss=float((values[:, 0] * sizes).sum() / sizes.sum()),
+                              acc=float(values[:, 1].sum() / sizes.sum()),
+                              images_per_s=float(sizes.sum() / max(elapsed, 1e-9))))
+        pending.clear()
+
+    for x, y in loader.epoch(epoch, start_step):
+        optimizer.zero_grad(set_to_none=True)
+        with runtime.autocast():
+            logits = model(x)
+            loss = criterion(logits, y)
+        loss.backward()
+        stats.lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        global_step += 1
+        pending.append((loss.detach(), (logits.detach().argmax(1) == y).sum(), len(y)))
+        stop = max_steps is not None and global_step >= max_steps
+        checkpoint = save is not None and save_every and global_step % save_every == 0 and step < n
+        if len(pending) >= SYNC_EVERY or stop or checkpoint or step == n:
+            flush()
+        if checkpoint:
+            save(step, global_step)
+            tick = time.perf_counter()  # the write is not training time
+        if stop:
+            break
+    return step, global_step
+
+
+@dataclasses.dataclass
+class EvalResult:
+    loss: float                 # mean cross-entropy (no label smoothing)
+    confusion: np.ndarray       # (classes, classes) counts; rows: true class, columns: predicted
+
+    @property
+    def total(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def correct(self) -> int:
+        return int(np.trace(self.confusion))
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else math.nan
+
+    @property
+    def per_class(self) -> list[float | None]:
+        """Accuracy on each true class; None for a class with no test images."""
+        counts = self.confusion.sum(axis=1)
+        return [float(self.confusion[i, i] / c) if c else None for i, c in enumerate(counts)]
+
+
+def eval_loader(split: Split, mean, std, runtime: Runtime, batch_size: int = EVAL_BATCH_SIZE) -> DeviceLoader:
+    """The loader every evaluation uses: fixed order, no augmentation, the runtime's layout."""
+    return DeviceLoader(split, batch_size, mean=mean, std=std, device=runtime.device, shuffle=False,
+                        channels_last=runtime.channels_last)
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """Logits of one normalized batch, the way evaluation computes them (float32 out)."""
+    with runtime.autocast():
+        return model(x).float()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DeviceLoader, runtime: Runtime, num_classes: int) -> EvalResult:
+    """Loss and confusion matrix of ``model`` in eval mode over ``loader``."""
+    was_training = model.training
+    model.eval()
+    # Autotuned kernels may differ between two processes; the default heuristics pick the
+    # same ones for the same shapes, so `densekit eval` reproduces the training run's number.
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+        preds, labels = [], []
+        for x, y in loader:
+            logits = predict_logits(model, x, runtime)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            preds.append(logits.argmax(1))
+            labels.append(y)
+        pred = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.int64)
+        true = torch.cat(labels).cpu() if labels else torch.zeros(0, dtype=torch.int64)
+        # on the host: CUDA's bincount is not deterministic, and this is tiny
+        confusion = torch.bincount(true * num_classes + pred, minlength=num_classes * num_classes)
+        total = len(true)
+        return EvalResult(loss=float(loss_sum) / total if total else math.nan,
+                          confusion=confusion.view(num_classes, num_classes).numpy())
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        model.train(was_training)

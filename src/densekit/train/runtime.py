@@ -1,0 +1,130 @@
+"""The one place that picks the device and the precision, for training and inference alike.
+
+On CUDA: bf16 autocast (the weights, optimizer and loss stay float32) and channels-last
+memory, which is what cuDNN's fastest convolution kernels want; cuDNN autotuning unless
+the run must be deterministic. On CPU: float32 and the default layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None   # autocast dtype; None runs in float32
+    channels_last: bool
+    deterministic: bool
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def describe(self) -> dict:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return dict(device=str(self.device), device_name=name, precision=self.precision,
+                    channels_last=self.channels_last, deterministic=self.deterministic)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device, in the memory format the runtime uses."""
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def activated(self) -> Iterator[None]:
+        """Apply the process-wide settings this runtime needs, and restore them after."""
+        saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                 torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision(),
+                 torch.backends.cudnn.deterministic)
+        try:
+            torch.use_deterministic_algorithms(self.deterministic, warn_only=False)
+            torch.backends.cudnn.deterministic = self.deterministic
+            # autotuning picks kernels by timing, so two runs may pick different ones
+            torch.backends.cudnn.benchmark = self.device.type == "cuda" and not self.deterministic
+            if self.device.type == "cuda" and not self.deterministic:
+                torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
+            yield
+        finally:
+            torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+            torch.backends.cudnn.benchmark = saved[2]
+            torch.set_float32_matmul_precision(saved[3])
+            torch.backends.cudnn.deterministic = saved[4]
+
+
+def select_runtime(device: str = "auto", channels_last: bool | None = None,
+                   deterministic: bool = False) -> Runtime:
+    """Choose the device ("auto", "cpu", "cuda" or "cuda:N") and with it the precision.
+
+    ``channels_last`` None means: on CUDA only.
+    """
+    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+        raise UserError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if deterministic:
+            # cuBLAS needs a fixed workspace to be reproducible; it must be set before its first use
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if channels_last is None:
+        channels_last = dev.type == "cuda"
+    return Runtime(device=dev, amp_dtype=amp, channels_last=bool(channels_last), deterministic=bool(deterministic))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """torch's generator states as uint8 tensors (the only generators training draws from)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    if "cpu" in state:
+        torch.set_rng_state(state["cpu"].cpu())
+    cuda = [state[k].cpu() for k in sorted((k for k in state if k.startswith("cuda")), key=lambda k: int(k[4:]))]
+    # a run resumed on another machine may have fewer devices; restore those that exist
+    if cuda and torch.cuda.is_available():
+        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)

@@ -1,0 +1,154 @@
+"""Resuming: an interrupted run, stopped by --max-steps or killed outright, ends bit-identical
+to an uninterrupted one; a diverged run keeps its last good checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import densekit
+from densekit.cli import main
+from densekit.errors import UserError
+from densekit.train import checkpoint as ckpt
+
+# 64 images / batch 8 = 8 steps an epoch, 2 epochs; the fast recipe (warmup, cosine,
+# label smoothing, crops) so that every piece of state matters.
+RUN = ["--dataset", "mnist", "--epochs", "2", "--batch-size", "8", "--deterministic", "--no-progress"]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(run / "model.safetensors")
+
+
+def assert_same_run(run: Path, ref: Path) -> None:
+    a, b = weights(run), weights(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit for bit, not approximately
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+                       for line in (p / "metrics.jsonl").read_text().splitlines()]
+    assert strip(run) == strip(ref)
+    sa, sb = (json.loads((p / "summary.json").read_text()) for p in (run, ref))
+    assert (sa["steps"], sa["test_accuracy"], sa["test_loss"]) == (sb["steps"], sb["test_accuracy"], sb["test_loss"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny, writers):
+    """An uninterrupted run, shared by the tests that compare against it."""
+    root = tmp_path_factory.mktemp("resume")
+    data = writers.mnist(root / "mnist")
+    run = root / "reference"
+    assert main([str(a) for a in ["train", *tiny, *RUN, "--data-dir", data, "--out", run]]) == 0
+    return data, run
+
+
+def test_max_steps_then_resume_is_bit_identical(cli, tiny, reference, tmp_path, caplog):
+    data, ref = reference
+    run = tmp_path / "run"
+    base = ["train", *tiny, *RUN, "--data-dir", data, "--out", run]
+    rc, out, err = cli(*base, "--max-steps", "3")  # stops inside epoch 1
+    assert rc == 0, err
+    meta = ckpt.read_resume_meta(run / ckpt.RESUME)
+    assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == (0, 3, 3)
+    summary = json.loads((run / "summary.json").read_text())
+    assert not summary["finished"] and summary["steps"] == 3 and "--resume" in out
+    assert (run / "metrics.jsonl").read_text() == ""
+
+    rc, out, err = cli("train", "--out", run, "--resume", "--max-steps", "11", "--save-every", "2")  # into epoch 2
+    assert rc == 0, err
+    meta = ckpt.read_resume_meta(run / ckpt.RESUME)
+    assert (meta["epoch"], meta["step_in_epoch"]) == (1, 3) and meta["config"]["save_every"] == 2
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+    # the same command as the first, without --resume, picks the unfinished run up again
+    caplog.set_level("INFO", logger="densekit")
+    rc, out, err = cli(*base)
+    assert rc == 0, err
+    assert "resuming" in caplog.text
+    assert_same_run(run, ref)
+
+
+def test_killed_process_resumes_bit_identical(cli, tiny, reference, tmp_path):
+    """`python -m densekit`, killed with SIGKILL at an arbitrary step, loses nothing but time."""
+    data, ref = reference
+    run = tmp_path / "run"
+    # one thread, as in this process (conftest.one_thread): the same kernels, the same bits
+    env = dict(os.environ, PYTHONPATH=str(Path(densekit.__file__).parents[1]), OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "densekit", "train", *tiny, *RUN, "--data-dir", str(data), "--out", str(run),
+            "--save-every", "1"]
+    argv.remove("--no-progress")
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if ckpt.read_resume_meta(run / ckpt.RESUME)["global_step"] >= 6:
+                    break
+            except UserError:
+                pass  # not written yet
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
+        proc.send_signal(signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "epoch 1/2:" in stderr and "/16 [" in stderr  # the progress bar, on stderr
+    meta = ckpt.read_resume_meta(run / ckpt.RESUME)
+    assert 6 <= meta["global_step"] < 16
+
+    rc, out, err = cli("train", "--out", run, "--resume")
+    assert rc == 0, err
+    assert_same_run(run, ref)
+    assert not list(run.glob(".*.tmp"))  # what the kill left half-written is cleaned up
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(cli, tiny, reference, tmp_path):
+    data, _ = reference
+    run = tmp_path / "run"
+    rc, out, err = cli("train", *tiny, *RUN, "--data-dir", data, "--out", run, "--recipe", "paper",
+                       "--lr", "1e30", "--save-every", "1")
+    assert rc == 2 and out == ""
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("densekit train: error: loss is nan at step 2 (epoch 1, batch 2 of 8)"), err
+    assert "step 1) is kept" in line
+    meta = ckpt.read_resume_meta(run / ckpt.RESUME)
+    assert meta["global_step"] == 1
+    state = safetensors.torch.load_file(run / ckpt.RESUME)
+    assert all(t.isfinite().all() for k, t in state.items() if t.is_floating_point())
+    assert not (run / "summary.json").exists() and not (run / "model.safetensors").exists()
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "state.bin"
+    ckpt.atomic_write(path, b"old")
+
+    def killed(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_write(path, b"new and longer")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.bin"]  # the temp file is cleaned up
+    monkeypatch.undo()
+    ckpt.atomic_write(path, b"new")
+    assert path.read_bytes() == b"new" and oct(path.stat().st_mode & 0o777) != "0o600"
+
+
+def test_corrupt_resume_state_is_a_user_error(cli, tiny, reference, tmp_path):
+    data, _ = reference
+    run = tmp_path / "run"
+    assert cli("train", *tiny, *RUN, "--data-dir", data, "--out", run, "--max-steps", "1")[0] == 0
+    (run / ckpt.RESUME).write_bytes((run / ckpt.RESUME).read_bytes()[:100])
+    rc, out, err = cli("train", "--out", run, "--resume")
+    assert rc == 2 and "resume.safetensors" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,125 @@
+"""The pieces under the CLI: recipes' schedules, the runtime choice, evaluation, loading."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from densekit.data import Dataset, Split
+from densekit.errors import UserError
+from densekit.models import DenseNet
+from densekit.train import checkpoint as ckpt
+from densekit.train.engine import EvalResult, eval_loader, evaluate
+from densekit.train.recipes import FAST, PAPER, augment_for, lr_factor, param_groups
+from densekit.train.runtime import select_runtime
+
+
+def test_paper_schedule_divides_by_ten_at_half_and_three_quarters():
+    # 4 epochs of 10 steps: lr / 10 from epoch 2 (50%), / 100 from epoch 3 (75%)
+    factors = [lr_factor(PAPER, s, 10, 40) for s in range(40)]
+    assert factors[:20] == [1.0] * 20
+    assert factors[20:30] == pytest.approx([0.1] * 10) and factors[30:] == pytest.approx([0.01] * 10)
+    assert [lr_factor(PAPER, s * 100, 100, 30000) for s in (149, 150, 224, 225)] == pytest.approx([1, 0.1, 0.1, 0.01])
+
+
+def test_fast_schedule_warms_up_then_anneals_to_zero():
+    total = 100
+    factors = [lr_factor(FAST, s, 10, total) for s in range(total)]
+    warm = int(FAST.warmup_fraction * total)
+    assert factors[0] == pytest.approx(1 / warm) and factors[warm - 1] == 1.0 and factors[warm] == 1.0
+    assert all(a > b for a, b in zip(factors[warm:-1], factors[warm + 1:]))  # strictly decreasing
+    assert factors[-1] == pytest.approx(FAST.final_lr_fraction, abs=1e-12)
+    assert max(factors) == 1.0 and min(factors) >= 0
+
+
+def test_fast_recipe_does_not_decay_norms_and_biases():
+    model = DenseNet(growth_rate=4, block_config=(1, 1), stem="cifar", num_classes=3, in_chans=1)
+    decay, no_decay = param_groups(model, FAST)
+    assert decay["weight_decay"] == FAST.weight_decay and no_decay["weight_decay"] == 0
+    assert {id(p) for p in no_decay["params"]} == {id(p) for n, p in model.named_parameters()
+                                                   if "norm" in n or n.endswith("bias")}
+    assert len(param_groups(model, PAPER)) == 1  # the paper decays everything
+
+
+def test_no_flips_for_digits():
+    assert augment_for(PAPER, "cifar10").hflip and not augment_for(PAPER, "mnist").hflip
+    assert augment_for(PAPER, "mnist").crop_padding == 4
+
+
+def test_runtime_choice():
+    rt = select_runtime("cpu")
+    assert rt.device == torch.device("cpu") and rt.precision == "fp32" and not rt.channels_last
+    assert select_runtime("cpu", channels_last=True).channels_last
+    with pytest.raises(UserError, match="device must be one of auto, cpu, cuda"):
+        select_runtime("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="sees no CUDA device"):
+            select_runtime("cuda")
+        assert select_runtime("auto").device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runtime_on_cuda_uses_bf16_and_channels_last():
+    rt = select_runtime("auto")
+    assert rt.device.type == "cuda" and rt.precision == "bf16" and rt.channels_last
+    model = rt.prepare(DenseNet(growth_rate=4, block_config=(1, 1), stem="cifar", num_classes=3))
+    assert model.features.conv0.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_activated_restores_global_settings():
+    before = torch.are_deterministic_algorithms_enabled()
+    with select_runtime("cpu", deterministic=True).activated():
+        assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_evaluate_counts_and_per_class():
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=4, block_config=(1, 1), stem="cifar", num_classes=3, in_chans=1).train()
+    split = Split(images=torch.randint(0, 256, (23, 1, 8, 8), dtype=torch.uint8),
+                  labels=torch.tensor([0] * 10 + [1] * 13))
+    rt = select_runtime("cpu")
+    result = evaluate(model, eval_loader(split, (0.5,), (0.25,), rt, batch_size=5), rt, 3)
+    assert model.training  # restored
+    model.eval()
+    with torch.no_grad():
+        x = (split.images.float() / 255 - 0.5) / 0.25
+        logits = model(x)
+    pred = logits.argmax(1)
+    assert result.total == 23 and result.correct == int((pred == split.labels).sum())
+    assert result.loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, split.labels)), rel=1e-5)
+    assert result.confusion.sum(axis=1).tolist() == [10, 13, 0]
+    per_class = result.per_class
+    assert per_class[2] is None
+    assert per_class[0] == float((pred[:10] == 0).float().mean())
+
+
+def test_eval_result_of_nothing_is_nan():
+    r = EvalResult(loss=math.nan, confusion=np.zeros((2, 2), dtype=np.int64))
+    assert math.isnan(r.accuracy) and r.per_class == [None, None]
+
+
+def test_load_run_model_rejects_bad_run_dirs(tmp_path):
+    with pytest.raises(UserError, match="run directory not found"):
+        ckpt.load_run_model(tmp_path / "nope")
+    with pytest.raises(UserError, match="not a densekit run directory"):
+        ckpt.load_run_model(tmp_path)
+    model = DenseNet(growth_rate=4, block_config=(1, 1), stem="cifar", num_classes=2, in_chans=1)
+    ds = Dataset(name="mnist", train=None, test=None, classes=["a", "b"], in_chans=1, image_size=(8, 8),
+                 mean=(0.5,), std=(0.2,))
+    kwargs = dict(growth_rate=4, block_config=[1, 1], stem="cifar", num_classes=2, in_chans=1)
+    ckpt.write_json(tmp_path / ckpt.MODEL_JSON, ckpt.model_info("tiny", {}, kwargs, ds, None))
+    ckpt.save_weights(tmp_path / ckpt.WEIGHTS, model)
+    loaded = ckpt.load_run_model(tmp_path)
+    assert loaded.pretrained_cfg["classes"] == ["a", "b"] and loaded.pretrained_cfg["input_size"] == (1, 8, 8)
+    # a weights file that does not fit the description is refused, not half-loaded
+    other = DenseNet(growth_rate=4, block_config=(1, 1), stem="cifar", num_classes=3, in_chans=1)
+    ckpt.save_weights(tmp_path / ckpt.WEIGHTS, other)
+    with pytest.raises(UserError, match="does not match model.json"):
+        ckpt.load_run_model(tmp_path)
+    (tmp_path / ckpt.WEIGHTS).write_bytes(b"garbage")
+    with pytest.raises(UserError, match="cannot read safetensors"):
+        ckpt.load_run_model(tmp_path)
