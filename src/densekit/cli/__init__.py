@@ -19,6 +19,7 @@ COMMANDS = {
     "train": ("train", "train a model on a dataset into a run directory"),
     "eval": ("evaluate", "accuracy, per-class accuracy and confusion matrix of a trained run"),
     "predict": ("predict", "classify image files with a trained run (one JSON line per image)"),
+    "bench": ("bench", "time densekit against torchvision side by side (img/s, peak memory, warm-up)"),
 }
 
 

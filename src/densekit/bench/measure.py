@@ -1,0 +1,181 @@
+"""One timed configuration: build, warm up, time ``steps`` steps, read peak memory.
+
+A training step is what a training loop does: forward and cross-entropy under autocast
+(bf16) or not (fp32), backward, SGD with momentum 0.9, ``zero_grad(set_to_none=True)``.
+An inference step is a forward under ``torch.inference_mode`` on a model in eval mode.
+
+Timing: on CUDA each step is bracketed by events and synchronized once at the end, so the
+host never stalls the queue between steps; on the CPU each step is bracketed by
+``perf_counter`` and ``process_time`` (the CPU time shows how much of the cores the run
+actually got on a shared machine).
+
+Memory: on CUDA ``max_memory_allocated`` over the timed steps (weights, gradients,
+optimizer state and activations; exact, so this runs in process). The peak is reset after
+warm-up because cuDNN's kernel search allocates trial workspaces once, which say nothing
+about training; the warm-up peak is kept beside it as ``warmup_peak_mem_mib``. On
+the CPU the growth of peak RSS from just before the first step to the end: the kernel's
+high-water mark is reset there (``/proc/self/clear_refs``) where Linux allows, else
+``ru_maxrss`` is used. Freed memory that the allocator keeps would hide a later
+configuration's growth, so CPU memory is only reported from a fresh process
+(``densekit.bench.worker``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .env import models_digest
+from .impls import build, torch_dtype
+from .spec import Config
+
+MIB = 2 ** 20
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5": reset the peak RSS to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def _make_step(model, x, y, config: Config):
+    device_type = x.device.type
+    autocast = dict(device_type=device_type, dtype=torch_dtype(config.dtype), enabled=config.dtype != "fp32")
+    if config.mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), torch.autocast(**autocast):
+                model(x)
+        return step
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        with torch.autocast(**autocast):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def measure(config: Config, record_cpu_memory: bool = False) -> dict:
+    """Run ``config`` once; return its step times, warm-up time and peak memory (no tensors).
+
+    ``record_cpu_memory`` is set by the worker, whose process holds nothing else.
+    """
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    digest = models_digest()
+    device = torch.device(config.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        # Let cuDNN pick its fastest kernels for every implementation alike; the search is warm-up.
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    model = build(config)
+    num_classes = model_num_classes(model)
+    memory_format = torch.channels_last if config.layout == "channels_last" else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+    shape = (config.batch_size, config.in_chans, config.input_size, config.input_size)
+    x = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, num_classes, (config.batch_size,), device=device)
+    step = _make_step(model, x, y, config)
+
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        hwm_reset = False
+    else:
+        base = _rss_bytes() if record_cpu_memory else None
+        hwm_reset = _reset_peak_rss() if record_cpu_memory else False
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    first_step_s = None
+    t0 = time.perf_counter()
+    for i in range(config.warmup):
+        step()
+        if i == 0:
+            sync()
+            first_step_s = time.perf_counter() - t0
+    sync()
+    warmup_s = time.perf_counter() - t0
+    warmup_peak = None
+    if cuda:
+        warmup_peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    step_s, cpu_s = [], []
+    if cuda:
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(config.steps + 1)]
+        c0 = time.process_time()
+        events[0].record()
+        for i in range(config.steps):
+            step()
+            events[i + 1].record()
+        torch.cuda.synchronize(device)
+        step_s = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(config.steps)]
+        cpu_total = time.process_time() - c0
+    else:
+        for _ in range(config.steps):
+            t, c = time.perf_counter(), time.process_time()
+            step()
+            step_s.append(time.perf_counter() - t)
+            cpu_s.append(time.process_time() - c)
+        cpu_total = sum(cpu_s)
+
+    if cuda:
+        peak, metric = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    elif record_cpu_memory and base is not None:
+        peak, metric = max(_peak_rss_bytes() - base, 0), "peak_rss_growth" if hwm_reset else "ru_maxrss_growth"
+    else:
+        peak, metric = None, None
+    return dict(step_s=step_s, cpu_s=cpu_total, wall_s=sum(step_s), warmup_s=warmup_s, first_step_s=first_step_s,
+                peak_mem_mib=None if peak is None else peak / MIB,
+                base_mem_mib=None if base is None else base / MIB, mem_metric=metric,
+                warmup_peak_mem_mib=None if warmup_peak is None else warmup_peak / MIB,
+                threads=torch.get_num_threads(), started=started, models_digest=digest,
+                # glibc's tuning variables change what peak RSS counts (see bench/cpu.sh)
+                malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")})
+
+
+def model_num_classes(model) -> int:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else model.classifier
+    return head.out_features
