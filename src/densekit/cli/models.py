@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ..errors import UserError
 from ..models import create_model, get_variant, list_models
 from ..models.profile import count_macs, count_params
 
@@ -17,13 +18,15 @@ def model_table(pattern: str = "*") -> list[dict]:
     rows = []
     for name in list_models(pattern):
         variant = get_variant(name)
-        model = create_model(name)
+        model = create_model(name, in_chans=variant.input_size[0])
         rows.append(dict(model=name, params=count_params(model), macs=count_macs(model, variant.input_size),
                          input_size=list(variant.input_size), num_classes=variant.num_classes))
     return rows
 
 
 def run(args) -> int:
+    if not list_models(args.pattern):  # a typo should not look like an empty registry
+        raise UserError(f"no model matches {args.pattern!r}; known: {', '.join(list_models())}")
     rows = model_table(args.pattern)
     if args.json:
         for row in rows:

@@ -94,10 +94,18 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         os.close(dir_fd)
 
 
+_RUN_FILES = (MODEL_JSON, WEIGHTS, RESUME, METRICS, SUMMARY, CURVES, CONFUSION)
+
+
+def is_stale_temp(name: str) -> bool:
+    """Whether ``name`` is the temporary file of an ``atomic_write`` to one of a run's files."""
+    return name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in _RUN_FILES)
+
+
 def remove_stale_temps(run_dir: Path) -> None:
     """Delete temp files a killed writer left behind (never read: only renames publish)."""
-    for name in (MODEL_JSON, WEIGHTS, RESUME, METRICS, SUMMARY, CURVES, CONFUSION):
-        for tmp in run_dir.glob(f".{name}.*.tmp"):
+    for tmp in run_dir.iterdir():
+        if is_stale_temp(tmp.name):
             tmp.unlink(missing_ok=True)
 
 
@@ -183,17 +191,98 @@ def read_model_info(run_dir: str | os.PathLike) -> dict:
     info = read_json(path)
     if info.get("format") != FORMAT:
         raise UserError(f"{path}: not a densekit run description (format {info.get('format')!r})")
-    if info.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{path}: written by a newer densekit (format version {info['format_version']})")
-    try:
-        pre = info["preprocessing"]
-        for key in ("model", "model_kwargs", "classes"):
-            info[key]
-        for key in ("in_chans", "image_size", "mean", "std"):
-            pre[key]
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{path}: missing field {e}") from None
+    _check_version(info, path)
+    # model.json travels between people and editors: check every field the loaders use, so
+    # that a damaged one is named here rather than failing deep inside inference
+    _field(info, "model", str, path)
+    _field(info, "model_kwargs", dict, path)
+    classes = _field(info, "classes", list, path)
+    if not classes or not all(isinstance(c, str) for c in classes):
+        raise UserError(f"{path}: field 'classes' must be a non-empty list of names")
+    pre = _field(info, "preprocessing", dict, path)
+    in_chans = pre.get("in_chans")
+    if in_chans not in (1, 3) or isinstance(in_chans, bool):
+        raise UserError(f"{path}: field 'preprocessing.in_chans' must be 1 or 3, got {in_chans!r}")
+    size = pre.get("image_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(s) and s >= 1 for s in size)):
+        raise UserError(f"{path}: field 'preprocessing.image_size' must be [height, width] in pixels, got {size!r}")
+    for key, low in (("mean", -math.inf), ("std", 0.0)):
+        values = pre.get(key)
+        if not (isinstance(values, list) and len(values) == in_chans
+                and all(_is_number(v) and math.isfinite(v) and v > low for v in values)):
+            raise UserError(f"{path}: field 'preprocessing.{key}' must list {in_chans} finite number(s)"
+                            f"{' > 0' if low == 0 else ''}, got {values!r}")
     return info
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_KINDS = {dict: "a JSON object", list: "a list", str: "a string", int: "an integer", float: "a number"}
+
+
+def _field(obj: dict, key: str, kind: type, path: Path):
+    if key not in obj:
+        raise UserError(f"{path}: missing field {key!r}")
+    value = obj[key]
+    ok = _is_number(value) if kind is float else _is_int(value) if kind is int else isinstance(value, kind)
+    if not ok:
+        raise UserError(f"{path}: field {key!r} must be {_KINDS[kind]}, got {type(value).__name__}")
+    return value
+
+
+def _check_version(obj: dict, path: Path) -> None:
+    version = obj.get("format_version", 0)
+    if not _is_int(version):
+        raise UserError(f"{path}: field 'format_version' must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path}: written by a newer densekit (format version {version})")
+
+
+def _check_fits(model: DenseNet, info: dict, path: Path) -> None:
+    """The model model.json builds must take the images and give the classes it describes."""
+    pre = info["preprocessing"]
+    problems = []
+    if model.features_only or model.spatial_dims != 2:
+        problems.append("it is not a 2D classifier")
+    if model.num_classes != len(info["classes"]):
+        problems.append(f"it has {model.num_classes} outputs for {len(info['classes'])} classes")
+    if model.in_chans != pre["in_chans"]:
+        problems.append(f"it takes {model.in_chans} channels, the preprocessing gives {pre['in_chans']}")
+    if model.min_input_size > min(pre["image_size"]):
+        problems.append(f"it needs images of at least {model.min_input_size} px, the preprocessing gives "
+                        f"{'x'.join(map(str, pre['image_size']))}")
+    if problems:
+        raise UserError(f"{path}: the model does not fit its own description: {'; '.join(problems)}")
+
+
+def _load_strictly(model: nn.Module, state: dict[str, torch.Tensor], context: str) -> None:
+    """``load_state_dict(strict=True)``, with a short account of what differs when it fails
+    (torch's own message lists every tensor: thousands of characters for a DenseNet)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} tensor(s) of another shape (first: {k} is "
+                        f"{list(state[k].shape)} in the file, {list(expected[k].shape)} in the model)")
+    if missing:
+        problems.append(f"{len(missing)} missing (first: {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+    if problems:
+        raise UserError(f"{context}: {'; '.join(problems)}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # anything the checks above did not foresee
+        raise UserError(f"{context}: {e}") from e
 
 
 def build_model(info: dict, source: object = MODEL_JSON) -> DenseNet:
@@ -243,11 +332,13 @@ def load_run_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu
     run_dir = Path(run_dir)
     info = read_model_info(run_dir)
     model = build_model(info, run_dir / MODEL_JSON)
+    _check_fits(model, info, run_dir / MODEL_JSON)
     state = read_state_dict(run_dir / WEIGHTS)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{run_dir / WEIGHTS}: does not match {MODEL_JSON}: {e}") from e
+    _load_strictly(model, state, f"{run_dir / WEIGHTS}: does not match {MODEL_JSON}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise UserError(f"{run_dir / WEIGHTS}: {len(bad)} tensor(s) hold NaN or infinite values "
+                        f"(first: {bad[0]}); the run diverged or the file is damaged")
     model.pretrained_cfg = pretrained_cfg(info, run_dir)
     return model.to(select_runtime(str(device)).device).eval()
 
@@ -290,9 +381,17 @@ def read_resume_meta(path: Path) -> dict:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: corrupt resume state: {e}") from e
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{path}: written by a newer densekit (format version {meta['format_version']})")
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: corrupt resume state: expected a JSON object, found {type(meta).__name__}")
+    _check_version(meta, path)
+    for key, kind in _RESUME_FIELDS.items():
+        _field(meta, key, kind, path)
     return meta
+
+
+# What the trainer reads from a resume state's JSON, and its type.
+_RESUME_FIELDS = dict(config=dict, data=dict, epoch=int, step_in_epoch=int, global_step=int, steps_per_epoch=int,
+                      total_steps=int, stats=dict, history=list, train_seconds=float, optimizer=dict, scheduler=dict)
 
 
 def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
@@ -314,8 +413,8 @@ def load_resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     for key, value in tensors.items():
         kind, _, rest = key.partition("/")
         groups.setdefault(kind, {})[rest] = value
+    _load_strictly(model, groups.get("model", {}), f"{path}: resume state does not fit this model")
     try:
-        model.load_state_dict(groups.get("model", {}), strict=True)
         state: dict[int, dict] = {}
         for key, value in groups.get("optimizer", {}).items():
             idx, _, name = key.partition("/")

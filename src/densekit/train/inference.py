@@ -42,7 +42,13 @@ def evaluate_run(run_dir: str | os.PathLike, dataset: str | None = None, data_di
     ``run_dir/confusion.png``).
     """
     run_dir = Path(run_dir)
+    png = Path(confusion_path) if confusion_path is not None else run_dir / ckpt.CONFUSION
     model, info, runtime = _load(run_dir, device)
+    # checked before the evaluation, which may take long, rather than when the figure is written
+    if png.is_dir():
+        raise UserError(f"{png}: is a directory; the confusion matrix needs a file name (e.g. {png / 'confusion.png'})")
+    if not png.parent.is_dir():
+        raise UserError(f"{png}: folder {png.parent} does not exist")
     pre = info["preprocessing"]
     name = dataset or info["dataset"]
     if data_dir is None and name == info.get("dataset"):
@@ -59,9 +65,12 @@ def evaluate_run(run_dir: str | os.PathLike, dataset: str | None = None, data_di
         log.warning("%s class names differ from the run's; reporting the run's names", name)
     with runtime.activated():
         result = evaluate(model, eval_loader(data.test, pre["mean"], pre["std"], runtime), runtime, len(classes))
-    png = Path(confusion_path) if confusion_path is not None else run_dir / ckpt.CONFUSION
-    ckpt.atomic_write(png, confusion_png(
-        result.confusion, classes, f"{info['model']} on {name}: {100 * result.accuracy:.2f}% accurate"))
+    title = f"{info['model']} on {name}: {100 * result.accuracy:.2f}% accurate"
+    figure = confusion_png(result.confusion, classes, title)
+    try:
+        ckpt.atomic_write(png, figure)
+    except OSError as e:  # a read-only run directory, a full disk
+        raise UserError(f"{png}: cannot write the confusion matrix: {e.strerror or e}") from e
     counts = result.confusion.sum(axis=1)
     return dict(
         run=str(run_dir), model=info["model"], dataset=name, split="test",

@@ -138,7 +138,8 @@ def _open_run_dir(out: Path, config: TrainConfig) -> tuple[dict, dict | None]:
     resume_path = out / ckpt.RESUME
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
-    nonempty = out.is_dir() and any(out.iterdir())
+    # a run killed inside its very first checkpoint write leaves only that write's temp file
+    nonempty = out.is_dir() and any(not ckpt.is_stale_temp(p.name) for p in out.iterdir())
     if not nonempty:
         if config.resume:
             raise UserError(f"--resume: {out} holds no run to resume")
@@ -148,6 +149,9 @@ def _open_run_dir(out: Path, config: TrainConfig) -> tuple[dict, dict | None]:
                         "choose another --out (densekit never overwrites files)")
     meta = ckpt.read_resume_meta(resume_path)
     stored = meta["config"]
+    lacking = [k for k in (*IDENTITY, "data_dir", "deterministic", "save_every") if k not in stored]
+    if lacking:
+        raise UserError(f"{resume_path}: corrupt resume state: its config lacks {', '.join(lacking)}")
     cfg = _resolve(config, stored if config.resume else None)
     diff = _differences(cfg, stored)
     if diff:
@@ -199,7 +203,8 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
     data_facts = dict(train_images=len(dataset.train), test_images=len(dataset.test), classes=dataset.classes,
                       image_size=list(dataset.image_size), in_chans=dataset.in_chans)
     if meta is not None and meta["data"] != data_facts:
-        diff = [f"{k} {meta['data'][k]!r} there, {v!r} here" for k, v in data_facts.items() if meta["data"][k] != v]
+        diff = [f"{k} {meta['data'].get(k)!r} there, {v!r} here" for k, v in data_facts.items()
+                if meta["data"].get(k) != v]
         raise UserError(f"cannot continue the run in {out}: its data differ ({'; '.join(diff)})")
 
     with runtime.activated():
@@ -238,11 +243,10 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
                 steps_per_epoch=steps_per_epoch, total_steps=total_steps, stats=dataclasses.asdict(stats),
                 history=history, train_seconds=train_seconds))
 
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temps(out)  # what killed writers left, even that of a first save that never landed
         if meta is None:
-            out.mkdir(parents=True, exist_ok=True)
             save(0, 0, 0)  # first, so that the directory is recognized as this run from now on
-        else:
-            ckpt.remove_stale_temps(out)
         if not (out / ckpt.MODEL_JSON).is_file():  # a run killed right after its first save lacks it
             ckpt.write_json(out / ckpt.MODEL_JSON, ckpt.model_info(
                 cfg["model"], cfg["model_args"], kwargs, dataset,

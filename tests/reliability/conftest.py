@@ -1,0 +1,86 @@
+"""Shared pieces of the reliability suite: the tiny datasets and model of tests/train, the
+CLI runner, a one-thread torch, subprocess environments and directory snapshots."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import densekit
+
+# The dataset writers and the tiny model live in tests/train/conftest.py; load that file by
+# path (the suite runs with --import-mode=importlib, so tests/ is not a package).
+_spec = importlib.util.spec_from_file_location("_densekit_train_conftest",
+                                               Path(__file__).parents[1] / "train" / "conftest.py")
+_train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_train)
+
+TINY: list[str] = list(_train.TINY)
+write_mnist = _train.write_mnist
+write_cifar = _train.write_cifar
+write_imagefolder = _train.write_imagefolder
+run_cli = _train.run_cli
+idx_bytes = _train._idx  # an array as IDX file bytes
+patterns = _train.patterns
+
+SRC = str(Path(densekit.__file__).parents[1])
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``python -m densekit`` child: this checkout, one thread (as in this
+    process, so that its kernels and hence its bits are the same), no stray data root."""
+    env = {k: v for k, v in os.environ.items() if k != "DENSEKIT_DATA"}
+    env.update(PYTHONPATH=SRC, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", **extra)
+    return env
+
+
+PYTHON = sys.executable
+
+
+def snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every file and folder under ``roots``: (kind, size, mtime_ns, sha256) by path."""
+    state = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames:
+                p = Path(dirpath, name)
+                state[str(p)] = ("dir",)
+            for name in filenames:
+                p = Path(dirpath, name)
+                st = p.lstat()
+                digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+                state[str(p)] = ("file", st.st_size, st.st_mtime_ns, digest)
+    return state
+
+
+def diff_snapshots(before: dict, after: dict) -> list[str]:
+    changes = [f"removed {p}" for p in before.keys() - after.keys()]
+    changes += [f"created {p}" for p in after.keys() - before.keys()]
+    changes += [f"changed {p}" for p in before.keys() & after.keys() if before[p] != after[p]]
+    return sorted(changes)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread, as tests/train does: tiny models on a shared 2-core machine, and
+    the same kernels as the OMP_NUM_THREADS=1 children whose bits are compared with ours."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_data_root(monkeypatch):
+    monkeypatch.delenv("DENSEKIT_DATA", raising=False)
+
+
+@pytest.fixture
+def cli(capsys):
+    return lambda *argv: run_cli(capsys, *argv)
