@@ -45,12 +45,15 @@ def test_pinned_counts_of_the_rest():
     # Not published; pinned so that an accidental change of structure shows.
     assert n_params(create_model("densenet264")) == 33_337_704
     assert n_params(create_model("dense_resnet121")) == 36_610_706
+    assert n_params(create_model("densenet_bc_40_k12")) == 176_122
+    assert n_params(create_model("densenet_bc_40_k12_s2")) == 176_122  # the same layers, stride-2 stem
 
 
 def test_list_models():
     names = list_models()
-    assert len(names) == 12 and names == sorted(names)
-    assert list_models("densenet_bc_*") == ["densenet_bc_100_k12", "densenet_bc_190_k40", "densenet_bc_250_k24"]
+    assert len(names) == 14 and names == sorted(names)
+    assert list_models("densenet_bc_*") == ["densenet_bc_100_k12", "densenet_bc_190_k40", "densenet_bc_250_k24",
+                                           "densenet_bc_40_k12", "densenet_bc_40_k12_s2"]
 
 
 @pytest.mark.parametrize("name", [n for n in list_models() if n not in HEAVY])
@@ -58,7 +61,7 @@ def test_forward_backward_every_model(name):
     torch.manual_seed(0)
     c, *size = get_variant(name).input_size
     size = [max(s // 4, 32) for s in size]
-    model = create_model(name, num_classes=7)
+    model = create_model(name, num_classes=7, in_chans=c)
     x = torch.randn(2, c, *size)
     out = model(x)
     assert out.shape == (2, 7) and torch.isfinite(out).all()

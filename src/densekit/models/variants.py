@@ -7,6 +7,7 @@ parameter counts for densenet121/161/169/201.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 
@@ -51,6 +52,11 @@ VARIANTS: dict[str, Variant] = {
     "densenet_40_k12": _cifar(40, 12, bc=False),
     "densenet_100_k12": _cifar(100, 12, bc=False),
     "densenet_100_k24": _cifar(100, 24, bc=False),
+    "densenet_bc_40_k12": _cifar(40, 12, bc=True),
+    # BC-40 with a stride-2 stem: a quarter of the cost on 28 px inputs; `make run`'s model
+    # (Fashion-MNIST in minutes on 2 CPU cores, docs/performance.md).
+    "densenet_bc_40_k12_s2": dataclasses.replace(_cifar(40, 12, bc=True), stem_stride=2, input_size=(1, 28, 28),
+                                                 source="densekit: DenseNet-BC (L=40, k=12), stride-2 stem"),
     "densenet_bc_100_k12": _cifar(100, 12, bc=True),
     "densenet_bc_250_k24": _cifar(250, 24, bc=True),
     "densenet_bc_190_k40": _cifar(190, 40, bc=True),
