@@ -8,11 +8,18 @@ STAMP  := $(VENV)/.densekit-installed
 # The pinned pair lies on local disk here; an unpinned torch would download a CUDA build of several GB.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+# The main job: DenseNet-BC (L=40, k=12) with a stride-2 stem, fast recipe, on Fashion-MNIST;
+# sized to train and evaluate in minutes on 2 CPU cores (docs/performance.md#make-run).
+TRAIN_ARGS ?= --model densenet_bc_40_k12_s2 --epochs 3
+ifndef RUN_DIR
+RUN_DIR := runs/make-run-$(shell date +%Y%m%d-%H%M%S)
+endif
 
 .PHONY: run test setup data models clean
 
 run: setup data
-	$(VENV)/bin/densekit models
+	$(VENV)/bin/densekit train $(TRAIN_ARGS) --out $(RUN_DIR)
+	$(VENV)/bin/densekit eval $(RUN_DIR)
 
 test: setup data
 	$(PY) -m pytest -q
