@@ -22,18 +22,8 @@ import torch
 
 from densekit.cli import COMMANDS, main
 
-from .conftest import (PYTHON, TINY, diff_snapshots, idx_bytes, patterns, run_cli, snapshot, subprocess_env,
+from .conftest import (Exploit, PYTHON, TINY, diff_snapshots, idx_bytes, patterns, run_cli, snapshot, subprocess_env,
                        write_cifar, write_imagefolder, write_mnist)
-
-
-class _Exploit:
-    """Unpickling this would create a folder: a stand-in for any code hidden in a file."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +52,7 @@ def world(tmp_path_factory):
     evil = write_cifar(d / "cifar-evil")
     marker = root / "PWNED"
     batch = evil / "cifar-10-batches-py" / "data_batch_3"
-    batch.write_bytes(pickle.dumps({"data": _Exploit(str(marker)), "labels": []}))
+    batch.write_bytes(pickle.dumps({"data": Exploit(str(marker)), "labels": []}))
     text_png = write_imagefolder(d / "folder-text-png")
     next((text_png / "train" / "cross").glob("*.png")).write_text("this is not an image\n")
     no_test = write_imagefolder(d / "folder-no-test")
@@ -98,7 +88,7 @@ def world(tmp_path_factory):
         cut_weights=broken("cut-weights", lambda p: truncate(p / "model.safetensors")),
         junk_weights=broken("junk-weights", lambda p: (p / "model.safetensors").write_bytes(os.urandom(2048))),
         pickle_weights=broken("pickle-weights", lambda p: torch.save(
-            {"w": _Exploit(str(marker))}, p / "model.safetensors")),
+            {"w": Exploit(str(marker))}, p / "model.safetensors")),
         nan_weights=broken("nan-weights", lambda p: save_file(
             {k: v * float("nan") if v.is_floating_point() else v
              for k, v in load_file(p / "model.safetensors").items()}, p / "model.safetensors")),

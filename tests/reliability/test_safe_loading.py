@@ -21,17 +21,9 @@ from densekit.cli import main
 from densekit.errors import UserError
 from densekit.train import checkpoint as ckpt
 
-from .conftest import TINY, run_cli, write_mnist
+from .conftest import TINY, Exploit, run_cli, write_mnist
 
 PACKAGE = Path(densekit.__file__).parent
-
-
-class _Exploit:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +168,7 @@ MODEL_CASES = [
     ("empty", lambda r: (r / ckpt.WEIGHTS).write_bytes(b""), ckpt.WEIGHTS, "cannot read safetensors file"),
     ("cut-in-header", _cut(ckpt.WEIGHTS, 0.01), ckpt.WEIGHTS, "cannot read safetensors file"),
     ("cut-in-data", _cut(ckpt.WEIGHTS, 0.9), ckpt.WEIGHTS, "cannot read safetensors file"),
-    ("torch-save-pickle", lambda r: torch.save({"w": _Exploit(str(r.parent / "PWNED"))}, r / ckpt.WEIGHTS),
+    ("torch-save-pickle", lambda r: torch.save({"w": Exploit(str(r.parent / "PWNED"))}, r / ckpt.WEIGHTS),
      ckpt.WEIGHTS, "cannot read safetensors file"),
     ("other-shapes", _edit_weights(lambda s: s.update({"classifier.weight": torch.zeros(10, 99)})), ckpt.WEIGHTS,
      "does not match model.json: 1 tensor(s) of another shape (first: classifier.weight is [10, 99] in the file"),
