@@ -31,6 +31,11 @@ def _check_block_config(block_config) -> tuple[int, ...]:
     return tuple(block_config)
 
 
+def _check_num_classes(num_classes) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+
+
 def _growth_rates(growth_rate, num_blocks: int) -> tuple[int, ...]:
     rates = (growth_rate,) * num_blocks if isinstance(growth_rate, int) else tuple(growth_rate)
     if len(rates) != num_blocks:
@@ -80,8 +85,7 @@ class DenseNet(nn.Module):
             raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
         if stem_stride not in (1, 2) or (stem == "imagenet" and stem_stride != 1):
             raise ValueError(f"stem_stride must be 1 or 2 (and 1 for the imagenet stem), got {stem_stride!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        _check_num_classes(num_classes)
         _check_positive_int("in_chans", in_chans)
         _check_drop_rate(drop_rate)
         check_spatial_dims(spatial_dims)
@@ -114,7 +118,6 @@ class DenseNet(nn.Module):
             layers = [("conv0", conv_nd(spatial_dims, in_chans, c, 3, stride=stem_stride, padding=1))]
             info = [dict(num_chs=c, reduction=stem_stride, module="features.conv0")]
             reduction = stem_stride
-        self._stem_layers = len(layers)
 
         for i, (num_layers, k) in enumerate(zip(block_config, rates)):
             block = DenseBlock(c, k, num_layers, bn_size, drop_rate, memory_efficient, spatial_dims)
@@ -224,8 +227,7 @@ class DenseNet(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a fresh one for ``num_classes`` (0: identity)."""
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        _check_num_classes(num_classes)
         self.num_classes = num_classes
         self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         if num_classes:
