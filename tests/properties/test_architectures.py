@@ -9,12 +9,18 @@ from hypothesis import strategies as st
 
 from densekit import DenseBlock, DenseNet
 
-def assert_close_normwise(actual, expected, rtol, name=""):
+def assert_close_normwise(actual, expected, rtol, name="", fp32_reference=None):
     # Elementwise tolerances fail on gradients that cancel to ~0 (batch norm over a
     # handful of values); relative to the tensor's largest entry is the meaningful bound.
+    # Where batch norm normalizes only a few values, fp32 itself cannot meet it: then the
+    # fused path must be as close to float64 as the plain fp32 path is (within 2x).
     scale = expected.abs().max().item()
     diff = (actual - expected).abs().max().item()
-    assert diff <= rtol * scale + 1e-5, f"{name}: max diff {diff:.3g} vs scale {scale:.3g}"
+    if diff <= rtol * scale + 1e-5:
+        return
+    floor = None if fp32_reference is None else (fp32_reference - expected).abs().max().item()
+    assert floor is not None and diff <= 2 * floor, \
+        f"{name}: max diff {diff:.3g} vs scale {scale:.3g} (plain fp32 path: {floor})"
 
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -57,6 +63,7 @@ def test_channels_shapes_and_fused_parity(cfg, extra, batch):
         size = min(size, 12) if model.min_input_size <= 12 else model.min_input_size
     x = torch.randn(batch, cfg["in_chans"], *[size] * cfg["spatial_dims"])
     fast = copy.deepcopy(model).set_memory_efficient(True)
+    plain32 = copy.deepcopy(model)
     # The reference runs in float64: fp32 batch-norm backward on the CPU can itself be off
     # by a percent on small 3D inputs, more than the fused path is.
     model.double()
@@ -66,8 +73,9 @@ def test_channels_shapes_and_fused_parity(cfg, extra, batch):
     g = torch.randn_like(y_fast)
     y_ref.backward(g.double())
     y_fast.backward(g)
-    for (name, p), q in zip(model.named_parameters(), fast.parameters()):
-        assert_close_normwise(q.grad.double(), p.grad, 1e-3, name)
+    plain32(x).backward(g)
+    for (name, p), q, r in zip(model.named_parameters(), fast.parameters(), plain32.parameters()):
+        assert_close_normwise(q.grad.double(), p.grad, 1e-3, name, r.grad.double())
     for b_ref, b_fast in zip(model.buffers(), fast.buffers()):
         torch.testing.assert_close(b_fast.to(b_ref.dtype), b_ref, rtol=1e-4, atol=1e-5)
 
