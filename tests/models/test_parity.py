@@ -96,6 +96,28 @@ def test_fused_block_same_function_and_gradients(spatial_dims, size, bn_size, tr
     _compare(plain, fast, torch.randn(3, 6, *size), train)
 
 
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("bn_size", [4, 0])
+def test_fused_dgamma_where_beta_dwarfs_gamma(train, bn_size):
+    # On the CPU in fp32 the fused backward gets dgamma from sum(W * dW) unless |beta/gamma|
+    # is large or gamma is 0; here a third of the channels take each branch and some are dead.
+    torch.manual_seed(1)
+    plain = DenseBlock(6, 5, 3, bn_size=bn_size)
+    for m in plain.modules():
+        if hasattr(m, "running_var"):
+            c = m.num_features
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(-1.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+            m.weight.data[0:c:3] = 0.0
+            m.weight.data[1:c:3] = 1e-3 * torch.sign(torch.randn(len(range(1, c, 3))))
+            m.bias.data[1:c:3] = torch.linspace(-1.0, 1.0, len(range(1, c, 3)))
+    fast = copy.deepcopy(plain)
+    fast.memory_efficient = True
+    _compare(plain, fast, torch.randn(4, 6, 7, 7), train)
+
+
 def test_fused_network_channels_last_and_several_steps():
     torch.manual_seed(0)
     plain = create_model("densenet_bc_100_k12", memory_efficient=False, block_config=(3, 3, 3))

@@ -4,7 +4,7 @@ fused block computing the same function and gradients as the reference."""
 import copy
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from densekit import DenseBlock, DenseNet
@@ -51,8 +51,17 @@ def expected_channels(cfg):
     return c
 
 
+def _cfg(growth_rate, block_config, bn_size, stem, spatial_dims=1):
+    return dict(growth_rate=growth_rate, block_config=block_config, bn_size=bn_size, compression=0.25,
+                num_init_features=1, in_chans=1, num_classes=1, stem=stem, spatial_dims=spatial_dims)
+
+
 @SETTINGS
 @given(cfg=architectures(), extra=st.integers(0, 5), batch=st.integers(3, 5))
+# Cases Hypothesis found: ill-conditioned batch norm (3 values per channel, mean >> spread),
+# where the fused backward once formed x*b + c and lost 30x more than the plain path.
+@example(cfg=_cfg(6, (1, 2), 1, "imagenet"), extra=0, batch=3)
+@example(cfg=_cfg(3, (2,), 1, "cifar"), extra=0, batch=3)
 def test_channels_shapes_and_fused_parity(cfg, extra, batch):
     torch.manual_seed(0)
     model = DenseNet(**cfg)
@@ -67,13 +76,15 @@ def test_channels_shapes_and_fused_parity(cfg, extra, batch):
     # The reference runs in float64: fp32 batch-norm backward on the CPU can itself be off
     # by a percent on small 3D inputs, more than the fused path is.
     model.double()
-    y_ref, y_fast = model(x.double()), fast(x)
+    y_ref, y_fast, y_plain = model(x.double()), fast(x), plain32(x)
     assert y_ref.shape == (batch, cfg["num_classes"])
-    torch.testing.assert_close(y_fast.double(), y_ref, rtol=1e-4, atol=1e-4)
+    # batch norm over 3 values of a channel whose spread is 1% of its mean is ill-conditioned:
+    # there the plain fp32 path is 1.6e-4 off float64 too (the first @example below)
+    assert_close_normwise(y_fast.double(), y_ref, 1e-4, "output", y_plain.double())
     g = torch.randn_like(y_fast)
     y_ref.backward(g.double())
     y_fast.backward(g)
-    plain32(x).backward(g)
+    y_plain.backward(g)
     for (name, p), q, r in zip(model.named_parameters(), fast.parameters(), plain32.parameters()):
         assert_close_normwise(q.grad.double(), p.grad, 1e-3, name, r.grad.double())
     for b_ref, b_fast in zip(model.buffers(), fast.buffers()):
