@@ -118,6 +118,24 @@ def test_fused_dgamma_where_beta_dwarfs_gamma(train, bn_size):
     _compare(plain, fast, torch.randn(4, 6, 7, 7), train)
 
 
+@pytest.mark.parametrize("spatial_dims,size", [(1, (20,)), (2, (9, 7)), (3, (5, 6, 4))])
+def test_fused_inference_with_folded_norm_same_function(spatial_dims, size):
+    # Without autograd, eval mode folds each layer's second batch norm into its 1x1 conv.
+    torch.manual_seed(spatial_dims)
+    plain = DenseBlock(6, 5, 4, spatial_dims=spatial_dims).eval()
+    for m in plain.modules():
+        if hasattr(m, "running_var"):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.1, 2.0)
+            m.weight.data.uniform_(-1.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    fast = copy.deepcopy(plain)
+    fast.memory_efficient = True
+    x = torch.randn(3, 6, *size)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
 def test_fused_network_channels_last_and_several_steps():
     torch.manual_seed(0)
     plain = create_model("densenet_bc_100_k12", memory_efficient=False, block_config=(3, 3, 3))
@@ -185,3 +203,22 @@ def test_bf16_autocast_on_cpu_runs_the_fused_path():
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
     assert rel_max_diff(out.float(), want.float()) < 0.05
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_torch_compile_traces_whole_model_and_matches(train):
+    # fullgraph=True fails on any graph break; aot_eager traces forward and backward the way
+    # inductor would, without its minutes of C++ compilation on 2 cores.
+    torch.manual_seed(0)
+    model = create_model("densenet_bc_100_k12", block_config=(2, 2), num_classes=5).train(train)
+    reference = copy.deepcopy(model).set_memory_efficient(False)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 3, 12, 12)
+    y, y_ref = compiled(x), reference(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+    for b, c in zip(model.buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c)

@@ -97,6 +97,20 @@ class _Unit:
         return torch.convolution(_grid(a, spatial), self.weight, None, [1] * n, self.padding, [1] * n,
                                  False, [0] * n, 1)
 
+    def conv_folded_relu(self, a: torch.Tensor, following: "_Unit") -> torch.Tensor:
+        """ReLU(BN(conv(a))) for a 1x1 conv whose output feeds ``following``'s batch norm in
+        eval mode: the BN is an affine map per output channel, so it folds into the weight
+        (scaled rows) and a bias, and the GEMM's bias add (and on CUDA its ReLU epilogue)
+        replaces a separate pass over the bottleneck output. (rows, c_in) -> (rows, c_out)."""
+        bn = following.bn
+        scale = following.gamma * torch.rsqrt(bn.running_var + bn.eps)
+        shift = following.beta - bn.running_mean * scale
+        weight = self.weight.flatten(1) * scale[:, None].to(self.weight.dtype)
+        bias = shift.to(a.dtype)
+        if a.is_cuda and hasattr(torch, "_addmm_activation"):
+            return torch._addmm_activation(bias, a, weight.t())
+        return torch.addmm(bias, a, weight.t()).relu_()
+
     def conv_backward(self, grad: torch.Tensor, a: torch.Tensor, spatial: tuple[int, ...],
                       out: torch.Tensor, need_weight: bool):
         """``grad`` is (N, c_out, *spatial), any layout. Writes the gradient of ``a`` into
@@ -278,9 +292,12 @@ def _forward(block, units, x: torch.Tensor, save: bool):
                 a = us[0].act(inp, mean[:ci], var[:ci], scratch("a", ci))
             else:
                 a = us[0].act(inp, *_running(us[0]), scratch("a", ci))
-            h = us[0].conv(a, spatial)
-            if len(us) == 2:
-                h = _rows(h)
+            if len(us) == 2 and not training and not save and us[0].pointwise:
+                # inference: the second batch norm folds into the 1x1 convolution
+                a2 = us[0].conv_folded_relu(a, us[1])
+                out = us[1].conv(a2, spatial)
+            elif len(us) == 2:
+                h = _rows(us[0].conv(a, spatial))
                 if training:
                     m2, v2 = _stats(h, scratch("a2", width))
                     us[1].update_running(m2, v2, count)
@@ -292,7 +309,7 @@ def _forward(block, units, x: torch.Tensor, save: bool):
                         saved.append(h)
                 out = us[1].conv(us[1].act(h, m2, v2, scratch("a2", width)), spatial)
             else:
-                out = h
+                out = us[0].conv(a, spatial)
             if training and layer.drop_rate > 0:
                 keep = 1.0 - layer.drop_rate
                 mask = torch.empty_like(out).bernoulli_(keep).div_(keep)

@@ -134,9 +134,10 @@ class DenseLayer(nn.Module):
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             x = torch.cat(list(x), 1)
-        if self.memory_efficient and self.training and x.requires_grad:
+        if self.memory_efficient and self.training and x.requires_grad and not torch.compiler.is_compiling():
             # Recompute the concatenated BN-ReLU-Conv1x1 in backward instead of storing it
-            # (Pleiss et al., "Memory-Efficient Implementation of DenseNets", 2017).
+            # (Pleiss et al., "Memory-Efficient Implementation of DenseNets", 2017). A
+            # compiled graph leaves recomputation to the compiler's partitioner.
             out = self._checkpointed_bottleneck(x)
         else:
             out = self.bottleneck(x)
@@ -203,7 +204,10 @@ class DenseBlock(nn.ModuleDict):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.in_channels:
             raise ValueError(f"DenseBlock expected {self.in_channels} input channels, got {x.shape[1]}")
-        if self.memory_efficient:
+        # Under torch.compile the plain path is traced instead: the compiler fuses its
+        # concatenations and BN-ReLU itself, and the fused op's host-side bookkeeping
+        # (channel groups picked at run time) would break the graph.
+        if self.memory_efficient and not torch.compiler.is_compiling():
             from .fused import fused_dense_block, supports_fused
 
             if supports_fused(self):
