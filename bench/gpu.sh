@@ -20,7 +20,8 @@ WARMUP="${WARMUP:-5}"     # covers cuDNN's kernel search (cudnn.benchmark) and a
 
 "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' \
   || { echo "bench/gpu.sh: $PY cannot import torch or sees no CUDA device" >&2; exit 2; }
-OUT="$("$PY" -c 'from densekit.bench.env import default_out, environment; print(default_out(environment(), ["cuda"]))')" || exit 1
+# BENCH_OUT overrides where the JSON goes (the .md goes beside it)
+OUT="${BENCH_OUT:-$("$PY" -c 'from densekit.bench.env import default_out, environment; print(default_out(environment(), ["cuda"]))')}" || exit 1
 MD="${OUT%.json}.md"
 rm -f "$OUT"
 status=0
@@ -42,9 +43,10 @@ bench --models densenet121 --batch-size 128 --dtype fp32 --layout nchw --mode tr
 # DenseNet-121 inference, batch 256, bf16 (target: >= 1.3x)
 bench --models densenet121 --batch-size 256 --dtype bf16 --layout channels_last --mode infer \
       --impl densekit torchvision timm --steps "$STEPS" --rounds "$ROUNDS"
-# DenseNet-BC-100 k=12, 32 px, bf16 training at batch 64 (target: >= 8x, warm-up <= 30 s), and at 256
+# DenseNet-BC-100 k=12, 32 px, bf16 training at batch 64 (target: >= 8x, warm-up <= 30 s), and at 256;
+# densekit-eager is the same step without the CUDA graph
 bench --models densenet_bc_100_k12 --batch-size 64 --input-size 32 --dtype bf16 --layout nchw channels_last \
-      --mode train --impl densekit torchvision torchvision-me --steps "$STEPS" --rounds "$ROUNDS"
+      --mode train --impl densekit densekit-eager torchvision torchvision-me --steps "$STEPS" --rounds "$ROUNDS"
 bench --models densenet_bc_100_k12 --batch-size 256 --input-size 32 --dtype bf16 --layout nchw \
       --mode train --impl densekit torchvision --steps "$STEPS" --rounds "$ROUNDS"
 # Peak training memory against depth, DenseNet-BC k=12, L = 100, 190, 250 (target: linear)

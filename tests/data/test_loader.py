@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from densekit.data import Augment, DeviceLoader, Split
 from densekit.data.core import channel_stats
-from densekit.data.loader import crop_flip
+from densekit.data.loader import crop_flip, erase_squares
 
 
 def make_split(n=10, c=2, h=4, w=5, seed=0) -> Split:
@@ -98,7 +98,8 @@ def test_epoch_draws_do_not_depend_on_global_rng():
     assert same(a, b)
 
 
-@pytest.mark.parametrize("augment", [None, Augment(crop_padding=2, hflip=True)])
+@pytest.mark.parametrize("augment", [None, Augment(crop_padding=2, hflip=True),
+                                     Augment(crop_padding=1, hflip=True, erase=2)])
 @pytest.mark.parametrize("start", [0, 1, 3, 5])
 def test_resume_from_start_step(augment, start):
     split = make_split(n=18)
@@ -187,9 +188,34 @@ def test_loader_crops_cover_every_offset():
     assert seen == set(windows)
 
 
+def test_erase_squares_by_hand():
+    x = torch.ones(2, 1, 6, 6)
+    out = erase_squares(x, 3, torch.tensor([[0, 0], [3, 4]]))
+    expected = torch.ones(2, 1, 6, 6)
+    expected[0, 0, :2, :2] = 0  # clipped at the top-left corner
+    expected[1, 0, 2:5, 3:6] = 0
+    assert torch.equal(out, expected)
+
+
+def test_loader_erases_one_square_per_image_and_keeps_other_draws():
+    split = make_split(n=40, c=1, h=12, w=12)  # random pixels: none sits exactly at the mean
+    plain = collect(loader(split, batch_size=8, shuffle=True, augment=Augment(crop_padding=1, hflip=True), seed=3))
+    erased = collect(loader(split, batch_size=8, shuffle=True, augment=Augment(crop_padding=1, hflip=True, erase=4),
+                            seed=3))
+    for (x0, y0), (x1, y1) in zip(plain, erased):
+        assert torch.equal(y0, y1)  # same order: the erase draws come after the others
+        assert (x0 != 0).all()
+        changed = x0 != x1
+        assert (x1[changed] == 0).all()
+        counts = changed.flatten(1).sum(1)
+        assert (counts >= 4).all() and (counts <= 16).all()  # a 4x4 square, clipped to >= 2x2
+
+
 def test_augment_validation_and_noop():
     with pytest.raises(ValueError, match="crop_padding"):
         Augment(crop_padding=-1)
+    with pytest.raises(ValueError, match="erase"):
+        Augment(erase=True)
     split = make_split()
     assert same(collect(loader(split, augment=Augment())), collect(loader(split)))
 

@@ -177,6 +177,7 @@ CASES = [
     ("train-unknown-recipe", train("--recipe", "slow"), "invalid choice: 'slow'"),
     ("train-bad-device", train("--device", "tpu"), "device must be one of auto, cpu, cuda (or cuda:N), got 'tpu'"),
     ("train-absent-cuda-device", train("--device", "cuda:99"), "CUDA device"),
+    ("train-cuda-graph-on-cpu", train("--device", "cpu", "--cuda-graph"), "CUDA graphs need a CUDA device"),
     # -- train: the run directory
     ("train-out-is-a-file", train(out="{file}"), "exists and is not a directory"),
     ("train-out-holds-other-files", train(out="{notrun}"), "not empty and holds no densekit run"),

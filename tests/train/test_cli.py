@@ -239,3 +239,16 @@ def test_bad_eval_and_predict_flags(cli, tmp_path, monkeypatch, argv, message):
     rc, out, err = cli(*argv)
     assert rc == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("recipe", ["sprint", "long"])
+def test_gpu_presets_run_and_record_their_recipe(cli, tiny, mnist_dir, tmp_path, recipe):
+    # The presets are for an H100; here one step on CPU checks they are wired end to end
+    # (long's Cutout included) and that the run records the recipe it used.
+    run = tmp_path / recipe
+    rc, out, err = cli("train", *tiny, "--dataset", "mnist", "--data-dir", mnist_dir, "--recipe", recipe,
+                       "--batch-size", "16", "--max-steps", "1", "--out", run)
+    assert rc == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["recipe"]["name"] == recipe and summary["steps"] == 1
+    assert summary["recipe"]["erase"] == (10 if recipe == "long" else 0)

@@ -123,3 +123,17 @@ def test_load_run_model_rejects_bad_run_dirs(tmp_path):
     (tmp_path / ckpt.WEIGHTS).write_bytes(b"garbage")
     with pytest.raises(UserError, match="cannot read safetensors"):
         ckpt.load_run_model(tmp_path)
+
+
+def test_gpu_presets_fit_the_issue():
+    # Issue 3: the 60-second preset needs a model under 1M parameters; the default model on
+    # Fashion-MNIST (1 channel, 10 classes) is the 768K DenseNet-BC of the benchmark table.
+    from densekit import create_model
+    from densekit.train.recipes import LONG, SPRINT, get_recipe
+    from densekit.train.trainer import DEFAULT_MODEL
+
+    model = create_model(DEFAULT_MODEL, in_chans=1, num_classes=10)
+    assert sum(p.numel() for p in model.parameters()) == 768_730
+    assert get_recipe("sprint") is SPRINT and get_recipe("long") is LONG
+    assert LONG.epochs > SPRINT.epochs and augment_for(LONG, "fashion-mnist").erase == 10
+    assert augment_for(SPRINT, "fashion-mnist").erase == 0

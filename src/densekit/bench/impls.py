@@ -1,6 +1,8 @@
 """The networks a benchmark compares: densekit and the references built the way their users would.
 
-- ``densekit``: ``create_model(name)`` with its defaults (the fused lean block).
+- ``densekit``: ``create_model(name)`` with its defaults (the fused lean block), trained as
+  ``densekit train`` trains it: on CUDA each step is replayed from a CUDA graph;
+- ``densekit-eager``: the same network, every step launched eagerly;
 - ``densekit-ref``: the same with ``memory_efficient=False``, the plain concatenating path.
 - ``torchvision`` / ``torchvision-me``: ``torchvision.models.DenseNet`` with the variant's
   numbers, ``memory_efficient`` False / True. For CIFAR variants the stem is rebuilt as a
@@ -66,7 +68,7 @@ def build(config: Config) -> nn.Module:
     reason = unavailable_reason(config)
     if reason:
         raise ValueError(f"{config.impl} cannot build {config.model}: {reason}")
-    if config.impl in ("densekit", "densekit-ref"):
+    if config.impl in ("densekit", "densekit-eager", "densekit-ref"):
         overrides = dict(in_chans=config.in_chans)
         if config.impl == "densekit-ref":
             overrides["memory_efficient"] = False

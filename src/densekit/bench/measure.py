@@ -2,6 +2,9 @@
 
 A training step is what a training loop does: forward and cross-entropy under autocast
 (bf16) or not (fp32), backward, SGD with momentum 0.9, ``zero_grad(set_to_none=True)``.
+For ``densekit`` on CUDA it is densekit's own :class:`~densekit.train.step.TrainStep`, the
+step ``densekit train`` runs: the same ops with fused SGD, replayed from a CUDA graph after
+two eager steps; its capture is part of the warm-up, which must be at least 3 steps.
 An inference step is a forward under ``torch.inference_mode`` on a model in eval mode.
 
 Timing: on CUDA each step is bracketed by events and synchronized once at the end, so the
@@ -80,6 +83,8 @@ def _make_step(model, x, y, config: Config):
         return step
 
     model.train()
+    if config.impl == "densekit" and device_type == "cuda":
+        return _densekit_graphed_step(model, x, y, config)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step():
@@ -88,6 +93,20 @@ def _make_step(model, x, y, config: Config):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _densekit_graphed_step(model, x, y, config: Config):
+    from ..train.runtime import Runtime
+    from ..train.step import TrainStep
+
+    runtime = Runtime(device=x.device, amp_dtype=None if config.dtype == "fp32" else torch_dtype(config.dtype),
+                      channels_last=config.layout == "channels_last", deterministic=False, cuda_graph=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=True)
+    train_step = TrainStep(model, optimizer, torch.nn.CrossEntropyLoss(), runtime, cuda_graph=True, warmup_steps=2)
+
+    def step():
+        train_step(x, y)
     return step
 
 

@@ -18,8 +18,10 @@ DTYPES = ("fp32", "bf16")
 LAYOUTS = ("nchw", "channels_last")
 DEVICES = ("cpu", "cuda", "auto")
 MODES = ("train", "infer")
-# densekit-ref is create_model(..., memory_efficient=False): the plain path, to see what the fused block buys.
-IMPLS = ("densekit", "densekit-ref", "torchvision", "torchvision-me", "timm")
+# densekit trains as `densekit train` does (on CUDA: steps replayed from a CUDA graph);
+# densekit-eager is the same without the graph, to see what the graph buys; densekit-ref is
+# create_model(..., memory_efficient=False), the plain path, to see what the fused block buys.
+IMPLS = ("densekit", "densekit-eager", "densekit-ref", "torchvision", "torchvision-me", "timm")
 REFERENCE = "torchvision"
 
 # Depth-L CIFAR networks the registry does not list (the depth sweep: L = 100, 190, 250)
@@ -168,6 +170,9 @@ class BenchSpec:
         _positive("rounds", [self.rounds])
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise UserError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        if "cuda" in self.devices and "train" in self.modes and "densekit" in self.impls and self.warmup < 3:
+            raise UserError(f"warmup must be >= 3 to train densekit on CUDA (two eager steps, then the CUDA "
+                            f"graph's capture), got {self.warmup}")
         self._check_inputs()
 
     def _check_inputs(self) -> None:

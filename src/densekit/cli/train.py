@@ -57,7 +57,8 @@ def add_arguments(p) -> None:
     p.add_argument("--data-dir", help="folder with the dataset's files (default: $DENSEKIT_DATA, or the system "
                                       "location for fashion-mnist and mnist)")
     p.add_argument("--image-size", type=positive_int, help="side images are resized to (imagefolder only; default 64)")
-    p.add_argument("--recipe", choices=list(RECIPES), help="fast (default) or paper (Huang et al. 2017)")
+    p.add_argument("--recipe", choices=list(RECIPES), help="fast (default), paper (Huang et al. 2017), or the GPU presets sprint and long "
+                        "(Fashion-MNIST, densenet_bc_100_k12; see densekit.train.recipes)")
     p.add_argument("--epochs", type=positive_int, help=f"default: the recipe's ({_defaults('epochs')})")
     p.add_argument("--batch-size", type=positive_int, help=f"default: the recipe's ({_defaults('batch_size')})")
     p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default: the recipe's; {_defaults('lr')})")
@@ -69,6 +70,8 @@ def add_arguments(p) -> None:
     add_device_argument(p)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on CUDA only)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay training steps from a CUDA graph (default: on CUDA)")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<dataset>-<model>-<time>); "
                                                 "must be empty or hold a run of the same config")
     p.add_argument("--resume", action="store_true", help="continue the run in --out DIR where it stopped")
@@ -118,7 +121,7 @@ class _ProgressBar:
 
 def summary_lines(s: dict) -> list[str]:
     where = s["device"] if s["device"] == "cpu" else f"{s['device']} {s['device_name']}"
-    layout = ", channels-last" if s["channels_last"] else ""
+    layout = (", channels-last" if s["channels_last"] else "") + (", CUDA graph" if s.get("cuda_graph") else "")
     lines = [f"{s['model']} on {s['dataset']}: {s['epochs_completed']}/{s['epochs']} epochs, {s['steps']} steps in "
              f"{s['train_seconds']:.1f} s ({s['images_per_second']:.0f} images/s; {where}, {s['precision']}{layout})",
              f"test accuracy {100 * s['test_accuracy']:.2f}% ({s['test_correct']}/{s['test_images']}), "
@@ -139,7 +142,8 @@ def run(args) -> int:
         model=args.model, model_args=dict(args.model_args) if args.model_args else None, dataset=args.dataset,
         data_dir=args.data_dir, image_size=args.image_size, recipe=args.recipe, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, train_limit=args.train_limit,
-        deterministic=args.deterministic, device=args.device, channels_last=args.channels_last, out=args.out,
+        deterministic=args.deterministic, device=args.device, channels_last=args.channels_last,
+        cuda_graph=args.cuda_graph, out=args.out,
         resume=args.resume, max_steps=args.max_steps, save_every=args.save_every)
     if args.resume and not args.out:
         raise UserError("--resume needs --out DIR, the run to continue")

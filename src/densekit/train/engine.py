@@ -21,6 +21,7 @@ from torch import nn
 from ..data import DeviceLoader, Split
 from ..errors import UserError
 from .runtime import Runtime
+from .step import TrainStep
 
 EVAL_BATCH_SIZE = 500  # any size gives the same predictions (BN in eval mode); large batches are fast
 SYNC_EVERY = 25        # steps between reads of the loss from the device
@@ -65,12 +66,9 @@ class StepReport:
 
 
 def train_one_epoch(
-    model: nn.Module,
+    train_step: TrainStep,
     loader: DeviceLoader,
-    optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    criterion: nn.Module,
-    runtime: Runtime,
     *,
     epoch: int,
     start_step: int,
@@ -87,7 +85,8 @@ def train_one_epoch(
     steps inside the epoch it calls ``save(step_in_epoch, global_step)``; the epoch's end
     is left to the caller. Raises :class:`Diverged` on a non-finite loss.
     """
-    model.train()
+    optimizer = train_step.optimizer
+    train_step.model.train()
     n = len(loader)
     pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []
     tick = time.perf_counter()
@@ -122,17 +121,12 @@ def train_one_epoch(
         pending.clear()
 
     for x, y in loader.epoch(epoch, start_step):
-        optimizer.zero_grad(set_to_none=True)
-        with runtime.autocast():
-            logits = model(x)
-            loss = criterion(logits, y)
-        loss.backward()
         stats.lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        loss, correct = train_step(x, y)
         scheduler.step()
         step += 1
         global_step += 1
-        pending.append((loss.detach(), (logits.detach().argmax(1) == y).sum(), len(y)))
+        pending.append((loss, correct, len(y)))
         stop = max_steps is not None and global_step >= max_steps
         checkpoint = save is not None and save_every and global_step % save_every == 0 and step < n
         if len(pending) >= SYNC_EVERY or stop or checkpoint or step == n:

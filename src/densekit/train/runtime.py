@@ -2,7 +2,7 @@
 
 On CUDA: bf16 autocast (the weights, optimizer and loss stay float32) and channels-last
 memory, which is what cuDNN's fastest convolution kernels want; cuDNN autotuning unless
-the run must be deterministic. On CPU: float32 and the default layout.
+the run must be deterministic; training steps replayed from a CUDA graph (``step.py``). On CPU: float32 and the default layout.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class Runtime:
     amp_dtype: torch.dtype | None   # autocast dtype; None runs in float32
     channels_last: bool
     deterministic: bool
+    cuda_graph: bool = False        # replay training steps from a CUDA graph (CUDA only)
 
     @property
     def precision(self) -> str:
@@ -42,16 +43,17 @@ class Runtime:
     def describe(self) -> dict:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return dict(device=str(self.device), device_name=name, precision=self.precision,
-                    channels_last=self.channels_last, deterministic=self.deterministic)
+                    channels_last=self.channels_last, deterministic=self.deterministic,
+                    cuda_graph=self.cuda_graph)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to the device, in the memory format the runtime uses."""
         return model.to(self.device, memory_format=self.memory_format)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=cache_enabled)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -79,10 +81,10 @@ class Runtime:
 
 
 def select_runtime(device: str = "auto", channels_last: bool | None = None,
-                   deterministic: bool = False) -> Runtime:
+                   deterministic: bool = False, cuda_graph: bool | None = None) -> Runtime:
     """Choose the device ("auto", "cpu", "cuda" or "cuda:N") and with it the precision.
 
-    ``channels_last`` None means: on CUDA only.
+    ``channels_last`` and ``cuda_graph`` None mean: on CUDA only.
     """
     if not isinstance(device, str) or not _DEVICE_RE.match(device):
         raise UserError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {device!r}")
@@ -102,7 +104,12 @@ def select_runtime(device: str = "auto", channels_last: bool | None = None,
     amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
     if channels_last is None:
         channels_last = dev.type == "cuda"
-    return Runtime(device=dev, amp_dtype=amp, channels_last=bool(channels_last), deterministic=bool(deterministic))
+    if cuda_graph is None:
+        cuda_graph = dev.type == "cuda"
+    elif cuda_graph and dev.type != "cuda":
+        raise UserError(f"CUDA graphs need a CUDA device; the run is on {dev}")
+    return Runtime(device=dev, amp_dtype=amp, channels_last=bool(channels_last), deterministic=bool(deterministic),
+                   cuda_graph=bool(cuda_graph))
 
 
 def seed_everything(seed: int) -> None:

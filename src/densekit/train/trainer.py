@@ -31,6 +31,7 @@ from .engine import Diverged, EpochStats, eval_loader, evaluate, train_one_epoch
 from .plots import curves_png
 from .recipes import augment_for, build_optimizer, build_scheduler, get_recipe
 from .runtime import rng_state, seed_everything, select_runtime, set_rng_state
+from .step import TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class TrainConfig:
     deterministic: bool | None = None
     device: str = "auto"
     channels_last: bool | None = None   # None: the runtime decides (on CUDA only)
+    cuda_graph: bool | None = None      # None: the runtime decides (on CUDA only)
     out: str | None = None              # None: runs/<dataset>-<model>-<time>
     resume: bool = False                # the directory must hold a run to continue
     max_steps: int | None = None        # stop (resumably) after this many steps of the run
@@ -198,7 +200,7 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
                                                          config.model or DEFAULT_MODEL)
     cfg, meta = _open_run_dir(out, config)
     recipe = get_recipe_or_error(cfg["recipe"])
-    runtime = select_runtime(config.device, config.channels_last, bool(cfg["deterministic"]))
+    runtime = select_runtime(config.device, config.channels_last, bool(cfg["deterministic"]), config.cuda_graph)
     dataset = load_dataset(cfg["dataset"], cfg["data_dir"], cfg["train_limit"], cfg["image_size"])
     data_facts = dict(train_images=len(dataset.train), test_images=len(dataset.test), classes=dataset.classes,
                       image_size=list(dataset.image_size), in_chans=dataset.in_chans)
@@ -220,9 +222,10 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
                             "images; lower --batch-size")
         total_steps = cfg["epochs"] * steps_per_epoch
         test_loader = eval_loader(dataset.test, dataset.mean, dataset.std, runtime)
-        optimizer = build_optimizer(model, recipe, cfg["lr"])
+        optimizer = build_optimizer(model, recipe, cfg["lr"], fused=runtime.cuda_graph)
         scheduler = build_scheduler(optimizer, recipe, steps_per_epoch, total_steps)
         criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+        train_step = TrainStep(model, optimizer, criterion, runtime, cuda_graph=runtime.cuda_graph)
         resume_path = out / ckpt.RESUME
 
         if meta is None:
@@ -265,7 +268,7 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
         try:
             while epoch < cfg["epochs"] and not stopped:
                 step, global_step = train_one_epoch(
-                    model, train_loader, optimizer, scheduler, criterion, runtime,
+                    train_step, train_loader, scheduler,
                     epoch=epoch, start_step=start_step, global_step=global_step, stats=stats,
                     max_steps=config.max_steps, save_every=cfg["save_every"],
                     save=lambda s, g: save(epoch, s, g),
