@@ -211,6 +211,12 @@ def test_loader_erases_one_square_per_image_and_keeps_other_draws():
         assert (counts >= 4).all() and (counts <= 16).all()  # a 4x4 square, clipped to >= 2x2
 
 
+def test_erase_keeps_channels_last():
+    split = make_split(n=8, c=3, h=6, w=6)
+    x, _ = next(iter(loader(split, batch_size=8, augment=Augment(erase=2), channels_last=True)))
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def test_augment_validation_and_noop():
     with pytest.raises(ValueError, match="crop_padding"):
         Augment(crop_padding=-1)

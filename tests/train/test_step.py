@@ -20,13 +20,13 @@ from densekit.train.runtime import select_runtime
 from densekit.train.step import TrainStep
 
 
-def _model():
-    return create_model("densenet_bc_100_k12", block_config=(2, 2), num_classes=5, in_chans=1)
+def _model(in_chans=1):
+    return create_model("densenet_bc_100_k12", block_config=(2, 2), num_classes=5, in_chans=in_chans)
 
 
-def _batches(n, batch=8, size=12, device="cpu", seed=0):
+def _batches(n, batch=8, size=12, device="cpu", seed=0, chans=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 1, size, size, generator=g).to(device),
+    return [(torch.randn(batch, chans, size, size, generator=g).to(device),
              torch.randint(0, 5, (batch,), generator=g).to(device)) for _ in range(n)]
 
 
@@ -56,6 +56,9 @@ def test_cuda_graph_needs_cuda_and_fused_sgd():
     model = _model()
     with pytest.raises(ValueError, match="needs a CUDA device"):
         TrainStep(model, build_optimizer(model, FAST, 0.1), nn.CrossEntropyLoss(), rt, cuda_graph=True)
+    with pytest.raises(ValueError, match="warmup_steps >= 1"):
+        TrainStep(model, build_optimizer(model, FAST, 0.1), nn.CrossEntropyLoss(), rt, cuda_graph=True,
+                  warmup_steps=0)
     with pytest.raises(UserError, match="CUDA graphs need a CUDA device"):
         select_runtime("cpu", cuda_graph=True)
     assert not select_runtime("cpu").cuda_graph
@@ -68,9 +71,9 @@ def test_cuda_graph_replays_train_like_eager_steps():
     graph_rt = select_runtime("cuda", cuda_graph=True, deterministic=True)
     assert graph_rt.cuda_graph
     models, steps, schedulers = [], [], []
-    base = _model()
-    batches = _batches(9, device="cuda")
-    batches.insert(6, _batches(1, batch=5, device="cuda", seed=1)[0])  # another shape: eager
+    base = _model(in_chans=3)  # 3 channels: channels-last differs from NCHW
+    batches = _batches(9, device="cuda", chans=3)
+    batches.insert(6, _batches(1, batch=5, device="cuda", seed=1, chans=3)[0])  # another shape: eager
     for rt in (eager_rt, graph_rt):
         model = rt.prepare(copy.deepcopy(base))
         opt = build_optimizer(model, FAST, 0.1, fused=True)

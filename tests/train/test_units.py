@@ -137,3 +137,23 @@ def test_gpu_presets_fit_the_issue():
     assert get_recipe("sprint") is SPRINT and get_recipe("long") is LONG
     assert LONG.epochs > SPRINT.epochs and augment_for(LONG, "fashion-mnist").erase == 10
     assert augment_for(SPRINT, "fashion-mnist").erase == 0
+
+
+def test_resume_keeps_this_process_choice_of_sgd_kernel(tmp_path):
+    # A run begun eagerly (foreach SGD) and resumed where the step is graphed needs fused SGD:
+    # the optimizer's state comes from the checkpoint, how it runs does not.
+    from densekit.train.recipes import build_optimizer, build_scheduler
+
+    model = DenseNet(growth_rate=4, block_config=(1, 1), stem="cifar", num_classes=3, in_chans=1)
+    eager = build_optimizer(model, FAST, 0.1)
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    eager.step()
+    path = tmp_path / "resume.safetensors"
+    meta = dict(config={}, data={}, epoch=0, step_in_epoch=1, global_step=1, steps_per_epoch=4, total_steps=8,
+                stats={}, history=[], train_seconds=0.0)
+    ckpt.save_resume(path, model, eager, build_scheduler(eager, FAST, 4, 8), {}, meta)
+    fused = build_optimizer(model, FAST, 0.1, fused=True)
+    ckpt.load_resume(path, model, fused, build_scheduler(fused, FAST, 4, 8))
+    assert all(g["fused"] for g in fused.param_groups)
+    assert all(torch.equal(fused.state[p]["momentum_buffer"], eager.state[p]["momentum_buffer"])
+               for p in model.parameters())

@@ -5,6 +5,7 @@ A training step is what a training loop does: forward and cross-entropy under au
 For ``densekit`` on CUDA it is densekit's own :class:`~densekit.train.step.TrainStep`, the
 step ``densekit train`` runs: the same ops with fused SGD, replayed from a CUDA graph after
 two eager steps; its capture is part of the warm-up, which must be at least 3 steps.
+``densekit-eager`` on CUDA is the same step and SGD without the graph.
 An inference step is a forward under ``torch.inference_mode`` on a model in eval mode.
 
 Timing: on CUDA each step is bracketed by events and synchronized once at the end, so the
@@ -83,8 +84,8 @@ def _make_step(model, x, y, config: Config):
         return step
 
     model.train()
-    if config.impl == "densekit" and device_type == "cuda":
-        return _densekit_graphed_step(model, x, y, config)
+    if config.impl in ("densekit", "densekit-eager") and device_type == "cuda":
+        return _densekit_step(model, x, y, config, cuda_graph=config.impl == "densekit")
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step():
@@ -96,14 +97,17 @@ def _make_step(model, x, y, config: Config):
     return step
 
 
-def _densekit_graphed_step(model, x, y, config: Config):
+def _densekit_step(model, x, y, config: Config, cuda_graph: bool):
+    """densekit's own training step on CUDA, with fused SGD both with and without the graph,
+    so that densekit against densekit-eager isolates what the graph buys."""
     from ..train.runtime import Runtime
     from ..train.step import TrainStep
 
     runtime = Runtime(device=x.device, amp_dtype=None if config.dtype == "fp32" else torch_dtype(config.dtype),
-                      channels_last=config.layout == "channels_last", deterministic=False, cuda_graph=True)
+                      channels_last=config.layout == "channels_last", deterministic=False, cuda_graph=cuda_graph)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=True)
-    train_step = TrainStep(model, optimizer, torch.nn.CrossEntropyLoss(), runtime, cuda_graph=True, warmup_steps=2)
+    train_step = TrainStep(model, optimizer, torch.nn.CrossEntropyLoss(), runtime, cuda_graph=cuda_graph,
+                           warmup_steps=2)
 
     def step():
         train_step(x, y)

@@ -48,14 +48,15 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def erase_squares(x: torch.Tensor, side: int, centers: torch.Tensor) -> torch.Tensor:
     """Zero a ``side`` x ``side`` square around ``centers`` (B, 2) (row, col) in each image
-    of ``x`` (B, C, H, W), clipped at the border; one masked fill for the whole batch."""
+    of ``x`` (B, C, H, W), clipped at the border; one masked fill for the whole batch, in
+    place (an out-of-place fill would return NCHW whatever x's memory format)."""
     h, w = x.shape[-2:]
     lo = centers - side // 2
     rows = torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device)
     in_rows = (rows >= lo[:, :1]) & (rows < lo[:, :1] + side)   # (B, H)
     in_cols = (cols >= lo[:, 1:]) & (cols < lo[:, 1:] + side)   # (B, W)
-    return x.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0)
+    return x.masked_fill_((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0)
 
 
 def crop_flip(

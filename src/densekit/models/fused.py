@@ -56,7 +56,7 @@ class _Unit:
     of MB costs more in page faults than the arithmetic done in it.
     """
 
-    __slots__ = ("bn", "gamma", "beta", "weight", "padding")
+    __slots__ = ("bn", "gamma", "beta", "weight", "master", "padding")
 
     def __init__(self, bn: nn.Module, conv: nn.Module, dtype: torch.dtype):
         self.bn = bn
@@ -64,6 +64,7 @@ class _Unit:
         # Under autocast the convolutions run in the autocast dtype; the cast happens
         # outside the op, so autograd carries the gradient back to the fp32 weight.
         self.weight = conv.weight if conv.weight.dtype == dtype else conv.weight.to(dtype)
+        self.master = conv.weight  # fp32, for folding a scale in before one rounding
         self.padding = list(conv.padding)
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,7 +106,7 @@ class _Unit:
         bn = following.bn
         scale = following.gamma * torch.rsqrt(bn.running_var + bn.eps)
         shift = following.beta - bn.running_mean * scale
-        weight = self.weight.flatten(1) * scale[:, None].to(self.weight.dtype)
+        weight = (self.master.flatten(1) * scale[:, None]).to(a.dtype)
         bias = shift.to(a.dtype)
         if a.is_cuda and hasattr(torch, "_addmm_activation"):
             return torch._addmm_activation(bias, a, weight.t())
@@ -358,7 +359,8 @@ class _FusedDenseBlock(torch.autograd.Function):
         def complete(lo: int, hi: int) -> None:
             if training:
                 dtype = rows.dtype
-                centered = torch.sub(rows[:, lo:hi], mean[lo:hi].to(dtype), out=scratch("a", hi - lo))
+                # in fp32 with one rounding (mean stays fp32 under bf16)
+                centered = torch.sub(rows[:, lo:hi], mean[lo:hi], out=scratch("a", hi - lo))
                 grad_rows[:, lo:hi].addcmul_(centered, b_sum[lo:hi].to(dtype)).add_(c_sum[lo:hi].to(dtype))
 
         pos = len(saved)
@@ -384,9 +386,10 @@ class _FusedDenseBlock(torch.autograd.Function):
                 a2 = u2.act(h, m2, v2, scratch("a2", h.shape[1]))
                 d2, gl[5] = u2.conv_backward(g, a2, spatial, scratch("d2", h.shape[1]), u2.weight.requires_grad)
                 _relu_backward_(d2, a2)
-                hc = torch.sub(h, m2.to(h.dtype), out=a2)  # a2 is spent; see bn_backward on centering
+                sum_d2_a2 = u2.sum_grad_times_input(gl[5], a2)
+                hc = torch.sub(h, m2, out=a2)  # a2 is spent; see bn_backward on centering
                 k2, b2, c2, gl[3], gl[4] = u2.bn_backward(d2, hc, m2, v2, scratch("p", width), training, True,
-                                                          u2.sum_grad_times_input(gl[5], a2))
+                                                          sum_d2_a2)
                 d2.mul_(k2.to(d2.dtype))
                 if training:
                     d2.addcmul_(hc, b2.to(d2.dtype)).add_(c2.to(d2.dtype))

@@ -421,7 +421,12 @@ def load_resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             state.setdefault(int(idx), {})[name] = value
         for idx, values in meta["optimizer"]["state"].items():
             state.setdefault(int(idx), {}).update(values)
+        # how the update runs (fused, foreach) is this process's choice, not the run's state:
+        # a run begun on the CPU and resumed on CUDA must keep the fused kernel its graph needs
+        how = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        for group, kept in zip(optimizer.param_groups, how):
+            group.update(kept)
         _match_layouts(optimizer)
         scheduler.load_state_dict(meta["scheduler"])
     except (RuntimeError, ValueError, KeyError) as e:

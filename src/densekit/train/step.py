@@ -44,6 +44,10 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                  runtime: Runtime, cuda_graph: bool = False, warmup_steps: int = 3) -> None:
         if cuda_graph:
+            if warmup_steps < 1:
+                # the fused SGD kernel creates its momentum buffers on its first step; captured
+                # there, every replay would reset them
+                raise ValueError(f"cuda_graph needs warmup_steps >= 1, got {warmup_steps}")
             if runtime.device.type != "cuda":
                 raise ValueError(f"cuda_graph needs a CUDA device, got {runtime.device}")
             if not isinstance(optimizer, torch.optim.SGD) or not all(g["fused"] for g in optimizer.param_groups):
@@ -59,6 +63,11 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.cuda_graph:
             return self._eager(x, y)
+        # capture and replay record on the current device's streams: make it the run's (cuda:N)
+        with torch.cuda.device(self.runtime.device):
+            return self._graphed(x, y)
+
+    def _graphed(self, x, y):
         if self._graph is None:
             if self._warm < self.warmup_steps:
                 self._warm += 1
@@ -109,6 +118,9 @@ class TrainStep:
 
     def _capture(self, x, y) -> bool:
         groups = self.optimizer.param_groups
+        if not all(g["fused"] for g in groups):  # e.g. a state dict loaded from an eager run
+            log.warning("CUDA graph not captured: the optimizer is not fused SGD; training eagerly")
+            return False
         floats = [g["lr"] for g in groups]
         self._x, self._y = x.clone(), y.clone()  # clone keeps x's memory format
         self._lrs = [torch.tensor(float(lr), device=self.runtime.device) for lr in floats]
@@ -121,7 +133,7 @@ class TrainStep:
                 # autocast's cast cache would hold tensors from outside the graph's pool
                 self._loss, self._correct = self._step(self._x, self._y, autocast_cache=False)
         except RuntimeError as e:
-            log.warning("CUDA graph capture failed, training eagerly: %s", str(e).splitlines()[0])
+            log.warning("CUDA graph capture failed, training eagerly: %s", (str(e) or repr(e)).splitlines()[0])
             self.optimizer.zero_grad(set_to_none=True)
             return False
         finally:
