@@ -1,29 +1,31 @@
 """Property-based tests over random architectures: channel bookkeeping, shapes, and the
-fused block computing the same function and gradients as the reference."""
+fused block computing the same function and gradients as the reference.
+
+Both paths run in float64 here, so that the comparison tests the algorithm and not the
+luck of fp32 rounding: Hypothesis's tiny inputs make batch norm ill-conditioned (three
+values per channel) and land activations on ReLU's kink (a pre-activation of 6e-8, where
+fp32 paths fall either side), and in fp32 both made the comparison flaky. What fp32 itself
+must reach, in the cases Hypothesis found, is pinned in tests/models/test_parity.py.
+"""
 
 import copy
 
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from densekit import DenseBlock, DenseNet
 
-def assert_close_normwise(actual, expected, rtol, name="", fp32_reference=None):
-    # Elementwise tolerances fail on gradients that cancel to ~0 (batch norm over a
-    # handful of values); relative to the tensor's largest entry is the meaningful bound.
-    # Where batch norm normalizes only a few values, fp32 itself cannot meet it: then the
-    # fused path must be as close to float64 as the plain fp32 path is (within 2x).
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+RTOL = 1e-9  # of each tensor's largest entry; float64 paths agree to ~1e-14 on these
+
+
+def assert_close_normwise(actual, expected, name=""):
+    # relative to the tensor's largest entry: gradients that cancel to ~0 have no
+    # meaningful elementwise relative error
     scale = expected.abs().max().item()
     diff = (actual - expected).abs().max().item()
-    if diff <= rtol * scale + 1e-5:
-        return
-    floor = None if fp32_reference is None else (fp32_reference - expected).abs().max().item()
-    assert floor is not None and diff <= 2 * floor, \
-        f"{name}: max diff {diff:.3g} vs scale {scale:.3g} (plain fp32 path: {floor})"
-
-
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    assert diff <= RTOL * scale + 1e-12, f"{name}: max diff {diff:.3g} vs scale {scale:.3g}"
 
 
 @st.composite
@@ -51,44 +53,28 @@ def expected_channels(cfg):
     return c
 
 
-def _cfg(growth_rate, block_config, bn_size, stem, spatial_dims=1):
-    return dict(growth_rate=growth_rate, block_config=block_config, bn_size=bn_size, compression=0.25,
-                num_init_features=1, in_chans=1, num_classes=1, stem=stem, spatial_dims=spatial_dims)
-
-
 @SETTINGS
 @given(cfg=architectures(), extra=st.integers(0, 5), batch=st.integers(3, 5))
-# Cases Hypothesis found: ill-conditioned batch norm (3 values per channel, mean >> spread),
-# where the fused backward once formed x*b + c and lost 30x more than the plain path.
-@example(cfg=_cfg(6, (1, 2), 1, "imagenet"), extra=0, batch=3)
-@example(cfg=_cfg(3, (2,), 1, "cifar"), extra=0, batch=3)
 def test_channels_shapes_and_fused_parity(cfg, extra, batch):
     torch.manual_seed(0)
-    model = DenseNet(**cfg)
-    assert model.num_features == expected_channels(cfg)
-    assert model.feature_info[-1]["num_chs"] == model.num_features
-    size = model.min_input_size + extra
+    plain = DenseNet(**cfg).double()
+    assert plain.num_features == expected_channels(cfg)
+    assert plain.feature_info[-1]["num_chs"] == plain.num_features
+    size = plain.min_input_size + extra
     if cfg["spatial_dims"] == 3:
-        size = min(size, 12) if model.min_input_size <= 12 else model.min_input_size
-    x = torch.randn(batch, cfg["in_chans"], *[size] * cfg["spatial_dims"])
-    fast = copy.deepcopy(model).set_memory_efficient(True)
-    plain32 = copy.deepcopy(model)
-    # The reference runs in float64: fp32 batch-norm backward on the CPU can itself be off
-    # by a percent on small 3D inputs, more than the fused path is.
-    model.double()
-    y_ref, y_fast, y_plain = model(x.double()), fast(x), plain32(x)
+        size = min(size, 12) if plain.min_input_size <= 12 else plain.min_input_size
+    x = torch.randn(batch, cfg["in_chans"], *[size] * cfg["spatial_dims"], dtype=torch.float64)
+    fast = copy.deepcopy(plain).set_memory_efficient(True)
+    y_ref, y_fast = plain(x), fast(x)
     assert y_ref.shape == (batch, cfg["num_classes"])
-    # batch norm over 3 values of a channel whose spread is 1% of its mean is ill-conditioned:
-    # there the plain fp32 path is 1.6e-4 off float64 too (the first @example below)
-    assert_close_normwise(y_fast.double(), y_ref, 1e-4, "output", y_plain.double())
+    assert_close_normwise(y_fast, y_ref, "output")
     g = torch.randn_like(y_fast)
-    y_ref.backward(g.double())
+    y_ref.backward(g)
     y_fast.backward(g)
-    y_plain.backward(g)
-    for (name, p), q, r in zip(model.named_parameters(), fast.parameters(), plain32.parameters()):
-        assert_close_normwise(q.grad.double(), p.grad, 1e-3, name, r.grad.double())
-    for b_ref, b_fast in zip(model.buffers(), fast.buffers()):
-        torch.testing.assert_close(b_fast.to(b_ref.dtype), b_ref, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        assert_close_normwise(q.grad, p.grad, name)
+    for b_ref, b_fast in zip(plain.buffers(), fast.buffers()):
+        torch.testing.assert_close(b_fast, b_ref, rtol=1e-12, atol=1e-12)
 
 
 @SETTINGS
@@ -100,19 +86,20 @@ def test_block_out_channels_and_parity(in_channels, growth_rate, num_layers, bn_
     torch.manual_seed(1)
     block = DenseBlock(in_channels, growth_rate, num_layers, bn_size=bn_size, spatial_dims=spatial_dims)
     assert block.out_channels == in_channels + growth_rate * num_layers
-    block.train(train)
+    block.train(train).double()
     fast = copy.deepcopy(block)
     fast.memory_efficient = True
-    block.double()  # float64 reference, as above
-    x = torch.randn(2, in_channels, *[5] * spatial_dims)
+    x = torch.randn(2, in_channels, *[5] * spatial_dims, dtype=torch.float64)
     if channels_last and spatial_dims == 2:
         x = x.contiguous(memory_format=torch.channels_last)
-    x1, x2 = x.double().requires_grad_(), x.clone().requires_grad_()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y1, y2 = block(x1), fast(x2)
     assert y1.shape == (2, block.out_channels, *[5] * spatial_dims)
-    torch.testing.assert_close(y2.double(), y1, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(y2[:, :in_channels], x)  # the block input passes through untouched
+    assert_close_normwise(y2, y1, "output")
+    assert torch.equal(y2[:, :in_channels], x)  # the block input passes through untouched
     g = torch.randn_like(y2)
-    y1.backward(g.double())
+    y1.backward(g)
     y2.backward(g)
-    assert_close_normwise(x2.grad.double(), x1.grad, 1e-4, "input")
+    assert_close_normwise(x2.grad, x1.grad, "input")
+    for (name, p), q in zip(block.named_parameters(), fast.parameters()):
+        assert_close_normwise(q.grad, p.grad, name)
