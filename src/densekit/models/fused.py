@@ -147,8 +147,9 @@ class _Unit:
         The convolution is linear in its input, so for each input channel c
         sum_r dA[r, c] * a[r, c] = sum over c's weights of W * dW (the adjoint identity):
         O(weights) work instead of a pass over the (rows, c_in) activations. Used on the
-        CPU in float32, where that pass is a tenth of a training step; under bf16 dW is
-        rounded too coarsely for the cancellation in :meth:`bn_backward` (None: not used).
+        CPU in float32 from ``_SHORTCUT_MIN_ROWS`` rows on, where that pass is a tenth of a
+        training step; under bf16 dW is rounded too coarsely for the cancellation in
+        :meth:`bn_backward` (None: not used).
         """
         if grad_w is None or a.device.type != "cpu" or a.dtype != torch.float32 or a.shape[0] < _SHORTCUT_MIN_ROWS:
             return None
@@ -179,7 +180,6 @@ class _Unit:
         m = x.shape[0]
         # dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), regrouped
         return k, -k * invstd * dgamma / m, -k * sum_dy / m, dgamma, sum_dy
-
 
     def _dgamma_from_output(self, dy, x, mean, invstd, sum_dy, sum_dy_a, centered):
         """dgamma = sum(dy * xhat) from sum(dy * a), where a = gamma*xhat + beta wherever dy
@@ -274,15 +274,21 @@ def _running(unit: _Unit):
 
 
 class _Scratch:
-    """Workspaces for one block call, each a flat tensor viewed as (rows, cols) matrices."""
+    """Workspaces for one block call, each a flat tensor viewed as (rows, cols) matrices,
+    allocated at its first use (on the CPU in 2D the convolutions' input gradients arrive
+    channels-last, so the "d" workspaces they would be copied into are never needed)."""
 
     def __init__(self, rows: int, widths: dict[str, int], like: torch.Tensor):
-        self._flat = {name: torch.empty(rows * w, dtype=like.dtype, device=like.device)
-                      for name, w in widths.items() if w}
-        self.rows = rows
+        self._widths, self._flat = widths, {}
+        self.rows, self._like = rows, like
 
     def __call__(self, name: str, cols: int) -> torch.Tensor:
-        return self._flat[name][: self.rows * cols].view(self.rows, cols)
+        flat = self._flat.get(name)
+        if flat is None:
+            like = self._like
+            flat = self._flat[name] = torch.empty(self.rows * self._widths[name], dtype=like.dtype,
+                                                  device=like.device)
+        return flat[: self.rows * cols].view(self.rows, cols)
 
 
 def _forward(block, units, x: torch.Tensor, save: bool):
