@@ -20,8 +20,8 @@ mkdir -p "$RESULTS"
 start=$SECONDS
 status=0
 
-"$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' \
-  || { echo "gpu_session.sh: $PY sees no CUDA device" >&2; exit 2; }
+"$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null \
+  || { echo "gpu_session.sh: $PY cannot import torch or sees no CUDA device" >&2; exit 2; }
 "$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__,
           torch.cuda.get_device_name())' | tee "$RESULTS/env.txt"
 
