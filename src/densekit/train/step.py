@@ -56,9 +56,13 @@ class TrainStep:
         self.model, self.optimizer, self.criterion, self.runtime = model, optimizer, criterion, runtime
         self.cuda_graph = cuda_graph
         self.warmup_steps = warmup_steps
-        self.captured = False
         self._warm = 0
         self._graph = None
+
+    @property
+    def captured(self) -> bool:
+        """True once steps are replayed from the graph."""
+        return self._graph is not None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.cuda_graph:
@@ -142,5 +146,4 @@ class TrainStep:
         self._params = [p for g in groups for p in g["params"]]
         self._grads = [p.grad for p in self._params]
         self._graph = graph
-        self.captured = True
         return True
