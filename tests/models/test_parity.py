@@ -7,6 +7,20 @@ import torch
 import torchvision
 
 from densekit import DenseBlock, DenseLayer, DenseNet, create_model
+from densekit.models import native
+
+
+@pytest.fixture(params=["native", "torch-ops"])
+def cpu_kernels(request):
+    """The fused block's CPU passes as native kernels (where a C compiler built them) and as
+    torch ops (the path CUDA and machines without a compiler take)."""
+    if request.param == "torch-ops":
+        with native.disabled():
+            yield request.param
+    elif not native.available():
+        pytest.skip("native kernels unavailable (no C compiler)")
+    else:
+        yield request.param
 
 
 def rel_max_diff(a, b):
@@ -82,7 +96,7 @@ def _compare(plain, fast, x, train):
 @pytest.mark.parametrize("spatial_dims,size", [(1, (20,)), (2, (9, 7)), (3, (5, 6, 4))])
 @pytest.mark.parametrize("bn_size", [4, 0])
 @pytest.mark.parametrize("train", [True, False])
-def test_fused_block_same_function_and_gradients(spatial_dims, size, bn_size, train):
+def test_fused_block_same_function_and_gradients(spatial_dims, size, bn_size, train, cpu_kernels):
     torch.manual_seed(spatial_dims)
     plain = DenseBlock(6, 5, 4, bn_size=bn_size, spatial_dims=spatial_dims)
     for m in plain.modules():
@@ -98,7 +112,7 @@ def test_fused_block_same_function_and_gradients(spatial_dims, size, bn_size, tr
 
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("bn_size", [4, 0])
-def test_fused_dgamma_where_beta_dwarfs_gamma(train, bn_size):
+def test_fused_dgamma_where_beta_dwarfs_gamma(train, bn_size, cpu_kernels):
     # On the CPU in fp32 the fused backward gets dgamma from sum(W * dW) unless |beta/gamma|
     # is large or gamma is 0; here a third of the channels take each branch and some are dead.
     torch.manual_seed(1)
@@ -235,7 +249,7 @@ def _cfg(growth_rate, block_config, bn_size, stem, spatial_dims=1, in_chans=1, n
 # plain path (the two 1D cases), and dgamma from sum(W * dW) lost 6.7x more at 3 rows.
 @pytest.mark.parametrize("cfg", [_cfg(6, (1, 2), 1, "imagenet"), _cfg(3, (2,), 1, "cifar"),
                                  _cfg(1, (2,), 2, "cifar", spatial_dims=2, in_chans=2, num_classes=5)])
-def test_fused_fp32_as_accurate_as_plain_where_batch_norm_is_ill_conditioned(cfg):
+def test_fused_fp32_as_accurate_as_plain_where_batch_norm_is_ill_conditioned(cfg, cpu_kernels):
     torch.manual_seed(0)
     model = DenseNet(**cfg)
     x = torch.randn(3, cfg["in_chans"], *[model.min_input_size] * cfg["spatial_dims"])

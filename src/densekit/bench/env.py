@@ -60,7 +60,7 @@ def models_digest() -> str:
     """
     root = Path(__file__).resolve().parents[1] / "models"
     h = hashlib.sha1()
-    for path in sorted(root.glob("*.py")):
+    for path in sorted([*root.glob("*.py"), *root.glob("*.c")]):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
@@ -69,6 +69,7 @@ def models_digest() -> str:
 def environment() -> dict:
     """Card, driver, CUDA, library versions, CPU, cores, threads, load and date."""
     import densekit
+    from densekit.models import native
 
     try:
         cores = len(os.sched_getaffinity(0))
@@ -80,6 +81,7 @@ def environment() -> dict:
         torch=torch.__version__, torchvision=_version("torchvision"), timm=_version("timm"),
         python=platform.python_version(), platform=platform.platform(),
         cpu=_cpu_model(), cores=cores, torch_threads=torch.get_num_threads(),
+        native_cpu_kernels=native.available(),
         load_avg=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         card=None, driver=None, cuda=torch.version.cuda, cudnn=None,
     )

@@ -182,7 +182,10 @@ def environment_line(env: dict) -> str:
     if env.get("card"):
         parts.append(f"card {env['card']} (driver {env.get('driver') or '?'}, CUDA {env.get('cuda')}, "
                      f"cuDNN {env.get('cudnn')})")
-    parts.append(f"CPU {env.get('cpu')}, {env.get('cores')} cores, {env.get('torch_threads')} torch threads")
+    cpu = f"CPU {env.get('cpu')}, {env.get('cores')} cores, {env.get('torch_threads')} torch threads"
+    if "native_cpu_kernels" in env:
+        cpu += f", native CPU kernels {'on' if env['native_cpu_kernels'] else 'off'}"
+    parts.append(cpu)
     versions = [f"torch {env.get('torch')}", f"torchvision {env.get('torchvision')}"]
     if env.get("timm"):
         versions.append(f"timm {env['timm']}")

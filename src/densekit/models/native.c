@@ -1,0 +1,221 @@
+/* Fused elementwise passes of the dense block on the CPU (float32), for densekit.models.native.
+ *
+ * Every operand is a (rows, cols) row-major matrix with its own leading dimension, so a
+ * column slice of a block's channels-last feature buffer is read in place. Each function
+ * does in one pass over memory what takes two to four torch ops (each a full read and
+ * write of the matrix); on 2 CPU cores these passes are memory-bound.
+ *
+ * Column sums are accumulated in double, per thread, and added in thread order: the
+ * result does not depend on timing, only on the thread count.
+ *
+ * Built at first use by native.py with the system C compiler and -fopenmp; the OpenMP
+ * runtime is then the one PyTorch already loaded (same soname), so both share one pool.
+ */
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+typedef int64_t i64;
+
+/* Below this many elements a second thread costs more than it saves. */
+#define PARALLEL_MIN 32768
+
+static int team(i64 rows, i64 cols, int threads)
+{
+    return rows * cols < PARALLEL_MIN || threads < 1 ? 1 : threads;
+}
+
+static void row_range(i64 rows, i64 *lo, i64 *hi)
+{
+    i64 t = omp_get_thread_num(), n = omp_get_num_threads();
+    i64 chunk = (rows + n - 1) / n;
+    *lo = t * chunk < rows ? t * chunk : rows;
+    *hi = *lo + chunk < rows ? *lo + chunk : rows;
+}
+
+/* out = relu(x * scale + shift): batch norm with folded statistics, then ReLU. */
+int dk_bn_relu(const float *x, i64 ldx, float *out, i64 ldo, i64 rows, i64 cols,
+               const float *scale, const float *shift, int threads)
+{
+#pragma omp parallel num_threads(team(rows, cols, threads))
+    {
+        i64 lo, hi;
+        row_range(rows, &lo, &hi);
+        for (i64 r = lo; r < hi; r++) {
+            const float *xr = x + r * ldx;
+            float *o = out + r * ldo;
+#pragma omp simd
+            for (i64 j = 0; j < cols; j++) {
+                float v = xr[j] * scale[j] + shift[j];
+                o[j] = v < 0.f ? 0.f : v; /* NaN passes, as in torch.relu */
+            }
+        }
+    }
+    return 0;
+}
+
+/* Per-thread partial sums, cols doubles per part, zeroed. */
+static double *parts(int threads, i64 cols, int nparts)
+{
+    return calloc((size_t)threads * (size_t)nparts * (size_t)cols, sizeof(double));
+}
+
+static void reduce_parts(const double *p, int threads, i64 cols, i64 part, float *out)
+{
+    for (i64 j = 0; j < cols; j++) {
+        double s = 0.0;
+        for (int t = 0; t < threads; t++)
+            s += p[(size_t)t * part + j];
+        out[j] = (float)s;
+    }
+}
+
+/* ReLU's backward, as torch's threshold_backward: zero where the output a <= 0 (a NaN passes). */
+static inline float relu_grad(float g, float a)
+{
+    return a <= 0.f ? 0.f : g;
+}
+
+/* The backward of ReLU and batch norm's sums, in one pass. With d = (a <= 0 ? 0 : g):
+ *   sum_d[j]  = sum_r d,
+ *   sum_dx[j] = sum_r d * (x - mean[j])         when x is given,
+ *   dout      = d                               when dout is given (may be g itself),
+ *   acc      += d * k[j]                        when acc is given.
+ * Returns -1 when out of memory, else 0. */
+int dk_relu_bn_sums(const float *g, i64 ldg, const float *a, i64 lda, i64 rows, i64 cols,
+                    float *dout, i64 lddo, const float *x, i64 ldx, const float *mean,
+                    float *acc, i64 ldacc, const float *k, float *sum_d, float *sum_dx, int threads)
+{
+    int n = team(rows, cols, threads);
+    double *p = parts(n, cols, 2);
+    if (!p)
+        return -1;
+#pragma omp parallel num_threads(n)
+    {
+        i64 lo, hi;
+        row_range(rows, &lo, &hi);
+        double *ps = p + (size_t)omp_get_thread_num() * 2 * cols, *px = ps + cols;
+        for (i64 r = lo; r < hi; r++) {
+            const float *gr = g + r * ldg, *ar = a + r * lda;
+            const float *xr = x ? x + r * ldx : 0;
+            float *cr = acc ? acc + r * ldacc : 0, *dr = dout ? dout + r * lddo : 0;
+            /* one loop per case: a branch inside would keep the loop from vectorizing */
+            if (xr && cr) {
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++) {
+                    float d = relu_grad(gr[j], ar[j]);
+                    ps[j] += d;
+                    px[j] += d * (xr[j] - mean[j]);
+                    cr[j] += d * k[j];
+                }
+            } else if (xr) {
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++) {
+                    float d = relu_grad(gr[j], ar[j]);
+                    ps[j] += d;
+                    px[j] += d * (xr[j] - mean[j]);
+                }
+            } else if (cr) {
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++) {
+                    float d = relu_grad(gr[j], ar[j]);
+                    ps[j] += d;
+                    cr[j] += d * k[j];
+                }
+            } else {
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++)
+                    ps[j] += relu_grad(gr[j], ar[j]);
+            }
+            if (dr) {
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++)
+                    dr[j] = relu_grad(gr[j], ar[j]);
+            }
+        }
+    }
+    reduce_parts(p, n, cols, 2 * cols, sum_d);
+    if (x)
+        reduce_parts(p + cols, n, cols, 2 * cols, sum_dx);
+    free(p);
+    return 0;
+}
+
+/* The rest of batch norm's input gradient, in place:
+ *   grad = grad * k[j] + (x - mean[j]) * b[j] + c[j]
+ * with k = 1 when k is NULL. */
+int dk_bn_grad_apply(float *grad, i64 ldgrad, const float *x, i64 ldx, i64 rows, i64 cols,
+                     const float *k, const float *mean, const float *b, const float *c, int threads)
+{
+#pragma omp parallel num_threads(team(rows, cols, threads))
+    {
+        i64 lo, hi;
+        row_range(rows, &lo, &hi);
+        for (i64 r = lo; r < hi; r++) {
+            float *gr = grad + r * ldgrad;
+            const float *xr = x + r * ldx;
+            if (k) {
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++)
+                    gr[j] = gr[j] * k[j] + ((xr[j] - mean[j]) * b[j] + c[j]);
+            } else {
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++)
+                    gr[j] += (xr[j] - mean[j]) * b[j] + c[j];
+            }
+        }
+    }
+    return 0;
+}
+
+/* Column mean and biased variance, two passes (no E[x^2] - E[x]^2 cancellation). */
+int dk_col_stats(const float *x, i64 ldx, i64 rows, i64 cols, float *mean, float *var, int threads)
+{
+    int n = team(rows, cols, threads);
+    double *p = parts(n, cols, 1);
+    float *mf = malloc((size_t)cols * sizeof(float));
+    if (!p || !mf) {
+        free(p), free(mf);
+        return -1;
+    }
+#pragma omp parallel num_threads(n)
+    {
+        i64 lo, hi;
+        row_range(rows, &lo, &hi);
+        double *ps = p + (size_t)omp_get_thread_num() * cols;
+        for (i64 r = lo; r < hi; r++) {
+            const float *xr = x + r * ldx;
+#pragma omp simd
+            for (i64 j = 0; j < cols; j++)
+                ps[j] += xr[j];
+        }
+#pragma omp barrier
+#pragma omp single
+        for (i64 j = 0; j < cols; j++) {
+            double s = 0.0;
+            for (int t = 0; t < n; t++) {
+                s += p[(size_t)t * cols + j];
+                p[(size_t)t * cols + j] = 0.0;
+            }
+            mf[j] = (float)(s / (double)rows);
+        }
+        /* the implied barrier of single: every thread sees the mean and zeroed parts */
+        for (i64 r = lo; r < hi; r++) {
+            const float *xr = x + r * ldx;
+#pragma omp simd
+            for (i64 j = 0; j < cols; j++) {
+                float dv = xr[j] - mf[j];
+                ps[j] += dv * dv;
+            }
+        }
+    }
+    for (i64 j = 0; j < cols; j++) {
+        double s = 0.0;
+        for (int t = 0; t < n; t++)
+            s += p[(size_t)t * cols + j];
+        mean[j] = mf[j];
+        var[j] = (float)(s / (double)rows);
+    }
+    free(p), free(mf);
+    return 0;
+}

@@ -1,0 +1,187 @@
+"""Fused elementwise CPU kernels for the dense block (native.c), built at first use.
+
+On the CPU half of a fused block's training step is elementwise work over its feature
+buffer: BN-ReLU, the ReLU mask in backward, batch norm's column sums and the gradient
+accumulation, each a torch op that reads and writes the whole matrix. native.c does each
+group in one pass. The library is compiled once per machine with the system C compiler
+(``cc``, or ``$CC``) into a cache folder (``$DENSEKIT_CACHE``, else
+``$XDG_CACHE_HOME/densekit``, else ``~/.cache/densekit``); where there is no compiler or
+the build fails, or with ``DENSEKIT_NATIVE=0``, the block runs the same steps as torch
+ops, and :func:`available` says which.
+
+Each wrapper takes (rows, cols) float32 CPU matrices whose columns are contiguous (any row
+stride, so a column slice of the buffer is read in place) and per-column vectors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("native.c")
+# -march=native: the library is built on the machine that runs it (the cache key holds
+# the CPU's flags, so a shared home on another CPU builds its own). GNU C's default
+# -ffp-contract=fast lets a*b + c become one fused multiply-add. -fno-trapping-math (no
+# code here reads floating-point exception flags) lets GCC vectorize the ReLU mask's select
+# beside a float64 sum; without it those loops run scalar, slower than torch.
+_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
+_P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "dk_bn_relu": [_P, _I, _P, _I, _I, _I, _P, _P, _C],
+    "dk_relu_bn_sums": [_P, _I, _P, _I, _I, _I, _P, _I, _P, _I, _P, _P, _I, _P, _P, _P, _C],
+    "dk_bn_grad_apply": [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _C],
+    "dk_col_stats": [_P, _I, _I, _I, _P, _P, _C],
+}
+_enabled = os.environ.get("DENSEKIT_NATIVE", "1") != "0"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DENSEKIT_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    if root:
+        return Path(root) / ("" if os.environ.get("DENSEKIT_CACHE") else "densekit")
+    return Path.home() / ".cache" / "densekit"
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("flags", "model name", "Features"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _build() -> Path:
+    """The compiled library's path, building it if this machine has none cached yet."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc) on PATH")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), cc, version, " ".join(_FLAGS), platform.machine(),
+                                    _cpu_fingerprint()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"native-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent processes never load a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | None:
+    if platform.system() != "Linux":
+        return None  # the OpenMP set-up above is the one of GCC on Linux
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        log.warning("densekit: native CPU kernels unavailable (%s); the dense block uses torch ops", err)
+        return None
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """True when the fused block's CPU passes run as native kernels."""
+    return _enabled and _library() is not None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the block's CPU passes as torch ops inside this context (for parity tests and A/B runs)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def usable(*mats: torch.Tensor) -> bool:
+    """Can the native kernels take these (rows, cols) matrices?"""
+    return (_enabled and all(m.device.type == "cpu" and m.dtype == torch.float32 and m.dim() == 2 and m.numel()
+                             and (m.stride(1) == 1 or m.shape[1] == 1) for m in mats)
+            and _library() is not None)
+
+
+def _vec(v: torch.Tensor | None) -> torch.Tensor | None:
+    return None if v is None else v.detach().to(torch.float32).contiguous()
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _ld(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.stride(0)
+
+
+def _check(code: int) -> None:
+    if code != 0:
+        raise MemoryError("densekit native kernel: out of memory for its per-thread sums")
+
+
+def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = relu(x * scale + shift), per column."""
+    scale, shift = _vec(scale), _vec(shift)
+    _check(_library().dk_bn_relu(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0],
+                                 x.shape[1], scale.data_ptr(), shift.data_ptr(), torch.get_num_threads()))
+    return out
+
+
+def relu_bn_sums(g: torch.Tensor, a: torch.Tensor, *, dout: torch.Tensor | None = None,
+                 x: torch.Tensor | None = None, mean: torch.Tensor | None = None,
+                 acc: torch.Tensor | None = None, k: torch.Tensor | None = None):
+    """With d = g where a > 0, else 0: returns (sum of d, sum of d * (x - mean)) per column
+    (the second None without ``x``); writes d into ``dout`` and adds d * k to ``acc`` if given."""
+    rows, cols = g.shape
+    sum_d = torch.empty(cols, dtype=torch.float32)
+    sum_dx = torch.empty(cols, dtype=torch.float32) if x is not None else None
+    mean, k = _vec(mean), _vec(k)
+    _check(_library().dk_relu_bn_sums(g.data_ptr(), g.stride(0), a.data_ptr(), a.stride(0), rows, cols,
+                                      _ptr(dout), _ld(dout), _ptr(x), _ld(x), _ptr(mean), _ptr(acc), _ld(acc),
+                                      _ptr(k), sum_d.data_ptr(), _ptr(sum_dx), torch.get_num_threads()))
+    return sum_d, sum_dx
+
+
+def bn_grad_apply(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                  k: torch.Tensor | None = None) -> torch.Tensor:
+    """grad = grad * k + (x - mean) * b + c per column, in place (k = 1 when None)."""
+    k, mean, b, c = _vec(k), _vec(mean), _vec(b), _vec(c)
+    _check(_library().dk_bn_grad_apply(grad.data_ptr(), grad.stride(0), x.data_ptr(), x.stride(0), grad.shape[0],
+                                       grad.shape[1], _ptr(k), mean.data_ptr(), b.data_ptr(), c.data_ptr(),
+                                       torch.get_num_threads()))
+    return grad
+
+
+def col_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and biased variance, float32 (accumulated in float64)."""
+    mean = torch.empty(x.shape[1], dtype=torch.float32)
+    var = torch.empty_like(mean)
+    _check(_library().dk_col_stats(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], mean.data_ptr(),
+                                   var.data_ptr(), torch.get_num_threads()))
+    return mean, var

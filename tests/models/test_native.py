@@ -1,0 +1,148 @@
+"""The native CPU kernels (models/native.c) against the torch ops they replace."""
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from densekit import DenseBlock
+from densekit.models import native
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and not os.environ.get("CC"),
+                                reason="no C compiler: the block runs torch ops instead")
+
+
+def test_native_kernels_build_and_load_here():
+    assert native.available()
+    with native.disabled():
+        assert not native.available()
+        assert not native.usable(torch.zeros(2, 2))
+    assert native.usable(torch.zeros(4, 6)[:, :3])
+    assert not native.usable(torch.zeros(4, 6).t(), torch.zeros(4, 6))  # columns not contiguous
+    assert not native.usable(torch.zeros(4, 6, dtype=torch.float64))
+    assert not native.usable(torch.zeros(0, 6))
+
+
+# 50 x 7 runs on one thread; 12000 x 40 (> 32768 elements) on every thread torch has.
+SHAPES = [(50, 7, 9), (12000, 40, 45), (12000, 1, 3)]
+
+
+@pytest.mark.parametrize("rows,cols,ld", SHAPES)
+def test_bn_relu_matches_addcmul_relu_on_a_column_slice(rows, cols, ld):
+    torch.manual_seed(0)
+    x = torch.randn(rows, ld)[:, :cols]
+    scale, shift = torch.randn(cols), torch.randn(cols)
+    x[0, 0] = float("nan")
+    out = torch.empty(rows, cols)
+    native.bn_relu(x, scale, shift, out)
+    torch.testing.assert_close(out, torch.relu(x * scale + shift), rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert out[0, 0].isnan()  # NaN passes ReLU, as in torch
+
+
+@pytest.mark.parametrize("rows,cols,ld", SHAPES)
+def test_relu_bn_sums_match_the_separate_ops(rows, cols, ld):
+    torch.manual_seed(1)
+    g = torch.randn(rows, cols)
+    a = torch.relu(torch.randn(rows, ld))[:, :cols]
+    a[0, 0] = float("nan")  # threshold_backward lets the gradient through where a is NaN
+    x = torch.randn(rows, ld)[:, 1:cols + 1] + 5.0
+    mean, k = x.double().mean(0).float(), torch.randn(cols)
+    acc = torch.randn(rows, ld)
+    acc_ref = acc.clone()
+    d = torch.ops.aten.threshold_backward(g, a, 0)
+    sum_d, sum_dx = native.relu_bn_sums(g, a, x=x, mean=mean, acc=acc[:, 2:cols + 2], k=k)
+    acc_ref[:, 2:cols + 2] += d * k
+    torch.testing.assert_close(acc, acc_ref, rtol=1e-6, atol=1e-6)
+    exact_d = d.double().sum(0)
+    exact_dx = (d.double() * (x.double() - mean.double())).sum(0)
+    scale = d.double().abs().sum(0)  # sums of mixed signs: bound against the sum of |terms|
+    assert ((sum_d.double() - exact_d).abs() <= 1e-6 * scale + 1e-7).all()
+    assert ((sum_dx.double() - exact_dx).abs() <= 1e-6 * (d.double() * (x.double() - mean)).abs().sum(0)).all()
+    g2 = g.clone()
+    only_d, none = native.relu_bn_sums(g2, a, dout=g2)
+    assert none is None
+    assert torch.equal(g2, d)
+    assert torch.equal(only_d, sum_d)  # the same order of summation with or without x
+
+
+@pytest.mark.parametrize("rows,cols,ld", SHAPES)
+def test_bn_grad_apply_with_and_without_scale(rows, cols, ld):
+    torch.manual_seed(2)
+    grad = torch.randn(rows, ld)
+    x = torch.randn(rows, ld)[:, :cols]
+    k, mean, b, c = (torch.randn(cols) for _ in range(4))
+    want = grad.clone()
+    want[:, 1:cols + 1] = want[:, 1:cols + 1] * k + (x - mean) * b + c
+    native.bn_grad_apply(grad[:, 1:cols + 1], x, mean, b, c, k)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
+    want[:, :cols] += (x - mean) * b + c
+    native.bn_grad_apply(grad[:, :cols], x, mean, b, c)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,cols,ld", SHAPES)
+def test_col_stats_two_pass_accuracy(rows, cols, ld):
+    torch.manual_seed(3)
+    x = (torch.randn(rows, ld) * 0.01 + 100.0)[:, :cols]  # mean 10^4 x the spread
+    mean, var = native.col_stats(x)
+    var_ref, mean_ref = torch.var_mean(x.double(), dim=0, correction=0)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), var_ref, rtol=1e-3, atol=0)  # E[x^2]-E[x]^2 would be ~100% off
+
+
+def test_native_results_do_not_vary_between_runs():
+    torch.manual_seed(4)
+    g, a = torch.randn(20000, 30), torch.relu(torch.randn(20000, 30))
+    first = native.relu_bn_sums(g, a, x=a, mean=torch.zeros(30))
+    for _ in range(3):
+        again = native.relu_bn_sums(g, a, x=a, mean=torch.zeros(30))
+        assert all(torch.equal(p, q) for p, q in zip(first, again))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_block_native_and_torch_ops_agree_on_a_threaded_size(train):
+    # 8 x 24 x 24 = 4608 rows and 16-40 channels: the kernels split rows between threads
+    torch.manual_seed(5)
+    block = DenseBlock(16, 8, 3, bn_size=4).train(train)
+    block.memory_efficient = True
+    other = copy.deepcopy(block)
+    x = torch.randn(8, 16, 24, 24)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1 = block(x1)
+    with native.disabled():
+        y2 = other(x2)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    with native.disabled():
+        y2.backward(g)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    for p, q in zip(block.parameters(), other.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
+    for p, q in zip(block.buffers(), other.buffers()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_compiler_the_block_falls_back_to_torch_ops(tmp_path):
+    code = ("import logging, torch; logging.basicConfig(level=logging.WARNING);"
+            "from densekit import create_model; from densekit.models import native;"
+            "m = create_model('densenet_bc_40_k12_s2', num_classes=10, in_chans=1);"
+            "m(torch.randn(2, 1, 28, 28)).sum().backward();"
+            "print('available', native.available())")
+    env = dict(os.environ, CC="/bin/false", DENSEKIT_CACHE=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "available False" in done.stdout
+    assert "native CPU kernels unavailable" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no partial library left behind
+
+
+def test_disabled_by_environment(tmp_path):
+    code = "from densekit.models import native; print(native.available())"
+    env = dict(os.environ, DENSEKIT_NATIVE="0")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "False", done.stderr
