@@ -67,6 +67,21 @@ def test_relu_bn_sums_match_the_separate_ops(rows, cols, ld):
     assert none is None
     assert torch.equal(g2, d)
     assert torch.equal(only_d, sum_d)  # the same order of summation with or without x
+    g3 = g.clone()
+    again_d, again_dx = native.relu_bn_sums(g3, a, dout=g3, x=x, mean=mean)
+    assert torch.equal(g3, d) and torch.equal(again_d, sum_d) and torch.equal(again_dx, sum_dx)
+
+
+def test_wrappers_refuse_what_the_c_code_would_misread():
+    g, a = torch.randn(40, 5), torch.relu(torch.randn(40, 5))
+    with pytest.raises(ValueError, match="shape"):
+        native.relu_bn_sums(g, a[:30])
+    with pytest.raises(ValueError, match="acc needs k"):
+        native.relu_bn_sums(g, a, acc=torch.zeros(40, 5))
+    with pytest.raises(ValueError, match="5 values"):
+        native.bn_relu(g, torch.ones(4), torch.zeros(5), torch.empty(40, 5))
+    with pytest.raises(ValueError, match="float32"):
+        native.col_stats(g.double())
 
 
 @pytest.mark.parametrize("rows,cols,ld", SHAPES)

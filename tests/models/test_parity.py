@@ -238,6 +238,29 @@ def test_torch_compile_traces_whole_model_and_matches(train):
         torch.testing.assert_close(b, c)
 
 
+def test_fused_direct_dgamma_accurate_where_mean_dwarfs_spread(cpu_kernels):
+    # gamma 1e-3, beta ~0.4: every channel's dgamma is summed directly (|beta/gamma| > 16),
+    # over 1156 rows, on inputs and bottleneck outputs whose mean is 10^4 x their spread;
+    # summed as dy*x - mean*sum(dy) that lost 10^4x more than the plain path
+    torch.manual_seed(2)
+    block = DenseBlock(6, 5, 3, bn_size=4)
+    for m in block.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.fill_(1e-3)
+            m.bias.data.uniform_(0.2, 0.6)
+    exact, plain, fast = block.double(), copy.deepcopy(block).float(), copy.deepcopy(block).float()
+    fast.memory_efficient = True
+    x = torch.randn(4, 6, 17, 17, dtype=torch.float64) * 0.01 + 100.0
+    outs = [m(x.to(p.dtype)) for m, p in ((exact, x), (plain, x.float()), (fast, x.float()))]
+    g = torch.randn_like(outs[0])
+    for y in outs:
+        y.backward(g.to(y.dtype))
+    for (name, p), q, r in zip(exact.named_parameters(), plain.parameters(), fast.parameters()):
+        floor = (q.grad.double() - p.grad).abs().max().item()
+        err = (r.grad.double() - p.grad).abs().max().item()
+        assert err <= max(2 * floor, 1e-5 * p.grad.abs().max().item()), (name, err, floor)
+
+
 def _cfg(growth_rate, block_config, bn_size, stem, spatial_dims=1, in_chans=1, num_classes=1):
     return dict(growth_rate=growth_rate, block_config=block_config, bn_size=bn_size, compression=0.25,
                 num_init_features=1, in_chans=in_chans, num_classes=num_classes, stem=stem,

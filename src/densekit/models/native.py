@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -66,11 +67,11 @@ def _cpu_fingerprint() -> str:
 
 def _build() -> Path:
     """The compiled library's path, building it if this machine has none cached yet."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
+    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not cc[0]:
         raise RuntimeError("no C compiler (cc) on PATH")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), cc, version, " ".join(_FLAGS), platform.machine(),
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), *cc, version, " ".join(_FLAGS), platform.machine(),
                                     _cpu_fingerprint()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"native-{key}.so"
     if target.exists():
@@ -80,9 +81,10 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([*cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip().splitlines()[-1:]}")
+            raise RuntimeError(f"{' '.join(cc)} failed: {done.stderr.strip().splitlines()[-1:]}")
+        os.chmod(tmp, 0o755)  # mkstemp made it 0600: others sharing the cache load it too
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -95,7 +97,12 @@ def _library() -> ctypes.CDLL | None:
     if platform.system() != "Linux":
         return None  # the OpenMP set-up above is the one of GCC on Linux
     try:
-        lib = ctypes.CDLL(str(_build()))
+        try:
+            lib = ctypes.CDLL(str(_build()))
+        except OSError:  # a cached file that does not load (truncated by a full disk, ...): build again
+            target = _build()
+            target.unlink(missing_ok=True)
+            lib = ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         log.warning("densekit: native CPU kernels unavailable (%s); the dense block uses torch ops", err)
         return None
@@ -128,8 +135,20 @@ def usable(*mats: torch.Tensor) -> bool:
             and _library() is not None)
 
 
-def _vec(v: torch.Tensor | None) -> torch.Tensor | None:
-    return None if v is None else v.detach().to(torch.float32).contiguous()
+def _vec(v: torch.Tensor | None, cols: int) -> torch.Tensor | None:
+    """A per-column vector as the C code reads it: cols float32 values, contiguous, on the CPU."""
+    if v is None:
+        return None
+    if v.device.type != "cpu" or v.numel() != cols:
+        raise ValueError(f"native kernels need a CPU vector of {cols} values, got {tuple(v.shape)} on {v.device}")
+    return v.detach().to(torch.float32).contiguous()
+
+
+def _mats(shape: torch.Size, *mats: torch.Tensor | None) -> None:
+    for m in mats:
+        if m is not None and (m.shape != shape or not usable(m)):
+            raise ValueError(f"native kernels need float32 CPU matrices of shape {tuple(shape)} with contiguous "
+                             f"columns, got {tuple(m.shape)} {m.dtype} on {m.device}")
 
 
 def _ptr(t: torch.Tensor | None):
@@ -147,7 +166,8 @@ def _check(code: int) -> None:
 
 def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = relu(x * scale + shift), per column."""
-    scale, shift = _vec(scale), _vec(shift)
+    _mats(x.shape, x, out)
+    scale, shift = _vec(scale, x.shape[1]), _vec(shift, x.shape[1])
     _check(_library().dk_bn_relu(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0],
                                  x.shape[1], scale.data_ptr(), shift.data_ptr(), torch.get_num_threads()))
     return out
@@ -159,9 +179,12 @@ def relu_bn_sums(g: torch.Tensor, a: torch.Tensor, *, dout: torch.Tensor | None 
     """With d = g where a > 0, else 0: returns (sum of d, sum of d * (x - mean)) per column
     (the second None without ``x``); writes d into ``dout`` and adds d * k to ``acc`` if given."""
     rows, cols = g.shape
+    _mats(g.shape, g, a, dout, x, acc)
+    if (x is not None and mean is None) or (acc is not None and k is None):
+        raise ValueError("native relu_bn_sums: x needs mean and acc needs k")
     sum_d = torch.empty(cols, dtype=torch.float32)
     sum_dx = torch.empty(cols, dtype=torch.float32) if x is not None else None
-    mean, k = _vec(mean), _vec(k)
+    mean, k = _vec(mean, cols), _vec(k, cols)
     _check(_library().dk_relu_bn_sums(g.data_ptr(), g.stride(0), a.data_ptr(), a.stride(0), rows, cols,
                                       _ptr(dout), _ld(dout), _ptr(x), _ld(x), _ptr(mean), _ptr(acc), _ld(acc),
                                       _ptr(k), sum_d.data_ptr(), _ptr(sum_dx), torch.get_num_threads()))
@@ -171,7 +194,10 @@ def relu_bn_sums(g: torch.Tensor, a: torch.Tensor, *, dout: torch.Tensor | None 
 def bn_grad_apply(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
                   k: torch.Tensor | None = None) -> torch.Tensor:
     """grad = grad * k + (x - mean) * b + c per column, in place (k = 1 when None)."""
-    k, mean, b, c = _vec(k), _vec(mean), _vec(b), _vec(c)
+    _mats(grad.shape, grad, x)
+    k, mean, b, c = (_vec(v, grad.shape[1]) for v in (k, mean, b, c))
+    if mean is None or b is None or c is None:
+        raise ValueError("native bn_grad_apply needs mean, b and c")
     _check(_library().dk_bn_grad_apply(grad.data_ptr(), grad.stride(0), x.data_ptr(), x.stride(0), grad.shape[0],
                                        grad.shape[1], _ptr(k), mean.data_ptr(), b.data_ptr(), c.data_ptr(),
                                        torch.get_num_threads()))
@@ -180,6 +206,7 @@ def bn_grad_apply(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, b: to
 
 def col_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-column mean and biased variance, float32 (accumulated in float64)."""
+    _mats(x.shape, x)
     mean = torch.empty(x.shape[1], dtype=torch.float32)
     var = torch.empty_like(mean)
     _check(_library().dk_col_stats(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], mean.data_ptr(),
