@@ -27,6 +27,8 @@ than the reference rather than only leaner (docs/performance.md).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -77,10 +79,13 @@ class _Unit:
         return all(k == 1 for k in self.weight.shape[2:])
 
     def as_matrix(self, a: torch.Tensor) -> bool:
-        """Run this 1x1 convolution as a matrix product on (rows, C)? On CUDA and in 1D, yes.
-        On the CPU in 2D and 3D oneDNN's channels-last 1x1 convolution beats the GEMM on these
-        tall, thin matrices (4.9 against 5.9 ms forward, 12.1 against 13.4 backward for
-        50176 x 120 -> 48 on 2 cores), and the (rows, C) matrix already is its input."""
+        """Run this 1x1 convolution's forward as a matrix product on (rows, C)? On CUDA and in
+        1D, yes. On the CPU in 2D and 3D oneDNN's channels-last 1x1 convolution beats the GEMM
+        on these tall, thin matrices (1.35 against 5.4 ms for 50176 x 24 -> 48 on 2 cores),
+        and the (rows, C) matrix already is its input. In backward the input gradient is a
+        GEMM everywhere: oneDNN's returns it in a fresh tensor, and on the CPU one over
+        glibc's 32 MiB mmap limit is page-faulted in anew at every call (40 against 19 ms
+        for 50176 x 192 -> 48, where the GEMM writes into a workspace)."""
         return self.pointwise and (a.is_cuda or self.weight.dim() == 3)
 
     def update_running(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
@@ -132,11 +137,17 @@ class _Unit:
                       out: torch.Tensor, need_weight: bool):
         """``grad`` is (N, c_out, *spatial), any layout. Writes the gradient of ``a`` into
         ``out`` (rows, c_in) and returns it with the weight's gradient."""
-        if self.as_matrix(a):
-            g = _rows(grad)
-            grad_w = (g.t() @ a).view_as(self.weight) if need_weight else None
-            return torch.mm(g, self.weight.flatten(1), out=out), grad_w
         n = len(spatial)
+        if self.pointwise:  # the input gradient is a GEMM into the workspace ``out``
+            g = _rows(grad)
+            grad_w = None
+            if need_weight and self.as_matrix(a):
+                grad_w = (g.t() @ a).view_as(self.weight)
+            elif need_weight:  # oneDNN's, as fast and, summing over rows in blocks, more accurate
+                grad_w = torch.ops.aten.convolution_backward(
+                    _grid(g, spatial), _grid(a, spatial), self.weight, None, [1] * n, [0] * n, [1] * n, False,
+                    [0] * n, 1, [False, True, False])[1]
+            return torch.mm(g, self.weight.flatten(1), out=out), grad_w
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad, _grid(a, spatial), self.weight, None, [1] * n, self.padding, [1] * n, False,
             [0] * n, 1, [True, need_weight, False])
@@ -333,10 +344,47 @@ def _running(unit: _Unit):
     return unit.bn.running_mean, unit.bn.running_var
 
 
+class _Pool(threading.local):
+    """CPU workspaces kept from one block call to the next, per thread.
+
+    A fresh CPU tensor over glibc's mmap limit (32 MiB at most) is mapped anew and
+    page-faulted in at each use: in a training step of DenseNet-BC-100 (28 px, batch 64,
+    2 cores) 130,000 page faults, a fifth of the step. Kept here, the workspaces of the
+    widest block are reused by every call; the pool holds as many buffers as one call
+    uses at most, the largest ones (CUDA has its caching allocator and no pool).
+    """
+
+    keep = 5  # the workspaces of one backward call: a, d, a2, d2, p
+
+    def __init__(self):
+        self.free: list[torch.Tensor] = []
+
+    def take(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        if like.device.type == "cpu":
+            fits = [i for i, t in enumerate(self.free) if t.dtype == like.dtype and t.numel() >= numel]
+            if fits:
+                return self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+        return torch.empty(numel, dtype=like.dtype, device=like.device)
+
+    def give(self, flats) -> None:
+        self.free.extend(t for t in flats if t.device.type == "cpu")
+        self.free.sort(key=torch.Tensor.numel, reverse=True)
+        del self.free[self.keep:]
+
+
+_POOL = _Pool()
+
+
+def release_workspaces() -> None:
+    """Free the CPU workspaces the fused block keeps between calls (this thread's)."""
+    _POOL.free.clear()
+
+
 class _Scratch:
     """Workspaces for one block call, each a flat tensor viewed as (rows, cols) matrices,
-    allocated at its first use (on the CPU in 2D the convolutions' input gradients arrive
-    channels-last, so the "d" workspaces they would be copied into are never needed)."""
+    drawn from the pool at its first use (on the CPU in 2D the 3x3 convolutions' input
+    gradients arrive channels-last, so the "d2" workspace is never needed there) and
+    handed back by :meth:`release` when the call is done with them."""
 
     def __init__(self, rows: int, widths: dict[str, int], like: torch.Tensor):
         self._widths, self._flat = widths, {}
@@ -345,10 +393,12 @@ class _Scratch:
     def __call__(self, name: str, cols: int) -> torch.Tensor:
         flat = self._flat.get(name)
         if flat is None:
-            like = self._like
-            flat = self._flat[name] = torch.empty(self.rows * self._widths[name], dtype=like.dtype,
-                                                  device=like.device)
+            flat = self._flat[name] = _POOL.take(self.rows * self._widths[name], self._like)
         return flat[: self.rows * cols].view(self.rows, cols)
+
+    def release(self) -> None:
+        _POOL.give(self._flat.values())
+        self._flat = {}
 
 
 def _forward(block, units, x: torch.Tensor, save: bool):
@@ -411,6 +461,7 @@ def _forward(block, units, x: torch.Tensor, save: bool):
             rows[:, ci:ci + k].copy_(out)
             if training:  # from the dense copy: a narrow column slice of the buffer reads slowly
                 mean[ci:ci + k], var[ci:ci + k] = _stats(out, scratch("a", k))
+    scratch.release()
     return store.movedim(-1, 1), (mean, var), saved
 
 
@@ -488,6 +539,7 @@ class _FusedDenseBlock(torch.autograd.Function):
                 b_sum[:ci] += b1
                 c_sum[:ci] += c1
         complete(0, c0)
+        scratch.release()
         grad_x = grad_store[..., :c0].movedim(-1, 1)
         return (None, None, grad_x, *[g for gl in grads for g in gl])
 
