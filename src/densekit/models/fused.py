@@ -27,8 +27,6 @@ than the reference rather than only leaner (docs/performance.md).
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import nn
 
@@ -344,47 +342,10 @@ def _running(unit: _Unit):
     return unit.bn.running_mean, unit.bn.running_var
 
 
-class _Pool(threading.local):
-    """CPU workspaces kept from one block call to the next, per thread.
-
-    A fresh CPU tensor over glibc's mmap limit (32 MiB at most) is mapped anew and
-    page-faulted in at each use: in a training step of DenseNet-BC-100 (28 px, batch 64,
-    2 cores) 130,000 page faults, a fifth of the step. Kept here, the workspaces of the
-    widest block are reused by every call; the pool holds as many buffers as one call
-    uses at most, the largest ones (CUDA has its caching allocator and no pool).
-    """
-
-    keep = 5  # the workspaces of one backward call: a, d, a2, d2, p
-
-    def __init__(self):
-        self.free: list[torch.Tensor] = []
-
-    def take(self, numel: int, like: torch.Tensor) -> torch.Tensor:
-        if like.device.type == "cpu":
-            fits = [i for i, t in enumerate(self.free) if t.dtype == like.dtype and t.numel() >= numel]
-            if fits:
-                return self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
-        return torch.empty(numel, dtype=like.dtype, device=like.device)
-
-    def give(self, flats) -> None:
-        self.free.extend(t for t in flats if t.device.type == "cpu")
-        self.free.sort(key=torch.Tensor.numel, reverse=True)
-        del self.free[self.keep:]
-
-
-_POOL = _Pool()
-
-
-def release_workspaces() -> None:
-    """Free the CPU workspaces the fused block keeps between calls (this thread's)."""
-    _POOL.free.clear()
-
-
 class _Scratch:
     """Workspaces for one block call, each a flat tensor viewed as (rows, cols) matrices,
-    drawn from the pool at its first use (on the CPU in 2D the 3x3 convolutions' input
-    gradients arrive channels-last, so the "d2" workspace is never needed there) and
-    handed back by :meth:`release` when the call is done with them."""
+    allocated at its first use (on the CPU in 2D the 3x3 convolutions' input gradients
+    arrive channels-last, so the "d2" workspace they would be copied into is never needed)."""
 
     def __init__(self, rows: int, widths: dict[str, int], like: torch.Tensor):
         self._widths, self._flat = widths, {}
@@ -393,12 +354,10 @@ class _Scratch:
     def __call__(self, name: str, cols: int) -> torch.Tensor:
         flat = self._flat.get(name)
         if flat is None:
-            flat = self._flat[name] = _POOL.take(self.rows * self._widths[name], self._like)
+            like = self._like
+            flat = self._flat[name] = torch.empty(self.rows * self._widths[name], dtype=like.dtype,
+                                                  device=like.device)
         return flat[: self.rows * cols].view(self.rows, cols)
-
-    def release(self) -> None:
-        _POOL.give(self._flat.values())
-        self._flat = {}
 
 
 def _forward(block, units, x: torch.Tensor, save: bool):
@@ -461,7 +420,6 @@ def _forward(block, units, x: torch.Tensor, save: bool):
             rows[:, ci:ci + k].copy_(out)
             if training:  # from the dense copy: a narrow column slice of the buffer reads slowly
                 mean[ci:ci + k], var[ci:ci + k] = _stats(out, scratch("a", k))
-    scratch.release()
     return store.movedim(-1, 1), (mean, var), saved
 
 
@@ -539,7 +497,6 @@ class _FusedDenseBlock(torch.autograd.Function):
                 b_sum[:ci] += b1
                 c_sum[:ci] += c1
         complete(0, c0)
-        scratch.release()
         grad_x = grad_store[..., :c0].movedim(-1, 1)
         return (None, None, grad_x, *[g for gl in grads for g in gl])
 
