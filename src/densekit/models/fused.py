@@ -201,8 +201,9 @@ class _Unit:
         """Backward of a = ReLU(BN(x)) on rows: ``d``, the gradient of a, becomes the gradient
         of x, in place; ``a`` is overwritten. Returns (dgamma, dbeta)."""
         if native.usable(d, a, x):
+            invstd = torch.rsqrt(var + self.bn.eps)
             sum_dy, sum_dyx = native.relu_bn_sums(d, a, dout=d, x=x if sum_dy_a is None else None, mean=mean)
-            k, b, c, dgamma = self._native_coefficients(d, a, x, mean, var, training, sum_dy, sum_dyx, sum_dy_a)
+            k, b, c, dgamma = self._native_coefficients(d, a, x, mean, invstd, training, sum_dy, sum_dyx, sum_dy_a)
             if training:
                 native.bn_grad_apply(d, x, mean, b, c, k)
             else:
@@ -221,19 +222,19 @@ class _Unit:
         the dy*k part of x's gradient to ``acc`` (``d`` and ``a`` may be overwritten) and returns
         (b, c, dgamma, dbeta); the caller applies the (x - mean)*b + c part once per channel."""
         if native.usable(d, a, x, acc):
-            k = self.gamma * torch.rsqrt(var + self.bn.eps)
-            sum_dy, sum_dyx = native.relu_bn_sums(d, a, x=x if sum_dy_a is None else None, mean=mean, acc=acc, k=k)
-            _, b, c, dgamma = self._native_coefficients(d, a, x, mean, var, training, sum_dy, sum_dyx, sum_dy_a)
+            invstd = torch.rsqrt(var + self.bn.eps)
+            sum_dy, sum_dyx = native.relu_bn_sums(d, a, x=x if sum_dy_a is None else None, mean=mean, acc=acc,
+                                                  k=self.gamma * invstd)
+            _, b, c, dgamma = self._native_coefficients(d, a, x, mean, invstd, training, sum_dy, sum_dyx, sum_dy_a)
             return b, c, dgamma, sum_dy
         _relu_backward_(d, a)
         k, b, c, dgamma, dbeta = self.bn_backward(d, x, mean, var, a, training, sum_dy_a=sum_dy_a)
         acc.addcmul_(d, k.to(d.dtype))
         return b, c, dgamma, dbeta
 
-    def _native_coefficients(self, d, a, x, mean, var, training, sum_dy, sum_dyx, sum_dy_a):
+    def _native_coefficients(self, d, a, x, mean, invstd, training, sum_dy, sum_dyx, sum_dy_a):
         """(k, b, c, dgamma) from the sums of native.relu_bn_sums (``sum_dyx`` centred, or
         None where dgamma comes from ``sum_dy_a``; ``d`` may still lack the ReLU mask a > 0)."""
-        invstd = torch.rsqrt(var + self.bn.eps)
         if sum_dyx is not None:
             dgamma = sum_dyx * invstd
         else:
