@@ -312,7 +312,9 @@ def _stats(x: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.
     column, 4x slower than two vectorized passes (a column sum, then the sum of squared
     deviations, formed in ``scratch``, a workspace of x's shape): 8.4 against 1.9 ms for
     50176 x 48, the first block of DenseNet-BC-100 at 28 px, batch 64, on 2 cores. Two
-    passes keep the textbook accuracy (no E[x^2] - E[x]^2 cancellation).
+    passes keep the textbook accuracy (no E[x^2] - E[x]^2 cancellation). From
+    ``_NATIVE_STATS_MIN_COLS`` columns on, native.c makes the same two passes in one call
+    each, with float64 sums.
     """
     acc = _acc(x.dtype)
     if x.shape[1] >= _NATIVE_STATS_MIN_COLS and native.usable(x):
