@@ -13,6 +13,7 @@ from PIL import Image
 
 import densekit
 from densekit.data import load_dataset
+from densekit.models import native
 
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -40,6 +41,7 @@ def test_train_idx_then_eval_and_load(cli, tiny, writers, mnist_dir, tmp_path):
     assert summary["test_images"] == 30 and summary["test_accuracy"] == metrics[-1]["test_acc"]
     assert summary["params"] == sum(p.numel() for p in densekit.load(run).parameters())
     assert summary["macs"] > 0 and summary["device"] == "cpu" and summary["torch"] == torch.__version__
+    assert summary["native_cpu_kernels"] is native.available()  # which kernels the fused block ran
     assert summary["recipe"]["name"] == "fast" and summary["recipe"]["label_smoothing"] == 0.1
     assert (run / "curves.png").read_bytes()[:8] == PNG_MAGIC
 

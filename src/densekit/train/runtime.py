@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..models import native
 
 DEVICES = ("auto", "cpu", "cuda")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -44,7 +45,8 @@ class Runtime:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return dict(device=str(self.device), device_name=name, precision=self.precision,
                     channels_last=self.channels_last, deterministic=self.deterministic,
-                    cuda_graph=self.cuda_graph)
+                    cuda_graph=self.cuda_graph,
+                    native_cpu_kernels=self.device.type == "cpu" and native.available())
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to the device, in the memory format the runtime uses."""
