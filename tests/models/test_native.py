@@ -161,3 +161,14 @@ def test_disabled_by_environment(tmp_path):
     env = dict(os.environ, DENSEKIT_NATIVE="0")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_a_cached_library_that_does_not_load_is_built_again(tmp_path):
+    code = "from densekit.models import native; print(native.available())"
+    env = dict(os.environ, DENSEKIT_CACHE=str(tmp_path))
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    (lib,) = tmp_path.glob("native-*.so")
+    lib.write_bytes(b"truncated")
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert first.stdout.strip() == again.stdout.strip() == "True", again.stderr
+    assert lib.stat().st_size > 1000 and lib.stat().st_mode & 0o755 == 0o755

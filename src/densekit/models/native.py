@@ -97,10 +97,10 @@ def _library() -> ctypes.CDLL | None:
     if platform.system() != "Linux":
         return None  # the OpenMP set-up above is the one of GCC on Linux
     try:
+        target = _build()
         try:
-            lib = ctypes.CDLL(str(_build()))
+            lib = ctypes.CDLL(str(target))
         except OSError:  # a cached file that does not load (truncated by a full disk, ...): build again
-            target = _build()
             target.unlink(missing_ok=True)
             lib = ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
