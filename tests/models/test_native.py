@@ -109,13 +109,88 @@ def test_col_stats_two_pass_accuracy(rows, cols, ld):
     torch.testing.assert_close(var.double(), var_ref, rtol=1e-3, atol=0)  # E[x^2]-E[x]^2 would be ~100% off
 
 
+# (N, spatial) grids with odd sides (a last row or column outside every 2x window), in 1D,
+# 2D and 3D; the last has 8 x 30 x 30 x 40 elements, split between threads.
+POOL_GRIDS = [((3, 9), 5), ((2, 7, 9), 6), ((2, 5, 6, 3), 4), ((8, 30, 30), 40)]
+
+
+def _pool_case(shape, cols, seed):
+    torch.manual_seed(seed)
+    n, *spatial = shape
+    rows = n * torch.Size(spatial).numel()
+    x = (torch.randn(rows, cols + 3) + 0.2)[:, 1:cols + 1]  # a column slice: row stride cols + 3
+    scale, shift = torch.randn(cols), torch.randn(cols)
+    return x, tuple(spatial), scale, shift
+
+
+def _grid_of(rows, n, spatial):  # (rows, C) -> (N, C, *spatial)
+    return rows.reshape(n, *spatial, rows.shape[1]).movedim(-1, 1)
+
+
+def _avg_pool(t):
+    return {3: torch.nn.functional.avg_pool1d, 4: torch.nn.functional.avg_pool2d,
+            5: torch.nn.functional.avg_pool3d}[t.dim()](t, 2, 2)
+
+
+@pytest.mark.parametrize("shape,cols", POOL_GRIDS)
+def test_bn_relu_pool_matches_relu_then_avg_pool(shape, cols):
+    x, spatial, scale, shift = _pool_case(shape, cols, 6)
+    x[0, 0] = float("nan")
+    out = native.bn_relu_pool(x, spatial, scale, shift)
+    want = _avg_pool(_grid_of(torch.relu(x * scale + shift), shape[0], spatial))
+    pooled = want.shape[2:]
+    torch.testing.assert_close(_grid_of(out, shape[0], pooled), want, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert out[0, 0].isnan()  # NaN passes ReLU and pooling, as in torch
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("shape,cols", POOL_GRIDS)
+def test_unpool_kernels_match_autograd_through_relu_and_pool(shape, cols, train):
+    # d = the gradient that autograd sends through avg_pool and ReLU to the BN output;
+    # the kernels form d from the pooled gradient without materializing it.
+    x, spatial, scale, shift = _pool_case(shape, cols, 7)
+    n = shape[0]
+    a = _grid_of(x * scale + shift, n, spatial).requires_grad_()
+    pooled = _avg_pool(torch.relu(a))
+    g = torch.randn_like(pooled)
+    pooled.backward(g)
+    d = a.grad.movedim(1, -1).reshape(-1, cols).double()
+    g_rows = g.movedim(1, -1).reshape(-1, cols)
+    mean = x.double().mean(0).float()
+    sum_d, sum_dx = native.unpool_relu_bn_sums(g_rows, x, spatial, scale, shift, mean)
+    terms = d * (x.double() - mean.double())
+    assert ((sum_d.double() - d.sum(0)).abs() <= 1e-6 * d.abs().sum(0) + 1e-7).all()
+    assert ((sum_dx.double() - terms.sum(0)).abs() <= 1e-6 * terms.abs().sum(0) + 1e-7).all()
+    k = torch.randn(cols)
+    b, c = (torch.randn(cols), torch.randn(cols)) if train else (None, None)
+    out = native.unpool_bn_grad(g_rows, x, spatial, scale, shift, k, mean, b, c)
+    want = d.float() * k + ((x - mean) * b + c if train else 0.0)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pool_wrappers_refuse_what_the_c_code_would_misread():
+    x = torch.randn(2 * 6 * 6, 4)
+    ones = torch.ones(4)
+    with pytest.raises(ValueError, match="whole number"):
+        native.bn_relu_pool(x, (5, 6), ones, ones)
+    with pytest.raises(ValueError, match="size >= 2"):
+        native.bn_relu_pool(x[:12], (1, 6), ones, ones)
+    with pytest.raises(ValueError, match=r"shape \(18, 4\)"):  # the pooled gradient's shape
+        native.unpool_relu_bn_sums(torch.randn(72, 4), x, (6, 6), ones, ones, ones)
+    with pytest.raises(ValueError, match="both b and c"):
+        native.unpool_bn_grad(torch.randn(18, 4), x, (6, 6), ones, ones, ones, ones, ones, None)
+
+
 def test_native_results_do_not_vary_between_runs():
     torch.manual_seed(4)
     g, a = torch.randn(20000, 30), torch.relu(torch.randn(20000, 30))
-    first = native.relu_bn_sums(g, a, x=a, mean=torch.zeros(30))
+    zeros, ones = torch.zeros(30), torch.ones(30)
+    first = native.relu_bn_sums(g, a, x=a, mean=zeros)
+    first_pool = native.unpool_relu_bn_sums(g[:5000], a, (50, 40), ones, zeros, zeros)
     for _ in range(3):
-        again = native.relu_bn_sums(g, a, x=a, mean=torch.zeros(30))
-        assert all(torch.equal(p, q) for p, q in zip(first, again))
+        again = native.relu_bn_sums(g, a, x=a, mean=zeros)
+        again_pool = native.unpool_relu_bn_sums(g[:5000], a, (50, 40), ones, zeros, zeros)
+        assert all(torch.equal(p, q) for p, q in zip(first + first_pool, again + again_pool))
 
 
 @pytest.mark.parametrize("train", [True, False])

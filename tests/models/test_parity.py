@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from densekit import DenseBlock, DenseLayer, DenseNet, create_model
+from densekit import DenseBlock, DenseLayer, DenseNet, Transition, create_model
 from densekit.models import native
 
 
@@ -154,6 +154,11 @@ def test_fused_network_channels_last_and_several_steps():
     torch.manual_seed(0)
     plain = create_model("densenet_bc_100_k12", memory_efficient=False, block_config=(3, 3, 3))
     fast = copy.deepcopy(plain).set_memory_efficient(True)
+    transitions = [m for m in fast.modules() if isinstance(m, Transition)]
+    assert len(transitions) == 2 and all(t.memory_efficient for t in transitions)
+    assert not any(m.memory_efficient for m in plain.modules() if isinstance(m, (DenseBlock, Transition)))
+    assert all(m.memory_efficient for m in create_model("densenet121").modules()
+               if isinstance(m, (DenseBlock, Transition)))  # the fast paths are the default
     for model in (plain, fast):
         model.to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
@@ -162,6 +167,57 @@ def test_fused_network_channels_last_and_several_steps():
             m.zero_grad()
         _compare(plain, fast, x, train=True)
     _compare(plain, fast, x, train=False)
+
+
+def _randomize_norms(module):
+    for m in module.modules():
+        if hasattr(m, "running_var"):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(1, (21,)), (2, (9, 7)), (2, (16, 16)), (3, (5, 6, 4))])
+@pytest.mark.parametrize("train", [True, False])
+def test_transition_pooling_first_same_function_and_gradients(spatial_dims, size, train, cpu_kernels):
+    # native: BN-ReLU-pool in one kernel (fused.py); torch-ops: the modules, pooling first.
+    # Odd sides leave a last row outside every window: its gradient is batch norm's alone.
+    torch.manual_seed(spatial_dims)
+    plain = Transition(10, 5, spatial_dims)
+    _randomize_norms(plain)
+    fast = copy.deepcopy(plain)
+    fast.memory_efficient = True
+    x = torch.randn(3, 10, *size)
+    if spatial_dims == 2:
+        x = x.contiguous(memory_format=torch.channels_last)  # as a fused block's output is
+    _compare(plain, fast, x, train)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_transition_keeps_no_full_size_activation():
+    def saved_bytes(model, x):
+        seen = {}
+
+        def pack(t):
+            if t.data_ptr() != x.data_ptr():  # the input, which the block before keeps anyway
+                seen[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x).sum()
+        return sum(seen.values())
+
+    if not native.available():
+        pytest.skip("native kernels unavailable (no C compiler)")
+    plain = Transition(32, 16)
+    fast = copy.deepcopy(plain)
+    fast.memory_efficient = True
+    x = torch.randn(4, 32, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    activation = x.numel() * 4
+    assert saved_bytes(plain, x) >= activation  # the BN-ReLU output, kept for ReLU and the conv
+    assert saved_bytes(fast, x) <= 0.26 * activation  # the pooled activations and the statistics
 
 
 def test_checkpointed_layer_same_function():

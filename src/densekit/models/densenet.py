@@ -61,8 +61,9 @@ class DenseNet(nn.Module):
         stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool), "cifar" (one 3x3 conv) or
             "resnet" (3x3 conv-BN-ReLU, the stem of the seed's hybrid).
         spatial_dims: 1, 2 or 3 (signals, images, volumes).
-        memory_efficient: run each dense block as one fused, lean operation (``fused.py``);
-            False keeps torchvision's concatenating reference path.
+        memory_efficient: run each dense block as one fused, lean operation and each
+            transition with its pooling first (``fused.py``); False keeps torchvision's
+            concatenating reference path.
         features_only: forward returns the multi-scale feature maps (see ``feature_info``).
         out_indices: with ``features_only``, which of ``feature_info``'s maps to return.
         stem_stride: stride of the 3x3 conv of the "cifar" and "resnet" stems (1 or 2); 2
@@ -125,7 +126,7 @@ class DenseNet(nn.Module):
             c = block.out_channels
             if i != len(block_config) - 1:
                 info.append(dict(num_chs=c, reduction=reduction, module=f"features.denseblock{i + 1}"))
-                transition = Transition(c, max(1, int(c * compression)), spatial_dims)
+                transition = Transition(c, max(1, int(c * compression)), spatial_dims, memory_efficient)
                 layers.append((f"transition{i + 1}", transition))
                 c = transition.out_channels
                 reduction *= 2
@@ -237,8 +238,8 @@ class DenseNet(nn.Module):
         return self.classifier
 
     def set_memory_efficient(self, enabled: bool = True) -> "DenseNet":
-        """Switch every dense block between the fused lean path and the reference path."""
+        """Switch every dense block and transition between the fast lean path and the reference path."""
         for m in self.modules():
-            if isinstance(m, DenseBlock):
+            if isinstance(m, (DenseBlock, Transition)):
                 m.memory_efficient = enabled
         return self

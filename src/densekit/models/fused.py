@@ -94,10 +94,14 @@ class _Unit:
         bn.running_mean.mul_(1 - m).add_(mean, alpha=m)
         bn.running_var.mul_(1 - m).add_(var, alpha=m * count / max(count - 1, 1))
 
+    def scale_shift(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """BN(x) = x * scale + shift per channel, for the given statistics."""
+        scale = self.gamma * torch.rsqrt(var + self.bn.eps)
+        return scale, self.beta - mean * scale
+
     def act(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """ReLU(BN(x)) into ``out``: the same op in forward and in the recompute of backward."""
-        scale = self.gamma * torch.rsqrt(var + self.bn.eps)
-        shift = self.beta - mean * scale
+        scale, shift = self.scale_shift(mean, var)
         if native.usable(x, out):
             return native.bn_relu(x, scale, shift, out)
         torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype), out=out)
@@ -305,7 +309,7 @@ def _units(block, dtype: torch.dtype) -> list[list[_Unit]]:
     return out
 
 
-def _stats(x: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _stats(x: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-column batch mean and biased variance of a (rows, C) matrix, in fp32 (fp64 for fp64).
 
     On the CPU, ``var_mean`` over the rows of a row-major matrix runs a scalar loop per
@@ -314,7 +318,7 @@ def _stats(x: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.
     50176 x 48, the first block of DenseNet-BC-100 at 28 px, batch 64, on 2 cores. Two
     passes keep the textbook accuracy (no E[x^2] - E[x]^2 cancellation). From
     ``_NATIVE_STATS_MIN_COLS`` columns on, native.c makes the same two passes in one call
-    each, with float64 sums.
+    each, with float64 sums. Without ``scratch``, one is allocated where needed.
     """
     acc = _acc(x.dtype)
     if x.shape[1] >= _NATIVE_STATS_MIN_COLS and native.usable(x):
@@ -322,7 +326,7 @@ def _stats(x: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.
     if x.device.type != "cpu":
         var, mean = torch.var_mean(x.to(acc), dim=0, correction=0)
         return mean, var
-    if scratch.dtype != acc:
+    if scratch is None or scratch.dtype != acc:
         scratch = torch.empty(x.shape, dtype=acc)
     rows = x.shape[0]
     mean = x.sum(0, dtype=acc).div_(rows)
@@ -522,3 +526,67 @@ def _run(block, x: torch.Tensor) -> torch.Tensor:
         return _FusedDenseBlock.apply(block, units, x, *params)
     with torch.no_grad():
         return _forward(block, units, x, save=False)[0]
+
+
+# -- the transition ----------------------------------------------------------------------
+
+def supports_fused_transition(transition, x: torch.Tensor) -> bool:
+    """True when the native kernels can run ``transition`` (BN-ReLU-Conv1x1-AvgPool(2)) on ``x``:
+    float32 on the CPU, outside autocast, with stock layers and every spatial side >= 2."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and _plain_bn(transition.norm) and transition.conv.bias is None and x.numel() > 0
+            and min(x.shape[2:]) >= 2 and native.available())
+
+
+def _transition_forward(unit: _Unit, x: torch.Tensor, training: bool):
+    """(output, rows of x, mean, var, pooled rows): BN-ReLU and pooling in one native pass,
+    then the 1x1 convolution on a quarter of the positions."""
+    spatial = tuple(x.shape[2:])
+    rows = _rows(x)  # a view where x is channels-last, as a fused block's output is
+    if training:
+        mean, var = _stats(rows)
+        unit.update_running(mean, var, rows.shape[0])
+    else:
+        mean, var = _running(unit)
+    pooled = native.bn_relu_pool(rows, spatial, *unit.scale_shift(mean, var))
+    out = unit.conv(pooled, tuple(s // 2 for s in spatial))
+    return out, rows, mean, var, pooled
+
+
+class _FusedTransition(torch.autograd.Function):
+    """Saves only the pooled activations (a quarter of the BN-ReLU output) beside the input,
+    which the dense block before it keeps anyway; backward reads the input twice and writes
+    its gradient once, with no full-size temporaries."""
+
+    @staticmethod
+    def forward(ctx, transition, unit, x, *params):
+        out, rows, mean, var, pooled = _transition_forward(unit, x, transition.training)
+        ctx.unit, ctx.training, ctx.spatial = unit, transition.training, tuple(x.shape[2:])
+        ctx.save_for_backward(rows, mean, var, pooled)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        unit, training, spatial = ctx.unit, ctx.training, ctx.spatial
+        rows, mean, var, pooled = ctx.saved_tensors
+        grad_pooled, grad_w = unit.conv_backward(grad_out, pooled, tuple(s // 2 for s in spatial),
+                                                 torch.empty_like(pooled), unit.weight.requires_grad)
+        invstd = torch.rsqrt(var + unit.bn.eps)
+        scale, shift = unit.scale_shift(mean, var)
+        sum_dy, sum_dyx = native.unpool_relu_bn_sums(grad_pooled, rows, spatial, scale, shift, mean)
+        dgamma = sum_dyx * invstd
+        k, b, c = unit._coefficients(invstd, dgamma, sum_dy, rows.shape[0], training)
+        grad_x = None
+        if ctx.needs_input_grad[2]:
+            grad_x = _grid(native.unpool_bn_grad(grad_pooled, rows, spatial, scale, shift, k, mean, b, c), spatial)
+        return None, None, grad_x, dgamma, sum_dy, grad_w
+
+
+def fused_transition(transition, x: torch.Tensor) -> torch.Tensor:
+    """Run ``transition`` on ``x`` with the native kernels (see :func:`supports_fused_transition`):
+    the same function as ``transition.forward_plain(x)``, gradients included."""
+    unit = _Unit(transition.norm, transition.conv, x.dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in unit.params())):
+        return _FusedTransition.apply(transition, unit, x, *unit.params())
+    with torch.no_grad():
+        return _transition_forward(unit, x, transition.training)[0]

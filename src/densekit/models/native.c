@@ -219,3 +219,170 @@ int dk_col_stats(const float *x, i64 ldx, i64 rows, i64 cols, float *mean, float
     free(p), free(mf);
     return 0;
 }
+
+/* A transition's BN-ReLU and 2x average pooling (the pooling comes before its 1x1
+ * convolution: both are linear, so they commute, and the convolution then runs on a
+ * quarter of the positions).
+ *
+ * Rows are positions (b, z, y, x) of an (n, d, h, w) grid, w fastest; windows are
+ * kd x kh x kw (each 1 or 2) with stride equal to their size and no padding, and a last
+ * odd plane, row or column falls outside every window, as in torch's avg_pool. Pooled
+ * rows are the (n, d/kd, h/kh, w/kw) grid in the same order. */
+typedef struct {
+    i64 n, d, h, w, kd, kh, kw, pd, ph, pw;
+} grid;
+
+static grid make_grid(i64 n, i64 d, i64 h, i64 w, i64 kd, i64 kh, i64 kw)
+{
+    grid g = {n, d, h, w, kd, kh, kw, d / kd, h / kh, w / kw};
+    return g;
+}
+
+static i64 pooled_rows(const grid *g)
+{
+    return g->n * g->pd * g->ph * g->pw;
+}
+
+/* The first input row of pooled row o's window. */
+static i64 window_origin(const grid *g, i64 o)
+{
+    i64 ox = o % g->pw, t = o / g->pw, oy = t % g->ph;
+    t /= g->ph;
+    i64 oz = t % g->pd, b = t / g->pd;
+    return ((b * g->d + oz * g->kd) * g->h + oy * g->kh) * g->w + ox * g->kw;
+}
+
+/* The pooled row whose window holds input row r, or -1 where r is outside every window. */
+static i64 window_of(const grid *g, i64 r)
+{
+    i64 x = r % g->w, t = r / g->w, y = t % g->h;
+    t /= g->h;
+    i64 z = t % g->d, b = t / g->d;
+    x /= g->kw, y /= g->kh, z /= g->kd;
+    if (x >= g->pw || y >= g->ph || z >= g->pd)
+        return -1;
+    return ((b * g->pd + z) * g->ph + y) * g->pw + x;
+}
+
+/* out = avg_pool(relu(x * scale + shift)), out being the pooled rows. */
+int dk_bn_relu_pool(const float *x, i64 ldx, float *out, i64 ldo, i64 n, i64 d, i64 h, i64 w,
+                    i64 kd, i64 kh, i64 kw, i64 cols, const float *scale, const float *shift, int threads)
+{
+    grid g = make_grid(n, d, h, w, kd, kh, kw);
+    i64 orows = pooled_rows(&g);
+    float inv = 1.f / (float)(kd * kh * kw);
+#pragma omp parallel num_threads(team(n * d * h * w, cols, threads))
+    {
+        i64 lo, hi;
+        row_range(orows, &lo, &hi);
+        for (i64 o = lo; o < hi; o++) {
+            float *orow = out + o * ldo;
+            i64 r0 = window_origin(&g, o);
+#pragma omp simd
+            for (i64 j = 0; j < cols; j++)
+                orow[j] = 0.f;
+            for (i64 dz = 0; dz < kd; dz++)
+                for (i64 dy = 0; dy < kh; dy++)
+                    for (i64 dx = 0; dx < kw; dx++) {
+                        const float *xr = x + (r0 + (dz * h + dy) * w + dx) * ldx;
+#pragma omp simd
+                        for (i64 j = 0; j < cols; j++) {
+                            float v = xr[j] * scale[j] + shift[j];
+                            orow[j] += v < 0.f ? 0.f : v;
+                        }
+                    }
+#pragma omp simd
+            for (i64 j = 0; j < cols; j++)
+                orow[j] *= inv;
+        }
+    }
+    return 0;
+}
+
+/* The backward of dk_bn_relu_pool's pooling and ReLU, summed for batch norm. With g the
+ * gradient of the pooled rows and, for input row r in pooled row o's window,
+ * d = g[o] / (kd*kh*kw) where x * scale + shift > 0, else 0 (and d = 0 outside every window):
+ *   sum_d[j] = sum_r d,   sum_dx[j] = sum_r d * (x - mean[j]).
+ * Returns -1 when out of memory, else 0. */
+int dk_unpool_relu_bn_sums(const float *g, i64 ldg, const float *x, i64 ldx, i64 n, i64 d, i64 h, i64 w,
+                           i64 kd, i64 kh, i64 kw, i64 cols, const float *scale, const float *shift,
+                           const float *mean, float *sum_d, float *sum_dx, int threads)
+{
+    grid gr = make_grid(n, d, h, w, kd, kh, kw);
+    i64 orows = pooled_rows(&gr);
+    float inv = 1.f / (float)(kd * kh * kw);
+    int nt = team(n * d * h * w, cols, threads);
+    double *p = parts(nt, cols, 2);
+    if (!p)
+        return -1;
+#pragma omp parallel num_threads(nt)
+    {
+        i64 lo, hi;
+        row_range(orows, &lo, &hi);
+        double *ps = p + (size_t)omp_get_thread_num() * 2 * cols, *px = ps + cols;
+        for (i64 o = lo; o < hi; o++) {
+            const float *grow = g + o * ldg;
+            i64 r0 = window_origin(&gr, o);
+            for (i64 dz = 0; dz < kd; dz++)
+                for (i64 dy = 0; dy < kh; dy++)
+                    for (i64 dx = 0; dx < kw; dx++) {
+                        const float *xr = x + (r0 + (dz * h + dy) * w + dx) * ldx;
+#pragma omp simd
+                        for (i64 j = 0; j < cols; j++) {
+                            float dv = relu_grad(grow[j] * inv, xr[j] * scale[j] + shift[j]);
+                            ps[j] += dv;
+                            px[j] += dv * (xr[j] - mean[j]);
+                        }
+                    }
+        }
+    }
+    reduce_parts(p, nt, cols, 2 * cols, sum_d);
+    reduce_parts(p + cols, nt, cols, 2 * cols, sum_dx);
+    free(p);
+    return 0;
+}
+
+/* Batch norm's input gradient behind dk_bn_relu_pool, into out (input rows), with d as in
+ * dk_unpool_relu_bn_sums:
+ *   out = d * k[j] + (x - mean[j]) * b[j] + c[j],   or d * k[j] when b is NULL (eval mode). */
+int dk_unpool_bn_grad(const float *g, i64 ldg, const float *x, i64 ldx, i64 n, i64 d, i64 h, i64 w,
+                      i64 kd, i64 kh, i64 kw, i64 cols, const float *scale, const float *shift,
+                      const float *k, const float *mean, const float *b, const float *c,
+                      float *out, i64 ldo, int threads)
+{
+    grid gr = make_grid(n, d, h, w, kd, kh, kw);
+    i64 rows = n * d * h * w;
+    float inv = 1.f / (float)(kd * kh * kw);
+#pragma omp parallel num_threads(team(rows, cols, threads))
+    {
+        i64 lo, hi;
+        row_range(rows, &lo, &hi);
+        for (i64 r = lo; r < hi; r++) {
+            const float *xr = x + r * ldx;
+            float *orow = out + r * ldo;
+            i64 o = window_of(&gr, r);
+            if (o < 0 && b) {
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++)
+                    orow[j] = (xr[j] - mean[j]) * b[j] + c[j];
+            } else if (o < 0) {
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++)
+                    orow[j] = 0.f;
+            } else if (b) {
+                const float *grow = g + o * ldg;
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++) {
+                    float dv = relu_grad(grow[j] * inv, xr[j] * scale[j] + shift[j]);
+                    orow[j] = dv * k[j] + ((xr[j] - mean[j]) * b[j] + c[j]);
+                }
+            } else {
+                const float *grow = g + o * ldg;
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++)
+                    orow[j] = relu_grad(grow[j] * inv, xr[j] * scale[j] + shift[j]) * k[j];
+            }
+        }
+    }
+    return 0;
+}

@@ -45,6 +45,9 @@ _SIGNATURES = {
     "dk_relu_bn_sums": [_P, _I, _P, _I, _I, _I, _P, _I, _P, _I, _P, _P, _I, _P, _P, _P, _C],
     "dk_bn_grad_apply": [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _C],
     "dk_col_stats": [_P, _I, _I, _I, _P, _P, _C],
+    "dk_bn_relu_pool": [_P, _I, _P, _I] + [_I] * 8 + [_P, _P, _C],
+    "dk_unpool_relu_bn_sums": [_P, _I, _P, _I] + [_I] * 8 + [_P] * 5 + [_C],
+    "dk_unpool_bn_grad": [_P, _I, _P, _I] + [_I] * 8 + [_P] * 6 + [_P, _I, _C],
 }
 _enabled = os.environ.get("DENSEKIT_NATIVE", "1") != "0"
 
@@ -212,3 +215,71 @@ def col_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check(_library().dk_col_stats(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], mean.data_ptr(),
                                    var.data_ptr(), torch.get_num_threads()))
     return mean, var
+
+
+def _pool_grid(rows: int, spatial: tuple[int, ...]) -> list[int]:
+    """(n, d, h, w, kd, kh, kw) for 2x pooling of every dim in ``spatial`` (1 to 3 dims)."""
+    if not 1 <= len(spatial) <= 3 or any(s < 2 for s in spatial):
+        raise ValueError(f"native pooling needs 1 to 3 spatial dims of size >= 2, got {spatial}")
+    size = 1
+    for s in spatial:
+        size *= s
+    if rows % size:
+        raise ValueError(f"native pooling: {rows} rows are not a whole number of {spatial} grids")
+    pad = 3 - len(spatial)
+    return [rows // size, *[1] * pad, *spatial, *[1] * pad, *[2] * len(spatial)]
+
+
+def _pooled_shape(x: torch.Tensor, spatial: tuple[int, ...]) -> tuple[int, int]:
+    pooled = x.shape[0]
+    for s in spatial:
+        pooled = pooled // s * (s // 2)
+    return pooled, x.shape[1]
+
+
+def bn_relu_pool(x: torch.Tensor, spatial: tuple[int, ...], scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """avg_pool(relu(x * scale + shift)) with windows of 2 in every spatial dim: ``x`` holds
+    the channels-last positions of an (N, *spatial) grid as rows; returns the pooled rows."""
+    _mats(x.shape, x)
+    geometry = _pool_grid(x.shape[0], spatial)
+    out = torch.empty(_pooled_shape(x, spatial), dtype=torch.float32)
+    scale, shift = _vec(scale, x.shape[1]), _vec(shift, x.shape[1])
+    _check(_library().dk_bn_relu_pool(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), *geometry,
+                                      x.shape[1], scale.data_ptr(), shift.data_ptr(), torch.get_num_threads()))
+    return out
+
+
+def unpool_relu_bn_sums(g: torch.Tensor, x: torch.Tensor, spatial: tuple[int, ...], scale: torch.Tensor,
+                        shift: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of :func:`bn_relu_pool` up to batch norm: with ``g`` the pooled rows' gradient
+    and d its share in each input row where relu passed, returns (sum of d, sum of d * (x - mean))."""
+    _mats(x.shape, x)
+    _mats(torch.Size(_pooled_shape(x, spatial)), g)
+    geometry = _pool_grid(x.shape[0], spatial)
+    cols = x.shape[1]
+    scale, shift, mean = (_vec(v, cols) for v in (scale, shift, mean))
+    sum_d, sum_dx = torch.empty(cols, dtype=torch.float32), torch.empty(cols, dtype=torch.float32)
+    _check(_library().dk_unpool_relu_bn_sums(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), *geometry, cols,
+                                             scale.data_ptr(), shift.data_ptr(), mean.data_ptr(), sum_d.data_ptr(),
+                                             sum_dx.data_ptr(), torch.get_num_threads()))
+    return sum_d, sum_dx
+
+
+def unpool_bn_grad(g: torch.Tensor, x: torch.Tensor, spatial: tuple[int, ...], scale: torch.Tensor,
+                   shift: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, b: torch.Tensor | None,
+                   c: torch.Tensor | None) -> torch.Tensor:
+    """The input gradient behind :func:`bn_relu_pool`, as a new (rows, cols) matrix:
+    d * k + (x - mean) * b + c per column, d as in :func:`unpool_relu_bn_sums` (d * k when b
+    and c are None: eval mode)."""
+    _mats(x.shape, x)
+    _mats(torch.Size(_pooled_shape(x, spatial)), g)
+    if (b is None) != (c is None):
+        raise ValueError("native unpool_bn_grad needs both b and c, or neither")
+    geometry = _pool_grid(x.shape[0], spatial)
+    cols = x.shape[1]
+    scale, shift, k, mean, b, c = (_vec(v, cols) for v in (scale, shift, k, mean, b, c))
+    out = torch.empty(x.shape, dtype=torch.float32)
+    _check(_library().dk_unpool_bn_grad(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), *geometry, cols,
+                                        scale.data_ptr(), shift.data_ptr(), k.data_ptr(), mean.data_ptr(), _ptr(b),
+                                        _ptr(c), out.data_ptr(), out.stride(0), torch.get_num_threads()))
+    return out
