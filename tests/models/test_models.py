@@ -5,7 +5,8 @@ import torch
 
 import densekit
 from densekit import DenseNet, create_model, list_models
-from densekit.models import get_variant
+from densekit.models import Transition, get_variant
+from densekit.models.profile import count_macs
 
 # Published counts: torchvision's model docs (1000 classes); Huang et al. 2017 Table 2
 # (10 classes) for the CIFAR networks, given there to 0.1M.
@@ -47,6 +48,19 @@ def test_pinned_counts_of_the_rest():
     assert n_params(create_model("dense_resnet121")) == 36_610_706
     assert n_params(create_model("densenet_bc_40_k12")) == 176_122
     assert n_params(create_model("densenet_bc_40_k12_s2")) == 176_122  # the same layers, stride-2 stem
+
+
+# torchvision's model docs, as "GFLOPS" (multiply-accumulates of one 224 px image, to 0.01 G).
+PUBLISHED_GMACS = {"densenet121": 2.83, "densenet161": 7.73, "densenet169": 3.36, "densenet201": 4.29}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_GMACS))
+def test_published_macs(name):
+    # counted in the paper's order even though the default transitions pool first (fewer MACs)
+    model = create_model(name)
+    assert round(count_macs(model, (3, 224, 224)) / 1e9, 2) == PUBLISHED_GMACS[name]
+    assert all(m.memory_efficient for m in model.modules() if isinstance(m, Transition))  # restored
+    assert model.training
 
 
 def test_list_models():
