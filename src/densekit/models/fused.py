@@ -29,23 +29,38 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import native
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _plain_bn(bn: nn.Module) -> bool:
     return isinstance(bn, _BN) and bn.affine and bn.track_running_stats
 
 
+def _plain_conv(conv: nn.Module) -> bool:
+    """A convolution the fused ops run from its weight and padding alone."""
+    return (isinstance(conv, _CONV) and conv.bias is None and conv.groups == 1 and conv.padding_mode == "zeros"
+            and all(s == 1 for s in conv.stride) and all(d == 1 for d in conv.dilation))
+
+
 def supports_fused(block) -> bool:
-    """True when every layer of ``block`` is a stock dense layer the fused op can run."""
+    """True when every layer of ``block`` is a stock dense layer the fused op can run, in the
+    block's mode (a batch norm set to eval inside a training block, as when fine-tuning with
+    frozen statistics, takes the reference path)."""
     for layer in block.values():
-        if layer.input_index is not None or not _plain_bn(layer.norm1):
+        halves = [(layer.norm1, layer.relu1, layer.conv1)]
+        if layer.has_bottleneck:
+            halves.append((layer.norm2, layer.relu2, layer.conv2))
+        if layer.input_index is not None or layer.training != block.training:
             return False
-        if layer.has_bottleneck and not _plain_bn(layer.norm2):
-            return False
+        for norm, relu, conv in halves:
+            if not (_plain_bn(norm) and norm.training == block.training and type(relu) is nn.ReLU
+                    and _plain_conv(conv)):
+                return False
     return True
 
 
@@ -442,6 +457,7 @@ class _FusedDenseBlock(torch.autograd.Function):
         return buf
 
     @staticmethod
+    @once_differentiable  # backward runs in-place kernels autograd cannot differentiate
     def backward(ctx, grad_out):
         block, units, training, spatial = ctx.block, ctx.units, ctx.training, ctx.spatial
         buf, *rest = ctx.saved_tensors
@@ -531,11 +547,13 @@ def _run(block, x: torch.Tensor) -> torch.Tensor:
 # -- the transition ----------------------------------------------------------------------
 
 def supports_fused_transition(transition, x: torch.Tensor) -> bool:
-    """True when the native kernels can run ``transition`` (BN-ReLU-Conv1x1-AvgPool(2)) on ``x``:
-    float32 on the CPU, outside autocast, with stock layers and every spatial side >= 2."""
+    """True when the native kernels can run ``transition`` (BN-ReLU-Conv1x1-AvgPool(2)), whose
+    pooling commutes with its convolution (``Transition.pools_first``), on ``x``: float32 on
+    the CPU, outside autocast, with a stock batch norm and ReLU, every spatial side >= 2."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and _plain_bn(transition.norm) and transition.conv.bias is None and x.numel() > 0
-            and min(x.shape[2:]) >= 2 and native.available())
+            and x.dim() == transition.conv.weight.dim() and x.numel() > 0 and min(x.shape[2:]) >= 2
+            and _plain_bn(transition.norm) and type(transition.relu) is nn.ReLU and _plain_conv(transition.conv)
+            and native.available())
 
 
 def _transition_forward(unit: _Unit, x: torch.Tensor, training: bool):
@@ -560,12 +578,14 @@ class _FusedTransition(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, transition, unit, x, *params):
-        out, rows, mean, var, pooled = _transition_forward(unit, x, transition.training)
-        ctx.unit, ctx.training, ctx.spatial = unit, transition.training, tuple(x.shape[2:])
+        training = transition.norm.training  # its own mode: frozen statistics inside a training model
+        out, rows, mean, var, pooled = _transition_forward(unit, x, training)
+        ctx.unit, ctx.training, ctx.spatial = unit, training, tuple(x.shape[2:])
         ctx.save_for_backward(rows, mean, var, pooled)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         unit, training, spatial = ctx.unit, ctx.training, ctx.spatial
         rows, mean, var, pooled = ctx.saved_tensors
@@ -589,4 +609,4 @@ def fused_transition(transition, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in unit.params())):
         return _FusedTransition.apply(transition, unit, x, *unit.params())
     with torch.no_grad():
-        return _transition_forward(unit, x, transition.training)[0]
+        return _transition_forward(unit, x, transition.norm.training)[0]

@@ -48,6 +48,11 @@ def _check_drop_rate(drop_rate) -> float:
     return float(drop_rate)
 
 
+def _each(value, n: int) -> bool:
+    """``value`` (an int or a tuple of ints, as module arguments come) is n in every dim."""
+    return all(v == n for v in (value if isinstance(value, tuple) else (value,)))
+
+
 def conv_nd(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int,
             stride: int = 1, padding: int = 0) -> nn.Module:
     # Every convolution here feeds a batch norm, which has its own shift: a bias is dead weight.
@@ -119,6 +124,8 @@ class DenseLayer(nn.Module):
         # The recompute in backward must run the same ops as the forward without moving the
         # running statistics a second time (checkpoint stops it early: no restoring after).
         n = self.norm1
+        if not (n.training and n.track_running_stats):  # nothing it would move
+            return self.conv1(self.relu1(n(x)))
         x = F.batch_norm(x, n.running_mean.clone(), n.running_var.clone(), n.weight, n.bias, True, 0.0, n.eps)
         return self.conv1(self.relu1(x))
 
@@ -207,7 +214,8 @@ class DenseBlock(nn.ModuleDict):
         # Under torch.compile the plain path is traced instead: the compiler fuses its
         # concatenations and BN-ReLU itself, and the fused op's host-side bookkeeping
         # (channel groups picked at run time) would break the graph.
-        if self.memory_efficient and not torch.compiler.is_compiling():
+        # Under torch.jit.trace too: the fused op's native kernels are invisible to a trace.
+        if self.memory_efficient and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             from .fused import fused_dense_block, supports_fused
 
             if supports_fused(self):
@@ -246,10 +254,23 @@ class Transition(nn.Sequential):
         self.out_channels = out_channels
         self.memory_efficient = memory_efficient
 
+    @property
+    def pools_first(self) -> bool:
+        """Does the fast path pool before the convolution? With ``memory_efficient`` and the
+        stock layers: a 1x1 stride-1 convolution and a 2x average pool without padding (a
+        layer swapped for another, a max pool say, may not commute: the reference order runs)."""
+        pool, conv = self.pool, self.conv
+        return (self.memory_efficient and isinstance(pool, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d))
+                and _each(pool.kernel_size, 2) and _each(pool.stride, 2) and _each(pool.padding, 0)
+                and not pool.ceil_mode and getattr(pool, "divisor_override", None) is None
+                and isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and _each(conv.kernel_size, 1)
+                and _each(conv.stride, 1) and _each(conv.padding, 0))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.memory_efficient:
+        if not self.pools_first:
             return self.forward_plain(x)
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            # a trace would record the native kernels' outputs as uninitialized tensors
             from .fused import fused_transition, supports_fused_transition
 
             if supports_fused_transition(self, x):
