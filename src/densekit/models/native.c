@@ -243,13 +243,19 @@ static i64 pooled_rows(const grid *g)
     return g->n * g->pd * g->ph * g->pw;
 }
 
-/* The first input row of pooled row o's window. */
-static i64 window_origin(const grid *g, i64 o)
+/* The input rows of pooled row o's window, into win (at most 2 x 2 x 2); returns their count. */
+static int window_rows(const grid *g, i64 o, i64 win[8])
 {
     i64 ox = o % g->pw, t = o / g->pw, oy = t % g->ph;
     t /= g->ph;
     i64 oz = t % g->pd, b = t / g->pd;
-    return ((b * g->d + oz * g->kd) * g->h + oy * g->kh) * g->w + ox * g->kw;
+    i64 r0 = ((b * g->d + oz * g->kd) * g->h + oy * g->kh) * g->w + ox * g->kw;
+    int count = 0;
+    for (i64 dz = 0; dz < g->kd; dz++)
+        for (i64 dy = 0; dy < g->kh; dy++)
+            for (i64 dx = 0; dx < g->kw; dx++)
+                win[count++] = r0 + (dz * g->h + dy) * g->w + dx;
+    return count;
 }
 
 /* The pooled row whose window holds input row r, or -1 where r is outside every window. */
@@ -277,20 +283,19 @@ int dk_bn_relu_pool(const float *x, i64 ldx, float *out, i64 ldo, i64 n, i64 d, 
         row_range(orows, &lo, &hi);
         for (i64 o = lo; o < hi; o++) {
             float *orow = out + o * ldo;
-            i64 r0 = window_origin(&g, o);
+            i64 win[8];
+            int count = window_rows(&g, o, win);
 #pragma omp simd
             for (i64 j = 0; j < cols; j++)
                 orow[j] = 0.f;
-            for (i64 dz = 0; dz < kd; dz++)
-                for (i64 dy = 0; dy < kh; dy++)
-                    for (i64 dx = 0; dx < kw; dx++) {
-                        const float *xr = x + (r0 + (dz * h + dy) * w + dx) * ldx;
+            for (int t = 0; t < count; t++) {
+                const float *xr = x + win[t] * ldx;
 #pragma omp simd
-                        for (i64 j = 0; j < cols; j++) {
-                            float v = xr[j] * scale[j] + shift[j];
-                            orow[j] += v < 0.f ? 0.f : v;
-                        }
-                    }
+                for (i64 j = 0; j < cols; j++) {
+                    float v = xr[j] * scale[j] + shift[j];
+                    orow[j] += v < 0.f ? 0.f : v;
+                }
+            }
 #pragma omp simd
             for (i64 j = 0; j < cols; j++)
                 orow[j] *= inv;
@@ -322,18 +327,17 @@ int dk_unpool_relu_bn_sums(const float *g, i64 ldg, const float *x, i64 ldx, i64
         double *ps = p + (size_t)omp_get_thread_num() * 2 * cols, *px = ps + cols;
         for (i64 o = lo; o < hi; o++) {
             const float *grow = g + o * ldg;
-            i64 r0 = window_origin(&gr, o);
-            for (i64 dz = 0; dz < kd; dz++)
-                for (i64 dy = 0; dy < kh; dy++)
-                    for (i64 dx = 0; dx < kw; dx++) {
-                        const float *xr = x + (r0 + (dz * h + dy) * w + dx) * ldx;
+            i64 win[8];
+            int count = window_rows(&gr, o, win);
+            for (int t = 0; t < count; t++) {
+                const float *xr = x + win[t] * ldx;
 #pragma omp simd
-                        for (i64 j = 0; j < cols; j++) {
-                            float dv = relu_grad(grow[j] * inv, xr[j] * scale[j] + shift[j]);
-                            ps[j] += dv;
-                            px[j] += dv * (xr[j] - mean[j]);
-                        }
-                    }
+                for (i64 j = 0; j < cols; j++) {
+                    float dv = relu_grad(grow[j] * inv, xr[j] * scale[j] + shift[j]);
+                    ps[j] += dv;
+                    px[j] += dv * (xr[j] - mean[j]);
+                }
+            }
         }
     }
     reduce_parts(p, nt, cols, 2 * cols, sum_d);
