@@ -56,6 +56,18 @@ def test_rounds_that_measured_different_sources_are_flagged():
     assert summarize([a, b])[0]["mixed_sources"] is False
 
 
+def test_rounds_whose_cuda_graph_was_not_captured_are_flagged():
+    a, b = run("densekit", [1.0], 0, device="cuda"), run("densekit", [1.0], 1, device="cuda")
+    a["cuda_graph_captured"], b["cuda_graph_captured"] = True, False
+    (row,) = summarize([a, b])
+    assert row["graph_not_captured"] is True
+    report = dict(env={}, commands=[], results=[row], depth_fits=[], targets=[])
+    assert "| densekit § |" in to_markdown(report) and "not captured" in to_markdown(report)
+    b["cuda_graph_captured"] = True
+    assert summarize([a, b])[0]["graph_not_captured"] is False
+    assert summarize([run("torchvision", [1.0])])[0]["graph_not_captured"] is False  # eager: nothing to flag
+
+
 def test_malloc_settings_are_carried_to_the_table():
     a = run("densekit", [1.0], mem=100.0)
     a["malloc_env"] = {"MALLOC_MMAP_THRESHOLD_": "65536"}

@@ -58,7 +58,11 @@ def unavailable_reason(config: Config) -> str | None:
     if config.impl == "timm":
         if importlib.util.find_spec("timm") is None:
             return "timm is not installed"
-        if _timm_name(config) is None:
+        try:
+            name = _timm_name(config)
+        except Exception as e:  # an installed timm that does not import with this torch: the rest runs
+            return f"timm does not import ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+        if name is None:
             return f"timm registers no model named {config.model!r}"
     return None
 

@@ -16,7 +16,10 @@ actually got on a shared machine).
 Memory: on CUDA ``max_memory_allocated`` over the timed steps (weights, gradients,
 optimizer state and activations; exact, so this runs in process). The peak is reset after
 warm-up because cuDNN's kernel search allocates trial workspaces once, which say nothing
-about training; the warm-up peak is kept beside it as ``warmup_peak_mem_mib``. On
+about training; the warm-up peak is kept beside it as ``warmup_peak_mem_mib``. A step
+replayed from a CUDA graph allocates nothing (its activations stay in the graph's pool,
+allocated during the capture), so for densekit on CUDA the peak runs from the capture,
+after the eager warm-up steps, to the end. On
 the CPU the growth of peak RSS from just before the first step to the end: the kernel's
 high-water mark is reset there (``/proc/self/clear_refs``) where Linux allows, else
 ``ru_maxrss`` is used. Freed memory that the allocator keeps would hide a later
@@ -107,11 +110,16 @@ def _densekit_step(model, x, y, config: Config, cuda_graph: bool):
                       channels_last=config.layout == "channels_last", deterministic=False, cuda_graph=cuda_graph)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=True)
     train_step = TrainStep(model, optimizer, torch.nn.CrossEntropyLoss(), runtime, cuda_graph=cuda_graph,
-                           warmup_steps=2)
+                           warmup_steps=_GRAPH_WARMUP)
 
     def step():
         train_step(x, y)
+    step.train_step = train_step
     return step
+
+
+# Eager steps before the capture: the capture is warm-up step number _GRAPH_WARMUP (from 0).
+_GRAPH_WARMUP = 2
 
 
 def measure(config: Config, record_cpu_memory: bool = False) -> dict:
@@ -126,6 +134,10 @@ def measure(config: Config, record_cpu_memory: bool = False) -> dict:
     if cuda:
         # Let cuDNN pick its fastest kernels for every implementation alike; the search is warm-up.
         torch.backends.cudnn.benchmark = True
+        # TF32 for float32 matrix products as cuDNN's convolutions use by default, so that a
+        # 1x1 convolution run as a GEMM (densekit's fused block) is not held to strict fp32
+        # where torchvision's cuDNN 1x1 convolution is not; densekit train does the same.
+        torch.set_float32_matmul_precision("high")
     torch.manual_seed(0)
     model = build(config)
     num_classes = model_num_classes(model)
@@ -151,9 +163,18 @@ def measure(config: Config, record_cpu_memory: bool = False) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
 
+    # A replayed CUDA graph never calls the allocator: its activations live in the graph's
+    # pool, allocated once, during the capture. Its peak is therefore taken from the capture
+    # on (after the eager warm-up steps, whose cuDNN search may hold large workspaces), and
+    # an eager step's from the timed steps.
+    train_step = getattr(step, "train_step", None)
+    capture_at = _GRAPH_WARMUP if train_step is not None and train_step.cuda_graph else None
     first_step_s = None
     t0 = time.perf_counter()
     for i in range(config.warmup):
+        if cuda and i == capture_at:
+            sync()
+            torch.cuda.reset_peak_memory_stats(device)
         step()
         if i == 0:
             sync()
@@ -163,7 +184,8 @@ def measure(config: Config, record_cpu_memory: bool = False) -> dict:
     warmup_peak = None
     if cuda:
         warmup_peak = torch.cuda.max_memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        if capture_at is None or config.warmup <= capture_at:
+            torch.cuda.reset_peak_memory_stats(device)
 
     step_s, cpu_s = [], []
     if cuda:
@@ -195,6 +217,8 @@ def measure(config: Config, record_cpu_memory: bool = False) -> dict:
                 base_mem_mib=None if base is None else base / MIB, mem_metric=metric,
                 warmup_peak_mem_mib=None if warmup_peak is None else warmup_peak / MIB,
                 threads=torch.get_num_threads(), started=started, models_digest=digest,
+                # whether densekit's timed steps were replays of a captured CUDA graph
+                cuda_graph_captured=None if train_step is None else train_step.captured,
                 # glibc's tuning variables change what peak RSS counts (see bench/cpu.sh)
                 malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")})
 

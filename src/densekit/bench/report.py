@@ -36,6 +36,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             warmup_s=ok[0]["warmup_s"], first_step_s=ok[0].get("first_step_s"),
             cpu_util=sum(r["cpu_s"] for r in ok) / wall if wall else None,
             mixed_sources=len({r.get("models_digest") for r in ok}) > 1,
+            graph_not_captured=any(r.get("cuda_graph_captured") is False for r in ok),
             malloc_env=ok[0].get("malloc_env") or {},
         )
         rows.append(row)
@@ -210,7 +211,7 @@ def to_markdown(report: dict) -> str:
               "| × torchvision | peak MiB | × torchvision | warm-up s |",
               "|---|---|---|---|---|---|---|---|--:|--:|--:|--:|--:|--:|"]
     for r in ok:
-        impl = r["impl"] + (" †" if r.get("mixed_sources") else "")
+        impl = r["impl"] + (" †" if r.get("mixed_sources") else "") + (" §" if r.get("graph_not_captured") else "")
         lines.append(f"| {r['model']} | {r['mode']} | {r['device']} | {r['in_chans']}x{r['input_size']}² "
                      f"| {r['batch_size']} | {r['dtype']} | {r['layout']} | {impl} | {_num(r['img_s_median'])} "
                      f"| {_num(r['img_s_min'])} – {_num(r['img_s_max'])} | {_ratio(r['speed_vs_torchvision'])} "
@@ -228,6 +229,8 @@ def to_markdown(report: dict) -> str:
         if mallocs:
             lines.append(f"‡ measured with {'; '.join(mallocs)}: glibc then returns every large block on free, "
                          f"so peak RSS follows the live tensors instead of what the allocator kept.")
+        if any(r.get("graph_not_captured") for r in ok):
+            lines.append("§ the CUDA graph was not captured (see the run's log): these steps ran eagerly.")
         if any(r.get("mixed_sources") for r in ok):
             lines.append("† densekit's model sources changed between the rounds of this row (models_digest in "
                          "the JSON): its rounds measured different code.")
