@@ -42,6 +42,7 @@ def test_train_idx_then_eval_and_load(cli, tiny, writers, mnist_dir, tmp_path):
     assert summary["params"] == sum(p.numel() for p in densekit.load(run).parameters())
     assert summary["macs"] > 0 and summary["device"] == "cpu" and summary["torch"] == torch.__version__
     assert summary["native_cpu_kernels"] is native.available()  # which kernels the fused block ran
+    assert summary["cuda_graph"] is False and summary["cuda_graph_captured"] is False  # configured, and what ran
     assert summary["recipe"]["name"] == "fast" and summary["recipe"]["label_smoothing"] == 0.1
     assert (run / "curves.png").read_bytes()[:8] == PNG_MAGIC
 

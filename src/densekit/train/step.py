@@ -130,6 +130,7 @@ class TrainStep:
         self._lrs = [torch.tensor(float(lr), device=self.runtime.device) for lr in floats]
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # backward inside the graph allocates them
+        stream = torch.cuda.current_stream(self.runtime.device)
         try:
             for g, lr in zip(groups, self._lrs):
                 g["lr"] = lr
@@ -137,7 +138,12 @@ class TrainStep:
                 # autocast's cast cache would hold tensors from outside the graph's pool
                 self._loss, self._correct = self._step(self._x, self._y, autocast_cache=False)
         except RuntimeError as e:
-            log.warning("CUDA graph capture failed, training eagerly: %s", (str(e) or repr(e)).splitlines()[0])
+            # where ending the capture fails, torch.cuda.graph leaves its capture stream current
+            torch.cuda.set_stream(stream)
+            torch.cuda.synchronize(self.runtime.device)
+            cause = e.__context__ or e  # the op that broke the capture, not the failed end of it
+            log.warning("CUDA graph capture failed, training eagerly: %s",
+                        "; ".join(dict.fromkeys((str(x) or repr(x)).splitlines()[0] for x in (cause, e))))
             self.optimizer.zero_grad(set_to_none=True)
             return False
         finally:
