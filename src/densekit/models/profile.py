@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .layers import Transition
+from .layers import DenseBlock, DenseLayer, Transition
 
 
 def count_params(model: nn.Module) -> int:
@@ -18,14 +18,15 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
 
     Counted by torch's FLOP counter over the convolutions and matrix products (FLOPs / 2);
     batch norm, ReLU and pooling are not counted, as is usual for published MAC figures.
-    Transitions are counted in the paper's order, convolution before pooling, so that the
-    figure compares with published ones (2.83 G for DenseNet-121); the fast path pools
-    first and runs fewer (2.60 G).
+    Counted on the reference path, the network as published (2.83 G for DenseNet-121), on
+    any device: the fast paths run fewer (transitions pool first: 2.60 G) or ops the counter
+    has no formula for (on CUDA the fused block's GEMM with a ReLU epilogue).
     """
     was_training = model.training
-    transitions = [(m, m.memory_efficient) for m in model.modules() if isinstance(m, Transition)]
+    # in modules() order: a block's setter resets its layers, whose own flags come after
+    fast = [(m, m.memory_efficient) for m in model.modules() if isinstance(m, (DenseBlock, DenseLayer, Transition))]
     model.eval()
-    for m, _ in transitions:
+    for m, _ in fast:
         m.memory_efficient = False
     try:
         param = next(model.parameters())
@@ -34,6 +35,6 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
             model(x)
     finally:
         model.train(was_training)
-        for m, flag in transitions:
+        for m, flag in fast:
             m.memory_efficient = flag
     return counter.get_total_flops() // 2
