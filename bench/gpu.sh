@@ -13,7 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
 STEPS="${STEPS:-20}"      # timed steps per round; with ROUNDS=3, 60 pooled per figure
 ROUNDS="${ROUNDS:-3}"
 WARMUP="${WARMUP:-5}"     # covers cuDNN's kernel search (cudnn.benchmark) and allocator growth
