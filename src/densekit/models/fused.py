@@ -483,7 +483,8 @@ class _FusedDenseBlock(torch.autograd.Function):
                 native.bn_grad_apply(grad_rows[:, lo:hi], rows[:, lo:hi], mean[lo:hi], b_sum[lo:hi], c_sum[lo:hi])
             elif training:
                 dtype = rows.dtype
-                # in fp32 with one rounding (mean stays fp32 under bf16)
+                # x - mean is formed in fp32 (mean stays fp32 under bf16) and rounded once to the
+                # buffer's dtype, the scratch's
                 centered = torch.sub(rows[:, lo:hi], mean[lo:hi], out=scratch("a", hi - lo))
                 grad_rows[:, lo:hi].addcmul_(centered, b_sum[lo:hi].to(dtype)).add_(c_sum[lo:hi].to(dtype))
 
