@@ -72,6 +72,15 @@ def test_wrong_shapes_do_not_load():
         model.load_state_dict(state)
 
 
+def _randomize_norms(module):
+    for m in module.modules():
+        if hasattr(m, "running_var"):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+
+
 def _grads(module):
     return [p.grad.clone() for p in module.parameters()]
 
@@ -102,12 +111,7 @@ def _compare(plain, fast, x, train=None):
 def test_fused_block_same_function_and_gradients(spatial_dims, size, bn_size, train, cpu_kernels):
     torch.manual_seed(spatial_dims)
     plain = DenseBlock(6, 5, 4, bn_size=bn_size, spatial_dims=spatial_dims)
-    for m in plain.modules():
-        if hasattr(m, "running_var"):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
+    _randomize_norms(plain)
     fast = copy.deepcopy(plain)
     fast.memory_efficient = True
     _compare(plain, fast, torch.randn(3, 6, *size), train)
@@ -170,15 +174,6 @@ def test_fused_network_channels_last_and_several_steps():
             m.zero_grad()
         _compare(plain, fast, x, train=True)
     _compare(plain, fast, x, train=False)
-
-
-def _randomize_norms(module):
-    for m in module.modules():
-        if hasattr(m, "running_var"):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
 
 
 @pytest.mark.parametrize("spatial_dims,size", [(1, (21,)), (2, (9, 7)), (2, (16, 16)), (3, (5, 6, 4))])
