@@ -313,7 +313,8 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
         test_accuracy=last_eval.accuracy, test_loss=last_eval.loss, test_correct=last_eval.correct,
         test_images=last_eval.total,
         **runtime.describe(), cuda_graph_captured=train_step.captured, torch=torch.__version__,
-        densekit=__version__, recipe=dict(recipe.to_dict(), epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"]),
+        densekit=__version__,
+        recipe=dict(recipe.to_dict(), epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"]),
         out=str(out),
     )
     ckpt.write_json(out / ckpt.SUMMARY, summary)
