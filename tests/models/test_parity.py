@@ -279,6 +279,29 @@ def test_transition_with_a_swapped_layer_runs_what_it_holds(swap, cpu_kernels):
     _compare(plain, fast, torch.randn(3, 6, 8, 8), train=True)
 
 
+@pytest.mark.parametrize("swap", ["silu", "conv with bias", "dilated conv"])
+def test_block_with_a_swapped_layer_runs_what_it_holds(swap, cpu_kernels):
+    # The fused block runs convolutions from their weight and padding, and ReLU: anything
+    # else makes the block take the reference path.
+    from densekit.models.fused import supports_fused
+
+    torch.manual_seed(0)
+    plain = DenseBlock(6, 5, 3, bn_size=4)
+    _randomize_norms(plain)
+    layer = plain["denselayer2"]
+    if swap == "silu":
+        layer.relu2 = torch.nn.SiLU()
+    elif swap == "conv with bias":
+        layer.conv1 = torch.nn.Conv2d(layer.conv1.in_channels, layer.conv1.out_channels, 1, bias=True)
+    else:
+        layer.conv2 = torch.nn.Conv2d(layer.conv2.in_channels, layer.conv2.out_channels, 3, padding=2, dilation=2,
+                                      bias=False)
+    fast = copy.deepcopy(plain)
+    fast.memory_efficient = True
+    assert not supports_fused(fast)
+    _compare(plain, fast, torch.randn(3, 6, 8, 8), train=True)
+
+
 def test_jit_trace_of_the_default_model_matches_eager():
     # A trace cannot see the native kernels; the fast modules trace their torch-op paths.
     torch.manual_seed(0)
