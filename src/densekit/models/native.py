@@ -217,32 +217,30 @@ def col_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def _pool_grid(rows: int, spatial: tuple[int, ...]) -> list[int]:
-    """(n, d, h, w, kd, kh, kw) for 2x pooling of every dim in ``spatial`` (1 to 3 dims)."""
+def _pool_geometry(x: torch.Tensor, spatial: tuple[int, ...], grad: torch.Tensor | None = None):
+    """Checks ``x`` (the input rows) and ``grad`` (the pooled rows' gradient) for 2x pooling
+    of every dim in ``spatial`` (1 to 3 dims); returns the kernels' (n, d, h, w, kd, kh, kw)
+    and the pooled rows' shape."""
+    _mats(x.shape, x)
     if not 1 <= len(spatial) <= 3 or any(s < 2 for s in spatial):
         raise ValueError(f"native pooling needs 1 to 3 spatial dims of size >= 2, got {spatial}")
-    size = 1
+    size = pooled = 1
     for s in spatial:
-        size *= s
+        size, pooled = size * s, pooled * (s // 2)
+    rows = x.shape[0]
     if rows % size:
         raise ValueError(f"native pooling: {rows} rows are not a whole number of {spatial} grids")
+    pooled_shape = torch.Size((rows // size * pooled, x.shape[1]))
+    _mats(pooled_shape, grad)
     pad = 3 - len(spatial)
-    return [rows // size, *[1] * pad, *spatial, *[1] * pad, *[2] * len(spatial)]
-
-
-def _pooled_shape(x: torch.Tensor, spatial: tuple[int, ...]) -> tuple[int, int]:
-    pooled = x.shape[0]
-    for s in spatial:
-        pooled = pooled // s * (s // 2)
-    return pooled, x.shape[1]
+    return [rows // size, *[1] * pad, *spatial, *[1] * pad, *[2] * len(spatial)], pooled_shape
 
 
 def bn_relu_pool(x: torch.Tensor, spatial: tuple[int, ...], scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """avg_pool(relu(x * scale + shift)) with windows of 2 in every spatial dim: ``x`` holds
     the channels-last positions of an (N, *spatial) grid as rows; returns the pooled rows."""
-    _mats(x.shape, x)
-    geometry = _pool_grid(x.shape[0], spatial)
-    out = torch.empty(_pooled_shape(x, spatial), dtype=torch.float32)
+    geometry, pooled_shape = _pool_geometry(x, spatial)
+    out = torch.empty(pooled_shape, dtype=torch.float32)
     scale, shift = _vec(scale, x.shape[1]), _vec(shift, x.shape[1])
     _check(_library().dk_bn_relu_pool(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), *geometry,
                                       x.shape[1], scale.data_ptr(), shift.data_ptr(), torch.get_num_threads()))
@@ -253,9 +251,7 @@ def unpool_relu_bn_sums(g: torch.Tensor, x: torch.Tensor, spatial: tuple[int, ..
                         shift: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of :func:`bn_relu_pool` up to batch norm: with ``g`` the pooled rows' gradient
     and d its share in each input row where relu passed, returns (sum of d, sum of d * (x - mean))."""
-    _mats(x.shape, x)
-    _mats(torch.Size(_pooled_shape(x, spatial)), g)
-    geometry = _pool_grid(x.shape[0], spatial)
+    geometry, _ = _pool_geometry(x, spatial, g)
     cols = x.shape[1]
     scale, shift, mean = (_vec(v, cols) for v in (scale, shift, mean))
     sum_d, sum_dx = torch.empty(cols, dtype=torch.float32), torch.empty(cols, dtype=torch.float32)
@@ -271,11 +267,9 @@ def unpool_bn_grad(g: torch.Tensor, x: torch.Tensor, spatial: tuple[int, ...], s
     """The input gradient behind :func:`bn_relu_pool`, as a new (rows, cols) matrix:
     d * k + (x - mean) * b + c per column, d as in :func:`unpool_relu_bn_sums` (d * k when b
     and c are None: eval mode)."""
-    _mats(x.shape, x)
-    _mats(torch.Size(_pooled_shape(x, spatial)), g)
+    geometry, _ = _pool_geometry(x, spatial, g)
     if (b is None) != (c is None):
         raise ValueError("native unpool_bn_grad needs both b and c, or neither")
-    geometry = _pool_grid(x.shape[0], spatial)
     cols = x.shape[1]
     scale, shift, k, mean, b, c = (_vec(v, cols) for v in (scale, shift, k, mean, b, c))
     out = torch.empty(x.shape, dtype=torch.float32)
