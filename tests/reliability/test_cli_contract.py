@@ -237,6 +237,15 @@ CASES = [
     ("bench-append-to-nothing", ["bench", "--quick", "--append", "--out", "{nowhere}.json"], "--append: no results"),
     # -- models
     ("models-pattern-matches-nothing", ["models", "densnet*"], "no model matches 'densnet*'"),
+    # -- export (each is refused before anything is written)
+    ("export-missing-dir", ["export", "{nowhere}"], "run directory not found"),
+    ("export-not-a-run", ["export", "{notrun}"], "not a densekit run directory (no model.json)"),
+    ("export-out-exists", ["export", "{run}", "--out", "{file}"], "thesis.tex: already exists; refusing to overwrite"),
+    ("export-out-in-missing-folder", ["export", "{run}", "--out", "{nowhere}/model.onnx"], "folder does not exist"),
+    ("export-opset-zero", ["export", "{run}", "--opset", "0"], "--opset: expected a positive integer, got '0'"),
+    ("export-opset-unknown", ["export", "{run}", "--opset", "99"], "opset must be an integer from 9 to 23"),
+    ("export-batch-size-zero", ["export", "{run}", "--batch-size", "0"], "--batch-size: expected a positive integer"),
+    ("export-truncated-weights", ["export", "{cut_weights}"], "model.safetensors: cannot read safetensors file"),
 ]
 
 

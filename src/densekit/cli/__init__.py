@@ -20,6 +20,7 @@ COMMANDS = {
     "eval": ("evaluate", "accuracy, per-class accuracy and confusion matrix of a trained run"),
     "predict": ("predict", "classify image files with a trained run (one JSON line per image)"),
     "bench": ("bench", "time densekit against torchvision side by side (img/s, peak memory, warm-up)"),
+    "export": ("export", "write a trained run as an ONNX file or torch.export program, checked against PyTorch"),
 }
 
 
