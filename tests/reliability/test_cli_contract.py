@@ -246,6 +246,14 @@ CASES = [
     ("export-opset-unknown", ["export", "{run}", "--opset", "99"], "opset must be an integer from 9 to 23"),
     ("export-batch-size-zero", ["export", "{run}", "--batch-size", "0"], "--batch-size: expected a positive integer"),
     ("export-truncated-weights", ["export", "{cut_weights}"], "model.safetensors: cannot read safetensors file"),
+    # -- analyze (each is refused before anything is computed or written)
+    ("analyze-missing-target", ["analyze", "{nowhere}"], "{nowhere}: is neither a run directory nor a registered model"),
+    ("analyze-not-a-run", ["analyze", "{notrun}"], "not a densekit run directory (no model.json)"),
+    ("analyze-model-without-out", ["analyze", "densenet121"], "--out DIR is needed when the target is a model name"),
+    ("analyze-unknown-analysis", ["analyze", "{run}", "--what", "speed"], "--what: unknown analysis 'speed'"),
+    ("analyze-overfit-of-a-model", ["analyze", "densenet121", "--what", "overfit", "--out", "{new}"],
+     "--what overfit needs a run directory"),
+    ("analyze-out-is-a-file", ["analyze", "{run}", "--out", "{file}"], "thesis.tex: exists and is not a directory"),
 ]
 
 

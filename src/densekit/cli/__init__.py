@@ -21,6 +21,7 @@ COMMANDS = {
     "predict": ("predict", "classify image files with a trained run (one JSON line per image)"),
     "bench": ("bench", "time densekit against torchvision side by side (img/s, peak memory, warm-up)"),
     "export": ("export", "write a trained run as an ONNX file or torch.export program, checked against PyTorch"),
+    "analyze": ("analyze", "test the seed's claims on a run or model: feature reuse, gradient flow, cost, overfitting"),
 }
 
 

@@ -1,0 +1,99 @@
+"""Overfitting: how far the training figures run ahead of the test figures, epoch by epoch.
+
+The seed post warns that dense connectivity makes a network "complex" and prone to
+overfitting (claim 5). A run directory's ``metrics.jsonl`` has what is needed to see it:
+the gap between training and test accuracy and loss per epoch, and whether the test loss
+turns up while the training loss still falls. Two caveats are in the numbers themselves:
+``train_acc`` is measured on augmented batches while the weights move, and ``train_loss``
+includes the recipe's label smoothing, so both gaps are understated against a clean
+re-evaluation of the training set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from ..errors import UserError
+from ..train.checkpoint import METRICS
+
+_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The records of ``run_dir/metrics.jsonl``, checked for the fields used here."""
+    path = Path(run_dir) / METRICS
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found (has the run finished an epoch?)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read: {e}") from e
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {number} is not JSON: {e}") from e
+        missing = [f for f in _FIELDS if not isinstance(record, dict) or not _number(record.get(f))]
+        if missing:
+            raise UserError(f"{path}: line {number} lacks a number for {missing[0]!r}")
+        records.append(record)
+    if not records:
+        raise UserError(f"{path}: no epoch recorded yet")
+    return records
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def overfitting(history: list[dict]) -> dict:
+    """Per epoch: accuracy gap (train - test) and loss gap (test - train); and a summary:
+    the best test epoch, the gaps at the end, and the epochs in which the test loss rose
+    while the training loss fell (the textbook sign of overfitting)."""
+    epochs = [dict(epoch=r["epoch"], train_acc=r["train_acc"], test_acc=r["test_acc"],
+                   acc_gap=r["train_acc"] - r["test_acc"], train_loss=r["train_loss"],
+                   test_loss=r["test_loss"], loss_gap=r["test_loss"] - r["train_loss"]) for r in history]
+    diverging = [b["epoch"] for a, b in zip(epochs, epochs[1:])
+                 if b["test_loss"] > a["test_loss"] and b["train_loss"] < a["train_loss"]]
+    best = max(epochs, key=lambda e: e["test_acc"])
+    last = epochs[-1]
+    return dict(
+        epochs=epochs,
+        summary=dict(
+            num_epochs=len(epochs),
+            best_test_acc=best["test_acc"],
+            best_epoch=best["epoch"],
+            final_acc_gap=last["acc_gap"],
+            final_loss_gap=last["loss_gap"],
+            max_acc_gap=max(e["acc_gap"] for e in epochs),
+            test_loss_up_train_loss_down=diverging,
+        ),
+        caveat="train_acc is on augmented batches during the epoch; train_loss includes label smoothing",
+    )
+
+
+def overfit_png(result: dict, title: str = "") -> bytes:
+    """Accuracy gap and loss gap against epoch."""
+    from matplotlib.figure import Figure
+
+    from ..train.plots import _png
+
+    epochs = [e["epoch"] for e in result["epochs"]]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    acc_ax.plot(epochs, [100 * e["acc_gap"] for e in result["epochs"]], marker="o")
+    loss_ax.plot(epochs, [e["loss_gap"] for e in result["epochs"]], marker="o")
+    acc_ax.set(xlabel="epoch", ylabel="train - test accuracy (points)", title="accuracy gap")
+    loss_ax.set(xlabel="epoch", ylabel="test - train loss", title="loss gap")
+    for ax in (acc_ax, loss_ax):
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title or "generalization gap per epoch")
+    return _png(fig)

@@ -1,0 +1,179 @@
+"""``analyze``: run the analyses on a run directory or a registered model, write JSON + PNGs.
+
+The one place that turns a target (a trained run, or a model name for an untrained
+network) into the inputs each analysis needs, and that owns the output folder: every file
+it would write is checked before anything is computed, and none is ever overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data import load_dataset
+from ..errors import UserError
+from ..models import DenseNet, create_model, get_variant, list_models
+from ..train.checkpoint import atomic_write, load_run_model, read_model_info, write_json
+from .cost import activation_memory, cost_row, cost_table
+from .gradients import gradient_flow, gradients_png
+from .overfit import overfit_png, overfitting, read_metrics
+from .reuse import feature_reuse, reuse_png
+
+log = logging.getLogger(__name__)
+
+ANALYSES = ("reuse", "gradients", "cost", "overfit")
+# The files each analysis writes into the output folder.
+OUTPUTS = {
+    "reuse": ("reuse.json", "reuse.png"),
+    "gradients": ("gradients.json", "gradients.png"),
+    "cost": ("cost.json",),
+    "overfit": ("overfit.json", "overfit.png"),
+}
+GRADIENT_BATCH = 64
+_UNTRAINED = ("untrained: the weights are the initialization, so the map shows no learned reuse "
+              "(a baseline to compare a trained run with)")
+
+
+@dataclass
+class Target:
+    """What was asked about, and where it came from; the model is built on first use, so
+    that a mistake in the other arguments is reported before any weights are read."""
+
+    label: str
+    run_dir: Path | None
+    dataset: str
+    data_dir: str | None
+    image_size: int | None  # imagefolder runs only: the side their images were resized to
+    input_size: tuple[int, ...]
+
+    @cached_property
+    def model(self) -> DenseNet:
+        """The run's trained weights, or a model name's initial weights (seed 0)."""
+        if self.run_dir is not None:
+            return load_run_model(self.run_dir, device="cpu")
+        torch.manual_seed(0)
+        return create_model(self.label, in_chans=self.input_size[0]).eval()
+
+
+def resolve_target(target: str, data_dir: str | os.PathLike | None = None) -> Target:
+    """A run directory (trained weights) or a registered model name (initial weights)."""
+    path = Path(target)
+    data_dir = None if data_dir is None else str(data_dir)
+    if path.is_dir():
+        info = read_model_info(path)
+        pre = info["preprocessing"]
+        return Target(info["model"], path, info["dataset"], data_dir or info.get("data_dir"),
+                      pre["image_size"][0] if info["dataset"] == "imagefolder" else None,
+                      (pre["in_chans"], *pre["image_size"]))
+    if target in list_models():
+        return Target(target, None, "fashion-mnist", data_dir, None, get_variant(target).input_size)
+    what = "is not a directory" if path.exists() else "is neither a run directory nor a registered model"
+    raise UserError(f"{target}: {what}; give a run directory or one of: {', '.join(list_models())}")
+
+
+def parse_what(text: str | None, target: Target) -> list[str]:
+    """The analyses asked for (default: every one that applies to the target)."""
+    if text is None:
+        return [a for a in ANALYSES if a != "overfit" or target.run_dir is not None]
+    asked = [w.strip() for w in text.split(",") if w.strip()]
+    unknown = [w for w in asked if w not in ANALYSES]
+    if unknown or not asked:
+        raise UserError(f"--what: unknown analysis {unknown[0] if unknown else text!r}; "
+                        f"choose from {', '.join(ANALYSES)} (comma-separated)")
+    if "overfit" in asked and target.run_dir is None:
+        raise UserError(f"--what overfit needs a run directory (its metrics.jsonl); {target.label} is a model name")
+    return list(dict.fromkeys(asked))
+
+
+def output_paths(target: Target, what: list[str], out: str | os.PathLike | None) -> dict[str, Path]:
+    """Where each file goes; refuses an output folder that is a file or already holds one of them."""
+    if out is None:
+        if target.run_dir is None:
+            raise UserError(f"--out DIR is needed when the target is a model name ({target.label})")
+        out = target.run_dir / "analysis"
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    paths = {name: out / name for a in what for name in OUTPUTS[a]}
+    taken = [p for p in paths.values() if p.exists()]
+    if taken:
+        raise UserError(f"{taken[0]}: already exists; refusing to overwrite it (choose another --out)")
+    return paths
+
+
+def gradient_batch(target: Target, n: int = GRADIENT_BATCH) -> tuple[DenseNet, torch.Tensor, torch.Tensor]:
+    """The target's architecture for the dataset's images, and the first ``n`` test images
+    (normalized with the training set's statistics) with their labels."""
+    data = load_dataset(target.dataset, target.data_dir, image_size=target.image_size)
+    model = target.model
+    if target.run_dir is None:  # a model name: fit its stem and head to the dataset
+        torch.manual_seed(0)
+        model = create_model(target.label, in_chans=data.in_chans, num_classes=data.num_classes)
+    images = data.test.images[:n].to(torch.float32) / 255
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    images = (images - mean) / std
+    if min(images.shape[2:]) < model.min_input_size:  # an ImageNet stem on 28 px images
+        images = F.interpolate(images, size=model.min_input_size, mode="bilinear", align_corners=False)
+    return model, images, data.test.labels[:n]
+
+
+def _reuse(target: Target) -> tuple[dict, dict[str, bytes]]:
+    result = feature_reuse(target.model)
+    result["trained"] = target.run_dir is not None
+    if not result["trained"]:
+        log.warning("%s: %s", target.label, _UNTRAINED)
+        result["note"] = _UNTRAINED
+    title = f"feature reuse, {target.label}{'' if result['trained'] else ' (untrained)'}"
+    return result, {"reuse.png": reuse_png(result, title)}
+
+
+def _gradients(target: Target) -> tuple[dict, dict[str, bytes]]:
+    model, images, labels = gradient_batch(target)
+    result = dict(model=target.label, dataset=target.dataset, **gradient_flow(model, images, labels))
+    title = f"gradient flow at initialization, {target.label}, one {target.dataset} batch of {len(labels)}"
+    return result, {"gradients.png": gradients_png(result, title)}
+
+
+def _cost(target: Target) -> tuple[dict, dict[str, bytes]]:
+    return dict(model_cost=cost_row(target.label, target.model, target.input_size), references=cost_table(),
+                activations=activation_memory()), {}
+
+
+def _overfit(target: Target) -> tuple[dict, dict[str, bytes]]:
+    result = overfitting(read_metrics(target.run_dir))
+    return result, {"overfit.png": overfit_png(result, f"generalization gap, {target.label}")}
+
+
+_RUNNERS = {"reuse": _reuse, "gradients": _gradients, "cost": _cost, "overfit": _overfit}
+
+
+def analyze(target: str, what: str | None = None, out: str | os.PathLike | None = None,
+            data_dir: str | os.PathLike | None = None) -> dict:
+    """Run the analyses in ``what`` (comma-separated; default all that apply) on ``target``
+    and write each one's JSON and figure into ``out`` (default ``TARGET/analysis`` for a run
+    directory). Returns ``{"target", "trained", "out", "files", "results"}``."""
+    resolved = resolve_target(target, data_dir)
+    analyses = parse_what(what, resolved)
+    paths = output_paths(resolved, analyses, out)
+    results, figures = {}, {}
+    for name in analyses:  # everything is computed before the first file is written
+        results[name], pngs = _RUNNERS[name](resolved)
+        figures.update(pngs)
+    folder = next(iter(paths.values())).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in analyses:
+            write_json(paths[f"{name}.json"], dict(target=resolved.label, **results[name]))
+        for file, png in figures.items():
+            atomic_write(paths[file], png)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write the analysis: {e.strerror or e}") from e
+    return dict(target=resolved.label, trained=resolved.run_dir is not None, out=str(folder),
+                files=[str(p) for p in paths.values()], results=results)
