@@ -254,6 +254,12 @@ CASES = [
     ("analyze-overfit-of-a-model", ["analyze", "densenet121", "--what", "overfit", "--out", "{new}"],
      "--what overfit needs a run directory"),
     ("analyze-out-is-a-file", ["analyze", "{run}", "--out", "{file}"], "thesis.tex: exists and is not a directory"),
+    ("prune-amount-one", ["prune", "{run}", "--amount", "1", "--out", "{new}"], "amount must be a fraction in [0, 1), got 1.0"),
+    ("prune-missing-dir", ["prune", "{nowhere}", "--amount", "0.3", "--out", "{new}"], "run directory not found"),
+    ("prune-out-not-empty", ["prune", "{run}", "--amount", "0.3", "--out", "{run}"], "directory is not empty"),
+    # -- train: starting from a run
+    ("train-init-missing", train("--init", "{nowhere}", model=False), "run directory not found"),
+    ("train-init-with-model", train("--init", "{run}"), "drop --model and --model-arg"),
 ]
 
 

@@ -19,6 +19,7 @@ COMMANDS = {
     "train": ("train", "train a model on a dataset into a run directory"),
     "eval": ("evaluate", "accuracy, per-class accuracy and confusion matrix of a trained run"),
     "predict": ("predict", "classify image files with a trained run (one JSON line per image)"),
+    "prune": ("prune", "remove the channels with the smallest BN gamma (network slimming) into a new run"),
     "bench": ("bench", "time densekit against torchvision side by side (img/s, peak memory, warm-up)"),
     "export": ("export", "write a trained run as an ONNX file or torch.export program, checked against PyTorch"),
     "analyze": ("analyze", "test the seed's claims on a run or model: feature reuse, gradient flow, cost, overfitting"),

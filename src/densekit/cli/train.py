@@ -53,7 +53,10 @@ def add_arguments(p) -> None:
     p.add_argument("--model-arg", dest="model_args", action="append", type=model_arg, metavar="KEY=VALUE",
                    help="override one DenseNet argument of the model, e.g. growth_rate=12 or block_config=(6,6,6); "
                         "repeatable")
-    p.add_argument("--dataset", choices=DATASETS, help="default: fashion-mnist")
+    p.add_argument("--init", metavar="DIR", help="start from the model of run directory DIR, its (pruned) structure "
+                                                 "and weights, e.g. to fine-tune after `densekit prune`; takes "
+                                                 "the model and, unless given, the dataset from DIR")
+    p.add_argument("--dataset", choices=DATASETS, help="default: fashion-mnist (with --init: DIR's dataset)")
     p.add_argument("--data-dir", help="folder with the dataset's files (default: $DENSEKIT_DATA, or the system "
                                       "location for fashion-mnist and mnist)")
     p.add_argument("--image-size", type=positive_int, help="side images are resized to (imagefolder only; default 64)")
@@ -139,7 +142,8 @@ def run(args) -> int:
     from ..train import TrainConfig, train
 
     config = TrainConfig(
-        model=args.model, model_args=dict(args.model_args) if args.model_args else None, dataset=args.dataset,
+        model=args.model, model_args=dict(args.model_args) if args.model_args else None, init=args.init,
+        dataset=args.dataset,
         data_dir=args.data_dir, image_size=args.image_size, recipe=args.recipe, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, train_limit=args.train_limit,
         deterministic=args.deterministic, device=args.device, channels_last=args.channels_last,

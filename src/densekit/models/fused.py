@@ -62,7 +62,10 @@ def supports_fused(block) -> bool:
     training = block.training
     for layer in block.values():
         m = layer._modules
+        # a pruned layer (DenseLayer.prune_) reads a subset of the buffer, or has another
+        # bottleneck width than the bn_size * k that the workspaces are sized for
         if (layer.input_index is not None or layer.training != training
+                or (layer.bn_size and m["conv1"].weight.shape[0] != layer.bn_size * layer.growth_rate)
                 or not _stock_half(m["norm1"], m["relu1"], m["conv1"], training)
                 or (layer.bn_size and not _stock_half(m["norm2"], m["relu2"], m["conv2"], training))):
             return False
@@ -559,7 +562,17 @@ def supports_fused_transition(transition, x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and x.dim() == transition.conv.weight.dim() and x.numel() > 0 and min(x.shape[2:]) >= 2
             and _plain_bn(transition.norm) and type(transition.relu) is nn.ReLU and _plain_conv(transition.conv)
-            and native.available())
+            and _rows_have_columns(x) and native.available())
+
+
+def _rows_have_columns(x: torch.Tensor) -> bool:
+    """Is ``_rows(x)`` a matrix the native kernels take: a copy, or a view with contiguous
+    columns? A batch of one in NCHW layout (out of a block on the reference path, a pruned
+    one say) gives a view with strided columns, which they refuse."""
+    try:
+        return x.movedim(1, -1).view(-1, x.shape[1]).stride(1) == 1 or x.shape[1] == 1
+    except RuntimeError:  # no view: reshape copies into contiguous rows
+        return True
 
 
 def _transition_forward(unit: _Unit, x: torch.Tensor, training: bool):

@@ -72,6 +72,40 @@ def max_pool_nd(spatial_dims: int, kernel_size: int, stride: int, padding: int) 
     return _MAX_POOL[check_spatial_dims(spatial_dims)](kernel_size, stride, padding)
 
 
+def check_channel_index(name: str, keep: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices to keep of ``n`` channels: increasing, in range, at least one (an empty layer
+    would break every shape after it). Also checks an ``input_index`` read from a file."""
+    if isinstance(keep, torch.Tensor) and keep.is_floating_point():
+        raise ValueError(f"{name} must hold integer channel indices, got {keep.dtype}")
+    keep = torch.as_tensor(keep, dtype=torch.int64)
+    if keep.dim() != 1 or keep.numel() == 0 or keep.numel() > n:
+        raise ValueError(f"{name} must list 1 to {n} channel indices, got {keep.numel()}")
+    if keep[0] < 0 or keep[-1] >= n or (keep.numel() > 1 and not bool((keep[1:] > keep[:-1]).all())):
+        raise ValueError(f"{name} must be increasing channel indices in [0, {n})")
+    return keep
+
+
+def _keep_bn(bn: nn.Module, keep: torch.Tensor) -> None:
+    """Shrink a batch norm to the ``keep`` channels, with their affine parameters and statistics."""
+    keep = keep.to(bn.weight.device)
+    bn.weight = nn.Parameter(bn.weight.detach()[keep].clone(), requires_grad=bn.weight.requires_grad)
+    bn.bias = nn.Parameter(bn.bias.detach()[keep].clone(), requires_grad=bn.bias.requires_grad)
+    if bn.running_mean is not None:
+        bn.running_mean = bn.running_mean[keep].clone()
+        bn.running_var = bn.running_var[keep].clone()
+    bn.num_features = keep.numel()
+
+
+def _keep_conv(conv: nn.Module, keep: torch.Tensor, dim: int) -> None:
+    """Shrink a convolution to the ``keep`` output (dim 0) or input (dim 1) channels."""
+    w = conv.weight
+    conv.weight = nn.Parameter(w.detach().index_select(dim, keep.to(w.device)).clone(), requires_grad=w.requires_grad)
+    if dim == 0:
+        conv.out_channels = keep.numel()
+    else:
+        conv.in_channels = keep.numel()
+
+
 class DenseLayer(nn.Module):
     """One layer of a dense block: it adds ``growth_rate`` (k) new feature maps.
 
@@ -153,6 +187,29 @@ class DenseLayer(nn.Module):
         if self.drop_rate > 0:
             out = F.dropout(out, p=self.drop_rate, training=self.training)
         return out
+
+    def prune_(self, inputs: torch.Tensor | None = None, width: torch.Tensor | None = None) -> "DenseLayer":
+        """Keep only the ``inputs`` channels that norm1 normalizes now and, in a bottleneck
+        layer, the ``width`` channels between its two convolutions; in place, weights and
+        statistics kept (network slimming; ``densekit.prune``). The block around the layer
+        is untouched: ``input_index`` selects from its concatenation, composed with any
+        earlier selection, so pruning twice equals pruning once."""
+        if inputs is not None:
+            inputs = check_channel_index("inputs", inputs, self.norm1.num_features)
+            full = self.input_index
+            if full is None:
+                full = torch.arange(self.in_channels, device=self.norm1.weight.device)
+            self.input_index = full[inputs.to(full.device)].clone()
+            _keep_bn(self.norm1, inputs)
+            _keep_conv(self.conv1, inputs, dim=1)
+        if width is not None:
+            if not self.has_bottleneck:
+                raise ValueError("width can only be pruned in a bottleneck layer (bn_size > 0)")
+            width = check_channel_index("width", width, self.norm2.num_features)
+            _keep_conv(self.conv1, width, dim=0)
+            _keep_bn(self.norm2, width)
+            _keep_conv(self.conv2, width, dim=1)
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Remap legacy "norm.1.weight"-style keys so that old checkpoints load through

@@ -3,7 +3,8 @@
 A run directory holds
 
 - ``model.json``: how to rebuild the model and feed it (registered name, the full
-  :class:`~densekit.models.DenseNet` arguments, dataset, class names, preprocessing);
+  :class:`~densekit.models.DenseNet` arguments, dataset, class names, preprocessing) and,
+  for a pruned model (``densekit prune``), ``pruned``: the sizes of its pruned layers;
 - ``model.safetensors``: the model's ``state_dict`` (weights and BN statistics);
 - ``resume.safetensors``: the resume state, one file so that it is replaced in one step;
   tensors (model, optimizer buffers, RNG states) as safetensors, everything else (epoch,
@@ -38,7 +39,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import DenseNet
+from ..models import DenseLayer, DenseNet
+from ..models.layers import check_channel_index
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +161,11 @@ def save_weights(path: str | os.PathLike, model: nn.Module) -> None:
 # -- model.json and loading a trained model -----------------------------------------
 
 
-def model_info(name: str, model_args: dict, kwargs: dict, dataset, data_dir: str | None) -> dict:
-    """The content of model.json: everything needed to rebuild the model and feed it."""
-    return {
+def model_info(name: str, model_args: dict, kwargs: dict, dataset, data_dir: str | None,
+               pruned: dict | None = None) -> dict:
+    """The content of model.json: everything needed to rebuild the model and feed it;
+    ``pruned`` (see :func:`pruned_structure`) is written only for a pruned model."""
+    info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": name,
@@ -179,6 +183,9 @@ def model_info(name: str, model_args: dict, kwargs: dict, dataset, data_dir: str
             "resize": "bilinear, antialiased",
         },
     }
+    if pruned:
+        info["pruned"] = pruned
+    return info
 
 
 def read_model_info(run_dir: str | os.PathLike) -> dict:
@@ -286,10 +293,67 @@ def _load_strictly(model: nn.Module, state: dict[str, torch.Tensor], context: st
 
 
 def build_model(info: dict, source: object = MODEL_JSON) -> DenseNet:
+    """The model model.json describes, pruned structure included, with fresh weights."""
     try:
-        return DenseNet(**info["model_kwargs"])
+        model = DenseNet(**info["model_kwargs"])
     except (TypeError, ValueError) as e:
         raise UserError(f"{source}: cannot rebuild the model: {e}") from e
+    apply_pruned_structure(model, info.get("pruned") or {}, source)
+    return model
+
+
+# -- pruned structure ---------------------------------------------------------------
+
+
+def pruned_structure(model: nn.Module) -> dict:
+    """How far each pruned dense layer differs from the stock one, as model.json stores it:
+    ``{"features.denseblock1.denselayer2": {"inputs": 20, "width": 36}, ...}``, ``inputs`` the
+    number of channels it reads (None: all), ``width`` its bottleneck's (None: bn_size * k).
+    Only the sizes: which channels a layer reads is its ``input_index``, in the weights."""
+    structure = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, DenseLayer):
+            continue
+        inputs = None if m.input_index is None else m.input_index.numel()
+        width = m.conv1.out_channels if m.has_bottleneck else None
+        if width == m.bn_size * m.growth_rate:
+            width = None
+        if inputs is not None or width is not None:
+            structure[name] = {"inputs": inputs, "width": width}
+    return structure
+
+
+def apply_pruned_structure(model: nn.Module, structure: object, source: object = MODEL_JSON) -> None:
+    """Shrink a freshly built model's layers to ``structure`` (from :func:`pruned_structure`),
+    so that a pruned run's weights load strictly; the kept channels come with the weights."""
+    if not isinstance(structure, dict):
+        raise UserError(f"{source}: field 'pruned' must be a JSON object, got {type(structure).__name__}")
+    for name, sizes in structure.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            layer = None
+        if not isinstance(layer, DenseLayer) or not isinstance(sizes, dict):
+            raise UserError(f"{source}: field 'pruned' names {name!r}, which is not a dense layer of the model")
+        keep = {key: sizes.get(key) for key in ("inputs", "width")}
+        if not all(v is None or (_is_int(v) and v >= 1) for v in keep.values()):
+            raise UserError(f"{source}: field 'pruned.{name}' must give inputs and width as integers >= 1 or null, "
+                            f"got {sizes!r}")
+        try:
+            layer.prune_(*(None if v is None else torch.arange(v) for v in keep.values()))
+        except ValueError as e:
+            raise UserError(f"{source}: cannot rebuild the pruned layer {name}: {e}") from e
+
+
+def _check_input_index(model: nn.Module, source: object) -> None:
+    """Every pruned layer's ``input_index`` (loaded from the weights) must name channels its
+    block has, each once: a damaged file would otherwise fail, or read wrong maps, in forward."""
+    for name, m in model.named_modules():
+        if isinstance(m, DenseLayer) and m.input_index is not None:
+            try:
+                check_channel_index(f"{name}.input_index", m.input_index, m.in_channels)
+            except ValueError as e:
+                raise UserError(f"{source}: {e}; the file is damaged") from e
 
 
 def pretrained_cfg(info: dict, run_dir: Path) -> dict:
@@ -335,6 +399,7 @@ def load_run_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu
     _check_fits(model, info, run_dir / MODEL_JSON)
     state = read_state_dict(run_dir / WEIGHTS)
     _load_strictly(model, state, f"{run_dir / WEIGHTS}: does not match {MODEL_JSON}")
+    _check_input_index(model, run_dir / WEIGHTS)
     bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
     if bad:
         raise UserError(f"{run_dir / WEIGHTS}: {len(bad)} tensor(s) hold NaN or infinite values "

@@ -42,7 +42,9 @@ DEFAULT_SAVE_EVERY = 200
 
 # The fields that define a run: a directory can only be resumed with the same values.
 IDENTITY = ("model", "model_args", "dataset", "image_size", "recipe", "epochs", "batch_size", "lr",
-            "seed", "train_limit")
+            "seed", "train_limit", "init")
+# Identity fields added later, with the value that runs stored before them had.
+_IDENTITY_DEFAULTS = {"init": None}
 
 
 @dataclasses.dataclass
@@ -52,6 +54,8 @@ class TrainConfig:
 
     model: str | None = None
     model_args: dict | None = None      # DenseNet arguments that override the variant's
+    init: str | None = None             # a run directory to start from: its model, structure and weights
+                                        # (fine-tuning after `densekit prune`); sets model and dataset
     dataset: str | None = None
     data_dir: str | None = None
     image_size: int | None = None       # imagefolder only
@@ -97,6 +101,9 @@ def _check(config: TrainConfig) -> None:
         raise UserError(f"seed must be an integer >= 0, got {config.seed!r}")
     if config.model_args is not None and not isinstance(config.model_args, dict):
         raise UserError(f"model_args must be a dict, got {type(config.model_args).__name__}")
+    if config.init is not None and (config.model is not None or config.model_args):
+        raise UserError("--init takes the model, its structure and weights from the run directory; "
+                        "drop --model and --model-arg")
     for key in ("num_classes", "in_chans", "features_only", "out_indices"):
         if key in (config.model_args or {}):
             raise UserError(f"model argument {key!r} cannot be set: "
@@ -113,7 +120,9 @@ def _resolve(config: TrainConfig, stored: dict | None) -> dict:
     else:
         base = dict(model=DEFAULT_MODEL, model_args={}, dataset=DEFAULT_DATASET, data_dir=None, image_size=None,
                     recipe=DEFAULT_RECIPE, seed=0, train_limit=None, deterministic=False,
-                    save_every=DEFAULT_SAVE_EVERY)
+                    save_every=DEFAULT_SAVE_EVERY, init=None)
+        if config.init is not None:
+            base.update(_init_defaults(config.init))
     cfg = {**base, **{k: v for k, v in given.items() if k in base or k in IDENTITY}}
     recipe = get_recipe_or_error(cfg["recipe"])
     for key in ("epochs", "batch_size", "lr"):
@@ -122,6 +131,17 @@ def _resolve(config: TrainConfig, stored: dict | None) -> dict:
     # as JSON will read it back, so that a stored run compares equal: (1, 1) -> [1, 1]
     cfg["model_args"] = json.loads(json.dumps(cfg.get("model_args") or {}))
     return cfg
+
+
+def _init_defaults(init: str) -> dict:
+    """What a run started from ``init`` takes from it unless told otherwise: its model (name and
+    arguments, for the records; the model itself is rebuilt from the run) and its data."""
+    info = ckpt.read_model_info(init)
+    defaults = dict(model=info["model"], model_args=info.get("model_args") or {}, dataset=info.get("dataset"),
+                    data_dir=info.get("data_dir"))
+    if info.get("dataset") == "imagefolder":
+        defaults["image_size"] = info["preprocessing"]["image_size"][0]
+    return {k: v for k, v in defaults.items() if v is not None}
 
 
 def get_recipe_or_error(name: str):
@@ -150,7 +170,7 @@ def _open_run_dir(out: Path, config: TrainConfig) -> tuple[dict, dict | None]:
         raise UserError(f"--out {out}: directory is not empty and holds no densekit run; "
                         "choose another --out (densekit never overwrites files)")
     meta = ckpt.read_resume_meta(resume_path)
-    stored = meta["config"]
+    stored = {**_IDENTITY_DEFAULTS, **meta["config"]}
     lacking = [k for k in (*IDENTITY, "data_dir", "deterministic", "save_every") if k not in stored]
     if lacking:
         raise UserError(f"{resume_path}: corrupt resume state: its config lacks {', '.join(lacking)}")
@@ -167,6 +187,8 @@ def _open_run_dir(out: Path, config: TrainConfig) -> tuple[dict, dict | None]:
 
 
 def _build_model(cfg: dict, dataset) -> tuple[DenseNet, dict]:
+    if cfg["init"] is not None:
+        return _init_model(cfg["init"], dataset)
     args = dict(cfg["model_args"], num_classes=dataset.num_classes, in_chans=dataset.in_chans)
     try:
         model = create_model(cfg["model"], **args)
@@ -183,6 +205,24 @@ def _build_model(cfg: dict, dataset) -> tuple[DenseNet, dict]:
     return model, {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
 
 
+def _init_model(init: str, dataset) -> tuple[DenseNet, dict]:
+    """The model of run directory ``init``, pruned structure and weights included, ready to
+    train on ``dataset``; with the DenseNet arguments that rebuild it."""
+    model = ckpt.load_run_model(init, "cpu")
+    del model.pretrained_cfg  # the new run describes its own preprocessing
+    h, w = dataset.image_size
+    problems = []
+    if model.num_classes != dataset.num_classes:
+        problems.append(f"it predicts {model.num_classes} classes, {dataset.name} has {dataset.num_classes}")
+    if model.in_chans != dataset.in_chans:
+        problems.append(f"it takes {model.in_chans} channels, {dataset.name} images have {dataset.in_chans}")
+    if model.min_input_size > min(h, w):
+        problems.append(f"it needs images of at least {model.min_input_size} px, {dataset.name} images are {h}x{w}")
+    if problems:
+        raise UserError(f"--init {init}: its model does not fit the data: {'; '.join(problems)}")
+    return model.train(), ckpt.read_model_info(init)["model_kwargs"]
+
+
 def default_out(dataset: str, model: str) -> Path:
     return Path("runs") / f"{dataset}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -195,6 +235,8 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
     """Run (or continue) training as ``config`` says; returns the summary also written to
     ``summary.json``. Reports progress through ``on_event`` (never prints)."""
     _check(config)
+    if config.init is not None:  # the identity of a run: the same directory from any working directory
+        config = dataclasses.replace(config, init=str(Path(config.init).resolve()))
     emit = on_event or (lambda event: None)
     out = Path(config.out) if config.out else default_out(config.dataset or DEFAULT_DATASET,
                                                          config.model or DEFAULT_MODEL)
@@ -253,7 +295,8 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
         if not (out / ckpt.MODEL_JSON).is_file():  # a run killed right after its first save lacks it
             ckpt.write_json(out / ckpt.MODEL_JSON, ckpt.model_info(
                 cfg["model"], cfg["model_args"], kwargs, dataset,
-                None if cfg["data_dir"] is None else str(Path(cfg["data_dir"]).resolve())))
+                None if cfg["data_dir"] is None else str(Path(cfg["data_dir"]).resolve()),
+                ckpt.pruned_structure(model)))
         ckpt.write_metrics(out, history)  # on resume: the checkpoint's records are the true ones
 
         params = count_params(model)
@@ -301,7 +344,8 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
 
     finished = global_step >= total_steps
     summary = dict(
-        model=cfg["model"], model_args=cfg["model_args"], dataset=dataset.name, num_classes=dataset.num_classes,
+        model=cfg["model"], model_args=cfg["model_args"], init=cfg["init"], dataset=dataset.name,
+        num_classes=dataset.num_classes,
         input_size=[dataset.in_chans, *dataset.image_size], params=params, macs=macs,
         epochs=cfg["epochs"], epochs_completed=len(history), steps=global_step, total_steps=total_steps,
         finished=finished, batch_size=cfg["batch_size"], lr=cfg["lr"], seed=cfg["seed"],

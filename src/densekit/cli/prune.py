@@ -1,0 +1,37 @@
+"""``densekit prune``: network-slim a trained run into a new run directory."""
+
+from __future__ import annotations
+
+from ..train.checkpoint import dumps
+from .train import add_device_argument
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run_dir", metavar="DIR", help="run directory written by `densekit train` (or an earlier prune)")
+    p.add_argument("--amount", type=float, required=True,
+                   help="fraction in [0, 1) of the prunable channels (dense layers' inputs and bottleneck widths) "
+                        "to remove, those with the smallest |BN gamma| across the network")
+    p.add_argument("--out", metavar="OUT", required=True, help="new run directory (must not exist or be empty)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    add_device_argument(p)
+
+
+def summary_lines(s: dict) -> list[str]:
+    c = s["channels"]
+    return [
+        f"pruned {c['removed']:,} of {c['prunable']:,} prunable channels ({100 * c['removed_fraction']:.2f}%) "
+        f"in {s['pruned_layers']} dense layers of {s['model']}",
+        f"parameters {s['params_before']:,} -> {s['params_after']:,} ({s['params_ratio']:.3f}x), "
+        f"MACs {s['macs_before'] / 1e6:.1f} M -> {s['macs_after'] / 1e6:.1f} M ({s['macs_ratio']:.3f}x)",
+        f"{s['dataset']} test accuracy ({s['test_images']} images) {100 * s['test_accuracy_before']:.2f}% -> "
+        f"{100 * s['test_accuracy_after']:.2f}%",
+        f"saved in {s['out']}; fine-tune with: densekit train --init {s['out']} --epochs 1 --out DIR",
+    ]
+
+
+def run(args) -> int:
+    from ..prune import prune_run
+
+    summary = prune_run(args.run_dir, args.out, args.amount, device=args.device)
+    print(dumps(summary) if args.json else "\n".join(summary_lines(summary)))
+    return 0

@@ -1,0 +1,181 @@
+"""`densekit prune` on a trained run, the pruned run directory in use (load, eval, predict),
+fine-tuning it with `train --init` (and resuming that), and the user errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+import densekit
+from densekit.cli import main
+from densekit.errors import UserError
+from densekit.prune import prune_model
+from densekit.train import checkpoint as ckpt
+from densekit.train.checkpoint import load_run_model
+
+FINE_TUNE = ["--epochs", "2", "--batch-size", "8", "--deterministic", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def pruned(trained, tmp_path_factory):
+    """(data, source run, pruned run, the summary `prune --json` printed)."""
+    data, run = trained
+    out = tmp_path_factory.mktemp("pruned") / "p30"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["prune", str(run), "--amount", "0.3", "--out", str(out), "--json"]) == 0
+    return data, run, out, json.loads(buf.getvalue())
+
+
+def test_prune_writes_a_run_with_its_figures(pruned):
+    data, run, out, summary = pruned
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "summary.json"]
+    assert json.loads((out / "summary.json").read_text()) == summary
+    # the accuracy before is the run's own, on the same (full, 30-image) test split
+    trained = json.loads((run / "summary.json").read_text())
+    assert summary["test_accuracy_before"] == trained["test_accuracy"] and summary["test_images"] == 30
+    assert summary["params_before"] == trained["params"] and summary["macs_before"] == trained["macs"]
+    # tiny model: norm1 reads 4, 8 (block 1) and 6, 10 (block 2, after a transition to 6);
+    # four bottlenecks of 16: 92 prunable channels, round(0.3 * 92) = 28 removed
+    c = summary["channels"]
+    assert c["prunable"] == 4 + 8 + 6 + 10 + 4 * 16 == 92 and c["removed"] == 28 and c["kept"] == 64
+    assert summary["params_after"] < summary["params_before"] and summary["macs_after"] < summary["macs_before"]
+    assert 0 <= summary["test_accuracy_after"] <= 1 and summary["amount"] == 0.3
+    info = json.loads((out / "model.json").read_text())
+    assert info["pruned"] and summary["pruned_layers"] == len(info["pruned"])
+    assert {k: v for k, v in info.items() if k != "pruned"} == json.loads((run / "model.json").read_text())
+
+
+def test_pruned_run_loads_with_the_same_outputs(pruned):
+    data, run, out, summary = pruned
+    model = load_run_model(run)
+    prune_model(model, 0.3)
+    loaded = densekit.load(out)
+    assert sum(p.numel() for p in loaded.parameters()) == summary["params_after"]
+    x = torch.randn(5, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.pretrained_cfg["classes"] == load_run_model(run).pretrained_cfg["classes"]
+
+
+def test_eval_and_predict_on_the_pruned_run(pruned, cli, tmp_path):
+    data, run, out, summary = pruned
+    rc, stdout, err = cli("eval", out, "--json", "--out", tmp_path / "confusion.png")
+    assert rc == 0, err
+    assert json.loads(stdout)["accuracy"] == summary["test_accuracy_after"]
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)).save(image)
+    rc, stdout, err = cli("predict", out, image, "--top-k", "2")
+    assert rc == 0, err
+    row = json.loads(stdout)
+    model = densekit.load(out)
+    x = (torch.from_numpy(np.array(Image.open(image))).float().view(1, 1, 16, 16) / 255
+         - model.pretrained_cfg["mean"][0]) / model.pretrained_cfg["std"][0]
+    with torch.no_grad():
+        p = model(x).softmax(1)[0]
+    assert row["index"] == int(p.argmax()) and row["prob"] == pytest.approx(float(p.max()), abs=1e-5)
+
+
+def test_init_fine_tunes_and_resumes(pruned, cli, tmp_path):
+    data, run, out, summary = pruned
+    ref = tmp_path / "ref"
+    rc, stdout, err = cli("train", "--init", out, *FINE_TUNE, "--out", ref)
+    assert rc == 0, err
+    done = json.loads((ref / "summary.json").read_text())
+    # the dataset and data folder come from the pruned run; the structure too
+    assert done["dataset"] == "mnist" and done["init"] == str(out.resolve()) and done["finished"]
+    assert done["params"] == summary["params_after"] and done["test_images"] == 30
+    info = json.loads((ref / "model.json").read_text())
+    assert info["pruned"] == json.loads((out / "model.json").read_text())["pruned"]
+    model = densekit.load(ref)
+    assert sum(p.numel() for p in model.parameters()) == summary["params_after"]
+    start = safetensors.torch.load_file(out / "model.safetensors")
+    end = safetensors.torch.load_file(ref / "model.safetensors")
+    assert start.keys() == end.keys() and not torch.equal(start["classifier.weight"], end["classifier.weight"])
+    for key in (k for k in start if k.endswith("input_index")):
+        assert torch.equal(start[key], end[key])  # fine-tuning keeps the structure
+
+    # stopped after 3 steps, then resumed without repeating --init: the same bits as in one go
+    part = tmp_path / "part"
+    assert cli("train", "--init", out, *FINE_TUNE, "--out", part, "--max-steps", "3")[0] == 0
+    rc, stdout, err = cli("train", "--out", part, "--resume", "--no-progress")
+    assert rc == 0, err
+    resumed = safetensors.torch.load_file(part / "model.safetensors")
+    assert all(torch.equal(resumed[k], end[k]) for k in end)
+    assert json.loads((part / "summary.json").read_text())["test_accuracy"] == done["test_accuracy"]
+
+    # --init is part of the run's identity
+    rc, stdout, err = cli("train", "--init", run, *FINE_TUNE, "--out", part, "--resume")
+    assert rc == 2 and "init is" in err and len(err.strip().splitlines()) == 1
+    rc, stdout, err = cli("train", *FINE_TUNE, "--dataset", "mnist", "--data-dir", data, "--out", part)
+    assert rc == 2 and "init is" in err
+
+
+def test_init_errors(pruned, cli, tmp_path):
+    data, run, out, summary = pruned
+    rc, _, err = cli("train", "--init", out, "--model", "densenet121", "--out", tmp_path / "a")
+    assert rc == 2 and "drop --model" in err
+    rc, _, err = cli("train", "--init", tmp_path / "nowhere", "--out", tmp_path / "b")
+    assert rc == 2 and "run directory not found" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("amount", ["-0.1", "1", "1.5", "nan"])
+def test_bad_amount_exits_2(trained, cli, tmp_path, amount):
+    data, run = trained
+    rc, stdout, err = cli("prune", run, "--amount", amount, "--out", tmp_path / "p")
+    assert rc == 2 and stdout == "" and "amount must be a fraction in [0, 1)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "p").exists()
+
+
+def test_missing_dir_and_existing_out_exit_2_and_touch_nothing(pruned, cli, tmp_path):
+    data, run, out, summary = pruned
+    rc, _, err = cli("prune", tmp_path / "missing", "--amount", "0.3", "--out", tmp_path / "p")
+    assert rc == 2 and "run directory not found" in err and len(err.strip().splitlines()) == 1
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    for target in (mine, out):
+        before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in target.iterdir()}
+        rc, _, err = cli("prune", run, "--amount", "0.3", "--out", target)
+        assert rc == 2 and "not empty" in err and len(err.strip().splitlines()) == 1
+        assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in target.iterdir()} == before
+    rc, _, err = cli("prune", run, "--amount", "x", "--out", tmp_path / "q")
+    assert rc == 2 and "--amount" in err
+
+
+def test_a_damaged_input_index_is_refused(pruned, tmp_path):
+    data, run, out, summary = pruned
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.json").write_bytes((out / "model.json").read_bytes())
+    state = safetensors.torch.load_file(out / "model.safetensors")
+    key = next(k for k in state if k.endswith("input_index") and state[k].numel() > 1)
+    state[key] = state[key].flip(0)
+    safetensors.torch.save_file(state, bad / "model.safetensors")
+    with pytest.raises(UserError, match="input_index must be increasing"):
+        load_run_model(bad)
+    info = json.loads((out / "model.json").read_text())
+    name = next(iter(info["pruned"]))
+    info["pruned"][name]["width"] = 0
+    (bad / "model.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match=f"pruned.{name}' must give inputs and width"):
+        load_run_model(bad)
+
+
+def test_structure_round_trips_through_model_json(pruned):
+    data, run, out, summary = pruned
+    info = ckpt.read_model_info(out)
+    model = ckpt.build_model(info)
+    assert ckpt.pruned_structure(model) == info["pruned"]
+    assert math.isclose(summary["params_ratio"], summary["params_after"] / summary["params_before"])
+    assert Path(summary["source"]) == run

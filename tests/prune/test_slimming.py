@@ -1,0 +1,190 @@
+"""Network slimming on models: the plan, the function it preserves, the fused path's guard."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import densekit
+from densekit.models.fused import supports_fused
+from densekit.models.profile import count_params
+from densekit.prune import prunable_norms, prune_model, slimming_plan
+from densekit.train import checkpoint as ckpt
+
+
+def small(bn_size: int = 4, memory_efficient: bool = True) -> densekit.DenseNet:
+    """Two blocks of three layers, k=4, on 1x12x12 inputs; BN gammas and betas spread out and
+    running statistics filled in, so that neither is a no-op."""
+    torch.manual_seed(0)
+    model = densekit.DenseNet(4, (3, 3), num_init_features=6, bn_size=bn_size, num_classes=5, in_chans=1,
+                              stem="cifar", memory_efficient=memory_efficient)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.2, 1.0)
+            m.bias.data.uniform_(-0.3, 0.3)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 1, 12, 12))
+    return model
+
+
+def inputs() -> torch.Tensor:
+    return torch.randn(6, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+
+
+def test_amount_zero_is_the_identity():
+    model = small().eval()
+    x = inputs()
+    before, params = model(x), count_params(model)
+    report = prune_model(model, 0.0)
+    assert report == dict(prunable=report["prunable"], kept=report["prunable"], removed=0, removed_fraction=0.0)
+    # norm1 of block 1 reads 6, 10, 14 channels, of block 2 (after a transition to 9) 9, 13, 17;
+    # six bottlenecks of 4k = 16
+    assert report["prunable"] == (6 + 10 + 14) + (9 + 13 + 17) + 6 * 16 == 165
+    assert torch.equal(model(x), before) and count_params(model) == params
+    assert ckpt.pruned_structure(model) == {}
+    assert all(layer.input_index is None for layer in model.modules() if isinstance(layer, densekit.DenseLayer))
+
+
+def _layer_params(n_in: int, width: int, k: int, bottleneck: bool) -> int:
+    """Parameters of a dense layer reading n_in channels (BN affine, convolutions without bias)."""
+    if bottleneck:
+        return 2 * n_in + n_in * width + 2 * width + width * k * 9
+    return 2 * n_in + n_in * k * 9
+
+
+@pytest.mark.parametrize("bn_size", [4, 0])
+def test_dead_channels_go_without_changing_the_function(bn_size):
+    """A channel whose gamma is 0 and beta <= 0 is 0 after its ReLU: pruning exactly those keeps
+    the outputs (eval and train mode) and removes exactly their weights."""
+    model = small(bn_size)
+    groups = prunable_norms(model)
+    gen = torch.Generator().manual_seed(2)
+    dead = {}
+    for name, kind, bn in groups:  # a third of each group's channels, never all of them
+        idx = torch.randperm(bn.num_features, generator=gen)[: bn.num_features // 3]
+        bn.weight.data[idx] = 0.0
+        bn.bias.data[idx] = -torch.rand(len(idx), generator=gen) * (torch.arange(len(idx)) % 2)  # 0 or < 0
+        dead[(name, kind)] = len(idx)
+    total = sum(bn.num_features for _, _, bn in groups)
+    n_dead = sum(dead.values())
+    x = inputs()
+    train_copy = copy.deepcopy(model)
+    model.eval()
+    want_eval = model(x)
+    want_train = train_copy(x)
+    params = count_params(model)
+
+    report = prune_model(model, n_dead / total)
+    pruned_train = copy.deepcopy(train_copy)
+    prune_model(pruned_train, n_dead / total)
+    assert report["removed"] == n_dead
+    torch.testing.assert_close(model(x), want_eval, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pruned_train(x), want_train, rtol=1e-5, atol=1e-5)
+
+    expected = 0
+    for name, layer in ((n, m) for n, m in small(bn_size).named_modules() if isinstance(m, densekit.DenseLayer)):
+        k, width, n_in = layer.growth_rate, 4 * layer.growth_rate, layer.in_channels
+        full = _layer_params(n_in, width, k, bool(bn_size))
+        kept = _layer_params(n_in - dead[(name, "inputs")], width - dead.get((name, "width"), 0), k, bool(bn_size))
+        expected += full - kept
+    assert params - count_params(model) == expected > 0
+
+
+def test_one_global_threshold_and_one_channel_kept_everywhere():
+    model = small()
+    groups = prunable_norms(model)
+    name, kind, first = groups[0]
+    first.weight.data.fill_(1e-4)  # every channel of the first norm1 ranks lowest...
+    first.weight.data[3] = 2e-4    # ...and this one is its largest: the one it keeps
+    plan = slimming_plan(model, 0.25)
+    assert plan[name][kind].tolist() == [3]
+    removed, gone, stay = 0, [], []
+    for n, k, bn in groups:
+        kept = torch.ones(bn.num_features, dtype=torch.bool)
+        if plan[n][k] is not None:
+            kept[:] = False
+            kept[plan[n][k]] = True
+        removed += int((~kept).sum())
+        if (n, k) != (name, kind):
+            gamma = bn.weight.detach().abs()
+            gone.append(gamma[~kept])
+            stay.append(gamma[kept])
+    assert removed == round(0.25 * 165) - 1 == 40  # one channel saved by the keep-one rule
+    assert torch.cat(gone).max() < torch.cat(stay).min()  # one threshold across the network
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), True, "0.3"])
+def test_amount_outside_0_1_is_refused(bad):
+    with pytest.raises(densekit.errors.UserError, match=r"amount must be a fraction in \[0, 1\)"):
+        slimming_plan(small(), bad)
+
+
+def test_pruning_twice_composes_input_index():
+    model = small().eval()
+    prune_model(model, 0.3)
+    first = {n: m.input_index.clone() for n, m in model.named_modules()
+             if isinstance(m, densekit.DenseLayer) and m.input_index is not None}
+    x = inputs()
+    y = model(x)
+    prune_model(model, 0.0)
+    assert torch.equal(model(x), y)
+    prune_model(model, 0.3)
+    for name, index in first.items():
+        now = model.get_submodule(name).input_index
+        if now is not None:
+            assert set(now.tolist()) <= set(index.tolist())  # a subset of the block's channels it read
+
+
+def test_fused_path_refused_for_pruned_layers_and_equal_to_reference():
+    """The default (memory_efficient) model takes the reference path in every pruned block:
+    outputs, gradients and running statistics in train mode equal the plain model's."""
+    fast = small(memory_efficient=True)
+    blocks = [m for m in fast.modules() if isinstance(m, densekit.DenseBlock)]
+    assert all(supports_fused(b) for b in blocks)
+    prune_model(fast, 0.4)
+    assert not any(supports_fused(b) for b in blocks)
+    ref = copy.deepcopy(fast)
+    for block in ref.modules():  # the blocks' reference path; the transitions as they are in both
+        if isinstance(block, densekit.DenseBlock):
+            block.memory_efficient = False
+    x = inputs()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = fast(xa), ref(xb)
+    g = torch.randn_like(ya)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0)
+    for (n, p), (_, q) in zip(fast.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
+    for (n, p), (_, q) in zip(fast.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+
+
+def test_width_only_pruning_is_refused_by_the_fused_path_too():
+    """A bottleneck narrower than bn_size * k (the fused workspaces' width) takes the reference."""
+    model = small(memory_efficient=True)
+    block = model.features.denseblock1
+    block.denselayer2.prune_(width=torch.arange(10))
+    assert not supports_fused(block) and supports_fused(model.features.denseblock2)
+    x = inputs()
+    y = model(x)
+    y.sum().backward()
+    assert y.shape == (6, 5) and block.denselayer2.conv2.weight.grad.shape == (4, 10, 3, 3)
+
+
+def test_a_batch_of_one_through_a_pruned_model():
+    """A pruned block's reference path hands its transition an NCHW map; with a batch of one
+    that once reached the native transition as strided rows, which it refused (predict on one
+    image failed). The transition now takes its torch ops there, with the same result."""
+    model = small(memory_efficient=True).eval()
+    prune_model(model, 0.3)
+    plain = copy.deepcopy(model).set_memory_efficient(False)
+    x = inputs()[:1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
