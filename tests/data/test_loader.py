@@ -259,3 +259,29 @@ def test_cuda_batches_match_cpu():
     gpu = collect(loader(split, device="cuda", **kw).epoch(1))
     assert all(x.device.type == "cuda" for x, _ in gpu)
     assert all(torch.equal(a, b.cpu()) and torch.equal(ya, yb.cpu()) for (a, ya), (b, yb) in zip(cpu, gpu))
+
+
+@pytest.mark.parametrize("world,batch_size,drop_last", [(2, 4, True), (3, 4, False), (4, 3, False)])
+def test_shards_of_all_ranks_make_up_the_batch(world, batch_size, drop_last):
+    # data-parallel ranks draw the same epoch and each takes a contiguous share: put back
+    # together in rank order, the shares are exactly one process's batches, augmentation included
+    split = make_split(n=11, h=6, w=6)
+    kw = dict(batch_size=batch_size, shuffle=True, drop_last=drop_last, seed=5,
+              augment=Augment(crop_padding=2, hflip=True, erase=2))
+    whole = collect(loader(split, **kw).epoch(1, 1))
+    shards = [collect(loader(split, shard=(r, world), **kw).epoch(1, 1)) for r in range(world)]
+    assert all(len(s) == len(whole) for s in shards)
+    for i, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([s[i][0] for s in shards]), x)
+        assert torch.equal(torch.cat([s[i][1] for s in shards]), y)
+        sizes = [len(s[i][1]) for s in shards]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_shard_is_checked_and_one_rank_is_no_shard():
+    split = make_split()
+    for bad in [(2, 2), (-1, 2), (0, 0), ("0", 2)]:
+        with pytest.raises(ValueError, match="shard must be"):
+            loader(split, shard=bad)
+    assert loader(split, shard=(0, 1)).shard is None
+    assert same(collect(loader(split, shard=(0, 1))), collect(loader(split)))

@@ -260,6 +260,9 @@ CASES = [
     # -- train: starting from a run
     ("train-init-missing", train("--init", "{nowhere}", model=False), "run directory not found"),
     ("train-init-with-model", train("--init", "{run}"), "drop --model and --model-arg"),
+    # -- train: data-parallel processes
+    ("train-nproc-zero", train("--nproc", "0"), "--nproc: expected a positive integer, got '0'"),
+    ("train-nproc-batch-split", train("--nproc", "3"), "--batch-size 16 does not split evenly between 3 processes"),
 ]
 
 

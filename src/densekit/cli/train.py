@@ -82,6 +82,9 @@ def add_arguments(p) -> None:
                    help="stop after N optimizer steps of the run (resumable with --resume)")
     p.add_argument("--save-every", type=positive_int, metavar="N",
                    help="steps between mid-epoch checkpoints (default: 200)")
+    p.add_argument("--nproc", type=positive_int, default=1, metavar="N",
+                   help="data-parallel training in N processes on this machine (torch.distributed: gloo on the "
+                        "CPU, NCCL with one GPU each); the batch size is the total over them (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -139,7 +142,9 @@ def summary_lines(s: dict) -> list[str]:
 
 
 def run(args) -> int:
+    from .. import distributed
     from ..train import TrainConfig, train
+    from ..train.trainer import DEFAULT_DATASET, DEFAULT_MODEL, default_out
 
     config = TrainConfig(
         model=args.model, model_args=dict(args.model_args) if args.model_args else None, init=args.init,
@@ -151,7 +156,19 @@ def run(args) -> int:
         resume=args.resume, max_steps=args.max_steps, save_every=args.save_every)
     if args.resume and not args.out:
         raise UserError("--resume needs --out DIR, the run to continue")
-    progress = _ProgressBar(enabled=not args.no_progress)
+    job = distributed.from_env()
+    if args.nproc > 1 and args.batch_size and args.batch_size % args.nproc:  # said before starting anything
+        raise UserError(f"--batch-size {args.batch_size} does not split evenly between {args.nproc} processes; "
+                        f"pick a multiple of {args.nproc}")
+    if args.nproc > 1 and not job.active:  # start the ranks, each this same command
+        argv = list(args.argv)
+        if not args.out:  # one directory for all of them, named once
+            argv += ["--out", str(default_out(args.dataset or DEFAULT_DATASET, args.model or DEFAULT_MODEL))]
+        return distributed.launch(argv, args.nproc)
+    if job.active and args.nproc not in (1, job.world_size):
+        raise UserError(f"--nproc {args.nproc}: this process is one of WORLD_SIZE={job.world_size} started by "
+                        "an outside launcher; drop --nproc or make them agree")
+    progress = _ProgressBar(enabled=not args.no_progress and job.is_main)
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -165,5 +182,6 @@ def run(args) -> int:
         raise
     finally:
         progress.close()
-    print("\n".join(summary_lines(summary)))
+    if job.is_main:
+        print("\n".join(summary_lines(summary)))
     return 0

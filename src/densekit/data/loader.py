@@ -90,7 +90,11 @@ def crop_flip(
 
 class DeviceLoader:
     """Holds a whole Split on one device as uint8 and yields normalized float batches;
-    augmentation is done per batch on tensors (no per-image Python)."""
+    augmentation is done per batch on tensors (no per-image Python).
+
+    ``shard=(rank, world_size)`` (data-parallel training) yields only this rank's share of
+    each batch; ``batch_size`` stays the global batch and ``len`` the global step count.
+    """
 
     def __init__(
         self,
@@ -106,6 +110,7 @@ class DeviceLoader:
         seed: int = 0,
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -117,6 +122,11 @@ class DeviceLoader:
             raise ValueError(f"std must be > 0 for every channel, got {std}")
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+        if shard is not None:
+            rank, world = shard
+            if not (isinstance(rank, int) and isinstance(world, int) and world >= 1 and 0 <= rank < world):
+                raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard!r}")
+            shard = None if world == 1 else (rank, world)
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.shuffle = shuffle
@@ -125,6 +135,7 @@ class DeviceLoader:
         self.seed = seed
         self.channels_last = channels_last
         self.dtype = dtype
+        self.shard = shard
         self.images = split.images.to(self.device).contiguous()
         self.labels = split.labels.to(self.device)
         # Normalize in float32 even for half-precision outputs, so that the rounding
@@ -176,7 +187,7 @@ class DeviceLoader:
         order, offsets, flips, centers = self._draws(epoch)
         n = len(self.labels)
         for step in range(start_step, len(self)):
-            lo, hi = step * self.batch_size, min((step + 1) * self.batch_size, n)
+            lo, hi = self._bounds(step * self.batch_size, min((step + 1) * self.batch_size, n))
             if order is None:
                 x, y = self.images[lo:hi], self.labels[lo:hi]
             else:
@@ -193,6 +204,17 @@ class DeviceLoader:
             if centers is not None:
                 x = erase_squares(x, self.augment.erase, centers[lo:hi])
             yield x, y
+
+    def _bounds(self, lo: int, hi: int) -> tuple[int, int]:
+        """This process's part of the global batch [lo, hi): its rank's contiguous share.
+
+        Every rank draws the same epoch (order and augmentation), so the shares of all ranks
+        together are exactly the batch one process would see."""
+        if self.shard is None:
+            return lo, hi
+        rank, world = self.shard
+        size = hi - lo
+        return lo + size * rank // world, lo + size * (rank + 1) // world
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

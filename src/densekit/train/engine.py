@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import DeviceLoader, Split
+from ..distributed import sum_across_ranks
 from ..errors import UserError
 from .runtime import Runtime
 from .step import TrainStep
@@ -96,27 +97,29 @@ def train_one_epoch(
         nonlocal tick
         if not pending:
             return
-        # one read-back for all pending steps: (loss, correct) per step
-        values = torch.stack([torch.stack([l.float(), c.float()]) for l, c, _ in pending]).cpu().numpy()
-        sizes = np.array([b for _, _, b in pending], dtype=np.float64)
-        finite = np.isfinite(values[:, 0])
+        # one read-back for all pending steps: (loss sum, correct, images) per step
+        parts = torch.stack([torch.stack([l.double() * b, c.double(), torch.full_like(c, b, dtype=torch.float64)])
+                             for l, c, b in pending])
+        if loader.shard is not None:  # each rank saw its share of the batch: add the shares up
+            parts = sum_across_ranks(parts)
+        loss_sums, correct, sizes = parts.cpu().numpy().T
+        finite = np.isfinite(loss_sums)
         if not finite.all():
             bad = int(np.argmin(finite))
             at = global_step - len(pending) + bad + 1
             batch = step - len(pending) + bad
-            raise Diverged(f"loss is {values[bad, 0]} at step {at} (epoch {epoch + 1}, batch {batch + 1} "
-                           f"of {n})", at)
+            raise Diverged(f"loss is {loss_sums[bad] / sizes[bad]} at step {at} (epoch {epoch + 1}, batch "
+                           f"{batch + 1} of {n})", at)
         now = time.perf_counter()
         elapsed = now - tick
         tick = now
-        stats.loss_sum += float((values[:, 0] * sizes).sum())
-        stats.correct += int(values[:, 1].sum())
+        stats.loss_sum += float(loss_sums.sum())
+        stats.correct += int(correct.sum())
         stats.seen += int(sizes.sum())
         stats.seconds += elapsed
         if report is not None:
             report(StepReport(epoch=epoch, step=step, steps_per_epoch=n, global_step=global_step,
-                              loss=float((values[:, 0] * sizes).sum() / sizes.sum()),
-                              acc=float(values[:, 1].sum() / sizes.sum()),
+                              loss=float(loss_sums.sum() / sizes.sum()), acc=float(correct.sum() / sizes.sum()),
                               images_per_s=float(sizes.sum() / max(elapsed, 1e-9))))
         pending.clear()
 
@@ -163,10 +166,12 @@ class EvalResult:
         return [float(self.confusion[i, i] / c) if c else None for i, c in enumerate(counts)]
 
 
-def eval_loader(split: Split, mean, std, runtime: Runtime, batch_size: int = EVAL_BATCH_SIZE) -> DeviceLoader:
-    """The loader every evaluation uses: fixed order, no augmentation, the runtime's layout."""
+def eval_loader(split: Split, mean, std, runtime: Runtime, batch_size: int = EVAL_BATCH_SIZE,
+                shard: tuple[int, int] | None = None) -> DeviceLoader:
+    """The loader every evaluation uses: fixed order, no augmentation, the runtime's layout;
+    ``shard`` (rank, world_size) splits each batch between data-parallel ranks."""
     return DeviceLoader(split, batch_size, mean=mean, std=std, device=runtime.device, shuffle=False,
-                        channels_last=runtime.channels_last)
+                        channels_last=runtime.channels_last, shard=shard)
 
 
 def predict_logits(model: nn.Module, x: torch.Tensor, runtime: Runtime) -> torch.Tensor:
@@ -196,7 +201,9 @@ def evaluate(model: nn.Module, loader: DeviceLoader, runtime: Runtime, num_class
         true = torch.cat(labels).cpu() if labels else torch.zeros(0, dtype=torch.int64)
         # on the host: CUDA's bincount is not deterministic, and this is tiny
         confusion = torch.bincount(true * num_classes + pred, minlength=num_classes * num_classes)
-        total = len(true)
+        if loader.shard is not None:  # each rank evaluated its share of the test set
+            loss_sum, confusion = sum_across_ranks(loss_sum), sum_across_ranks(confusion)
+        total = int(confusion.sum())
         return EvalResult(loss=float(loss_sum) / total if total else math.nan,
                           confusion=confusion.view(num_classes, num_classes).numpy())
     finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from .. import __version__, distributed
 from ..data import DeviceLoader, load_dataset
 from ..errors import UserError
 from ..models import DenseNet, create_model, model_kwargs
@@ -237,12 +237,51 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
     _check(config)
     if config.init is not None:  # the identity of a run: the same directory from any working directory
         config = dataclasses.replace(config, init=str(Path(config.init).resolve()))
-    emit = on_event or (lambda event: None)
+    # Under torchrun or `densekit train --nproc N`, this process is one rank of a data-parallel
+    # job (densekit.distributed): it joins the group here and leaves it when training ends.
+    job = distributed.from_env()
+    if job.active and config.cuda_graph:
+        raise UserError("--cuda-graph: CUDA graphs are not used with several processes; drop it or run one")
+    device = _rank_device(config.device, job)
+    joined = job.active and not distributed.current().active
+    distributed.init(job, device)
+    try:
+        return _train(config, on_event if job.is_main and on_event else (lambda event: None), job, device)
+    finally:
+        if joined:
+            distributed.shutdown()
+
+
+def _rank_device(device: str, job: distributed.Dist) -> torch.device:
+    """The device of this rank: the one asked for, or with several ranks on CUDA, GPU LOCAL_RANK."""
+    dev = select_runtime(device).device
+    if job.active and dev.type == "cuda":
+        if job.local_rank >= torch.cuda.device_count():
+            raise UserError(f"rank {job.rank} needs GPU {job.local_rank}, but only {torch.cuda.device_count()} "
+                            "CUDA device(s) exist; start fewer processes")
+        dev = torch.device("cuda", job.local_rank)
+    return dev
+
+
+def _train(config: TrainConfig, emit: Callable[[Event], None], job: distributed.Dist,
+           device: torch.device) -> dict:
+    main = job.is_main  # the rank that writes the run directory
     out = Path(config.out) if config.out else default_out(config.dataset or DEFAULT_DATASET,
                                                          config.model or DEFAULT_MODEL)
+    out = distributed.broadcast_object(out)  # a default name comes from rank 0's clock
     cfg, meta = _open_run_dir(out, config)
+    if job.active and cfg["batch_size"] % job.world_size:
+        raise UserError(f"--batch-size {cfg['batch_size']} does not split evenly between {job.world_size} "
+                        f"processes; pick a multiple of {job.world_size}")
+    if meta is not None and meta.get("world_size", 1) != job.world_size:
+        log.warning("continuing a run of %d process(es) with %d: the batches are the same, but batch norm "
+                    "now sees other shares of them, so the result will not match an uninterrupted run",
+                    meta.get("world_size", 1), job.world_size)
+    distributed.barrier()  # every rank has read the directory before rank 0 writes to it
     recipe = get_recipe_or_error(cfg["recipe"])
-    runtime = select_runtime(config.device, config.channels_last, bool(cfg["deterministic"]), config.cuda_graph)
+    runtime = select_runtime(str(device), config.channels_last, bool(cfg["deterministic"]),
+                             False if job.active else config.cuda_graph)
+    shard = (job.rank, job.world_size) if job.active else None
     dataset = load_dataset(cfg["dataset"], cfg["data_dir"], cfg["train_limit"], cfg["image_size"])
     data_facts = dict(train_images=len(dataset.train), test_images=len(dataset.test), classes=dataset.classes,
                       image_size=list(dataset.image_size), in_chans=dataset.in_chans)
@@ -257,17 +296,19 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
         runtime.prepare(model)
         train_loader = DeviceLoader(dataset.train, cfg["batch_size"], mean=dataset.mean, std=dataset.std,
                                     device=runtime.device, shuffle=True, augment=augment_for(recipe, dataset.name),
-                                    drop_last=True, seed=cfg["seed"], channels_last=runtime.channels_last)
+                                    drop_last=True, seed=cfg["seed"], channels_last=runtime.channels_last,
+                                    shard=shard)
         steps_per_epoch = len(train_loader)
         if steps_per_epoch == 0:
             raise UserError(f"batch size {cfg['batch_size']} is larger than the {len(dataset.train)} training "
                             "images; lower --batch-size")
         total_steps = cfg["epochs"] * steps_per_epoch
-        test_loader = eval_loader(dataset.test, dataset.mean, dataset.std, runtime)
+        test_loader = eval_loader(dataset.test, dataset.mean, dataset.std, runtime, shard=shard)
         optimizer = build_optimizer(model, recipe, cfg["lr"], fused=runtime.cuda_graph)
         scheduler = build_scheduler(optimizer, recipe, steps_per_epoch, total_steps)
         criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-        train_step = TrainStep(model, optimizer, criterion, runtime, cuda_graph=runtime.cuda_graph)
+        train_step = TrainStep(distributed.wrap(model, runtime.device), optimizer, criterion, runtime,
+                               cuda_graph=runtime.cuda_graph)
         resume_path = out / ckpt.RESUME
 
         if meta is None:
@@ -281,23 +322,26 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
             log.info("resuming %s at epoch %d, step %d of %d", out, epoch + 1, start_step, steps_per_epoch)
 
         def save(epoch: int, step_in_epoch: int, global_step: int) -> None:
-            if not _all_finite(model):
+            if not _all_finite(model):  # on every rank: they all hold the same weights and stop together
                 raise Diverged(f"the weights became non-finite by step {global_step}", global_step)
-            ckpt.save_resume(resume_path, model, optimizer, scheduler, rng_state(), dict(
-                config=cfg, data=data_facts, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
-                steps_per_epoch=steps_per_epoch, total_steps=total_steps, stats=dataclasses.asdict(stats),
-                history=history, train_seconds=train_seconds))
+            if main:
+                ckpt.save_resume(resume_path, model, optimizer, scheduler, rng_state(), dict(
+                    config=cfg, data=data_facts, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
+                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, stats=dataclasses.asdict(stats),
+                    history=history, train_seconds=train_seconds, world_size=job.world_size))
 
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temps(out)  # what killed writers left, even that of a first save that never landed
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temps(out)  # what killed writers left, even that of a first save that never landed
         if meta is None:
             save(0, 0, 0)  # first, so that the directory is recognized as this run from now on
-        if not (out / ckpt.MODEL_JSON).is_file():  # a run killed right after its first save lacks it
+        if main and not (out / ckpt.MODEL_JSON).is_file():  # a run killed right after its first save lacks it
             ckpt.write_json(out / ckpt.MODEL_JSON, ckpt.model_info(
                 cfg["model"], cfg["model_args"], kwargs, dataset,
                 None if cfg["data_dir"] is None else str(Path(cfg["data_dir"]).resolve()),
                 ckpt.pruned_structure(model)))
-        ckpt.write_metrics(out, history)  # on resume: the checkpoint's records are the true ones
+        if main:
+            ckpt.write_metrics(out, history)  # on resume: the checkpoint's records are the true ones
 
         params = count_params(model)
         macs = count_macs(model, (dataset.in_chans, *dataset.image_size))
@@ -327,8 +371,9 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
                 train_seconds += stats.seconds
                 epoch, start_step, stats = epoch + 1, 0, EpochStats()
                 save(epoch, 0, global_step)
-                ckpt.write_metrics(out, history)
-                ckpt.save_weights(out / ckpt.WEIGHTS, model)
+                if main:
+                    ckpt.write_metrics(out, history)
+                    ckpt.save_weights(out / ckpt.WEIGHTS, model)
                 emit(Event("epoch", dict(record, epochs=cfg["epochs"])))
                 stopped = config.max_steps is not None and global_step >= config.max_steps
         except Diverged as e:
@@ -338,8 +383,10 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
 
         if last_eval is None:
             last_eval = evaluate(model, test_loader, runtime, dataset.num_classes)
-        ckpt.save_weights(out / ckpt.WEIGHTS, model)
-        if history:  # drawn once at the end: a figure costs more than a small model's epoch
+        distributed.check_in_sync(model)
+        if main:
+            ckpt.save_weights(out / ckpt.WEIGHTS, model)
+        if main and history:  # drawn once at the end: a figure costs more than a small model's epoch
             ckpt.atomic_write(out / ckpt.CURVES, curves_png(history, f"{cfg['model']} on {dataset.name}"))
 
     finished = global_step >= total_steps
@@ -356,10 +403,11 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
         train_acc=history[-1]["train_acc"] if history else stats.acc,
         test_accuracy=last_eval.accuracy, test_loss=last_eval.loss, test_correct=last_eval.correct,
         test_images=last_eval.total,
-        **runtime.describe(), cuda_graph_captured=train_step.captured, torch=torch.__version__,
-        densekit=__version__,
+        **runtime.describe(), cuda_graph_captured=train_step.captured, world_size=job.world_size,
+        torch=torch.__version__, densekit=__version__,
         recipe=dict(recipe.to_dict(), epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"]),
         out=str(out),
     )
-    ckpt.write_json(out / ckpt.SUMMARY, summary)
+    if main:
+        ckpt.write_json(out / ckpt.SUMMARY, summary)
     return summary

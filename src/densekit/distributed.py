@@ -1,0 +1,265 @@
+"""Data-parallel training on torch.distributed: one process per GPU, or per share of the CPU.
+
+The model is wrapped in DistributedDataParallel, which averages the gradients of every
+step across the processes (ranks) and keeps their weights identical. The data need no
+sampler: every rank draws the same epoch (order, crops, flips; ``data.loader``) and takes
+its contiguous share of each global batch, so the ranks together see exactly the batches
+one process would. Batch norm normalizes each rank's share with that share's statistics
+(as torchvision's reference scripts do without --sync-bn); the running statistics are
+rank 0's, which DDP broadcasts before every forward.
+
+Two ways in, one code path: ``densekit train --nproc N`` starts N copies of itself with
+the environment torchrun sets (``launch``), and ``torchrun --nproc-per-node N -m densekit
+train ...`` works as is. Backend: NCCL on CUDA, gloo on the CPU. Rank 0 writes the run
+directory and prints; the other ranks only compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+# A collective waits this long for a peer before failing. The launcher ends every rank as
+# soon as one dies, so this only bounds a hang under an outside launcher.
+TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """Where this process stands in a data-parallel job (rank 0 of 1 when alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0     # the rank among the processes of this machine: picks cuda:N
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name} must be an integer, got {raw!r}") from None
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Dist:
+    """The job this process belongs to, as torchrun describes it (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    environ = os.environ if environ is None else environ
+    world = _env_int(environ, "WORLD_SIZE", 1)
+    rank = _env_int(environ, "RANK", 0)
+    local = _env_int(environ, "LOCAL_RANK", rank)
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise UserError(f"inconsistent torch.distributed environment: RANK={rank}, WORLD_SIZE={world}, "
+                        f"LOCAL_RANK={local}")
+    if world > 1:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
+        if missing:
+            raise UserError(f"WORLD_SIZE={world} but {' and '.join(missing)} not set; start the ranks with "
+                            "`densekit train --nproc N` or torchrun")
+    return Dist(rank=rank, world_size=world, local_rank=local)
+
+
+def current() -> Dist:
+    """The job of this process, once ``init`` has joined it (else a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Dist()
+    return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                local_rank=_env_int(os.environ, "LOCAL_RANK", dist.get_rank()))
+
+
+def init(job: Dist, device: torch.device) -> None:
+    """Join the process group of ``job`` (a no-op for a single process or when joined)."""
+    if not job.active or dist.is_initialized():
+        return
+    if not dist.is_available():
+        raise UserError(f"this torch build ({torch.__version__}) has no torch.distributed")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method="env://", rank=job.rank, world_size=job.world_size,
+                            timeout=TIMEOUT)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _reduce(t: torch.Tensor, op) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    buf = t.detach().to(_collective_device(), copy=True)
+    dist.all_reduce(buf, op=op)
+    return buf.to(t.device)
+
+
+def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over every rank (a copy on ``t``'s device); ``t`` itself when alone."""
+    return _reduce(t, dist.ReduceOp.SUM)
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank (e.g. a default run directory named by the clock)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel when the job has several ranks, else itself."""
+    if not current().active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=True, gradient_as_bucket_view=True)
+
+
+def check_in_sync(model: nn.Module) -> None:
+    """Raise if the ranks' weights differ: DDP keeps them equal, so a difference is a bug
+    (a rank that skipped a step, a gradient hook that did not fire) and must not be saved."""
+    if not current().active:
+        return
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        sums = torch.stack([flat.sum(), flat.abs().sum()]).cpu()
+    low, high = _reduce(sums, dist.ReduceOp.MIN), _reduce(sums, dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"data-parallel ranks hold different weights (checksums {low.tolist()} to "
+                           f"{high.tolist()}); the run directory was not updated")
+
+
+# -- the launcher -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, nproc: int, port: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of rank ``rank`` of a job of ``nproc`` processes on this machine."""
+    env = dict(os.environ if base is None else base)
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # N processes each using every core would oversubscribe the CPU N times over
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return env
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def launch(argv: Sequence[str], nproc: int, poll_seconds: float = 0.1) -> int:
+    """Run ``python -m densekit *argv`` as ``nproc`` ranks on this machine; return the job's
+    exit status: 0 when every rank succeeded, else that of the failure (``_wait``).
+
+    Rank 0 keeps this process's stdout and stderr; the others print nothing unless they
+    fail, and then their last line of stderr is logged. When one rank fails, the rest are
+    ended soon after, rather than left waiting in a collective for a peer that is gone.
+    """
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise UserError(f"--nproc must be a positive integer, got {nproc!r}")
+    port = free_port()
+    cmd = [sys.executable, "-m", "densekit", *argv]
+    procs: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="densekit-ranks-") as logs:
+        err_paths = [os.path.join(logs, f"rank{r}.stderr") for r in range(nproc)]
+        try:
+            for r in range(nproc):
+                if r == 0:
+                    procs.append(subprocess.Popen(cmd, env=rank_env(r, nproc, port)))
+                else:
+                    with open(err_paths[r], "wb") as err:
+                        procs.append(subprocess.Popen(cmd, env=rank_env(r, nproc, port),
+                                                      stdout=subprocess.DEVNULL, stderr=err))
+            status, culprit = _wait(procs, poll_seconds)
+        except KeyboardInterrupt:
+            _end(procs)
+            raise
+        if culprit is not None and culprit > 0:  # rank 0's own message is already on stderr
+            log.error("rank %d of %d failed (exit %d): %s", culprit, nproc, status,
+                      _last_line(err_paths[culprit]) or "no message")
+        return status
+
+
+def _wait(procs: list[subprocess.Popen], poll_seconds: float, settle: float = 3.0) -> tuple[int, int | None]:
+    """Wait for every rank; returns (the job's exit status, the rank it comes from or None).
+
+    When one rank fails, the rest get ``settle`` seconds to end by themselves (a user
+    mistake stops every rank at the same point, and rank 0's message is the one to show),
+    then they are ended. The status is rank 0's if it failed by itself, else the first
+    failure's; a rank ended by a signal counts as 128 + the signal, as in a shell.
+    """
+    first, deadline = None, None
+    while True:
+        codes = [p.poll() for p in procs]
+        if first is None:
+            first = next((r for r, c in enumerate(codes) if c not in (None, 0)), None)
+            if first is not None:
+                deadline = time.monotonic() + settle
+        if all(c is not None for c in codes) or (deadline is not None and time.monotonic() > deadline):
+            break
+        time.sleep(poll_seconds)
+    _end(procs)
+    if first is None:
+        return 0, None
+    culprit = 0 if codes[0] not in (None, 0) else first
+    code = codes[culprit]
+    return (code if code > 0 else 128 - code), culprit
+
+
+def _end(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
