@@ -1,37 +1,13 @@
-"""The analyze suite's shared pieces: the dataset writers, tiny model and CLI runner of
-tests/train (loaded by path: tests/ is not a package), one torch thread, and one tiny
-finished run that the CLI tests analyze."""
+"""The analyze suite's pieces: the shared writers, tiny model and fixtures (testkit), and one
+tiny finished run that the CLI tests analyze."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
-_spec = importlib.util.spec_from_file_location("_densekit_train_conftest_for_analyze",
-                                               Path(__file__).parents[1] / "train" / "conftest.py")
-_train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_train)
-
-TINY = list(_train.TINY)
-write_mnist = _train.write_mnist
-run_cli = _train.run_cli
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core CPU: a second thread only waits at OpenMP barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def cli(capsys):
-    return lambda *argv: run_cli(capsys, *argv)
+from testkit import TINY, cli, one_thread, run_cli, write_mnist  # noqa: F401
 
 
 @pytest.fixture(scope="module")

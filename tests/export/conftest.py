@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import runpy
 from pathlib import Path
 
 import pytest
 
-# tests/ is not a package (--import-mode=importlib): run the training suite's conftest by path
-_train = runpy.run_path(str(Path(__file__).parents[1] / "train" / "conftest.py"))
-TINY = list(_train["TINY"])
-write_mnist = _train["write_mnist"]
-# the same fixtures: one thread (tiny models on a shared CPU) and the in-process CLI runner
-one_thread = _train["one_thread"]
-cli = _train["cli"]
+# the shared fixtures: one thread (tiny models on a shared CPU) and the in-process CLI runner
+from testkit import TINY, cli, one_thread, write_mnist  # noqa: F401
 
 
 @pytest.fixture(scope="session")

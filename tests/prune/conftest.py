@@ -1,26 +1,23 @@
-"""The pruning suite's pieces, reused from tests/reliability (and through it tests/train): the
-dataset writers, the tiny model, the CLI runner, one torch thread and no stray data root. They
-are loaded by path, since the suite runs with --import-mode=importlib (tests/ is no package)."""
+"""The pruning suite's pieces: the shared writers, tiny model and fixtures (testkit), no stray
+data root, and one finished tiny run."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from densekit.cli import main
 
-_spec = importlib.util.spec_from_file_location("_densekit_reliability_conftest_for_prune",
-                                               Path(__file__).parents[1] / "reliability" / "conftest.py")
-_shared = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_shared)
+from testkit import TINY as _TINY, cli, one_thread, write_mnist  # noqa: F401
 
-one_thread, no_data_root, cli = _shared.one_thread, _shared.no_data_root, _shared.cli  # fixtures
-write_mnist = _shared.write_mnist
+
+@pytest.fixture(autouse=True)
+def no_data_root(monkeypatch):
+    """No DENSEKIT_DATA from the environment: every test names its data."""
+    monkeypatch.delenv("DENSEKIT_DATA", raising=False)
 
 # tests/train's tiny BC model with two layers per block, so that a layer reads a concatenation
-TINY = [*_shared.TINY, "--model-arg", "block_config=(2,2)"]
+TINY = [*_TINY, "--model-arg", "block_config=(2,2)"]
 # 64 images, batch 8: 8 steps an epoch
 RUN = ["--dataset", "mnist", "--epochs", "2", "--batch-size", "8", "--no-progress"]
 

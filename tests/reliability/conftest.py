@@ -4,30 +4,16 @@ CLI runner, a one-thread torch, subprocess environments and directory snapshots.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import densekit
 
-# The dataset writers and the tiny model live in tests/train/conftest.py; load that file by
-# path (the suite runs with --import-mode=importlib, so tests/ is not a package).
-_spec = importlib.util.spec_from_file_location("_densekit_train_conftest",
-                                               Path(__file__).parents[1] / "train" / "conftest.py")
-_train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_train)
-
-TINY: list[str] = list(_train.TINY)
-write_mnist = _train.write_mnist
-write_cifar = _train.write_cifar
-write_imagefolder = _train.write_imagefolder
-run_cli = _train.run_cli
-idx_bytes = _train._idx  # an array as IDX file bytes
-patterns = _train.patterns
+# one_thread: also the same kernels as the OMP_NUM_THREADS=1 children whose bits are compared with ours
+from testkit import TINY, cli, idx_bytes, one_thread, patterns, run_cli, write_cifar, write_imagefolder, write_mnist  # noqa: F401
 
 SRC = str(Path(densekit.__file__).parents[1])
 
@@ -76,21 +62,6 @@ def diff_snapshots(before: dict, after: dict) -> list[str]:
     return sorted(changes)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as tests/train does: tiny models on a shared 2-core machine, and
-    the same kernels as the OMP_NUM_THREADS=1 children whose bits are compared with ours."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def no_data_root(monkeypatch):
     monkeypatch.delenv("DENSEKIT_DATA", raising=False)
-
-
-@pytest.fixture
-def cli(capsys):
-    return lambda *argv: run_cli(capsys, *argv)
