@@ -153,7 +153,7 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
         params_ratio=after["params"] / before["params"], macs_ratio=after["macs"] / before["macs"],
         pruned_layers=len(ckpt.pruned_structure(model)), device=str(runtime.device), torch=torch.__version__,
         densekit=__version__)
-    _write_run(out, model, dict(info, pruned=ckpt.pruned_structure(model)), summary)
+    _write_run(out, model, ckpt.with_pruned(info, ckpt.pruned_structure(model)), summary)
     return summary
 
 
@@ -161,5 +161,5 @@ def _write_run(out: Path, model: nn.Module, info: dict, summary: dict) -> None:
     _check_out(out)  # again: the evaluations took a while
     out.mkdir(parents=True, exist_ok=True)
     ckpt.save_weights(out / ckpt.WEIGHTS, model)
-    ckpt.write_json(out / ckpt.MODEL_JSON, {k: v for k, v in info.items() if k != "pruned" or v})
+    ckpt.write_json(out / ckpt.MODEL_JSON, info)
     ckpt.write_json(out / ckpt.SUMMARY, summary)

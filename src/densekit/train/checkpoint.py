@@ -53,7 +53,10 @@ CURVES = "curves.png"
 CONFUSION = "confusion.png"
 
 FORMAT = "densekit.run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest run files this densekit reads; 2 added model.json's "pruned"
+# What files without a pruned model are written as: densekit 0.1 reads them. A pruned run's
+# model.json says 2, so that an older densekit refuses it as newer instead of failing on shapes.
+_PLAIN_VERSION = 1
 _RESUME_KEY = "densekit.resume"
 
 
@@ -167,7 +170,7 @@ def model_info(name: str, model_args: dict, kwargs: dict, dataset, data_dir: str
     ``pruned`` (see :func:`pruned_structure`) is written only for a pruned model."""
     info = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if pruned else _PLAIN_VERSION,
         "model": name,
         "model_args": model_args,   # what the user changed from the registered variant
         "model_kwargs": kwargs,     # the full DenseNet arguments: rebuilds even if the variant changes
@@ -183,8 +186,15 @@ def model_info(name: str, model_args: dict, kwargs: dict, dataset, data_dir: str
             "resize": "bilinear, antialiased",
         },
     }
+    return with_pruned(info, pruned)
+
+
+def with_pruned(info: dict, pruned: dict | None) -> dict:
+    """model.json ``info`` describing its model pruned to ``pruned`` (:func:`pruned_structure`;
+    empty or None: not pruned), with the format version that such a file needs."""
+    info = {k: v for k, v in info.items() if k != "pruned"}
     if pruned:
-        info["pruned"] = pruned
+        info.update(pruned=pruned, format_version=FORMAT_VERSION)
     return info
 
 
@@ -425,7 +435,7 @@ def save_resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             else:
                 extra.setdefault(str(idx), {})[name] = value
     tensors.update({f"rng/{k}": v for k, v in rng.items()})
-    meta = dict(meta, format_version=FORMAT_VERSION,
+    meta = dict(meta, format_version=_PLAIN_VERSION,
                 optimizer={"param_groups": opt["param_groups"], "state": extra},
                 scheduler=scheduler.state_dict())
     atomic_write(path, _tensor_bytes(tensors, {_RESUME_KEY: json.dumps(meta)}))
