@@ -21,13 +21,13 @@ kill at any moment leaves either no file or the whole one (at worst beside a hid
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.util
 import io
 import json
 import os
-import secrets
 import time
 import warnings
 import zipfile
@@ -47,17 +47,18 @@ FORMATS = ("onnx", "pt2")
 SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2"}
 INSTALL_HINT = "pip install 'densekit[export]'"
 
-# Opsets each ONNX exporter writes in torch 2.14. The TorchScript-based one writes 7 to 23,
-# but BatchNormalization before opset 9 takes attributes onnxruntime rejects; the
-# torch.export-based one implements 18 and up and, asked for less, logs a warning and keeps 18.
-OPSETS = {"torchscript": (9, 23), "dynamo": (18, 23)}
+# Opsets each ONNX exporter writes in torch 2.14. The TorchScript-based one supports up to 20
+# (asked for more, it warns that 20 is its highest), and BatchNormalization before opset 9
+# takes attributes onnxruntime rejects; the torch.export-based one implements 18 and up and,
+# asked for less, logs a warning and keeps 18.
+OPSETS = {"torchscript": (9, 20), "dynamo": (18, 23)}
 
 # Default tolerance of the check, relative to the largest |output| of the batch: fp32 summed in
 # other orders (onnxruntime's own kernels and fusions) differs by about 1e-7 to 1e-6.
 RTOL = 1e-4
 
 # The metadata values that are not plain strings are stored as JSON text.
-_JSON_KEYS = ("classes", "num_classes", "mean", "std", "input_size", "spatial_dims", "outputs", "feature_info")
+_JSON_KEYS = ("model_args", "pruned_layers", "classes", "num_classes", "mean", "std", "input_size", "spatial_dims", "outputs", "feature_info")
 _PT2_EXTRA = "densekit.json"
 _LAYOUTS = {1: "NCL", 2: "NCHW", 3: "NCDHW"}
 
@@ -190,12 +191,17 @@ def _metadata(model: nn.Module, cfg: dict, input_shape: tuple[int, ...], outputs
 
 
 def _subject(model_or_run_dir, path, fmt: str, input_size, metadata) -> tuple[_Subject, Path]:
-    source = None
+    source, described = None, {}
     if isinstance(model_or_run_dir, nn.Module):
         model = model_or_run_dir
     else:
         source = str(model_or_run_dir)
-        read_model_info(source)  # is it a run directory at all: said before any complaint about path
+        info = read_model_info(source)  # is it a run directory at all: said before any complaint about path
+        # the registered name alone does not say what was changed from it, or pruned
+        if info.get("model_args"):
+            described["model_args"] = info["model_args"]
+        if info.get("pruned"):
+            described["pruned_layers"] = len(info["pruned"])
     target = _target(path, source, fmt)  # before loading anything: a bad --out costs nothing
     if source is not None:
         model = load_run_model(source, device="cpu")
@@ -204,33 +210,21 @@ def _subject(model_or_run_dir, path, fmt: str, input_size, metadata) -> tuple[_S
     shape = _input_shape(reference, cfg, input_size)
     outputs = _output_names(reference)
     return _Subject(reference, _plain_copy(reference), shape, outputs,
-                    _metadata(reference, cfg, shape, outputs, metadata)), target
+                    _metadata(reference, cfg, shape, outputs, {**described, **dict(metadata or {})})), target
 
 
 # -- writing ------------------------------------------------------------------------
 
 
 def _publish(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` only if nothing is there, never as a half file.
-
-    ``atomic_write`` replaces; a hard link of its finished temp file to ``path`` fails if
-    ``path`` exists, so no file that appeared since the early check is overwritten either."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.export.tmp")
+    """Write ``data`` to ``path`` only if nothing is there, never as a half file: not even a
+    file that appeared since the early check is overwritten."""
     try:
-        try:
-            atomic_write(tmp, data)
-        except OSError as e:  # a read-only folder, a full disk: the user's to fix
-            raise UserError(f"{path}: cannot write: {e}") from e
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise UserError(f"{path}: already exists; refusing to overwrite it") from None
-        except OSError:  # a filesystem without hard links: check, then rename (a tiny race)
-            if path.exists():
-                raise UserError(f"{path}: already exists; refusing to overwrite it") from None
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic_write(path, data, replace=False)
+    except FileExistsError:
+        raise UserError(f"{path}: already exists; refusing to overwrite it") from None
+    except OSError as e:  # a read-only folder, a full disk: the user's to fix
+        raise UserError(f"{path}: cannot write: {e.strerror or e}") from e
 
 
 def _example(subject: _Subject, batch: int, seed: int) -> torch.Tensor:
@@ -286,7 +280,13 @@ def _onnx_bytes(subject: _Subject, batch_size: int, opset: int | None, dynamic_b
         if dynamo:
             if importlib.util.find_spec("onnxscript") is None:
                 raise UserError(f"the dynamo ONNX exporter needs onnxscript; {INSTALL_HINT}")
-            program = torch.onnx.export(subject.plain, (x,), None, dynamo=True, verbose=False, **kwargs)
+            # onnxscript's optimizer prints its passes; a library call should not
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                try:
+                    program = torch.onnx.export(subject.plain, (x,), None, dynamo=True, verbose=False, **kwargs)
+                except ImportError as e:  # an onnxscript too old for this torch lacks the modules it imports
+                    raise UserError(f"the dynamo ONNX exporter cannot import what it needs ({e}); "
+                                    f"{INSTALL_HINT} --upgrade") from e
             return program.model_proto.SerializeToString()
         buf = io.BytesIO()
         torch.onnx.export(subject.plain, (x,), buf, dynamo=False, **kwargs)
@@ -310,7 +310,13 @@ def _with_metadata(onnx, data: bytes, subject: _Subject, opset: int | None) -> t
 def _check_onnx(onnx, data: bytes, subject: _Subject, batch: int, rtol: float) -> dict:
     ort = _require("onnxruntime")
     onnx.checker.check_model(onnx.load_from_string(data))
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own error types
+        if "IR version" in str(e) or "opset" in str(e).lower():  # an onnxruntime older than the file
+            raise UserError(f"onnxruntime {ort.__version__} cannot load this file ({str(e).splitlines()[0]}); "
+                            f"choose a lower --opset, or {INSTALL_HINT} --upgrade") from e
+        raise
     x = _example(subject, batch, seed=1)
     got = session.run(subject.outputs, {"input": x.numpy()})
     return dict(_compare(subject, x, got, rtol, "the ONNX file in onnxruntime"), onnxruntime=ort.__version__)

@@ -89,3 +89,30 @@ def test_user_mistakes_exit_2_with_one_line(cli, run_dir, tmp_path, argv, messag
     assert len(lines) == 1 and lines[0].startswith("densekit analyze: error: "), err
     assert message in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_file_that_appears_while_computing_is_not_replaced(cli, run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "race"
+    real = report._RUNNERS["reuse"]
+
+    def reuse_while_someone_writes(target):
+        out.mkdir()
+        (out / "reuse.json").write_text("someone else's\n")
+        return real(target)
+
+    monkeypatch.setitem(report._RUNNERS, "reuse", reuse_while_someone_writes)
+    rc, _, err = cli("analyze", run_dir, "--what", "reuse", "--out", out)
+    assert rc == 2 and "reuse.json: appeared while the analysis ran; refusing to overwrite it" in err
+    assert (out / "reuse.json").read_text() == "someone else's\n"
+
+
+def test_default_analyses_of_a_run_without_metrics_leave_overfit_out(run_dir, tmp_path):
+    # a pruned run's directory has model.json and weights but no metrics.jsonl
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("model.json", "model.safetensors"):
+        shutil.copy(run_dir / name, bare / name)
+    assert report.parse_what(None, report.resolve_target(str(bare))) == ["reuse", "gradients", "cost"]
+    assert report.parse_what(None, report.resolve_target(str(run_dir))) == ["reuse", "gradients", "cost", "overfit"]

@@ -42,6 +42,16 @@ def test_chain_has_no_dense_connections():
     assert chain(torch.randn(2, 1, 16, 16)).shape == (2, 10)
 
 
+def test_chain_of_a_pruned_model_has_its_narrower_bottlenecks():
+    model = small_densenet()
+    model.features.denseblock1.denselayer2.prune_(width=torch.tensor([0, 3, 5, 9, 11]))
+    chain = chain_of(model)
+    link = chain.features.denseblock1.denselayer2
+    assert (link.conv1.out_channels, link.norm2.num_features, link.conv2.in_channels) == (5, 5, 5)
+    assert chain.features.denseblock1.denselayer3.conv1.out_channels == 16  # the others stay whole
+    assert chain(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
 def test_chain_output_is_only_the_last_layer():
     """Changing a layer's output changes the chain's output only through the layers after it:
     the block's output is the last layer's maps, nothing concatenated."""

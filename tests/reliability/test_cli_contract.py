@@ -243,7 +243,7 @@ CASES = [
     ("export-out-exists", ["export", "{run}", "--out", "{file}"], "thesis.tex: already exists; refusing to overwrite"),
     ("export-out-in-missing-folder", ["export", "{run}", "--out", "{nowhere}/model.onnx"], "folder does not exist"),
     ("export-opset-zero", ["export", "{run}", "--opset", "0"], "--opset: expected a positive integer, got '0'"),
-    ("export-opset-unknown", ["export", "{run}", "--opset", "99"], "opset must be an integer from 9 to 23"),
+    ("export-opset-unknown", ["export", "{run}", "--opset", "99"], "opset must be an integer from 9 to 20"),
     ("export-batch-size-zero", ["export", "{run}", "--batch-size", "0"], "--batch-size: expected a positive integer"),
     ("export-truncated-weights", ["export", "{cut_weights}"], "model.safetensors: cannot read safetensors file"),
     # -- analyze (each is refused before anything is computed or written)

@@ -30,7 +30,8 @@ from ..models.layers import norm_nd
 class ChainBlock(nn.Sequential):
     """A dense block with its dense connections cut: layer i reads only layer i-1's maps.
 
-    The layers are the block's own kind (bottleneck or plain, growth rate, dropout); the
+    The layers are the block's own kind (bottleneck or plain, growth rate, dropout, a pruned
+    bottleneck's width; a pruned layer's input subset has no counterpart in a chain); the
     first reads the block input (``in_channels``, default the block's: a chain's earlier
     blocks are narrower), each later one the ``growth_rate`` maps of the one before, and the
     block's output is the last layer's maps.
@@ -40,8 +41,12 @@ class ChainBlock(nn.Sequential):
         in_channels = block.in_channels if in_channels is None else in_channels
         layers, channels = OrderedDict(), in_channels
         for name, layer in block.items():
-            layers[name] = DenseLayer(channels, layer.growth_rate, layer.bn_size, layer.drop_rate,
-                                      spatial_dims=layer.spatial_dims)
+            link = DenseLayer(channels, layer.growth_rate, layer.bn_size, layer.drop_rate,
+                              spatial_dims=layer.spatial_dims)
+            if layer.has_bottleneck and layer.norm2.num_features < link.norm2.num_features:
+                # a pruned bottleneck is narrower: the chain's layer is the same layer
+                link.prune_(width=torch.arange(layer.norm2.num_features))
+            layers[name] = link
             channels = layer.growth_rate
         super().__init__(layers)
         self.in_channels = in_channels

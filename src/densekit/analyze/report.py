@@ -80,7 +80,9 @@ def resolve_target(target: str, data_dir: str | os.PathLike | None = None) -> Ta
 def parse_what(text: str | None, target: Target) -> list[str]:
     """The analyses asked for (default: every one that applies to the target)."""
     if text is None:
-        return [a for a in ANALYSES if a != "overfit" or target.run_dir is not None]
+        # overfit reads the run's metrics.jsonl, which a pruned run's directory does not have
+        return [a for a in ANALYSES if a != "overfit" or
+                (target.run_dir is not None and (target.run_dir / "metrics.jsonl").is_file())]
     asked = [w.strip() for w in text.split(",") if w.strip()]
     unknown = [w for w in asked if w not in ANALYSES]
     if unknown or not asked:
@@ -169,10 +171,14 @@ def analyze(target: str, what: str | None = None, out: str | os.PathLike | None 
     folder = next(iter(paths.values())).parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        # never replacing a file, not even one that appeared during the minutes of computing
         for name in analyses:
-            write_json(paths[f"{name}.json"], dict(target=resolved.label, **results[name]))
+            write_json(paths[f"{name}.json"], dict(target=resolved.label, **results[name]), replace=False)
         for file, png in figures.items():
-            atomic_write(paths[file], png)
+            atomic_write(paths[file], png, replace=False)
+    except FileExistsError as e:
+        raise UserError(f"{e.filename}: appeared while the analysis ran; refusing to overwrite it "
+                        "(choose another --out)") from None
     except OSError as e:
         raise UserError(f"{folder}: cannot write the analysis: {e.strerror or e}") from e
     return dict(target=resolved.label, trained=resolved.run_dir is not None, out=str(folder),

@@ -26,6 +26,7 @@ renamed over the old one, so a kill at any moment leaves the previous version wh
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -72,17 +73,25 @@ _UMASK = _read_umask()
 # -- atomic writes ------------------------------------------------------------------
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new file, never a part."""
+def atomic_write(path: str | os.PathLike, data: bytes, replace: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, never a part.
+
+    With ``replace=False`` an existing ``path`` is never replaced, not even one that appears
+    while the data are written: the finished temp file is hard-linked into place, which fails
+    if anything is there (FileExistsError)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the temp name must fit where the name fits: a long name's temp keeps only its start
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -97,6 +106,19 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:  # named by the target, not the temp file os.link reports
+        raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+    except OSError:  # a filesystem without hard links: check, then rename (a tiny race)
+        if path.exists() or path.is_symlink():
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+        os.replace(tmp, path)
+        return
+    Path(tmp).unlink()
 
 
 _RUN_FILES = (MODEL_JSON, WEIGHTS, RESUME, METRICS, SUMMARY, CURVES, CONFUSION)
@@ -129,8 +151,8 @@ def dumps(obj: object, indent: int | None = None) -> str:
     return json.dumps(_plain(obj), indent=indent, allow_nan=False)
 
 
-def write_json(path: str | os.PathLike, obj: object) -> None:
-    atomic_write(path, (dumps(obj, indent=2) + "\n").encode())
+def write_json(path: str | os.PathLike, obj: object, replace: bool = True) -> None:
+    atomic_write(path, (dumps(obj, indent=2) + "\n").encode(), replace=replace)
 
 
 def read_json(path: str | os.PathLike) -> dict:
