@@ -16,10 +16,12 @@ directory and prints; the other ranks only compute.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -147,17 +149,32 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    # buffers are broadcast from rank 0 before each forward by default (the argument that says
+    # so is deprecated in torch 2.14, and warns)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=True, gradient_as_bucket_view=True)
+                                   gradient_as_bucket_view=True)
+
+
+def share_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (batch norm's running statistics). DDP does so only at
+    the start of each training forward, so after a step each rank holds its own update."""
+    if not current().active:
+        return
+    with torch.no_grad():
+        for b in model.buffers():
+            buf = b.to(_collective_device())
+            dist.broadcast(buf, src=0)
+            if buf is not b:
+                b.copy_(buf)
 
 
 def check_in_sync(model: nn.Module) -> None:
-    """Raise if the ranks' weights differ: DDP keeps them equal, so a difference is a bug
+    """Raise if the ranks' weights or buffers differ: DDP keeps them equal, so a difference is a bug
     (a rank that skipped a step, a gradient hook that did not fire) and must not be saved."""
     if not current().active:
         return
     with torch.no_grad():
-        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        flat = torch.cat([t.detach().double().flatten() for t in (*model.parameters(), *model.buffers())])
         sums = torch.stack([flat.sum(), flat.abs().sum()]).cpu()
     low, high = _reduce(sums, dist.ReduceOp.MIN), _reduce(sums, dist.ReduceOp.MAX)
     if not torch.equal(low, high):
@@ -206,24 +223,61 @@ def launch(argv: Sequence[str], nproc: int, poll_seconds: float = 0.1) -> int:
     port = free_port()
     cmd = [sys.executable, "-m", "densekit", *argv]
     procs: list[subprocess.Popen] = []
-    with tempfile.TemporaryDirectory(prefix="densekit-ranks-") as logs:
+    with tempfile.TemporaryDirectory(prefix="densekit-ranks-") as logs, _ending_on_signals():
         err_paths = [os.path.join(logs, f"rank{r}.stderr") for r in range(nproc)]
         try:
             for r in range(nproc):
                 if r == 0:
-                    procs.append(subprocess.Popen(cmd, env=rank_env(r, nproc, port)))
+                    procs.append(subprocess.Popen(cmd, env=rank_env(r, nproc, port), preexec_fn=_die_with_parent))
                 else:
                     with open(err_paths[r], "wb") as err:
-                        procs.append(subprocess.Popen(cmd, env=rank_env(r, nproc, port),
+                        procs.append(subprocess.Popen(cmd, env=rank_env(r, nproc, port), preexec_fn=_die_with_parent,
                                                       stdout=subprocess.DEVNULL, stderr=err))
             status, culprit = _wait(procs, poll_seconds)
-        except KeyboardInterrupt:
-            _end(procs)
+        except (KeyboardInterrupt, _Stopped):
+            _end(procs)  # the ranks must not go on writing the run directory without us
             raise
         if culprit is not None and culprit > 0:  # rank 0's own message is already on stderr
             log.error("rank %d of %d failed (exit %d): %s", culprit, nproc, status,
                       _last_line(err_paths[culprit]) or "no message")
         return status
+
+
+class _Stopped(Exception):
+    """The launcher was asked to stop (SIGTERM, SIGHUP); carries the signal number."""
+
+
+@contextlib.contextmanager
+def _ending_on_signals():
+    """Turn SIGTERM and SIGHUP into _Stopped while the ranks run (a `kill`, a scheduler or an
+    IDE's stop button signals the launcher alone), so that they are ended too; then exit as
+    the signal would have (128 + its number)."""
+    def stop(signum, frame):
+        raise _Stopped(signum)
+
+    watched = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if sig]
+    try:
+        saved = {sig: signal.signal(sig, stop) for sig in watched}
+    except ValueError:  # not the main thread: nothing to install
+        yield
+        return
+    try:
+        yield
+    except _Stopped as e:
+        raise SystemExit(128 + e.args[0]) from None
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _die_with_parent() -> None:
+    """In a rank, before exec: on Linux, get SIGTERM when the launcher dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: the signal handlers above still end the ranks
+        pass
 
 
 def _wait(procs: list[subprocess.Popen], poll_seconds: float, settle: float = 3.0) -> tuple[int, int | None]:

@@ -23,6 +23,8 @@ only such channels leaves the function unchanged (the tests pin it).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -158,8 +160,21 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
 
 
 def _write_run(out: Path, model: nn.Module, info: dict, summary: dict) -> None:
+    """Write the run into a hidden sibling folder, then rename it to ``out``: a kill leaves no
+    half run there, and a folder that someone filled meanwhile is not touched (the rename
+    fails on a non-empty directory)."""
     _check_out(out)  # again: the evaluations took a while
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.save_weights(out / ckpt.WEIGHTS, model)
-    ckpt.write_json(out / ckpt.MODEL_JSON, info)
-    ckpt.write_json(out / ckpt.SUMMARY, summary)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:100]}.", suffix=".prune-tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~ckpt.UMASK)  # mkdtemp makes 0700; give the folder the mode mkdir would
+        ckpt.save_weights(tmp / ckpt.WEIGHTS, model)
+        ckpt.write_json(tmp / ckpt.MODEL_JSON, info)
+        ckpt.write_json(tmp / ckpt.SUMMARY, summary)
+        try:
+            os.rename(tmp, out)  # replaces an empty folder only
+        except OSError as e:
+            raise UserError(f"--out {out}: {e.strerror or e}; choose another --out "
+                            "(densekit never overwrites files)") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

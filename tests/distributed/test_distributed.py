@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from densekit import distributed
 from densekit.data import DeviceLoader, load_dataset
 from densekit.errors import UserError
 from densekit.models import create_model
-from densekit.train.checkpoint import read_state_dict
+from densekit.train.checkpoint import read_resume_meta, read_state_dict
 from densekit.train.recipes import augment_for, build_optimizer, build_scheduler, get_recipe
 from densekit.train.runtime import seed_everything
 
@@ -138,7 +139,10 @@ def test_two_ranks_compute_data_parallel_sgd_and_resume(mnist, tmp_path, capsys)
     assert summary["test_images"] == 30 and summary["world_size"] == 2 and summary["finished"]
     rc, out, err = run_cli(capsys, "eval", run, "--json", "--device", "cpu")
     assert rc == 0, err
-    assert json.loads(out)["accuracy"] == summary["test_accuracy"]
+    report = json.loads(out)
+    # every rank scored rank 0's model (its batch-norm statistics), the one saved
+    assert report["accuracy"] == summary["test_accuracy"]
+    assert report["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
 
 
 def test_bad_batch_for_the_ranks_is_a_user_error(mnist, tmp_path, capsys):
@@ -157,3 +161,39 @@ def test_nproc_must_match_an_outside_launcher(mnist, tmp_path, capsys, monkeypat
     monkeypatch.setenv("MASTER_PORT", "1")
     rc, _, err = run_cli(capsys, *train_argv(mnist, tmp_path / "run", "--nproc", "4"))
     assert rc == 2 and "--nproc 4" in err and "WORLD_SIZE=2" in err
+
+
+def _processes_writing(out) -> list[int]:
+    """The pids of processes whose command line names ``out`` (the ranks of that run)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(out) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_a_terminated_launcher_ends_its_ranks(mnist, tmp_path):
+    # `kill PID` (a scheduler, an IDE's stop button) signals the launcher alone: the ranks must
+    # not go on writing the run directory
+    out = tmp_path / "long"
+    launcher = subprocess.Popen([PYTHON, "-m", "densekit", *train_argv(mnist, out, "--nproc", "2", "--epochs",
+                                                                       "10000", "--save-every", "2")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read().decode()
+        time.sleep(0.2)
+    assert len(_processes_writing(out)) == 3  # the launcher and two ranks
+    launcher.terminate()
+    assert launcher.wait(timeout=30) == 128 + 15
+    deadline = time.monotonic() + 10
+    while _processes_writing(out) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_writing(out) == []
+    # and what they left is a run that resumes
+    meta = read_resume_meta(out / "resume.safetensors")
+    assert meta["global_step"] >= 4

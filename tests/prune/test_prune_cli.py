@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +109,12 @@ def test_init_fine_tunes_and_resumes(pruned, cli, tmp_path):
     for key in (k for k in start if k.endswith("input_index")):
         assert torch.equal(start[key], end[key])  # fine-tuning keeps the structure
 
-    # stopped after 3 steps, then resumed without repeating --init: the same bits as in one go
-    part = tmp_path / "part"
-    assert cli("train", "--init", out, *FINE_TUNE, "--out", part, "--max-steps", "3")[0] == 0
+    # stopped after 3 steps, then resumed without repeating --init, and with the init run gone
+    # (the run's own model.json and resume state hold all it needs): the same bits as in one go
+    part, init = tmp_path / "part", tmp_path / "init-copy"
+    shutil.copytree(out, init)
+    assert cli("train", "--init", init, *FINE_TUNE, "--out", part, "--max-steps", "3")[0] == 0
+    shutil.rmtree(init)
     rc, stdout, err = cli("train", "--out", part, "--resume", "--no-progress")
     assert rc == 0, err
     resumed = safetensors.torch.load_file(part / "model.safetensors")
@@ -118,7 +122,7 @@ def test_init_fine_tunes_and_resumes(pruned, cli, tmp_path):
     assert json.loads((part / "summary.json").read_text())["test_accuracy"] == done["test_accuracy"]
 
     # --init is part of the run's identity
-    rc, stdout, err = cli("train", "--init", run, *FINE_TUNE, "--out", part, "--resume")
+    rc, stdout, err = cli("train", "--init", out, *FINE_TUNE, "--out", part, "--resume")
     assert rc == 2 and "init is" in err and len(err.strip().splitlines()) == 1
     rc, stdout, err = cli("train", *FINE_TUNE, "--dataset", "mnist", "--data-dir", data, "--out", part)
     assert rc == 2 and "init is" in err
@@ -183,3 +187,25 @@ def test_structure_round_trips_through_model_json(pruned):
     assert ckpt.pruned_structure(model) == info["pruned"]
     assert math.isclose(summary["params_ratio"], summary["params_after"] / summary["params_before"])
     assert Path(summary["source"]) == run
+
+
+def test_init_takes_the_data_folder_only_with_its_dataset(pruned, tmp_path, monkeypatch):
+    from densekit.train.trainer import TrainConfig, _init_defaults, default_out
+
+    data, run, out, summary = pruned
+    mine = _init_defaults(str(out))
+    assert mine["dataset"] == "mnist" and mine["data_dir"] == str(Path(data).resolve())
+    # another dataset is looked for where that dataset's files are, not in the init run's folder
+    other = _init_defaults(str(out), "fashion-mnist")
+    assert "data_dir" not in other and "dataset" not in other and other["model"] == "densenet_bc_100_k12"
+    # and a default run directory is named by what it trains
+    monkeypatch.chdir(tmp_path)
+    assert default_out(TrainConfig(init=str(out))).name.startswith("mnist-densenet_bc_100_k12-")
+    assert default_out(TrainConfig(init=str(out), dataset="fashion-mnist")).name.startswith("fashion-mnist-")
+
+
+def test_the_pruned_run_is_published_whole(pruned):
+    data, run, out, summary = pruned
+    # written in a hidden sibling and renamed: nothing left beside it, and a folder's usual mode
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
+    assert out.stat().st_mode & 0o777 == 0o777 & ~ckpt.UMASK

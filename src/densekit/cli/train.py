@@ -144,7 +144,7 @@ def summary_lines(s: dict) -> list[str]:
 def run(args) -> int:
     from .. import distributed
     from ..train import TrainConfig, train
-    from ..train.trainer import DEFAULT_DATASET, DEFAULT_MODEL, default_out
+    from ..train.trainer import default_out
 
     config = TrainConfig(
         model=args.model, model_args=dict(args.model_args) if args.model_args else None, init=args.init,
@@ -163,7 +163,7 @@ def run(args) -> int:
     if args.nproc > 1 and not job.active:  # start the ranks, each this same command
         argv = list(args.argv)
         if not args.out:  # one directory for all of them, named once
-            argv += ["--out", str(default_out(args.dataset or DEFAULT_DATASET, args.model or DEFAULT_MODEL))]
+            argv += ["--out", str(default_out(config))]
         return distributed.launch(argv, args.nproc)
     if job.active and args.nproc not in (1, job.world_size):
         raise UserError(f"--nproc {args.nproc}: this process is one of WORLD_SIZE={job.world_size} started by "

@@ -67,7 +67,7 @@ def _read_umask() -> int:
     return mask
 
 
-_UMASK = _read_umask()
+UMASK = _read_umask()
 
 
 # -- atomic writes ------------------------------------------------------------------
@@ -83,7 +83,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, replace: bool = True) -> 
     # the temp name must fit where the name fits: a long name's temp keeps only its start
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

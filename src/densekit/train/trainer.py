@@ -122,7 +122,7 @@ def _resolve(config: TrainConfig, stored: dict | None) -> dict:
                     recipe=DEFAULT_RECIPE, seed=0, train_limit=None, deterministic=False,
                     save_every=DEFAULT_SAVE_EVERY, init=None)
         if config.init is not None:
-            base.update(_init_defaults(config.init))
+            base.update(_init_defaults(config.init, config.dataset))
     cfg = {**base, **{k: v for k, v in given.items() if k in base or k in IDENTITY}}
     recipe = get_recipe_or_error(cfg["recipe"])
     for key in ("epochs", "batch_size", "lr"):
@@ -133,14 +133,17 @@ def _resolve(config: TrainConfig, stored: dict | None) -> dict:
     return cfg
 
 
-def _init_defaults(init: str) -> dict:
+def _init_defaults(init: str, dataset: str | None = None) -> dict:
     """What a run started from ``init`` takes from it unless told otherwise: its model (name and
-    arguments, for the records; the model itself is rebuilt from the run) and its data."""
+    arguments, for the records; the model itself is rebuilt from the run) and, unless another
+    ``dataset`` is asked for, its data (folder and image size: another dataset's files are
+    looked for where that dataset's are, never in the init run's folder)."""
     info = ckpt.read_model_info(init)
-    defaults = dict(model=info["model"], model_args=info.get("model_args") or {}, dataset=info.get("dataset"),
-                    data_dir=info.get("data_dir"))
-    if info.get("dataset") == "imagefolder":
-        defaults["image_size"] = info["preprocessing"]["image_size"][0]
+    defaults = dict(model=info["model"], model_args=info.get("model_args") or {})
+    if dataset is None or dataset == info.get("dataset"):
+        defaults.update(dataset=info.get("dataset"), data_dir=info.get("data_dir"))
+        if info.get("dataset") == "imagefolder":
+            defaults["image_size"] = info["preprocessing"]["image_size"][0]
     return {k: v for k, v in defaults.items() if v is not None}
 
 
@@ -186,8 +189,15 @@ def _open_run_dir(out: Path, config: TrainConfig) -> tuple[dict, dict | None]:
     return cfg, meta
 
 
-def _build_model(cfg: dict, dataset) -> tuple[DenseNet, dict]:
+def _build_model(cfg: dict, dataset, resumed_from: Path | None = None) -> tuple[DenseNet, dict]:
+    """The model to train and the DenseNet arguments that rebuild it. ``resumed_from``: the
+    run directory being resumed, whose own model.json (pruned structure included) rebuilds a
+    model started from ``--init``; the weights then come from its resume state, so the init
+    run may be gone by now."""
     if cfg["init"] is not None:
+        if resumed_from is not None and (resumed_from / ckpt.MODEL_JSON).is_file():
+            info = ckpt.read_model_info(resumed_from)
+            return ckpt.build_model(info, resumed_from / ckpt.MODEL_JSON), info["model_kwargs"]
         return _init_model(cfg["init"], dataset)
     args = dict(cfg["model_args"], num_classes=dataset.num_classes, in_chans=dataset.in_chans)
     try:
@@ -223,7 +233,11 @@ def _init_model(init: str, dataset) -> tuple[DenseNet, dict]:
     return model.train(), ckpt.read_model_info(init)["model_kwargs"]
 
 
-def default_out(dataset: str, model: str) -> Path:
+def default_out(config: TrainConfig) -> Path:
+    """runs/<dataset>-<model>-<time>, named by what the run will train (``--init``'s if not given)."""
+    names = _init_defaults(config.init, config.dataset) if config.init is not None else {}
+    dataset = config.dataset or names.get("dataset", DEFAULT_DATASET)
+    model = config.model or names.get("model", DEFAULT_MODEL)
     return Path("runs") / f"{dataset}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -266,8 +280,7 @@ def _rank_device(device: str, job: distributed.Dist) -> torch.device:
 def _train(config: TrainConfig, emit: Callable[[Event], None], job: distributed.Dist,
            device: torch.device) -> dict:
     main = job.is_main  # the rank that writes the run directory
-    out = Path(config.out) if config.out else default_out(config.dataset or DEFAULT_DATASET,
-                                                         config.model or DEFAULT_MODEL)
+    out = Path(config.out) if config.out else default_out(config)
     out = distributed.broadcast_object(out)  # a default name comes from rank 0's clock
     cfg, meta = _open_run_dir(out, config)
     if job.active and cfg["batch_size"] % job.world_size:
@@ -292,7 +305,7 @@ def _train(config: TrainConfig, emit: Callable[[Event], None], job: distributed.
 
     with runtime.activated():
         seed_everything(cfg["seed"])
-        model, kwargs = _build_model(cfg, dataset)
+        model, kwargs = _build_model(cfg, dataset, None if meta is None else out)
         runtime.prepare(model)
         train_loader = DeviceLoader(dataset.train, cfg["batch_size"], mean=dataset.mean, std=dataset.std,
                                     device=runtime.device, shuffle=True, augment=augment_for(recipe, dataset.name),
@@ -364,6 +377,7 @@ def _train(config: TrainConfig, emit: Callable[[Event], None], job: distributed.
                     save(epoch, step, global_step)
                     stopped = True
                     break
+                distributed.share_buffers(model)  # every rank scores rank 0's model, the one saved
                 last_eval = evaluate(model, test_loader, runtime, dataset.num_classes)
                 record = dict(epoch=epoch + 1, train_loss=stats.loss, train_acc=stats.acc, test_loss=last_eval.loss,
                               test_acc=last_eval.accuracy, lr=stats.lr, seconds=stats.seconds)
@@ -381,6 +395,7 @@ def _train(config: TrainConfig, emit: Callable[[Event], None], job: distributed.
             raise UserError(f"{e}; training stopped. The last good checkpoint ({resume_path}, step {good}) "
                             "is kept; try a lower --lr") from e
 
+        distributed.share_buffers(model)
         if last_eval is None:
             last_eval = evaluate(model, test_loader, runtime, dataset.num_classes)
         distributed.check_in_sync(model)
