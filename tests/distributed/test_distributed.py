@@ -117,6 +117,8 @@ def test_two_ranks_compute_data_parallel_sgd_and_resume(mnist, tmp_path, capsys)
     assert r.returncode == 0, r.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
+    # rank 0 alone prints the summary, with the command that continues the run as it ran
+    assert r.stdout.count("stopped at step 3 of 4") == 1 and f"--out {run} --resume --nproc 2" in r.stdout
 
     saved = read_state_dict(run / "model.safetensors")
     expected = simulate(mnist, 3, 2)

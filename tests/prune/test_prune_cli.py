@@ -209,3 +209,17 @@ def test_the_pruned_run_is_published_whole(pruned):
     # written in a hidden sibling and renamed: nothing left beside it, and a folder's usual mode
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
     assert out.stat().st_mode & 0o777 == 0o777 & ~ckpt.UMASK
+
+
+def test_a_damaged_input_index_in_a_resume_state_is_refused(pruned, cli, tmp_path):
+    data, run, out, summary = pruned
+    part = tmp_path / "part"
+    assert cli("train", "--init", out, *FINE_TUNE, "--out", part, "--max-steps", "2")[0] == 0
+    resume = part / "resume.safetensors"
+    with safetensors.safe_open(resume, framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in state if k.endswith("input_index") and state[k].numel() > 1)
+    state[key] = state[key].flip(0)
+    safetensors.torch.save_file(state, resume, metadata=meta)
+    rc, _, err = cli("train", "--out", part, "--resume", "--no-progress")
+    assert rc == 2 and "input_index must be increasing" in err and len(err.strip().splitlines()) == 1

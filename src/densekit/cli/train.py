@@ -136,9 +136,15 @@ def summary_lines(s: dict) -> list[str]:
              f"{'x'.join(map(str, s['input_size']))} image"]
     if not s["finished"]:
         lines.append(f"stopped at step {s['steps']} of {s['total_steps']}; continue with: "
-                     f"densekit train --out {s['out']} --resume")
+                     f"{resume_command(s['out'], s.get('world_size', 1))}")
     lines.append(f"run saved in {s['out']} (densekit eval {s['out']}; densekit predict {s['out']} IMAGE...)")
     return lines
+
+
+def resume_command(out: str, nproc: int = 1) -> str:
+    """The command that continues the run in ``out`` as it ran (the same number of processes:
+    with another, batch norm sees other shares of the batches)."""
+    return f"densekit train --out {out} --resume" + (f" --nproc {nproc}" if nproc > 1 else "")
 
 
 def run(args) -> int:
@@ -164,7 +170,10 @@ def run(args) -> int:
         argv = list(args.argv)
         if not args.out:  # one directory for all of them, named once
             argv += ["--out", str(default_out(config))]
-        return distributed.launch(argv, args.nproc)
+        try:
+            return distributed.launch(argv, args.nproc)
+        except KeyboardInterrupt:  # rank 0 has said so, and how to continue
+            return 130
     if job.active and args.nproc not in (1, job.world_size):
         raise UserError(f"--nproc {args.nproc}: this process is one of WORLD_SIZE={job.world_size} started by "
                         "an outside launcher; drop --nproc or make them agree")
@@ -177,8 +186,8 @@ def run(args) -> int:
     except KeyboardInterrupt:
         progress.close()
         if progress.out is not None:
-            print(f"densekit train: the last checkpoint is kept; continue with: densekit train --out {progress.out} "
-                  "--resume", file=sys.stderr)
+            print(f"densekit train: the last checkpoint is kept; continue with: "
+                  f"{resume_command(progress.out, job.world_size)}", file=sys.stderr)
         raise
     finally:
         progress.close()

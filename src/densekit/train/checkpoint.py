@@ -511,6 +511,7 @@ def load_resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         kind, _, rest = key.partition("/")
         groups.setdefault(kind, {})[rest] = value
     _load_strictly(model, groups.get("model", {}), f"{path}: resume state does not fit this model")
+    _check_input_index(model, path)
     try:
         state: dict[int, dict] = {}
         for key, value in groups.get("optimizer", {}).items():
