@@ -86,9 +86,22 @@ def from_env(environ: Mapping[str, str] | None = None) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local)
 
 
+def _joined() -> bool:
+    """Whether this process is in a process group (torch builds without distributed never are)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def check_batch_split(batch_size: int, world_size: int) -> None:
+    """The global batch must split evenly between the ranks: DDP averages the ranks' mean
+    gradients, which is the batch's mean gradient only when their shares are equal."""
+    if world_size > 1 and batch_size % world_size:
+        raise UserError(f"--batch-size {batch_size} does not split evenly between {world_size} processes; "
+                        f"pick a multiple of {world_size}")
+
+
 def current() -> Dist:
     """The job of this process, once ``init`` has joined it (else a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _joined():
         return Dist()
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(),
                 local_rank=_env_int(os.environ, "LOCAL_RANK", dist.get_rank()))
@@ -96,7 +109,7 @@ def current() -> Dist:
 
 def init(job: Dist, device: torch.device) -> None:
     """Join the process group of ``job`` (a no-op for a single process or when joined)."""
-    if not job.active or dist.is_initialized():
+    if not job.active or _joined():
         return
     if not dist.is_available():
         raise UserError(f"this torch build ({torch.__version__}) has no torch.distributed")
@@ -108,7 +121,7 @@ def init(job: Dist, device: torch.device) -> None:
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         dist.destroy_process_group()
 
 
@@ -117,7 +130,7 @@ def _collective_device() -> torch.device:
 
 
 def _reduce(t: torch.Tensor, op) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _joined():
         return t
     buf = t.detach().to(_collective_device(), copy=True)
     dist.all_reduce(buf, op=op)
@@ -131,7 +144,7 @@ def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
 
 def broadcast_object(obj: object) -> object:
     """Rank 0's ``obj`` on every rank (e.g. a default run directory named by the clock)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _joined():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -139,7 +152,7 @@ def broadcast_object(obj: object) -> object:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         dist.barrier()
 
 

@@ -163,9 +163,8 @@ def run(args) -> int:
     if args.resume and not args.out:
         raise UserError("--resume needs --out DIR, the run to continue")
     job = distributed.from_env()
-    if args.nproc > 1 and args.batch_size and args.batch_size % args.nproc:  # said before starting anything
-        raise UserError(f"--batch-size {args.batch_size} does not split evenly between {args.nproc} processes; "
-                        f"pick a multiple of {args.nproc}")
+    if args.batch_size:  # said before starting anything; the recipe's default is checked by each rank
+        distributed.check_batch_split(args.batch_size, args.nproc)
     if args.nproc > 1 and not job.active:  # start the ranks, each this same command
         argv = list(args.argv)
         if not args.out:  # one directory for all of them, named once

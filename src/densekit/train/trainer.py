@@ -283,9 +283,7 @@ def _train(config: TrainConfig, emit: Callable[[Event], None], job: distributed.
     out = Path(config.out) if config.out else default_out(config)
     out = distributed.broadcast_object(out)  # a default name comes from rank 0's clock
     cfg, meta = _open_run_dir(out, config)
-    if job.active and cfg["batch_size"] % job.world_size:
-        raise UserError(f"--batch-size {cfg['batch_size']} does not split evenly between {job.world_size} "
-                        f"processes; pick a multiple of {job.world_size}")
+    distributed.check_batch_split(cfg["batch_size"], job.world_size)
     if meta is not None and meta.get("world_size", 1) != job.world_size:
         log.warning("continuing a run of %d process(es) with %d: the batches are the same, but batch norm "
                     "now sees other shares of them, so the result will not match an uninterrupted run",
