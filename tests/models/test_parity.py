@@ -85,24 +85,52 @@ def _grads(module):
     return [p.grad.clone() for p in module.parameters()]
 
 
+# How far a fast fp32 path may be from the exact result, as a multiple of how far the plain
+# fp32 path is from it. Both round differently from one CPU to another (oneDNN picks its
+# kernels and summation order by instruction set), so comparing the two fp32 paths with each
+# other elementwise failed on some CPUs with neither path wrong: the plain path's own gradients
+# are up to 3e-4 (elementwise) off the float64 result in these tests. Measured on an AMD EPYC
+# (AVX-512): the fused paths' error is 0.5-1.7x the plain path's on every tensor; with the dgamma
+# shortcut forced onto every channel (its |beta/gamma| guard removed) it is 50-280x.
+ERROR_RATIO = 4.0
+FLOOR = 1e-6  # of the tensor's scale: a path that happens to be exact still leaves the other its rounding
+
+
+def _run(module, x, grad=None):
+    """Output, input and parameter gradients and buffers after one forward and backward;
+    ``grad`` (default: drawn here) is the output's gradient. Returns (grad, [(name, tensor)])."""
+    x = x.clone().requires_grad_()
+    y = module(x)
+    if grad is None:
+        grad = torch.randn(y.shape)
+    y.backward(grad.to(y.dtype))
+    return grad, [("output", y), ("input gradient", x.grad)] + \
+        [(f"gradient of {n}", p.grad) for n, p in module.named_parameters()] + \
+        [(f"buffer {n}", b) for n, b in module.named_buffers()]
+
+
 def _compare(plain, fast, x, train=None):
-    """Outputs, input and parameter gradients and buffers after one step; ``train`` sets both
-    models' mode first (None: the modules' own modes stand)."""
+    """Outputs, input and parameter gradients and buffers after one step, each measured
+    against the plain module run in float64: the fast path must be within ERROR_RATIO times
+    the plain fp32 path's own error (normwise, per tensor). ``train`` sets the models' mode
+    first (None: the modules' own modes stand)."""
     if train is not None:
         plain.train(train)
         fast.train(train)
-    x1 = x.clone().requires_grad_()
-    x2 = x.clone().requires_grad_()
-    y1, y2 = plain(x1), fast(x2)
-    grad = torch.randn_like(y1)
-    y1.backward(grad)
-    y2.backward(grad)
-    torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-5)
-    for g1, g2 in zip(_grads(plain), _grads(fast)):
-        torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-4)
-    for b1, b2 in zip(plain.buffers(), fast.buffers()):
-        torch.testing.assert_close(b2, b1, rtol=1e-5, atol=1e-6)
+    exact = copy.deepcopy(plain).double()
+    exact.zero_grad(set_to_none=True)
+    grad, want = _run(exact, x.double())
+    for (name, e), (_, p), (_, f) in zip(want, _run(plain, x, grad)[1], _run(fast, x, grad)[1]):
+        if not e.is_floating_point():  # num_batches_tracked
+            assert torch.equal(f, e) and torch.equal(p, e), name
+            continue
+        e, p, f = e.double(), p.double(), f.double()
+        scale = e.abs().max().item()
+        plain_err = (p - e).abs().max().item()
+        fast_err = (f - e).abs().max().item()
+        assert fast_err <= ERROR_RATIO * plain_err + FLOOR * scale + 1e-12, (
+            f"{name}: the fast path is {fast_err:.3g} from the float64 result, the plain fp32 path "
+            f"{plain_err:.3g} (scale {scale:.3g})")
 
 
 @pytest.mark.parametrize("spatial_dims,size", [(1, (20,)), (2, (9, 7)), (3, (5, 6, 4))])

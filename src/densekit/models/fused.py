@@ -294,7 +294,9 @@ class _Unit:
 _SHORTCUT_MIN_ROWS = 1024
 
 # Above this |beta/gamma| a channel's dgamma is summed directly (see _Unit._dgamma_from_output):
-# the error of the shortcut is about 2*|beta/gamma| times fp32's rounding, here < 1e-5.
+# the shortcut's rounding error grows with |beta/gamma|. Measured against float64
+# (tests/models/test_parity.py): with this guard the fused dgamma is as close to the exact value
+# as the plain path's (0.5-1.7x its error); with the shortcut on every channel, 50-280x.
 _MAX_BETA_OVER_GAMMA = 16.0
 
 
