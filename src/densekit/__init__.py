@@ -17,6 +17,7 @@ def load(run_dir, device="cpu"):
     Example: ``model = densekit.load("runs/my-run")``, then
     ``model.pretrained_cfg["classes"][model(x).argmax(1)[0]]`` names the first image's class.
     """
-    from .train.checkpoint import load_run_model
+    from .rundir import RunDir
+    from .train.runtime import select_runtime
 
-    return load_run_model(run_dir, device=device)
+    return RunDir(run_dir).load_model(select_runtime(str(device)).device)

@@ -27,12 +27,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import checks
+from .checks import ArgumentError
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -95,8 +97,8 @@ def check_batch_split(batch_size: int, world_size: int) -> None:
     """The global batch must split evenly between the ranks: DDP averages the ranks' mean
     gradients, which is the batch's mean gradient only when their shares are equal."""
     if world_size > 1 and batch_size % world_size:
-        raise UserError(f"--batch-size {batch_size} does not split evenly between {world_size} processes; "
-                        f"pick a multiple of {world_size}")
+        raise ArgumentError(f"{{batch_size}} {batch_size} does not split evenly between {world_size} processes; "
+                            f"pick a multiple of {world_size}")
 
 
 def current() -> Dist:
@@ -123,6 +125,29 @@ def init(job: Dist, device: torch.device) -> None:
 def shutdown() -> None:
     if _joined():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def member(job: Dist, device: torch.device) -> Iterator[None]:
+    """Inside the ``with``, this process is in ``job``'s process group; it leaves the group
+    after, unless it had joined before (a caller's own group stays)."""
+    joined = job.active and not current().active
+    init(job, device)
+    try:
+        yield
+    finally:
+        if joined:
+            shutdown()
+
+
+def rank_device(device: torch.device, job: Dist) -> torch.device:
+    """The device of this rank: ``device``, or with several ranks on CUDA, GPU LOCAL_RANK."""
+    if job.active and device.type == "cuda":
+        if job.local_rank >= torch.cuda.device_count():
+            raise UserError(f"rank {job.rank} needs GPU {job.local_rank}, but only {torch.cuda.device_count()} "
+                            "CUDA device(s) exist; start fewer processes")
+        return torch.device("cuda", job.local_rank)
+    return device
 
 
 def _collective_device() -> torch.device:
@@ -231,8 +256,7 @@ def launch(argv: Sequence[str], nproc: int, poll_seconds: float = 0.1) -> int:
     fail, and then their last line of stderr is logged. When one rank fails, the rest are
     ended soon after, rather than left waiting in a collective for a peer that is gone.
     """
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise UserError(f"--nproc must be a positive integer, got {nproc!r}")
+    checks.positive_int("nproc", nproc)
     port = free_port()
     cmd = [sys.executable, "-m", "densekit", *argv]
     procs: list[subprocess.Popen] = []

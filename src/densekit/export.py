@@ -37,11 +37,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import checks
 from .errors import UserError
-from .models import DenseBlock, DenseNet, Transition
-from .train.checkpoint import atomic_write, load_run_model, read_model_info
+from .models import DenseNet, set_fused
+from .results import Result
+from .rundir import RunDir, publish, refuse_existing
 
-__all__ = ["FORMATS", "export_model", "export_onnx", "export_pt2", "read_metadata"]
+__all__ = ["FORMATS", "ExportReport", "export_model", "export_onnx", "export_pt2", "read_metadata"]
 
 FORMATS = ("onnx", "pt2")
 SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2"}
@@ -78,9 +80,7 @@ class _Subject:
 
 
 def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return batch_size
+    return checks.positive_int("batch_size", batch_size)
 
 
 def _check_opset(opset, exporter: str) -> int | None:
@@ -88,25 +88,19 @@ def _check_opset(opset, exporter: str) -> int | None:
         return None
     low, high = OPSETS[exporter]
     if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
-        raise UserError(f"opset must be an integer from {low} to {high} for the {exporter} ONNX exporter, "
-                        f"got {opset!r}")
+        raise checks.ArgumentError(f"{{opset}} must be an integer from {low} to {high} for the {exporter} ONNX "
+                                   f"exporter, got {checks.quote(opset)}")
     return opset
 
 
-def _target(path, run_dir: str | None, fmt: str) -> Path:
+def _target(path, run: RunDir | None, fmt: str) -> Path:
     """The output path, refused early (before minutes of export) if it cannot be created."""
     if path is None:
-        if run_dir is None:
-            raise UserError("path: needed when exporting a model object (only a run directory has a default)")
-        path = Path(run_dir) / f"model{SUFFIXES[fmt]}"
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory; give a file name")
-    if path.exists() or path.is_symlink():
-        raise UserError(f"{path}: already exists; refusing to overwrite it (remove it or choose another name)")
-    if not path.parent.is_dir():
-        raise UserError(f"{path.parent}: folder does not exist (for {path.name})")
-    return path
+        if run is None:
+            raise checks.ArgumentError("{path}: needed when exporting a model object "
+                                       "(only a run directory has a default)")
+        path = run.export_path(SUFFIXES[fmt])
+    return refuse_existing(path)
 
 
 def _require(module: str):
@@ -124,9 +118,7 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     """A CPU fp32 eval copy on the reference path: concatenating blocks, torchvision's
     transition order. A trace cannot see the fused path's native kernels."""
     plain = copy.deepcopy(model).eval()
-    for m in plain.modules():
-        if isinstance(m, (DenseBlock, Transition)):
-            m.memory_efficient = False
+    set_fused(plain, False)
     return plain
 
 
@@ -195,16 +187,16 @@ def _subject(model_or_run_dir, path, fmt: str, input_size, metadata) -> tuple[_S
     if isinstance(model_or_run_dir, nn.Module):
         model = model_or_run_dir
     else:
-        source = str(model_or_run_dir)
-        info = read_model_info(source)  # is it a run directory at all: said before any complaint about path
+        source = RunDir(model_or_run_dir)
+        info = source.read_info()  # is it a run directory at all: said before any complaint about path
         # the registered name alone does not say what was changed from it, or pruned
-        if info.get("model_args"):
-            described["model_args"] = info["model_args"]
-        if info.get("pruned"):
-            described["pruned_layers"] = len(info["pruned"])
+        if info.model_args:
+            described["model_args"] = info.model_args
+        if info.pruned:
+            described["pruned_layers"] = len(info.pruned)
     target = _target(path, source, fmt)  # before loading anything: a bad --out costs nothing
     if source is not None:
-        model = load_run_model(source, device="cpu")
+        model = source.load_model("cpu")
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     reference = copy.deepcopy(model).to("cpu", torch.float32).eval()
     shape = _input_shape(reference, cfg, input_size)
@@ -216,17 +208,6 @@ def _subject(model_or_run_dir, path, fmt: str, input_size, metadata) -> tuple[_S
 # -- writing ------------------------------------------------------------------------
 
 
-def _publish(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` only if nothing is there, never as a half file: not even a
-    file that appeared since the early check is overwritten."""
-    try:
-        atomic_write(path, data, replace=False)
-    except FileExistsError:
-        raise UserError(f"{path}: already exists; refusing to overwrite it") from None
-    except OSError as e:  # a read-only folder, a full disk: the user's to fix
-        raise UserError(f"{path}: cannot write: {e.strerror or e}") from e
-
-
 def _example(subject: _Subject, batch: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn((batch, *subject.input_shape), generator=gen)
@@ -236,7 +217,7 @@ def _as_list(out) -> list[torch.Tensor]:
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
-def _compare(subject: _Subject, x: torch.Tensor, got: list, rtol: float, what: str) -> dict:
+def _compare(subject: _Subject, x: torch.Tensor, got: list, rtol: float, what: str, runner: str) -> Check:
     """Max abs difference to the eager reference, and that difference relative to the
     largest |output| (the logits' scale); raises if the relative one exceeds ``rtol``."""
     with torch.no_grad():
@@ -252,14 +233,53 @@ def _compare(subject: _Subject, x: torch.Tensor, got: list, rtol: float, what: s
     if not rel <= rtol:  # also catches NaN
         raise RuntimeError(f"{what} differs from PyTorch: max abs diff {diff:.3g} at output scale {scale:.3g} "
                            f"(relative {rel:.3g} > {rtol:g}); nothing was written (check=False writes it unchecked)")
-    return dict(check_batch_size=x.shape[0], max_abs_diff=diff, max_rel_diff=rel, output_scale=scale, rtol=rtol)
+    return Check(x.shape[0], diff, rel, scale, rtol, runner)
 
 
-def _report(fmt: str, path: Path, data: bytes, subject: _Subject, traced: int, dynamic: bool, seconds: float) -> dict:
+@dataclass
+class Check:
+    """How the written file compared with PyTorch eager on a batch of another size."""
+
+    check_batch_size: int
+    max_abs_diff: float
+    max_rel_diff: float   # max_abs_diff / output_scale
+    output_scale: float   # the largest |output| of the batch
+    rtol: float
+    runner: str           # what ran the file: "onnxruntime X.Y" or "torch.export.load"
+
+
+@dataclass
+class ExportReport(Result):
+    """What was written, and how it compared with PyTorch (``check`` None: not checked)."""
+
+    path: str
+    format: str
+    bytes: int
+    model: str
+    input_shape: list     # ["batch", C, *spatial] with a free batch axis, else the traced batch first
+    outputs: list[str]
+    traced_batch_size: int
+    export_seconds: float
+    torch: str
+    opset: int | None = None
+    exporter: str | None = None
+    onnx: str | None = None
+    check: Check | None = None
+
+    @property
+    def checked(self) -> bool:
+        return self.check is not None
+
+    def to_dict(self) -> dict:
+        return dict(super().to_dict(), checked=self.checked)
+
+
+def _report(fmt: str, path: Path, data: bytes, subject: _Subject, traced: int, dynamic: bool,
+            seconds: float) -> ExportReport:
     shape = ["batch" if dynamic else traced, *subject.input_shape]
-    return dict(path=str(path), format=fmt, bytes=len(data), model=subject.metadata["model"], input_shape=shape,
-                outputs=subject.outputs, traced_batch_size=traced, export_seconds=round(seconds, 3),
-                torch=torch.__version__, checked=False)
+    return ExportReport(path=str(path), format=fmt, bytes=len(data), model=subject.metadata["model"],
+                        input_shape=shape, outputs=subject.outputs, traced_batch_size=traced,
+                        export_seconds=round(seconds, 3), torch=torch.__version__)
 
 
 # -- ONNX ---------------------------------------------------------------------------
@@ -307,7 +327,7 @@ def _with_metadata(onnx, data: bytes, subject: _Subject, opset: int | None) -> t
     return proto.SerializeToString(), written
 
 
-def _check_onnx(onnx, data: bytes, subject: _Subject, batch: int, rtol: float) -> dict:
+def _check_onnx(onnx, data: bytes, subject: _Subject, batch: int, rtol: float) -> Check:
     ort = _require("onnxruntime")
     onnx.checker.check_model(onnx.load_from_string(data))
     try:
@@ -319,12 +339,12 @@ def _check_onnx(onnx, data: bytes, subject: _Subject, batch: int, rtol: float) -
         raise
     x = _example(subject, batch, seed=1)
     got = session.run(subject.outputs, {"input": x.numpy()})
-    return dict(_compare(subject, x, got, rtol, "the ONNX file in onnxruntime"), onnxruntime=ort.__version__)
+    return _compare(subject, x, got, rtol, "the ONNX file in onnxruntime", f"onnxruntime {ort.__version__}")
 
 
 def export_onnx(model_or_run_dir, path=None, *, opset: int | None = None, batch_size: int = 1,
                 dynamic_batch: bool = True, check: bool = True, input_size=None, metadata=None,
-                dynamo: bool = False, rtol: float = RTOL) -> dict:
+                dynamo: bool = False, rtol: float = RTOL) -> ExportReport:
     """Export a model or a run directory's model to an ONNX file; returns a report.
 
     Args:
@@ -341,9 +361,7 @@ def export_onnx(model_or_run_dir, path=None, *, opset: int | None = None, batch_
         dynamo: use torch's torch.export-based exporter (needs onnxscript; opset >= 18)
             instead of the TorchScript-based one, which is 20-30x faster here.
 
-    Returns: path, format, bytes, opset, exporter, model, input_shape, outputs,
-    traced_batch_size, export_seconds, torch, onnx, checked and, with ``check``,
-    check_batch_size, max_abs_diff, max_rel_diff, output_scale, rtol, onnxruntime.
+    Returns an :class:`ExportReport`.
     """
     onnx = _require("onnx")
     batch_size = _check_batch_size(batch_size)
@@ -356,12 +374,12 @@ def export_onnx(model_or_run_dir, path=None, *, opset: int | None = None, batch_
     data = _onnx_bytes(subject, batch_size, opset, dynamic_batch, dynamo)
     data, written = _with_metadata(onnx, data, subject, opset)
     report = _report("onnx", target, data, subject, batch_size, dynamic_batch, time.perf_counter() - start)
-    report.update(opset=written, exporter=exporter, onnx=onnx.__version__)
+    report.opset, report.exporter, report.onnx = written, exporter, onnx.__version__
     if check:
         # another batch size than the traced one proves the batch axis is free
         batch = batch_size + 1 if dynamic_batch else batch_size
-        report.update(_check_onnx(onnx, data, subject, batch, rtol), checked=True)
-    _publish(target, data)
+        report.check = _check_onnx(onnx, data, subject, batch, rtol)
+    publish(target, data)
     return report
 
 
@@ -379,16 +397,16 @@ def _pt2_bytes(subject: _Subject, batch: int) -> bytes:
     return buf.getvalue()
 
 
-def _check_pt2(data: bytes, subject: _Subject, rtol: float) -> dict:
+def _check_pt2(data: bytes, subject: _Subject, rtol: float) -> Check:
     module = torch.export.load(io.BytesIO(data)).module()
     x = _example(subject, 1, seed=1)  # batch 1: the size torch.export is most tempted to fix
     with torch.no_grad():
         got = _as_list(module(x))
-    return _compare(subject, x, got, rtol, "the reloaded .pt2 program")
+    return _compare(subject, x, got, rtol, "the reloaded .pt2 program", "torch.export.load")
 
 
 def export_pt2(model_or_run_dir, path=None, *, batch_size: int = 2, check: bool = True, input_size=None,
-               metadata=None, rtol: float = RTOL) -> dict:
+               metadata=None, rtol: float = RTOL) -> ExportReport:
     """Export a model or a run directory's model as a ``torch.export`` program (``.pt2``),
     with a free batch axis; load it with ``torch.export.load(path).module()``; returns a report.
 
@@ -404,19 +422,18 @@ def export_pt2(model_or_run_dir, path=None, *, batch_size: int = 2, check: bool 
     data = _pt2_bytes(subject, batch)
     report = _report("pt2", target, data, subject, batch, True, time.perf_counter() - start)
     if check:
-        report.update(_check_pt2(data, subject, rtol), checked=True)
-    _publish(target, data)
+        report.check = _check_pt2(data, subject, rtol)
+    publish(target, data)
     return report
 
 
 def export_model(model_or_run_dir, path=None, *, format: str = "onnx", opset: int | None = None,
-                 dynamo: bool = False, **kwargs) -> dict:
+                 dynamo: bool = False, **kwargs) -> ExportReport:
     """:func:`export_onnx` or :func:`export_pt2` by ``format`` (what ``densekit export`` calls)."""
-    if format not in FORMATS:
-        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    checks.one_of("format", format, FORMATS)
     if format == "pt2":
         if opset is not None or dynamo:
-            raise UserError("opset and dynamo apply to the onnx format only")
+            raise checks.ArgumentError("{opset} and {dynamo} apply to the onnx format only")
         return export_pt2(model_or_run_dir, path, **kwargs)
     return export_onnx(model_or_run_dir, path, opset=opset, dynamo=dynamo, **kwargs)
 

@@ -22,20 +22,20 @@ only such channels leaves the function unchanged (the tests pin it).
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import __version__
+from .checks import fraction
 from .data import load_dataset
 from .errors import UserError
 from .models import DenseLayer
 from .models.profile import count_macs, count_params
-from .train import checkpoint as ckpt
+from .results import Result
+from .rundir import ModelInfo, RunDir, pruned_structure, refuse_nonempty
 from .train.engine import eval_loader, evaluate
 from .train.runtime import select_runtime
 
@@ -43,10 +43,44 @@ METHOD = "network slimming: |gamma| of the batch norm that reads each channel, o
 KINDS = ("inputs", "width")  # the keywords of DenseLayer.prune_
 
 
+@dataclasses.dataclass
+class Channels:
+    prunable: int
+    kept: int
+    removed: int
+    removed_fraction: float
+
+
+@dataclasses.dataclass
+class PruneReport(Result):
+    """What pruning removed and what it cost, before and after on the run's test split."""
+
+    source: str
+    out: str
+    model: str
+    dataset: str
+    method: str
+    amount: float
+    channels: Channels
+    input_size: list[int]
+    test_images: int
+    params_before: int
+    macs_before: int
+    test_accuracy_before: float
+    params_after: int
+    macs_after: int
+    test_accuracy_after: float
+    params_ratio: float
+    macs_ratio: float
+    pruned_layers: int
+    reference_path_blocks: int     # dense blocks that cannot run fused once pruned (their layers read subsets)
+    device: str
+    torch: str
+    densekit: str
+
+
 def _check_amount(amount) -> float:
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount < 1:
-        raise UserError(f"amount must be a fraction in [0, 1), got {amount!r}")
-    return float(amount)
+    return fraction("amount", amount)
 
 
 def prunable_norms(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
@@ -93,88 +127,58 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, torch.Tensor | None]]
         model.get_submodule(name).prune_(**keep)
 
 
-def prune_model(model: nn.Module, amount: float) -> dict:
+def prune_model(model: nn.Module, amount: float) -> Channels:
     """Network-slim ``model`` in place; returns the channel counts before and after."""
     before = _channel_count(model)
     apply_plan(model, slimming_plan(model, amount))
     after = _channel_count(model)
-    return dict(prunable=before, kept=after, removed=before - after,
-                removed_fraction=(before - after) / before if before else 0.0)
+    return Channels(prunable=before, kept=after, removed=before - after,
+                    removed_fraction=(before - after) / before if before else 0.0)
 
 
 def _channel_count(model: nn.Module) -> int:
     return sum(bn.num_features for _, _, bn in prunable_norms(model))
 
 
-def _check_out(out: Path) -> None:
-    """Refuse an ``out`` that holds anything: nothing a user had is overwritten."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out {out}: directory is not empty; choose another --out (densekit never overwrites files)")
-
-
-def _test_accuracy(model: nn.Module, info: dict, test, runtime) -> float:
+def _test_accuracy(model: nn.Module, info: ModelInfo, test, runtime) -> float:
     """Accuracy on the whole test split, fed as the run was trained (its own mean and std)."""
-    pre = info["preprocessing"]
+    pre = info.preprocessing
     with runtime.activated():
-        result = evaluate(model, eval_loader(test, pre["mean"], pre["std"], runtime), runtime, len(info["classes"]))
+        result = evaluate(model, eval_loader(test, pre.mean, pre.std, runtime), runtime, info.num_classes)
     return result.accuracy
 
 
-def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float, device: str = "auto") -> dict:
+def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float, device: str = "auto") -> PruneReport:
     """Prune the model of ``run_dir`` by ``amount`` into a new run directory ``out``.
 
-    ``out`` gets model.safetensors, model.json (with the pruned structure, so that
-    ``densekit.load``, ``eval``, ``predict`` and ``train --init`` take it) and summary.json:
-    channels, parameters, MACs and full-test-set accuracy before and after. Returns the summary.
+    ``out`` gets the weights, model.json (with the pruned structure, so that ``densekit.load``,
+    ``eval``, ``predict`` and ``train --init`` take it) and summary.json: channels, parameters,
+    MACs and full-test-set accuracy before and after. Returns the summary.
     """
     amount = _check_amount(amount)
-    run_dir, out = Path(run_dir), Path(out)
-    _check_out(out)
+    refuse_nonempty(out)
+    source = RunDir(run_dir)
     runtime = select_runtime(device)
-    info = ckpt.read_model_info(run_dir)
-    model = ckpt.load_run_model(run_dir, runtime.device)
+    info = source.read_info()
+    model = source.load_model(runtime.device)
     runtime.prepare(model)
-    pre = info["preprocessing"]
-    h, w = pre["image_size"]
-    data = load_dataset(info["dataset"], info.get("data_dir"),
-                        image_size=h if info["dataset"] == "imagefolder" else None)
-    if data.num_classes != len(info["classes"]) or (data.in_chans, *data.image_size) != (pre["in_chans"], h, w):
-        raise UserError(f"{info['dataset']} as found now does not fit the model of {run_dir}")
-    size = (pre["in_chans"], h, w)
-    before = dict(params=count_params(model), macs=count_macs(model, size),
-                  test_accuracy=_test_accuracy(model, info, data.test, runtime))
+    pre = info.preprocessing
+    h, w = pre.image_size
+    data = load_dataset(info.dataset, info.data_dir, image_size=h if info.dataset == "imagefolder" else None)
+    if data.num_classes != info.num_classes or (data.in_chans, *data.image_size) != (pre.in_chans, h, w):
+        raise UserError(f"{info.dataset} as found now does not fit the model of {source}")
+    size = (pre.in_chans, h, w)
+    params, macs, acc = count_params(model), count_macs(model, size), _test_accuracy(model, info, data.test, runtime)
     channels = prune_model(model, amount)
-    after = dict(params=count_params(model), macs=count_macs(model, size),
-                 test_accuracy=_test_accuracy(model, info, data.test, runtime))
-    summary = dict(
-        source=str(run_dir), out=str(out), model=info["model"], dataset=info["dataset"], method=METHOD,
-        amount=amount, channels=channels, input_size=list(size), test_images=len(data.test),
-        **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
-        params_ratio=after["params"] / before["params"], macs_ratio=after["macs"] / before["macs"],
-        pruned_layers=len(ckpt.pruned_structure(model)), device=str(runtime.device), torch=torch.__version__,
-        densekit=__version__)
-    _write_run(out, model, ckpt.with_pruned(info, ckpt.pruned_structure(model)), summary)
-    return summary
-
-
-def _write_run(out: Path, model: nn.Module, info: dict, summary: dict) -> None:
-    """Write the run into a hidden sibling folder, then rename it to ``out``: a kill leaves no
-    half run there, and a folder that someone filled meanwhile is not touched (the rename
-    fails on a non-empty directory)."""
-    _check_out(out)  # again: the evaluations took a while
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:100]}.", suffix=".prune-tmp", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~ckpt.UMASK)  # mkdtemp makes 0700; give the folder the mode mkdir would
-        ckpt.save_weights(tmp / ckpt.WEIGHTS, model)
-        ckpt.write_json(tmp / ckpt.MODEL_JSON, info)
-        ckpt.write_json(tmp / ckpt.SUMMARY, summary)
-        try:
-            os.rename(tmp, out)  # replaces an empty folder only
-        except OSError as e:
-            raise UserError(f"--out {out}: {e.strerror or e}; choose another --out "
-                            "(densekit never overwrites files)") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    structure = pruned_structure(model)
+    report = PruneReport(
+        source=str(source), out=str(out), model=info.model, dataset=info.dataset, method=METHOD, amount=amount,
+        channels=channels, input_size=list(size), test_images=len(data.test), params_before=params,
+        macs_before=macs, test_accuracy_before=acc, params_after=count_params(model),
+        macs_after=count_macs(model, size), test_accuracy_after=_test_accuracy(model, info, data.test, runtime),
+        params_ratio=count_params(model) / params, macs_ratio=count_macs(model, size) / macs,
+        pruned_layers=len(structure),
+        reference_path_blocks=sum(1 for m in model.modules() if hasattr(m, "fused_status") and m.fused_status()),
+        device=str(runtime.device), torch=torch.__version__, densekit=__version__)
+    RunDir.create(out, model, info.with_pruned(structure), report)
+    return report

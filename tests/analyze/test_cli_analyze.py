@@ -73,7 +73,7 @@ def test_cost_through_the_cli(cli, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["densnet121", "--out", "{tmp}"], "densnet121: is neither a run directory nor a registered model; give"),
-    (["densenet121"], "--out DIR is needed when the target is a model name (densenet121)"),
+    (["densenet121"], "--out is needed when the target is a model name (densenet121)"),
     (["densenet121", "--what", "overfit", "--out", "{tmp}"], "--what overfit needs a run directory"),
     (["{run}", "--what", "reuse,speed"], "--what: unknown analysis 'speed'; choose from reuse, gradients, cost"),
     (["{run}", "--what", ","], "--what: unknown analysis ','"),
@@ -102,7 +102,7 @@ def test_a_file_that_appears_while_computing_is_not_replaced(cli, run_dir, tmp_p
 
     monkeypatch.setitem(report._RUNNERS, "reuse", reuse_while_someone_writes)
     rc, _, err = cli("analyze", run_dir, "--what", "reuse", "--out", out)
-    assert rc == 2 and "reuse.json: appeared while the analysis ran; refusing to overwrite it" in err
+    assert rc == 2 and "reuse.json: already exists; refusing to overwrite it" in err
     assert (out / "reuse.json").read_text() == "someone else's\n"
 
 

@@ -6,8 +6,13 @@ import json
 
 import pytest
 
-from densekit.analyze import overfitting, read_metrics
+from densekit.analyze import check_records, overfitting
 from densekit.errors import UserError
+from densekit.rundir import RunDir
+
+
+def read_metrics(run_dir):
+    return check_records(RunDir(run_dir).read_metrics(), run_dir)
 
 
 def record(epoch, train_acc, test_acc, train_loss, test_loss):

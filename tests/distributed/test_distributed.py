@@ -22,7 +22,8 @@ from densekit import distributed
 from densekit.data import DeviceLoader, load_dataset
 from densekit.errors import UserError
 from densekit.models import create_model
-from densekit.train.checkpoint import read_resume_meta, read_state_dict
+from densekit.rundir import RunDir
+from safetensors.torch import load_file as read_state_dict
 from densekit.train.recipes import augment_for, build_optimizer, build_scheduler, get_recipe
 from densekit.train.runtime import seed_everything
 
@@ -197,5 +198,5 @@ def test_a_terminated_launcher_ends_its_ranks(mnist, tmp_path):
         time.sleep(0.1)
     assert _processes_writing(out) == []
     # and what they left is a run that resumes
-    meta = read_resume_meta(out / "resume.safetensors")
+    meta = RunDir(out).read_resume_meta()
     assert meta["global_step"] >= 4

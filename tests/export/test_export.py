@@ -56,11 +56,11 @@ def batch(shape, n: int, seed: int = 7) -> torch.Tensor:
 def test_run_dir_to_onnx_matches_pytorch_at_any_batch(run_dir, tmp_path):
     out = tmp_path / "tiny.onnx"
     report = export_onnx(run_dir, out)
-    assert report["path"] == str(out) and report["bytes"] == out.stat().st_size > 10_000
-    assert report["checked"] and report["check_batch_size"] == 2 and report["traced_batch_size"] == 1
-    assert 0 <= report["max_abs_diff"] <= 1e-5 * report["output_scale"] and report["max_rel_diff"] <= 1e-5
-    assert report["onnxruntime"] == ort.__version__ and report["input_shape"] == ["batch", 1, 16, 16]
-    assert report["opset"] == onnx.load(out).opset_import[0].version
+    assert report.path == str(out) and report.bytes == out.stat().st_size > 10_000
+    assert report.checked and report.check.check_batch_size == 2 and report.traced_batch_size == 1
+    assert 0 <= report.check.max_abs_diff <= 1e-5 * report.check.output_scale and report.check.max_rel_diff <= 1e-5
+    assert report.check.runner == f"onnxruntime {ort.__version__}" and report.input_shape == ["batch", 1, 16, 16]
+    assert report.opset == onnx.load(out).opset_import[0].version
 
     model = densekit.load(run_dir)  # the fused default path: what users run in PyTorch
     sess = session(out)
@@ -89,7 +89,7 @@ def test_registered_and_nd_models_match_pytorch(key, tmp_path):
     model = randomize_norms(densekit.create_model(**dict(kwargs)))
     out = tmp_path / f"{key}.onnx"
     report = export_onnx(model, out, input_size=shape, metadata={"model": kwargs["name"]})
-    assert report["max_rel_diff"] <= 1e-5 and report["input_shape"] == ["batch", *shape]
+    assert report.check.max_rel_diff <= 1e-5 and report.input_shape == ["batch", *shape]
     sess = session(out)
     assert sess.get_inputs()[0].shape == ["batch", *shape]
     x = batch(shape, 3)
@@ -135,7 +135,7 @@ def test_features_only_model_exports_every_map(tmp_path):
 def test_static_batch_is_fixed_in_the_graph(run_dir, tmp_path):
     out = tmp_path / "static.onnx"
     report = export_onnx(run_dir, out, batch_size=4, dynamic_batch=False)
-    assert report["input_shape"] == [4, 1, 16, 16] and report["check_batch_size"] == 4
+    assert report.input_shape == [4, 1, 16, 16] and report.check.check_batch_size == 4
     sess = session(out)
     assert sess.get_inputs()[0].shape == [4, 1, 16, 16]
     assert sess.run(None, {"input": batch((1, 16, 16), 4).numpy()})[0].shape == (4, 10)
@@ -145,7 +145,7 @@ def test_static_batch_is_fixed_in_the_graph(run_dir, tmp_path):
 
 def test_opset_is_the_one_asked_for_or_refused(run_dir, tmp_path):
     out = tmp_path / "op13.onnx"
-    assert export_onnx(run_dir, out, opset=13)["opset"] == 13
+    assert export_onnx(run_dir, out, opset=13).opset == 13
     assert onnx.load(out).opset_import[0].version == 13
     for bad in (5, 99, 13.0, True):
         with pytest.raises(UserError, match=r"opset must be an integer from 9 to 20 .* got"):
@@ -160,9 +160,9 @@ def test_dynamo_exporter_gives_the_same_numbers(run_dir, tmp_path):
     TorchScript-based one is removed from torch."""
     out = tmp_path / "dynamo.onnx"
     report = export_onnx(run_dir, out, dynamo=True)
-    assert report["exporter"] == "dynamo" and report["opset"] >= 18 and report["max_rel_diff"] <= 1e-5
+    assert report.exporter == "dynamo" and report.opset >= 18 and report.check.max_rel_diff <= 1e-5
     # traced at 2 (torch.export fixes a size-1 dimension), so checked at 3; batch 1 must work too
-    assert report["traced_batch_size"] == 2 and report["check_batch_size"] == 3
+    assert report.traced_batch_size == 2 and report.check.check_batch_size == 3
     x = batch((1, 16, 16), 1)
     with torch.no_grad():
         assert_matches(session(out).run(["logits"], {"input": x.numpy()})[0], densekit.load(run_dir)(x))
@@ -196,7 +196,7 @@ def test_the_callers_model_is_not_touched(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     export_onnx(model, tmp_path / "m.onnx", input_size=(3, 16, 16))
     assert model.training and all(m.training for m in model.modules())
-    flags = [m.memory_efficient for m in model.modules() if isinstance(m, (densekit.DenseBlock, densekit.Transition))]
+    flags = [m.fused for m in model.modules() if isinstance(m, (densekit.DenseBlock, densekit.Transition))]
     assert flags and all(flags)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # no BN statistic moved
@@ -250,13 +250,12 @@ def test_without_onnxruntime_the_error_says_what_to_install(run_dir, tmp_path, m
     with pytest.raises(UserError, match=r"needs onnxruntime.*pip install 'densekit\[export\]'"):
         export_onnx(run_dir, tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []
-    assert not export_onnx(run_dir, tmp_path / "model.onnx", check=False)["checked"]  # onnx alone suffices
+    assert not export_onnx(run_dir, tmp_path / "model.onnx", check=False).checked  # onnx alone suffices
 
 
 def test_bad_arguments_are_refused_by_name(run_dir, tmp_path):
     model = densekit.create_model("densenet_bc_100_k12", block_config=(2, 2))
     cases = [
-        (dict(model_or_run_dir=model, path=tmp_path / "m.onnx"), "input_size: needed for a model without"),
         (dict(model_or_run_dir=model, path=tmp_path / "m.onnx", input_size=(3, 1, 1)), "every spatial side >= 2"),
         (dict(model_or_run_dir=model, path=tmp_path / "m.onnx", input_size=(1, 32, 32)), "the model takes 3"),
         (dict(model_or_run_dir=model, path=tmp_path / "m.onnx", input_size="32"), "input_size must be 3 positive"),
@@ -278,8 +277,8 @@ def test_bad_arguments_are_refused_by_name(run_dir, tmp_path):
 def test_pt2_reloads_and_matches_at_any_batch(run_dir, tmp_path):
     out = tmp_path / "tiny.pt2"
     report = export_pt2(run_dir, out)
-    assert report["format"] == "pt2" and report["checked"] and report["check_batch_size"] == 1
-    assert report["max_rel_diff"] <= 1e-5 and report["bytes"] == out.stat().st_size
+    assert report.format == "pt2" and report.checked and report.check.check_batch_size == 1
+    assert report.check.max_rel_diff <= 1e-5 and report.bytes == out.stat().st_size
     program = torch.export.load(out).module()
     model = densekit.load(run_dir)
     for n in (1, 6):
@@ -299,7 +298,7 @@ def test_cli_writes_the_default_file_and_prints_one_json_object(run_dir, tmp_pat
     assert rc == 0, err
     report = json.loads(out)
     assert report["path"] == str(run / "model.onnx") and (run / "model.onnx").stat().st_size == report["bytes"]
-    assert report["checked"] and report["max_rel_diff"] <= 1e-5
+    assert report["checked"] and report["check"]["max_rel_diff"] <= 1e-5
     rc, out, err = cli("export", run, "--format", "pt2", "--batch-size", "3")
     assert rc == 0, err
     lines = out.splitlines()
@@ -315,11 +314,11 @@ def test_cli_writes_the_default_file_and_prints_one_json_object(run_dir, tmp_pat
     (["{tmp}/nowhere"], "run directory not found"),
     (["{run}", "--out", "{tmp}/exists.onnx"], "exists.onnx: already exists; refusing to overwrite it"),
     (["{run}", "--out", "{tmp}/nowhere/m.onnx"], "nowhere: folder does not exist"),
-    (["{run}", "--opset", "0"], "--opset: expected a positive integer, got '0'"),
+    (["{run}", "--opset", "0"], "--opset: must be a positive integer, got 0"),
     (["{run}", "--opset", "99"], "opset must be an integer from 9 to 20"),
-    (["{run}", "--batch-size", "0"], "--batch-size: expected a positive integer, got '0'"),
-    (["{run}", "--batch-size", "two"], "--batch-size: expected a positive integer, got 'two'"),
-    (["{run}", "--format", "pt2", "--opset", "13"], "opset and dynamo apply to the onnx format only"),
+    (["{run}", "--batch-size", "0"], "--batch-size: must be a positive integer, got 0"),
+    (["{run}", "--batch-size", "two"], "--batch-size: must be a positive integer, got 'two'"),
+    (["{run}", "--format", "pt2", "--opset", "13"], "--opset and --dynamo apply to the onnx format only"),
     (["{run}", "--format", "tflite"], "invalid choice: 'tflite'"),
 ], ids=["not-a-run", "missing-dir", "out-exists", "out-folder-missing", "opset-zero", "opset-unknown",
         "batch-size-zero", "batch-size-word", "opset-for-pt2", "unknown-format"])

@@ -59,7 +59,7 @@ def test_published_macs(name):
     # counted in the paper's order even though the default transitions pool first (fewer MACs)
     model = create_model(name)
     assert round(count_macs(model, (3, 224, 224)) / 1e9, 2) == PUBLISHED_GMACS[name]
-    assert all(m.memory_efficient for m in model.modules() if isinstance(m, (DenseBlock, Transition)))  # restored
+    assert all(m.fused for m in model.modules() if isinstance(m, (DenseBlock, Transition)))  # restored
     assert model.training
 
 
@@ -135,7 +135,7 @@ def test_features_only_out_indices():
 def test_1d_and_3d(spatial_dims, size):
     torch.manual_seed(0)
     model = DenseNet(12, (2, 3), stem="cifar", spatial_dims=spatial_dims, in_chans=2, num_classes=4,
-                     memory_efficient=True)
+                     fused=True)
     x = torch.randn(2, 2, *size)
     out = model(x)
     assert out.shape == (2, 4)

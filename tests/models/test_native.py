@@ -198,7 +198,7 @@ def test_fused_block_native_and_torch_ops_agree_on_a_threaded_size(train):
     # 8 x 24 x 24 = 4608 rows and 16-40 channels: the kernels split rows between threads
     torch.manual_seed(5)
     block = DenseBlock(16, 8, 3, bn_size=4).train(train)
-    block.memory_efficient = True
+    block.fused = True
     other = copy.deepcopy(block)
     x = torch.randn(8, 16, 24, 24)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()

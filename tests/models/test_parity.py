@@ -41,8 +41,8 @@ def test_torchvision_checkpoint_loads_strictly_and_matches(name):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want = reference(x)
-    for memory_efficient in (False, True):
-        model = create_model(name, memory_efficient=memory_efficient).eval()
+    for fused in (False, True):
+        model = create_model(name, fused=fused).eval()
         result = model.load_state_dict(reference.state_dict(), strict=True)
         assert not result.missing_keys and not result.unexpected_keys
         with torch.no_grad():
@@ -141,7 +141,7 @@ def test_fused_block_same_function_and_gradients(spatial_dims, size, bn_size, tr
     plain = DenseBlock(6, 5, 4, bn_size=bn_size, spatial_dims=spatial_dims)
     _randomize_norms(plain)
     fast = copy.deepcopy(plain)
-    fast.memory_efficient = True
+    fast.fused = True
     _compare(plain, fast, torch.randn(3, 6, *size), train)
 
 
@@ -163,7 +163,7 @@ def test_fused_dgamma_where_beta_dwarfs_gamma(train, bn_size, cpu_kernels):
             m.weight.data[1:c:3] = 1e-3 * torch.sign(torch.randn(len(range(1, c, 3))))
             m.bias.data[1:c:3] = torch.linspace(-1.0, 1.0, len(range(1, c, 3)))
     fast = copy.deepcopy(plain)
-    fast.memory_efficient = True
+    fast.fused = True
     _compare(plain, fast, torch.randn(4, 6, 17, 17), train)  # 1156 rows: the shortcut's minimum is 1024
 
 
@@ -179,7 +179,7 @@ def test_fused_inference_with_folded_norm_same_function(spatial_dims, size):
             m.weight.data.uniform_(-1.5, 1.5)
             m.bias.data.uniform_(-0.3, 0.3)
     fast = copy.deepcopy(plain)
-    fast.memory_efficient = True
+    fast.fused = True
     x = torch.randn(3, 6, *size)
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
@@ -187,12 +187,12 @@ def test_fused_inference_with_folded_norm_same_function(spatial_dims, size):
 
 def test_fused_network_channels_last_and_several_steps():
     torch.manual_seed(0)
-    plain = create_model("densenet_bc_100_k12", memory_efficient=False, block_config=(3, 3, 3))
-    fast = copy.deepcopy(plain).set_memory_efficient(True)
+    plain = create_model("densenet_bc_100_k12", fused=False, block_config=(3, 3, 3))
+    fast = copy.deepcopy(plain).set_fused(True)
     transitions = [m for m in fast.modules() if isinstance(m, Transition)]
-    assert len(transitions) == 2 and all(t.memory_efficient for t in transitions)
-    assert not any(m.memory_efficient for m in plain.modules() if isinstance(m, (DenseBlock, Transition)))
-    assert all(m.memory_efficient for m in create_model("densenet121").modules()
+    assert len(transitions) == 2 and all(t.fused for t in transitions)
+    assert not any(m.fused for m in plain.modules() if isinstance(m, (DenseBlock, Transition)))
+    assert all(m.fused for m in create_model("densenet121").modules()
                if isinstance(m, (DenseBlock, Transition)))  # the fast paths are the default
     for model in (plain, fast):
         model.to(memory_format=torch.channels_last)
@@ -213,7 +213,7 @@ def test_transition_pooling_first_same_function_and_gradients(spatial_dims, size
     plain = Transition(10, 5, spatial_dims)
     _randomize_norms(plain)
     fast = copy.deepcopy(plain)
-    fast.memory_efficient = True
+    fast.fused = True
     x = torch.randn(3, 10, *size)
     if spatial_dims == 2:
         x = x.contiguous(memory_format=torch.channels_last)  # as a fused block's output is
@@ -242,7 +242,7 @@ def test_fused_transition_keeps_no_full_size_activation(spatial_dims, size, trai
         pytest.skip("native kernels unavailable (no C compiler)")
     plain = Transition(32, 16, spatial_dims).train(train)
     fast = copy.deepcopy(plain)
-    fast.memory_efficient = True
+    fast.fused = True
     x = torch.randn(4, 32, *size).movedim(1, -1).contiguous().movedim(-1, 1).requires_grad_()  # channels-last
     activation = x.numel() * 4
     assert saved_bytes(plain, x) >= activation  # the BN-ReLU output, kept for ReLU and the conv
@@ -256,7 +256,7 @@ def test_frozen_batch_norm_inside_a_training_model(spatial_dims, size, cpu_kerne
     torch.manual_seed(0)
     plain = DenseNet(4, (2, 2), stem="cifar", num_classes=3, spatial_dims=spatial_dims)
     _randomize_norms(plain)
-    fast = copy.deepcopy(plain).set_memory_efficient(True)
+    fast = copy.deepcopy(plain).set_fused(True)
     for model in (plain, fast):
         model.train()
         norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -272,7 +272,7 @@ def test_double_backward_fails_loudly_through_fused_ops(module, cpu_kernels):
     torch.manual_seed(0)
     plain = DenseBlock(4, 3, 2) if module == "block" else Transition(4, 2)
     fast = copy.deepcopy(plain)
-    fast.memory_efficient = True
+    fast.fused = True
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
 
     def penalty(model):
@@ -302,7 +302,7 @@ def test_transition_with_a_swapped_layer_runs_what_it_holds(swap, cpu_kernels):
     else:
         plain.relu = torch.nn.SiLU()
     fast = copy.deepcopy(plain)
-    fast.memory_efficient = True
+    fast.fused = True
     assert fast.pools_first == (swap == "silu")
     _compare(plain, fast, torch.randn(3, 6, 8, 8), train=True)
 
@@ -325,7 +325,7 @@ def test_block_with_a_swapped_layer_runs_what_it_holds(swap, cpu_kernels):
         layer.conv2 = torch.nn.Conv2d(layer.conv2.in_channels, layer.conv2.out_channels, 3, padding=2, dilation=2,
                                       bias=False)
     fast = copy.deepcopy(plain)
-    fast.memory_efficient = True
+    fast.fused = True
     assert not supports_fused(fast)
     _compare(plain, fast, torch.randn(3, 6, 8, 8), train=True)
 
@@ -350,7 +350,7 @@ def test_checkpointed_layer_same_function():
 
 def test_fused_dropout_keeps_expectation():
     torch.manual_seed(0)
-    block = DenseBlock(4, 8, 2, drop_rate=0.5, memory_efficient=True)
+    block = DenseBlock(4, 8, 2, drop_rate=0.5, fused=True)
     x = torch.randn(64, 4, 8, 8, requires_grad=True)
     out = block(x)
     new = out[:, 4:]
@@ -378,15 +378,15 @@ def test_fused_keeps_less_memory_than_plain():
         return sum(seen.values())
 
     torch.manual_seed(0)
-    plain = create_model("densenet_bc_100_k12", memory_efficient=False)
-    fast = copy.deepcopy(plain).set_memory_efficient(True)
+    plain = create_model("densenet_bc_100_k12", fused=False)
+    fast = copy.deepcopy(plain).set_fused(True)
     assert saved_bytes(fast) < 0.5 * saved_bytes(plain)
 
 
 def test_bf16_autocast_on_cpu_runs_the_fused_path():
     torch.manual_seed(0)
-    model = DenseNet(8, (2, 2), stem="cifar", num_classes=3, memory_efficient=True)
-    ref = copy.deepcopy(model).set_memory_efficient(False)
+    model = DenseNet(8, (2, 2), stem="cifar", num_classes=3, fused=True)
+    ref = copy.deepcopy(model).set_fused(False)
     x = torch.randn(2, 3, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, want = model(x), ref(x)
@@ -401,7 +401,7 @@ def test_torch_compile_traces_whole_model_and_matches(train):
     # inductor would, without its minutes of C++ compilation on 2 cores.
     torch.manual_seed(0)
     model = create_model("densenet_bc_100_k12", block_config=(2, 2), num_classes=5).train(train)
-    reference = copy.deepcopy(model).set_memory_efficient(False)
+    reference = copy.deepcopy(model).set_fused(False)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     x = torch.randn(3, 3, 12, 12)
     y, y_ref = compiled(x), reference(x)
@@ -425,7 +425,7 @@ def test_fused_direct_dgamma_accurate_where_mean_dwarfs_spread(cpu_kernels):
             m.weight.data.fill_(1e-3)
             m.bias.data.uniform_(0.2, 0.6)
     exact, plain, fast = block.double(), copy.deepcopy(block).float(), copy.deepcopy(block).float()
-    fast.memory_efficient = True
+    fast.fused = True
     x = torch.randn(4, 6, 17, 17, dtype=torch.float64) * 0.01 + 100.0
     outs = [m(x.to(p.dtype)) for m, p in ((exact, x), (plain, x.float()), (fast, x.float()))]
     g = torch.randn_like(outs[0])
@@ -452,7 +452,7 @@ def test_fused_fp32_as_accurate_as_plain_where_batch_norm_is_ill_conditioned(cfg
     torch.manual_seed(0)
     model = DenseNet(**cfg)
     x = torch.randn(3, cfg["in_chans"], *[model.min_input_size] * cfg["spatial_dims"])
-    fast = copy.deepcopy(model).set_memory_efficient(True)
+    fast = copy.deepcopy(model).set_fused(True)
     plain = copy.deepcopy(model)
     model.double()
     y_ref, y_fast, y_plain = model(x.double()), fast(x), plain(x)

@@ -64,7 +64,7 @@ def test_channels_shapes_and_fused_parity(cfg, extra, batch):
     if cfg["spatial_dims"] == 3:
         size = min(size, 12) if plain.min_input_size <= 12 else plain.min_input_size
     x = torch.randn(batch, cfg["in_chans"], *[size] * cfg["spatial_dims"], dtype=torch.float64)
-    fast = copy.deepcopy(plain).set_memory_efficient(True)
+    fast = copy.deepcopy(plain).set_fused(True)
     y_ref, y_fast = plain(x), fast(x)
     assert y_ref.shape == (batch, cfg["num_classes"])
     assert_close_normwise(y_fast, y_ref, "output")
@@ -88,7 +88,7 @@ def test_block_out_channels_and_parity(in_channels, growth_rate, num_layers, bn_
     assert block.out_channels == in_channels + growth_rate * num_layers
     block.train(train).double()
     fast = copy.deepcopy(block)
-    fast.memory_efficient = True
+    fast.fused = True
     x = torch.randn(2, in_channels, *[5] * spatial_dims, dtype=torch.float64)
     if channels_last and spatial_dims == 2:
         x = x.contiguous(memory_format=torch.channels_last)

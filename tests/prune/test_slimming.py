@@ -12,15 +12,15 @@ import densekit
 from densekit.models.fused import supports_fused
 from densekit.models.profile import count_params
 from densekit.prune import prunable_norms, prune_model, slimming_plan
-from densekit.train import checkpoint as ckpt
+from densekit.rundir import RunDir, pruned_structure
 
 
-def small(bn_size: int = 4, memory_efficient: bool = True) -> densekit.DenseNet:
+def small(bn_size: int = 4, fused: bool = True) -> densekit.DenseNet:
     """Two blocks of three layers, k=4, on 1x12x12 inputs; BN gammas and betas spread out and
     running statistics filled in, so that neither is a no-op."""
     torch.manual_seed(0)
     model = densekit.DenseNet(4, (3, 3), num_init_features=6, bn_size=bn_size, num_classes=5, in_chans=1,
-                              stem="cifar", memory_efficient=memory_efficient)
+                              stem="cifar", fused=fused)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.weight.data.uniform_(0.2, 1.0)
@@ -41,12 +41,12 @@ def test_amount_zero_is_the_identity():
     x = inputs()
     before, params = model(x), count_params(model)
     report = prune_model(model, 0.0)
-    assert report == dict(prunable=report["prunable"], kept=report["prunable"], removed=0, removed_fraction=0.0)
+    assert (report.kept, report.removed, report.removed_fraction) == (report.prunable, 0, 0.0)
     # norm1 of block 1 reads 6, 10, 14 channels, of block 2 (after a transition to 9) 9, 13, 17;
     # six bottlenecks of 4k = 16
-    assert report["prunable"] == (6 + 10 + 14) + (9 + 13 + 17) + 6 * 16 == 165
+    assert report.prunable == (6 + 10 + 14) + (9 + 13 + 17) + 6 * 16 == 165
     assert torch.equal(model(x), before) and count_params(model) == params
-    assert ckpt.pruned_structure(model) == {}
+    assert pruned_structure(model) == {}
     assert all(layer.input_index is None for layer in model.modules() if isinstance(layer, densekit.DenseLayer))
 
 
@@ -82,7 +82,7 @@ def test_dead_channels_go_without_changing_the_function(bn_size):
     report = prune_model(model, n_dead / total)
     pruned_train = copy.deepcopy(train_copy)
     prune_model(pruned_train, n_dead / total)
-    assert report["removed"] == n_dead
+    assert report.removed == n_dead
     torch.testing.assert_close(model(x), want_eval, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pruned_train(x), want_train, rtol=1e-5, atol=1e-5)
 
@@ -120,7 +120,7 @@ def test_one_global_threshold_and_one_channel_kept_everywhere():
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), True, "0.3"])
 def test_amount_outside_0_1_is_refused(bad):
-    with pytest.raises(densekit.errors.UserError, match=r"amount must be a fraction in \[0, 1\)"):
+    with pytest.raises(densekit.errors.UserError, match=r"amount must be a number in \[0, 1\)"):
         slimming_plan(small(), bad)
 
 
@@ -143,7 +143,7 @@ def test_pruning_twice_composes_input_index():
 def test_fused_path_refused_for_pruned_layers_and_equal_to_reference():
     """The default (memory_efficient) model takes the reference path in every pruned block:
     outputs, gradients and running statistics in train mode equal the plain model's."""
-    fast = small(memory_efficient=True)
+    fast = small(fused=True)
     blocks = [m for m in fast.modules() if isinstance(m, densekit.DenseBlock)]
     assert all(supports_fused(b) for b in blocks)
     prune_model(fast, 0.4)
@@ -151,7 +151,7 @@ def test_fused_path_refused_for_pruned_layers_and_equal_to_reference():
     ref = copy.deepcopy(fast)
     for block in ref.modules():  # the blocks' reference path; the transitions as they are in both
         if isinstance(block, densekit.DenseBlock):
-            block.memory_efficient = False
+            block.fused = False
     x = inputs()
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = fast(xa), ref(xb)
@@ -168,7 +168,7 @@ def test_fused_path_refused_for_pruned_layers_and_equal_to_reference():
 
 def test_width_only_pruning_is_refused_by_the_fused_path_too():
     """A bottleneck narrower than bn_size * k (the fused workspaces' width) takes the reference."""
-    model = small(memory_efficient=True)
+    model = small(fused=True)
     block = model.features.denseblock1
     block.denselayer2.prune_(width=torch.arange(10))
     assert not supports_fused(block) and supports_fused(model.features.denseblock2)
@@ -182,9 +182,9 @@ def test_a_batch_of_one_through_a_pruned_model():
     """A pruned block's reference path hands its transition an NCHW map; with a batch of one
     that once reached the native transition as strided rows, which it refused (predict on one
     image failed). The transition now takes its torch ops there, with the same result."""
-    model = small(memory_efficient=True).eval()
+    model = small(fused=True).eval()
     prune_model(model, 0.3)
-    plain = copy.deepcopy(model).set_memory_efficient(False)
+    plain = copy.deepcopy(model).set_fused(False)
     x = inputs()[:1]
     with torch.no_grad():
         torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)

@@ -31,7 +31,7 @@ import torch
 
 from densekit.cli import main
 from densekit.errors import UserError
-from densekit.train import checkpoint as ckpt
+from densekit.rundir import RunDir, pruned_structure
 
 from .conftest import PYTHON, TINY, subprocess_env, write_mnist
 
@@ -43,7 +43,7 @@ RUN = ["--dataset", "mnist", "--epochs", "4", "--batch-size", "8", "--determinis
        "--save-every", "1", "--no-progress"]
 TOTAL_STEPS = 48
 MAX_RANDOM_STEPS = 8  # a random life's kill comes within this many steps of its first checkpoint
-PUBLISHED = {ckpt.MODEL_JSON, ckpt.WEIGHTS, ckpt.RESUME, ckpt.METRICS, ckpt.SUMMARY, ckpt.CURVES}
+PUBLISHED = {"model.json", "model.safetensors", "resume.safetensors", "metrics.jsonl", "summary.json", "curves.png"}
 
 # Runs densekit as `python -m densekit` does, with os.fsync of the FREEZE_AT-th write of a
 # file whose temporary name starts with FREEZE_PREFIX stalled (after touching FREEZE_MARK).
@@ -72,30 +72,30 @@ def check_readable(run: Path) -> dict | None:
     temps = {n for n in names if n.startswith(".") and n.endswith(".tmp")}
     assert names - temps <= PUBLISHED, f"unexpected files: {names - temps - PUBLISHED}"
     meta = None
-    for name in {ckpt.RESUME, ckpt.WEIGHTS} & names:
+    for name in {"resume.safetensors", "model.safetensors"} & names:
         with safetensors.safe_open(run / name, framework="pt") as f:  # the format's own reader
             for key in f.keys():
                 assert f.get_tensor(key) is not None
-        state = ckpt.read_state_dict(run / name)
+        state = safetensors.torch.load_file(run / name)
         assert all(t.isfinite().all() for t in state.values() if t.is_floating_point()), name
-    if ckpt.RESUME in names:
-        meta = ckpt.read_resume_meta(run / ckpt.RESUME)
+    if "resume.safetensors" in names:
+        meta = RunDir(run).read_resume_meta()
         assert 0 <= meta["global_step"] <= TOTAL_STEPS
-    if ckpt.MODEL_JSON in names:
-        ckpt.read_model_info(run)
-        if ckpt.WEIGHTS in names:
-            ckpt.load_run_model(run)  # model.json and model.safetensors agree
-    if ckpt.METRICS in names:
-        records = [json.loads(line) for line in (run / ckpt.METRICS).read_text().splitlines()]
+    if "model.json" in names:
+        RunDir(run).read_info()
+        if "model.safetensors" in names:
+            RunDir(run).load_model()  # model.json and model.safetensors agree
+    if "metrics.jsonl" in names:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
-    if ckpt.SUMMARY in names:
-        ckpt.read_json(run / ckpt.SUMMARY)
+    if "summary.json" in names:
+        json.loads((run / "summary.json").read_text())
     return meta
 
 
 def published_step(run: Path) -> int:
     try:
-        return ckpt.read_resume_meta(run / ckpt.RESUME)["global_step"]
+        return RunDir(run).read_resume_meta()["global_step"]
     except UserError:  # not written yet
         return -1
 
@@ -173,17 +173,17 @@ def test_sigkill_at_random_moments_and_mid_write_loses_nothing(tmp_path):
 
     ref = tmp_path / "reference"
     assert main(["train", *TINY, *RUN, "--data-dir", str(data), "--out", str(ref)]) == 0
-    a = safetensors.torch.load_file(run / ckpt.WEIGHTS)
-    b = safetensors.torch.load_file(ref / ckpt.WEIGHTS)
+    a = safetensors.torch.load_file(run / "model.safetensors")
+    b = safetensors.torch.load_file(ref / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key  # bit for bit
-    ra, rb = (safetensors.torch.load_file(p / ckpt.RESUME) for p in (run, ref))
+    ra, rb = (safetensors.torch.load_file(p / "resume.safetensors") for p in (run, ref))
     assert all(torch.equal(ra[k], rb[k]) for k in rb) and ra.keys() == rb.keys()  # optimizer and RNG too
     strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
-                       for line in (p / ckpt.METRICS).read_text().splitlines()]
+                       for line in (p / "metrics.jsonl").read_text().splitlines()]
     assert strip(run) == strip(ref) and len(strip(ref)) == 4
-    sa, sb = (json.loads((p / ckpt.SUMMARY).read_text()) for p in (run, ref))
+    sa, sb = (json.loads((p / "summary.json").read_text()) for p in (run, ref))
     assert sa["finished"] and (sa["steps"], sa["test_loss"], sa["test_correct"]) == (
         sb["steps"], sb["test_loss"], sb["test_correct"])
 
@@ -199,7 +199,7 @@ def test_a_kill_during_the_first_checkpoint_leaves_a_startable_folder(cli, tmp_p
                        "--batch-size", "32", "--device", "cpu", "--out", run, "--no-progress")
     assert rc == 0, err
     assert not list(run.glob(".*.tmp"))
-    assert (run / ckpt.WEIGHTS).is_file()
+    assert (run / "model.safetensors").is_file()
     # --resume of such a folder: nothing to resume, said in one line
     other = tmp_path / "other"
     other.mkdir()

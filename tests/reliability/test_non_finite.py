@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from densekit.train import checkpoint as ckpt
+from densekit.rundir import RunDir, pruned_structure
 
 from .conftest import TINY, diff_snapshots, snapshot, write_mnist
 
@@ -60,8 +60,8 @@ def stopped_run(cli, tmp_path):
     run = tmp_path / "run"
     rc, out, err = cli("train", *TINY, *RUN, "--data-dir", data, "--out", run, "--max-steps", "6")
     assert rc == 0, err
-    assert ckpt.read_resume_meta(run / ckpt.RESUME)["global_step"] == 6
-    return run, {name: (run / name).read_bytes() for name in (ckpt.RESUME, ckpt.WEIGHTS, ckpt.METRICS)}
+    assert RunDir(run).read_resume_meta()["global_step"] == 6
+    return run, {name: (run / name).read_bytes() for name in ("resume.safetensors", "model.safetensors", "metrics.jsonl")}
 
 
 @pytest.mark.parametrize("how, save_every, at_call, message", [
@@ -83,19 +83,19 @@ def test_non_finite_stops_with_the_step_and_keeps_the_checkpoint(cli, stopped_ru
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith(f"densekit train: error: {message}"), err
-    assert f"({run / ckpt.RESUME}, step 6) is kept" in lines[0]
+    assert f"(step 6) is kept in {run}; try a lower --lr" in lines[0]
 
     # the last good state, byte for byte and never rewritten (same mtime)
     after = snapshot(run)
-    for name in (ckpt.RESUME, ckpt.WEIGHTS):
+    for name in ("resume.safetensors", "model.safetensors"):
         assert after[str(run / name)] == files[str(run / name)], name
     assert {name: (run / name).read_bytes() for name in before} == before
-    assert json.loads((run / ckpt.SUMMARY).read_text())["steps"] == 6  # no summary of a diverged run
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6  # no summary of a diverged run
     assert not list(run.glob(".*.tmp"))
-    assert not {p for p in diff_snapshots(files, after) if not p.endswith(ckpt.METRICS)}  # only rewritten as is
+    assert not {p for p in diff_snapshots(files, after) if not p.endswith("metrics.jsonl")}  # only rewritten as is
 
     # the kept checkpoint is a good one: without the poison the run goes on to its end
     monkeypatch.undo()
     rc, out, err = cli("train", "--out", run, "--resume", "--device", "cpu", "--no-progress")
     assert rc == 0, err
-    assert json.loads((run / ckpt.SUMMARY).read_text())["finished"]
+    assert json.loads((run / "summary.json").read_text())["finished"]

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import densekit
 from densekit.cli import main
 from densekit.errors import UserError
-from densekit.train import checkpoint as ckpt
+from densekit.rundir import RunDir, pruned_structure
 
 from .conftest import TINY, Exploit, run_cli, write_mnist
 
@@ -54,7 +54,7 @@ def test_a_run_directory_holds_no_pickle(finished):
             (n,) = struct.unpack("<Q", data[:8])
             header = json.loads(data[8:8 + n])
             assert all(isinstance(v, str) for v in header.get("__metadata__", {}).values())
-            if path.name == ckpt.RESUME:
+            if path.name == "resume.safetensors":
                 json.loads(header["__metadata__"]["densekit.resume"])  # the non-tensor state is JSON
         elif path.suffix == ".png":
             assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -140,17 +140,17 @@ def test_no_code_in_densekit_can_unpickle_freely():
 
 def _edit_json(change):
     def edit(run: Path) -> None:
-        info = json.loads((run / ckpt.MODEL_JSON).read_text())
+        info = json.loads((run / "model.json").read_text())
         change(info)
-        (run / ckpt.MODEL_JSON).write_text(json.dumps(info))
+        (run / "model.json").write_text(json.dumps(info))
     return edit
 
 
 def _edit_weights(change):
     def edit(run: Path) -> None:
-        state = load_file(run / ckpt.WEIGHTS)
+        state = load_file(run / "model.safetensors")
         change(state)
-        save_file(state, run / ckpt.WEIGHTS)
+        save_file(state, run / "model.safetensors")
     return edit
 
 
@@ -163,44 +163,44 @@ def _cut(name: str, keep: float):
 
 MODEL_CASES = [
     # (id, damage, the file the message names, what it says)
-    ("random-bytes", lambda r: (r / ckpt.WEIGHTS).write_bytes(os.urandom(4096)), ckpt.WEIGHTS,
+    ("random-bytes", lambda r: (r / "model.safetensors").write_bytes(os.urandom(4096)), "model.safetensors",
      "cannot read safetensors file"),
-    ("empty", lambda r: (r / ckpt.WEIGHTS).write_bytes(b""), ckpt.WEIGHTS, "cannot read safetensors file"),
-    ("cut-in-header", _cut(ckpt.WEIGHTS, 0.01), ckpt.WEIGHTS, "cannot read safetensors file"),
-    ("cut-in-data", _cut(ckpt.WEIGHTS, 0.9), ckpt.WEIGHTS, "cannot read safetensors file"),
-    ("torch-save-pickle", lambda r: torch.save({"w": Exploit(str(r.parent / "PWNED"))}, r / ckpt.WEIGHTS),
-     ckpt.WEIGHTS, "cannot read safetensors file"),
-    ("other-shapes", _edit_weights(lambda s: s.update({"classifier.weight": torch.zeros(10, 99)})), ckpt.WEIGHTS,
+    ("empty", lambda r: (r / "model.safetensors").write_bytes(b""), "model.safetensors", "cannot read safetensors file"),
+    ("cut-in-header", _cut("model.safetensors", 0.01), "model.safetensors", "cannot read safetensors file"),
+    ("cut-in-data", _cut("model.safetensors", 0.9), "model.safetensors", "cannot read safetensors file"),
+    ("torch-save-pickle", lambda r: torch.save({"w": Exploit(str(r.parent / "PWNED"))}, r / "model.safetensors"),
+     "model.safetensors", "cannot read safetensors file"),
+    ("other-shapes", _edit_weights(lambda s: s.update({"classifier.weight": torch.zeros(10, 99)})), "model.safetensors",
      "does not match model.json: 1 tensor(s) of another shape (first: classifier.weight is [10, 99] in the file"),
-    ("missing-tensor", _edit_weights(lambda s: s.pop("classifier.bias")), ckpt.WEIGHTS,
+    ("missing-tensor", _edit_weights(lambda s: s.pop("classifier.bias")), "model.safetensors",
      "does not match model.json: 1 missing (first: classifier.bias)"),
-    ("extra-tensor", _edit_weights(lambda s: s.update(extra=torch.zeros(1))), ckpt.WEIGHTS,
+    ("extra-tensor", _edit_weights(lambda s: s.update(extra=torch.zeros(1))), "model.safetensors",
      "does not match model.json: 1 unexpected (first: extra)"),
-    ("infinite-weights", _edit_weights(lambda s: s["classifier.weight"].fill_(float("inf"))), ckpt.WEIGHTS,
+    ("infinite-weights", _edit_weights(lambda s: s["classifier.weight"].fill_(float("inf"))), "model.safetensors",
      "1 tensor(s) hold NaN or infinite values (first: classifier.weight)"),
-    ("json-not-json", lambda r: (r / ckpt.MODEL_JSON).write_text("{'model': densenet}"), ckpt.MODEL_JSON,
+    ("json-not-json", lambda r: (r / "model.json").write_text("{'model': densenet}"), "model.json",
      "cannot read JSON"),
-    ("json-cut", _cut(ckpt.MODEL_JSON, 0.5), ckpt.MODEL_JSON, "cannot read JSON"),
-    ("json-array", lambda r: (r / ckpt.MODEL_JSON).write_text("[]"), ckpt.MODEL_JSON, "expected a JSON object"),
-    ("json-other-format", _edit_json(lambda i: i.pop("format")), ckpt.MODEL_JSON,
+    ("json-cut", _cut("model.json", 0.5), "model.json", "cannot read JSON"),
+    ("json-array", lambda r: (r / "model.json").write_text("[]"), "model.json", "expected a JSON object"),
+    ("json-other-format", _edit_json(lambda i: i.pop("format")), "model.json",
      "not a densekit run description"),
-    ("json-newer", _edit_json(lambda i: i.update(format_version=99)), ckpt.MODEL_JSON,
+    ("json-newer", _edit_json(lambda i: i.update(format_version=99)), "model.json",
      "written by a newer densekit (format version 99)"),
-    ("json-no-kwargs", _edit_json(lambda i: i.pop("model_kwargs")), ckpt.MODEL_JSON, "missing field 'model_kwargs'"),
-    ("json-no-classes", _edit_json(lambda i: i.pop("classes")), ckpt.MODEL_JSON, "missing field 'classes'"),
-    ("json-no-preprocessing", _edit_json(lambda i: i.pop("preprocessing")), ckpt.MODEL_JSON,
+    ("json-no-kwargs", _edit_json(lambda i: i.pop("model_kwargs")), "model.json", "missing field 'model_kwargs'"),
+    ("json-no-classes", _edit_json(lambda i: i.pop("classes")), "model.json", "missing field 'classes'"),
+    ("json-no-preprocessing", _edit_json(lambda i: i.pop("preprocessing")), "model.json",
      "missing field 'preprocessing'"),
-    ("json-image-size", _edit_json(lambda i: i["preprocessing"].update(image_size=[16])), ckpt.MODEL_JSON,
+    ("json-image-size", _edit_json(lambda i: i["preprocessing"].update(image_size=[16])), "model.json",
      "'preprocessing.image_size' must be [height, width]"),
-    ("json-std-zero", _edit_json(lambda i: i["preprocessing"].update(std=[0])), ckpt.MODEL_JSON,
+    ("json-std-zero", _edit_json(lambda i: i["preprocessing"].update(std=[0])), "model.json",
      "'preprocessing.std' must list 1 finite number(s) > 0"),
-    ("json-classes-vs-outputs", _edit_json(lambda i: i.update(classes=["a", "b"])), ckpt.MODEL_JSON,
+    ("json-classes-vs-outputs", _edit_json(lambda i: i.update(classes=["a", "b"])), "model.json",
      "does not fit its own description: it has 10 outputs for 2 classes"),
     ("json-channels", _edit_json(lambda i: i["preprocessing"].update(in_chans=3, mean=[0, 0, 0], std=[1, 1, 1])),
-     ckpt.MODEL_JSON, "it takes 1 channels, the preprocessing gives 3"),
-    ("json-bad-kwargs", _edit_json(lambda i: i["model_kwargs"].update(growth_rate=0)), ckpt.MODEL_JSON,
+     "model.json", "it takes 1 channels, the preprocessing gives 3"),
+    ("json-bad-kwargs", _edit_json(lambda i: i["model_kwargs"].update(growth_rate=0)), "model.json",
      "cannot rebuild the model: growth_rate must be a positive integer"),
-    ("json-other-shapes", _edit_json(lambda i: i["model_kwargs"].update(growth_rate=8)), ckpt.WEIGHTS,
+    ("json-other-shapes", _edit_json(lambda i: i["model_kwargs"].update(growth_rate=8)), "model.safetensors",
      "does not match model.json: "),
 ]
 
@@ -223,7 +223,7 @@ def test_a_damaged_run_is_refused_naming_the_file(run, capsys, damage, name, mes
 
 def _resume_meta(change):
     def edit(run: Path) -> None:
-        path = run / ckpt.RESUME
+        path = run / "resume.safetensors"
         with safetensors.safe_open(path, framework="pt") as f:
             raw = f.metadata()["densekit.resume"]
         tensors = load_file(path)
@@ -244,7 +244,7 @@ def _without(*keys):
 
 def _resume_tensors(change):
     def edit(run: Path) -> None:
-        path = run / ckpt.RESUME
+        path = run / "resume.safetensors"
         with safetensors.safe_open(path, framework="pt") as f:
             metadata = f.metadata()
         tensors = load_file(path)
@@ -254,9 +254,9 @@ def _resume_tensors(change):
 
 
 RESUME_CASES = [
-    ("random-bytes", lambda r: (r / ckpt.RESUME).write_bytes(os.urandom(1000)), "cannot read the resume state"),
-    ("cut", _cut(ckpt.RESUME, 0.5), "cannot read the resume state"),
-    ("plain-safetensors", lambda r: save_file({"x": torch.zeros(1)}, r / ckpt.RESUME), "not a densekit resume file"),
+    ("random-bytes", lambda r: (r / "resume.safetensors").write_bytes(os.urandom(1000)), "cannot read the resume state"),
+    ("cut", _cut("resume.safetensors", 0.5), "cannot read the resume state"),
+    ("plain-safetensors", lambda r: save_file({"x": torch.zeros(1)}, r / "resume.safetensors"), "not a densekit resume file"),
     ("meta-not-json", _resume_meta(lambda m: "{epoch: 1"), "corrupt resume state"),
     ("meta-array", _resume_meta(lambda m: [m]), "corrupt resume state: expected a JSON object, found list"),
     ("meta-newer", _resume_meta(lambda m: dict(m, format_version=7)), "written by a newer densekit"),
@@ -279,5 +279,5 @@ def test_a_damaged_resume_state_is_refused_naming_the_file(run, capsys, damage, 
     assert rc == 2 and out == "", err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"densekit train: error: {run / ckpt.RESUME}: ") and message in lines[0], err
+    assert lines[0].startswith(f"densekit train: error: {run / 'resume.safetensors'}: ") and message in lines[0], err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # refused before anything is written

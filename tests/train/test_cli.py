@@ -158,21 +158,21 @@ def test_imagefolder_and_predict(cli, tiny, writers, tmp_path):
         assert rc == 2 and out == ""
         assert len(err.strip().splitlines()) == 1 and str(bad) in err, err
     rc, out, err = cli("predict", run, files[0], "--top-k", "4")
-    assert rc == 2 and "top_k" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and "--top-k" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--epochs", "0"], "--epochs: expected a positive integer"),
-    (["--lr", "-1"], "--lr: expected a positive number"),
-    (["--lr", "nan"], "--lr: expected a positive number"),
-    (["--batch-size", "x"], "--batch-size: expected a positive integer"),
+    (["--epochs", "0"], "--epochs: must be a positive integer"),
+    (["--lr", "-1"], "--lr: must be a positive finite number"),
+    (["--lr", "nan"], "--lr: must be a positive finite number"),
+    (["--batch-size", "x"], "--batch-size: must be a positive integer"),
     (["--dataset", "svhn"], "invalid choice"),
     (["--recipe", "slow"], "invalid choice"),
     (["--model", "densnet121"], "unknown model 'densnet121'; known: dense_resnet121"),
     (["--model-arg", "growth"], "expected KEY=VALUE"),
     (["--model-arg", "growthrate=3"], "unknown argument 'growthrate'"),
     (["--model-arg", "num_classes=3"], "comes from the dataset"),
-    (["--model-arg", "compression=2"], "compression must be in (0, 1]"),
+    (["--model-arg", "compression=2"], "compression must be a number in (0, 1]"),
     (["--device", "tpu"], "device must be one of auto, cpu, cuda"),
     (["--model", "densenet121"], "needs images of at least 29x29 px"),
     (["--batch-size", "65"], "larger than the 64 training images"),
@@ -234,7 +234,7 @@ def test_never_overwrites(cli, tiny, mnist_dir, tmp_path):
     (["eval"], "the following arguments are required: DIR"),
     (["eval", "run", "--dataset", "svhn"], "invalid choice"),
     (["predict", "run"], "the following arguments are required: IMAGE"),
-    (["predict", "run", "x.png", "--top-k", "0"], "--top-k: expected a positive integer"),
+    (["predict", "run", "x.png", "--top-k", "0"], "--top-k: must be a positive integer"),
     (["predict", "run", "x.png", "--device", "gpu"], "device must be one of"),
 ])
 def test_bad_eval_and_predict_flags(cli, tmp_path, monkeypatch, argv, message):

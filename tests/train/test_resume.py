@@ -18,7 +18,7 @@ import torch
 import densekit
 from densekit.cli import main
 from densekit.errors import UserError
-from densekit.train import checkpoint as ckpt
+from densekit.rundir import RunDir, _write
 
 # 64 images / batch 8 = 8 steps an epoch, 2 epochs; the fast recipe (warmup, cosine,
 # label smoothing, crops) so that every piece of state matters.
@@ -57,7 +57,7 @@ def test_max_steps_then_resume_is_bit_identical(cli, tiny, reference, tmp_path, 
     base = ["train", *tiny, *RUN, "--data-dir", data, "--out", run]
     rc, out, err = cli(*base, "--max-steps", "3")  # stops inside epoch 1
     assert rc == 0, err
-    meta = ckpt.read_resume_meta(run / ckpt.RESUME)
+    meta = RunDir(run).read_resume_meta()
     assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == (0, 3, 3)
     summary = json.loads((run / "summary.json").read_text())
     assert not summary["finished"] and summary["steps"] == 3 and "--resume" in out
@@ -65,7 +65,7 @@ def test_max_steps_then_resume_is_bit_identical(cli, tiny, reference, tmp_path, 
 
     rc, out, err = cli("train", "--out", run, "--resume", "--max-steps", "11", "--save-every", "2")  # into epoch 2
     assert rc == 0, err
-    meta = ckpt.read_resume_meta(run / ckpt.RESUME)
+    meta = RunDir(run).read_resume_meta()
     assert (meta["epoch"], meta["step_in_epoch"]) == (1, 3) and meta["config"]["save_every"] == 2
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
 
@@ -91,7 +91,7 @@ def test_killed_process_resumes_bit_identical(cli, tiny, reference, tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                if ckpt.read_resume_meta(run / ckpt.RESUME)["global_step"] >= 6:
+                if RunDir(run).read_resume_meta()["global_step"] >= 6:
                     break
             except UserError:
                 pass  # not written yet
@@ -103,7 +103,7 @@ def test_killed_process_resumes_bit_identical(cli, tiny, reference, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert "epoch 1/2:" in stderr and "/16 [" in stderr  # the progress bar, on stderr
-    meta = ckpt.read_resume_meta(run / ckpt.RESUME)
+    meta = RunDir(run).read_resume_meta()
     assert 6 <= meta["global_step"] < 16
 
     rc, out, err = cli("train", "--out", run, "--resume")
@@ -121,27 +121,27 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(cli, tiny, reference, tmp_
     line = err.strip().splitlines()[-1]
     assert line.startswith("densekit train: error: loss is nan at step 2 (epoch 1, batch 2 of 8)"), err
     assert "step 1) is kept" in line
-    meta = ckpt.read_resume_meta(run / ckpt.RESUME)
+    meta = RunDir(run).read_resume_meta()
     assert meta["global_step"] == 1
-    state = safetensors.torch.load_file(run / ckpt.RESUME)
+    state = safetensors.torch.load_file(run / "resume.safetensors")
     assert all(t.isfinite().all() for k, t in state.items() if t.is_floating_point())
     assert not (run / "summary.json").exists() and not (run / "model.safetensors").exists()
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
     path = tmp_path / "state.bin"
-    ckpt.atomic_write(path, b"old")
+    _write(path, b"old", replace=True)
 
     def killed(fd):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "fsync", killed)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.atomic_write(path, b"new and longer")
+        _write(path, b"new and longer", replace=True)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.bin"]  # the temp file is cleaned up
     monkeypatch.undo()
-    ckpt.atomic_write(path, b"new")
+    _write(path, b"new", replace=True)
     assert path.read_bytes() == b"new" and oct(path.stat().st_mode & 0o777) != "0o600"
 
 
@@ -149,6 +149,6 @@ def test_corrupt_resume_state_is_a_user_error(cli, tiny, reference, tmp_path):
     data, _ = reference
     run = tmp_path / "run"
     assert cli("train", *tiny, *RUN, "--data-dir", data, "--out", run, "--max-steps", "1")[0] == 0
-    (run / ckpt.RESUME).write_bytes((run / ckpt.RESUME).read_bytes()[:100])
+    (run / "resume.safetensors").write_bytes((run / "resume.safetensors").read_bytes()[:100])
     rc, out, err = cli("train", "--out", run, "--resume")
     assert rc == 2 and "resume.safetensors" in err and len(err.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ import torch
 from densekit.data import Dataset, Split
 from densekit.errors import UserError
 from densekit.models import DenseNet
-from densekit.train import checkpoint as ckpt
+from densekit.rundir import ModelInfo, Preprocessing, RunDir
 from densekit.train.engine import EvalResult, eval_loader, evaluate
 from densekit.train.recipes import FAST, PAPER, augment_for, lr_factor, param_groups
 from densekit.train.runtime import select_runtime
@@ -104,25 +104,27 @@ def test_eval_result_of_nothing_is_nan():
 
 def test_load_run_model_rejects_bad_run_dirs(tmp_path):
     with pytest.raises(UserError, match="run directory not found"):
-        ckpt.load_run_model(tmp_path / "nope")
+        RunDir(tmp_path / "nope").load_model()
     with pytest.raises(UserError, match="not a densekit run directory"):
-        ckpt.load_run_model(tmp_path)
+        RunDir(tmp_path).load_model()
     model = DenseNet(growth_rate=4, block_config=(1, 1), stem="cifar", num_classes=2, in_chans=1)
     ds = Dataset(name="mnist", train=None, test=None, classes=["a", "b"], in_chans=1, image_size=(8, 8),
                  mean=(0.5,), std=(0.2,))
     kwargs = dict(growth_rate=4, block_config=[1, 1], stem="cifar", num_classes=2, in_chans=1)
-    ckpt.write_json(tmp_path / ckpt.MODEL_JSON, ckpt.model_info("tiny", {}, kwargs, ds, None))
-    ckpt.save_weights(tmp_path / ckpt.WEIGHTS, model)
-    loaded = ckpt.load_run_model(tmp_path)
+    run = RunDir(tmp_path)
+    run.write_info(ModelInfo("tiny", {}, kwargs, ds.name, None, tuple(ds.classes),
+                             Preprocessing(ds.in_chans, ds.image_size, ds.mean, ds.std)))
+    run.save_weights(model)
+    loaded = RunDir(tmp_path).load_model()
     assert loaded.pretrained_cfg["classes"] == ["a", "b"] and loaded.pretrained_cfg["input_size"] == (1, 8, 8)
     # a weights file that does not fit the description is refused, not half-loaded
     other = DenseNet(growth_rate=4, block_config=(1, 1), stem="cifar", num_classes=3, in_chans=1)
-    ckpt.save_weights(tmp_path / ckpt.WEIGHTS, other)
+    run.save_weights(other)
     with pytest.raises(UserError, match="does not match model.json"):
-        ckpt.load_run_model(tmp_path)
-    (tmp_path / ckpt.WEIGHTS).write_bytes(b"garbage")
+        RunDir(tmp_path).load_model()
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="cannot read safetensors"):
-        ckpt.load_run_model(tmp_path)
+        RunDir(tmp_path).load_model()
 
 
 def test_gpu_presets_fit_the_issue():
@@ -130,7 +132,7 @@ def test_gpu_presets_fit_the_issue():
     # Fashion-MNIST (1 channel, 10 classes) is the 768K DenseNet-BC of the benchmark table.
     from densekit import create_model
     from densekit.train.recipes import LONG, SPRINT, get_recipe
-    from densekit.train.trainer import DEFAULT_MODEL
+    from densekit.train.config import DEFAULT_MODEL
 
     model = create_model(DEFAULT_MODEL, in_chans=1, num_classes=10)
     assert sum(p.numel() for p in model.parameters()) == 768_730
@@ -148,12 +150,12 @@ def test_resume_keeps_this_process_choice_of_sgd_kernel(tmp_path):
     eager = build_optimizer(model, FAST, 0.1)
     model(torch.randn(2, 1, 8, 8)).sum().backward()
     eager.step()
-    path = tmp_path / "resume.safetensors"
+    run = RunDir(tmp_path)
     meta = dict(config={}, data={}, epoch=0, step_in_epoch=1, global_step=1, steps_per_epoch=4, total_steps=8,
                 stats={}, history=[], train_seconds=0.0)
-    ckpt.save_resume(path, model, eager, build_scheduler(eager, FAST, 4, 8), {}, meta)
+    run.save_resume(model, eager, build_scheduler(eager, FAST, 4, 8), {}, meta)
     fused = build_optimizer(model, FAST, 0.1, fused=True)
-    ckpt.load_resume(path, model, fused, build_scheduler(fused, FAST, 4, 8))
+    run.load_resume(model, fused, build_scheduler(fused, FAST, 4, 8))
     assert all(g["fused"] for g in fused.param_groups)
     assert all(torch.equal(fused.state[p]["momentum_buffer"], eager.state[p]["momentum_buffer"])
                for p in model.parameters())

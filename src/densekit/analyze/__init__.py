@@ -10,9 +10,9 @@ docs/claims.md holds the figures they produced.
 
 from .cost import activation_memory, cost_table, saved_activation_bytes
 from .gradients import ChainBlock, chain_of, gradient_flow
-from .overfit import overfitting, read_metrics
-from .report import ANALYSES, analyze
+from .overfit import check_records, overfitting
+from .report import ANALYSES, AnalyzeReport, analyze
 from .reuse import feature_reuse
 
 __all__ = ["ANALYSES", "ChainBlock", "activation_memory", "analyze", "chain_of", "cost_table", "feature_reuse",
-           "gradient_flow", "overfitting", "read_metrics", "saved_activation_bytes"]
+           "gradient_flow", "overfitting", "check_records", "saved_activation_bytes", "AnalyzeReport"]

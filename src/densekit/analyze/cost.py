@@ -142,7 +142,7 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 # (torchvision's concatenating path), which densekit's fused block is there to fix.
 MEMORY_MODELS: dict[str, Callable[[], nn.Module]] = {
     "densekit:densenet121 (fused)": _densekit("densenet121"),
-    "densekit:densenet121 (reference path)": lambda: create_model("densenet121", memory_efficient=False),
+    "densekit:densenet121 (reference path)": lambda: create_model("densenet121", fused=False),
     "torchvision:densenet121": _torchvision("densenet121"),
     "torchvision:resnet50": _torchvision("resnet50"),
 }

@@ -57,7 +57,7 @@ def chain_of(model: DenseNet) -> DenseNet:
     """The chain counterpart of ``model``: its stem, each dense block as a :class:`ChainBlock`,
     transitions that keep the chain's width (compressing k maps would make the chain narrower
     than its own layers), and a head on that width; freshly initialized, as a DenseNet is."""
-    chain = copy.deepcopy(model).set_memory_efficient(False)
+    chain = copy.deepcopy(model).set_fused(False)
     channels = None
     for name, module in list(chain.features.named_children()):
         if isinstance(module, DenseBlock):
@@ -126,7 +126,7 @@ def gradient_flow(model: DenseNet, images: torch.Tensor, labels: torch.Tensor, s
     chain, on one batch. ``model`` itself is not touched: both networks are fresh copies,
     initialized from ``seed``."""
     torch.manual_seed(seed)
-    dense = reinitialize(copy.deepcopy(model).set_memory_efficient(False))
+    dense = reinitialize(copy.deepcopy(model).set_fused(False))
     torch.manual_seed(seed)
     chain = chain_of(model)
     out = dict(batch=list(images.shape), seed=seed)
@@ -141,7 +141,7 @@ def gradients_png(result: dict, title: str = "") -> bytes:
     """Gradient norm per dense layer against depth, DenseNet and chain, on a log scale."""
     from matplotlib.figure import Figure
 
-    from ..train.plots import _png
+    from ..plots import png_bytes
 
     fig = Figure(figsize=(9, 4.5), layout="constrained")
     ax = fig.subplots()
@@ -159,4 +159,4 @@ def gradients_png(result: dict, title: str = "") -> bytes:
            ylabel="||dL/dW|| of the layer's convolutions", title=title or "gradient flow at initialization")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    return _png(fig)
+    return png_bytes(fig)

@@ -11,40 +11,21 @@ re-evaluation of the training set.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 from ..errors import UserError
-from ..train.checkpoint import METRICS
 
 _FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of ``run_dir/metrics.jsonl``, checked for the fields used here."""
-    path = Path(run_dir) / METRICS
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found (has the run finished an epoch?)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read: {e}") from e
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {number} is not JSON: {e}") from e
-        missing = [f for f in _FIELDS if not isinstance(record, dict) or not _number(record.get(f))]
+def check_records(records: list[dict], source: object) -> list[dict]:
+    """The epoch records of a run (``RunDir.read_metrics``), checked for the fields used here."""
+    for number, record in enumerate(records, start=1):
+        missing = [f for f in _FIELDS if not _number(record.get(f))]
         if missing:
-            raise UserError(f"{path}: line {number} lacks a number for {missing[0]!r}")
-        records.append(record)
+            raise UserError(f"{source}: epoch record {number} lacks a number for {missing[0]!r}")
     if not records:
-        raise UserError(f"{path}: no epoch recorded yet")
+        raise UserError(f"{source}: no epoch recorded yet")
     return records
 
 
@@ -82,7 +63,7 @@ def overfit_png(result: dict, title: str = "") -> bytes:
     """Accuracy gap and loss gap against epoch."""
     from matplotlib.figure import Figure
 
-    from ..train.plots import _png
+    from ..plots import png_bytes
 
     epochs = [e["epoch"] for e in result["epochs"]]
     fig = Figure(figsize=(10, 4), layout="constrained")
@@ -96,4 +77,4 @@ def overfit_png(result: dict, title: str = "") -> bytes:
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(title or "generalization gap per epoch")
-    return _png(fig)
+    return png_bytes(fig)

@@ -17,12 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from ..data import load_dataset
+from .. import checks
+from ..checks import ArgumentError
 from ..errors import UserError
 from ..models import DenseNet, create_model, get_variant, list_models
-from ..train.checkpoint import atomic_write, load_run_model, read_model_info, write_json
+from ..results import Result
+from ..rundir import RunDir, publish, publish_json
 from .cost import activation_memory, cost_row, cost_table
 from .gradients import gradient_flow, gradients_png
-from .overfit import overfit_png, overfitting, read_metrics
+from .overfit import check_records, overfit_png, overfitting
 from .reuse import feature_reuse, reuse_png
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,7 @@ class Target:
     def model(self) -> DenseNet:
         """The run's trained weights, or a model name's initial weights (seed 0)."""
         if self.run_dir is not None:
-            return load_run_model(self.run_dir, device="cpu")
+            return RunDir(self.run_dir).load_model("cpu")
         torch.manual_seed(0)
         return create_model(self.label, in_chans=self.input_size[0]).eval()
 
@@ -66,11 +69,11 @@ def resolve_target(target: str, data_dir: str | os.PathLike | None = None) -> Ta
     path = Path(target)
     data_dir = None if data_dir is None else str(data_dir)
     if path.is_dir():
-        info = read_model_info(path)
-        pre = info["preprocessing"]
-        return Target(info["model"], path, info["dataset"], data_dir or info.get("data_dir"),
-                      pre["image_size"][0] if info["dataset"] == "imagefolder" else None,
-                      (pre["in_chans"], *pre["image_size"]))
+        info = RunDir(path).read_info()
+        pre = info.preprocessing
+        return Target(info.model, path, info.dataset, data_dir or info.data_dir,
+                      pre.image_size[0] if info.dataset == "imagefolder" else None,
+                      (pre.in_chans, *pre.image_size))
     if target in list_models():
         return Target(target, None, "fashion-mnist", data_dir, None, get_variant(target).input_size)
     what = "is not a directory" if path.exists() else "is neither a run directory nor a registered model"
@@ -82,14 +85,15 @@ def parse_what(text: str | None, target: Target) -> list[str]:
     if text is None:
         # overfit reads the run's metrics.jsonl, which a pruned run's directory does not have
         return [a for a in ANALYSES if a != "overfit" or
-                (target.run_dir is not None and (target.run_dir / "metrics.jsonl").is_file())]
+                (target.run_dir is not None and RunDir(target.run_dir).has_metrics())]
     asked = [w.strip() for w in text.split(",") if w.strip()]
     unknown = [w for w in asked if w not in ANALYSES]
     if unknown or not asked:
-        raise UserError(f"--what: unknown analysis {unknown[0] if unknown else text!r}; "
-                        f"choose from {', '.join(ANALYSES)} (comma-separated)")
+        raise ArgumentError(f"{{what}}: unknown analysis {checks.quote(unknown[0] if unknown else text)}; "
+                            f"choose from {', '.join(ANALYSES)} (comma-separated)")
     if "overfit" in asked and target.run_dir is None:
-        raise UserError(f"--what overfit needs a run directory (its metrics.jsonl); {target.label} is a model name")
+        raise ArgumentError(f"{{what}} overfit needs a run directory (its training records); "
+                            f"{checks.text(target.label)} is a model name")
     return list(dict.fromkeys(asked))
 
 
@@ -97,15 +101,16 @@ def output_paths(target: Target, what: list[str], out: str | os.PathLike | None)
     """Where each file goes; refuses an output folder that is a file or already holds one of them."""
     if out is None:
         if target.run_dir is None:
-            raise UserError(f"--out DIR is needed when the target is a model name ({target.label})")
-        out = target.run_dir / "analysis"
+            raise ArgumentError(f"{{out}} is needed when the target is a model name ({checks.text(target.label)})")
+        out = RunDir(target.run_dir).analysis_dir
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     paths = {name: out / name for a in what for name in OUTPUTS[a]}
     taken = [p for p in paths.values() if p.exists()]
     if taken:
-        raise UserError(f"{taken[0]}: already exists; refusing to overwrite it (choose another --out)")
+        raise ArgumentError(f"{checks.text(taken[0])}: already exists; refusing to overwrite it "
+                            "(choose another {out})")
     return paths
 
 
@@ -149,18 +154,29 @@ def _cost(target: Target) -> tuple[dict, dict[str, bytes]]:
 
 
 def _overfit(target: Target) -> tuple[dict, dict[str, bytes]]:
-    result = overfitting(read_metrics(target.run_dir))
+    result = overfitting(check_records(RunDir(target.run_dir).read_metrics(), target.run_dir))
     return result, {"overfit.png": overfit_png(result, f"generalization gap, {target.label}")}
 
 
 _RUNNERS = {"reuse": _reuse, "gradients": _gradients, "cost": _cost, "overfit": _overfit}
 
 
+@dataclass
+class AnalyzeReport(Result):
+    """The analyses run on a target, and the files they wrote."""
+
+    target: str
+    trained: bool          # a run's trained weights (False: a model name's initialization)
+    out: str
+    files: list[str]
+    results: dict          # analysis name -> what its JSON file holds
+
+
 def analyze(target: str, what: str | None = None, out: str | os.PathLike | None = None,
-            data_dir: str | os.PathLike | None = None) -> dict:
+            data_dir: str | os.PathLike | None = None) -> AnalyzeReport:
     """Run the analyses in ``what`` (comma-separated; default all that apply) on ``target``
-    and write each one's JSON and figure into ``out`` (default ``TARGET/analysis`` for a run
-    directory). Returns ``{"target", "trained", "out", "files", "results"}``."""
+    and write each one's JSON and figure into ``out`` (default: the run directory's
+    analysis folder). Nothing is ever overwritten, not even a file that appears meanwhile."""
     resolved = resolve_target(target, data_dir)
     analyses = parse_what(what, resolved)
     paths = output_paths(resolved, analyses, out)
@@ -171,15 +187,11 @@ def analyze(target: str, what: str | None = None, out: str | os.PathLike | None 
     folder = next(iter(paths.values())).parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        # never replacing a file, not even one that appeared during the minutes of computing
-        for name in analyses:
-            write_json(paths[f"{name}.json"], dict(target=resolved.label, **results[name]), replace=False)
-        for file, png in figures.items():
-            atomic_write(paths[file], png, replace=False)
-    except FileExistsError as e:
-        raise UserError(f"{e.filename}: appeared while the analysis ran; refusing to overwrite it "
-                        "(choose another --out)") from None
     except OSError as e:
         raise UserError(f"{folder}: cannot write the analysis: {e.strerror or e}") from e
-    return dict(target=resolved.label, trained=resolved.run_dir is not None, out=str(folder),
-                files=[str(p) for p in paths.values()], results=results)
+    for name in analyses:
+        publish_json(paths[f"{name}.json"], dict(target=resolved.label, **results[name]))
+    for file, png in figures.items():
+        publish(paths[file], png)
+    return AnalyzeReport(target=resolved.label, trained=resolved.run_dir is not None, out=str(folder),
+                         files=[str(p) for p in paths.values()], results=results)

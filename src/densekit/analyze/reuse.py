@@ -179,7 +179,7 @@ def reuse_png(result: dict, title: str = "") -> bytes:
     """One heatmap per block: sources down, targets across, each column scaled to its maximum."""
     from matplotlib.figure import Figure
 
-    from ..train.plots import _png
+    from ..plots import png_bytes
 
     blocks = result["blocks"]
     fig = Figure(figsize=(4.2 * len(blocks) + 1, 4.4), layout="constrained")
@@ -196,7 +196,7 @@ def reuse_png(result: dict, title: str = "") -> bytes:
                title=block["block"])
     fig.colorbar(image, ax=list(axes), fraction=0.03, label="mean |w|, per target scaled to its maximum")
     fig.suptitle(title or "feature reuse (Huang et al. 2017, Fig. 5)")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _colormap():

@@ -3,7 +3,7 @@
 - ``densekit``: ``create_model(name)`` with its defaults (the fused lean block), trained as
   ``densekit train`` trains it: on CUDA each step is replayed from a CUDA graph;
 - ``densekit-eager``: the same network, every step launched eagerly;
-- ``densekit-ref``: the same with ``memory_efficient=False``, the plain concatenating path.
+- ``densekit-ref``: the same with ``fused=False``, the plain concatenating path.
 - ``torchvision`` / ``torchvision-me``: ``torchvision.models.DenseNet`` with the variant's
   numbers, ``memory_efficient`` False / True. For CIFAR variants the stem is rebuilt as a
   torchvision user does it (a 3x3 stride-1 conv, no max-pool) and, so that both sides are
@@ -75,7 +75,7 @@ def build(config: Config) -> nn.Module:
     if config.impl in ("densekit", "densekit-eager", "densekit-ref"):
         overrides = dict(in_chans=config.in_chans)
         if config.impl == "densekit-ref":
-            overrides["memory_efficient"] = False
+            overrides["fused"] = False
         return DenseNet(**model_arguments(config.model, **overrides))
     if config.impl == "timm":
         import timm

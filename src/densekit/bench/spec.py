@@ -20,7 +20,7 @@ DEVICES = ("cpu", "cuda", "auto")
 MODES = ("train", "infer")
 # densekit trains as `densekit train` does (on CUDA: steps replayed from a CUDA graph);
 # densekit-eager is the same without the graph, to see what the graph buys; densekit-ref is
-# create_model(..., memory_efficient=False), the plain path, to see what the fused block buys.
+# create_model(..., fused=False), the plain path, to see what the fused block buys.
 IMPLS = ("densekit", "densekit-eager", "densekit-ref", "torchvision", "torchvision-me", "timm")
 REFERENCE = "torchvision"
 

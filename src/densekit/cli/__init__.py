@@ -1,7 +1,8 @@
 """``densekit``: the command line. Argument parsing only; each subcommand calls the library.
 
 Contract: a user mistake (:class:`densekit.errors.UserError`, a bad flag) prints one line
-on stderr and exits 2; anything else is a bug and keeps its traceback (exit 1).
+on stderr and exits 2; anything else is a bug and keeps its traceback (exit 1). Library
+errors name arguments as Python spells them; here they are said as this command's flags.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import importlib
 import logging
 import sys
 
+from .. import __version__
+from ..checks import ArgumentError
 from ..errors import UserError
+from .common import flag_spelling
 
 # Subcommand -> (module under densekit.cli with add_arguments(parser) and run(args), help).
 COMMANDS = {
@@ -22,7 +26,8 @@ COMMANDS = {
     "prune": ("prune", "remove the channels with the smallest BN gamma (network slimming) into a new run"),
     "bench": ("bench", "time densekit against torchvision side by side (img/s, peak memory, warm-up)"),
     "export": ("export", "write a trained run as an ONNX file or torch.export program, checked against PyTorch"),
-    "analyze": ("analyze", "test the seed's claims on a run or model: feature reuse, gradient flow, cost, overfitting"),
+    "analyze": ("analyze", "measure the DenseBlock blog post's claims on a run or model: feature reuse, "
+                           "gradient flow, cost, overfitting"),
 }
 
 
@@ -33,6 +38,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="densekit", description="Densely connected convolutional networks.")
+    parser.add_argument("--version", action="version", version=f"densekit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -40,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f".{module_name}", __name__)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _spelling=flag_spelling(p, getattr(module, "ALIASES", None)))
     return parser
 
 
@@ -51,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(message)s", stream=sys.stderr)
     try:
         return int(args._run(args) or 0)
+    except ArgumentError as e:
+        print(f"densekit {args.command}: error: {e.render(args._spelling)}", file=sys.stderr)
+        return 2
     except UserError as e:
         print(f"densekit {args.command}: error: {e}", file=sys.stderr)
         return 2

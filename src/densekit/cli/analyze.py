@@ -1,9 +1,9 @@
-"""``densekit analyze``: test the seed's claims on a run or a model (feature reuse, gradient
-flow, cost, overfitting); writes JSON and PNG files, prints the headline numbers."""
+"""``densekit analyze``: measure the DenseBlock blog post's claims on a run or a model (feature
+reuse, gradient flow, cost, overfitting); writes JSON and PNG files, prints the headline numbers."""
 
 from __future__ import annotations
 
-from ..train.checkpoint import dumps
+from ..results import json_text
 
 
 def add_arguments(p) -> None:
@@ -42,9 +42,9 @@ def _headlines(results: dict) -> list[str]:
     return lines
 
 
-def _summaries(report: dict) -> dict:
-    results = report["results"]
-    out = {k: report[k] for k in ("target", "trained", "out", "files")}
+def _summaries(report) -> dict:
+    results = report.results
+    out = dict(target=report.target, trained=report.trained, out=report.out, files=report.files)
     if "reuse" in results:
         out["reuse"] = [dict(block=b["block"], **b["summary"]) for b in results["reuse"]["blocks"]]
     if "gradients" in results:
@@ -62,9 +62,9 @@ def run(args) -> int:
 
     report = analyze(args.target, what=args.what, out=args.out, data_dir=args.data_dir)
     if args.json:
-        print(dumps(_summaries(report)))
+        print(json_text(_summaries(report)))
         return 0
-    for line in _headlines(report["results"]):
+    for line in _headlines(report.results):
         print(line)
-    print(f"wrote {len(report['files'])} files to {report['out']}")
+    print(f"wrote {len(report.files)} files to {report.out}")
     return 0

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ..data import DATASETS
-from ..train.checkpoint import dumps
-from .train import add_device_argument
+from .common import add_device_argument
 
 
 def add_arguments(p) -> None:
@@ -22,13 +21,13 @@ def run(args) -> int:
     report = evaluate_run(args.run_dir, dataset=args.dataset, data_dir=args.data_dir, device=args.device,
                           confusion_path=args.out)
     if args.json:
-        print(dumps(report))
+        print(report.to_json())
         return 0
-    print(f"{report['model']} on {report['dataset']} test ({report['total']} images): accuracy "
-          f"{100 * report['accuracy']:.2f}% ({report['correct']}/{report['total']}), loss {report['loss']:.4f}")
-    width = max(len(c["label"]) for c in report["per_class"])
-    for c in report["per_class"]:
-        acc = "-" if c["accuracy"] is None else f"{100 * c['accuracy']:6.2f}%"
-        print(f"  {c['index']:>3}  {c['label']:<{width}}  {acc:>7}  of {c['count']}")
-    print(f"confusion matrix: {report['confusion_png']}")
+    print(f"{report.model} on {report.dataset} test ({report.total} images): accuracy "
+          f"{100 * report.accuracy:.2f}% ({report.correct}/{report.total}), loss {report.loss:.4f}")
+    width = max(len(c.label) for c in report.per_class)
+    for c in report.per_class:
+        acc = "-" if c.accuracy is None else f"{100 * c.accuracy:6.2f}%"
+        print(f"  {c.index:>3}  {c.label:<{width}}  {acc:>7}  of {c.count}")
+    print(f"confusion matrix: {report.confusion_png}")
     return 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from ..export import FORMATS
-from ..train.checkpoint import dumps
-from .train import positive_int
+from .common import positive_int
+
+# the library's name for what --out gives
+ALIASES = {"path": "--out"}
 
 
 def add_arguments(p) -> None:
@@ -29,15 +31,14 @@ def run(args) -> int:
     report = export_model(args.run_dir, args.out, format=args.format, opset=args.opset, dynamo=args.dynamo,
                           batch_size=args.batch_size, check=args.check)
     if args.json:
-        print(dumps(report))
+        print(report.to_json())
         return 0
-    shape = "x".join(map(str, report["input_shape"]))
-    kind = f"ONNX opset {report['opset']}" if report["format"] == "onnx" else "torch.export program"
-    print(f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB, {kind}): {report['model']}, input {shape} -> "
-          f"{', '.join(report['outputs'])}, in {report['export_seconds']:.1f} s")
-    if report["checked"]:
-        runner = f"onnxruntime {report['onnxruntime']}" if report["format"] == "onnx" else "torch.export.load"
-        print(f"checked with {runner} at batch {report['check_batch_size']}: max abs diff "
-              f"{report['max_abs_diff']:.2g} ({report['max_rel_diff']:.2g} of the output scale "
-              f"{report['output_scale']:.3g}) against PyTorch")
+    shape = "x".join(map(str, report.input_shape))
+    kind = f"ONNX opset {report.opset}" if report.format == "onnx" else "torch.export program"
+    print(f"wrote {report.path} ({report.bytes / 1e6:.1f} MB, {kind}): {report.model}, input {shape} -> "
+          f"{', '.join(report.outputs)}, in {report.export_seconds:.1f} s")
+    if report.check is not None:
+        c = report.check
+        print(f"checked with {c.runner} at batch {c.check_batch_size}: max abs diff {c.max_abs_diff:.2g} "
+              f"({c.max_rel_diff:.2g} of the output scale {c.output_scale:.3g}) against PyTorch")
     return 0

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..train.checkpoint import dumps
-from .train import add_device_argument, positive_int
+from .common import add_device_argument, positive_int
 
 
 def add_arguments(p) -> None:
@@ -18,5 +17,5 @@ def run(args) -> int:
     from ..train import predict
 
     for row in predict(args.run_dir, args.images, top_k=args.top_k, device=args.device):
-        print(dumps(row), flush=True)
+        print(row.to_json(), flush=True)
     return 0

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..train.checkpoint import dumps
-from .train import add_device_argument
+from .common import add_device_argument
 
 
 def add_arguments(p) -> None:
@@ -16,22 +15,27 @@ def add_arguments(p) -> None:
     add_device_argument(p)
 
 
-def summary_lines(s: dict) -> list[str]:
-    c = s["channels"]
-    return [
-        f"pruned {c['removed']:,} of {c['prunable']:,} prunable channels ({100 * c['removed_fraction']:.2f}%) "
-        f"in {s['pruned_layers']} dense layers of {s['model']}",
-        f"parameters {s['params_before']:,} -> {s['params_after']:,} ({s['params_ratio']:.3f}x), "
-        f"MACs {s['macs_before'] / 1e6:.1f} M -> {s['macs_after'] / 1e6:.1f} M ({s['macs_ratio']:.3f}x)",
-        f"{s['dataset']} test accuracy ({s['test_images']} images) {100 * s['test_accuracy_before']:.2f}% -> "
-        f"{100 * s['test_accuracy_after']:.2f}%",
-        f"saved in {s['out']}; fine-tune with: densekit train --init {s['out']} --epochs 1 --out DIR",
+def summary_lines(s) -> list[str]:
+    """What ``densekit prune`` prints: a PruneReport in a few lines."""
+    c = s.channels
+    lines = [
+        f"pruned {c.removed:,} of {c.prunable:,} prunable channels ({100 * c.removed_fraction:.2f}%) "
+        f"in {s.pruned_layers} dense layers of {s.model}",
+        f"parameters {s.params_before:,} -> {s.params_after:,} ({s.params_ratio:.3f}x), "
+        f"MACs {s.macs_before / 1e6:.1f} M -> {s.macs_after / 1e6:.1f} M ({s.macs_ratio:.3f}x)",
+        f"{s.dataset} test accuracy ({s.test_images} images) {100 * s.test_accuracy_before:.2f}% -> "
+        f"{100 * s.test_accuracy_after:.2f}%",
     ]
+    if s.reference_path_blocks:
+        lines.append(f"{s.reference_path_blocks} pruned dense block(s) run the reference path: the fused block "
+                     "takes only layers that read all of the block's channels")
+    lines.append(f"saved in {s.out}; fine-tune with: densekit train --init {s.out} --epochs 1 --out DIR")
+    return lines
 
 
 def run(args) -> int:
     from ..prune import prune_run
 
     summary = prune_run(args.run_dir, args.out, args.amount, device=args.device)
-    print(dumps(summary) if args.json else "\n".join(summary_lines(summary)))
+    print(summary.to_json() if args.json else "\n".join(summary_lines(summary)))
     return 0

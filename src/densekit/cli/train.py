@@ -3,49 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 
 from ..data import DATASETS
-from ..errors import UserError
 from ..train.recipes import RECIPES
-
-
-def _checked(convert, ok, expected: str):
-    """An argparse type: ``convert`` the text, then require ``ok(value)``; one message for both."""
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-    return parse
-
-
-positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number")
-
-
-def model_arg(text: str) -> tuple[str, object]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. growth_rate=12), got {text!r}")
-    try:
-        value = ast.literal_eval(raw)  # numbers, tuples, lists, None, True
-    except (ValueError, SyntaxError):
-        value = raw  # a bare word is a string: stem=cifar
-    return key, value
+from .common import add_device_argument, model_arg, non_negative_int, positive_int, positive_number
 
 
 def _defaults(field: str) -> str:
     return ", ".join(f"{name}: {getattr(recipe, field)}" for name, recipe in RECIPES.items())
-
-
-def add_device_argument(p) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default: auto)")
 
 
 def add_arguments(p) -> None:
@@ -64,7 +30,7 @@ def add_arguments(p) -> None:
                         "(Fashion-MNIST, densenet_bc_100_k12; see densekit.train.recipes)")
     p.add_argument("--epochs", type=positive_int, help=f"default: the recipe's ({_defaults('epochs')})")
     p.add_argument("--batch-size", type=positive_int, help=f"default: the recipe's ({_defaults('batch_size')})")
-    p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default: the recipe's; {_defaults('lr')})")
+    p.add_argument("--lr", type=positive_number, help=f"peak learning rate (default: the recipe's; {_defaults('lr')})")
     p.add_argument("--seed", type=non_negative_int, help="seeds the weights and every epoch's order and "
                                                           "augmentation (default: 0)")
     p.add_argument("--train-limit", type=positive_int, metavar="N", help="train on the first N training images only")
@@ -125,19 +91,19 @@ class _ProgressBar:
             self.bar = None
 
 
-def summary_lines(s: dict) -> list[str]:
-    where = s["device"] if s["device"] == "cpu" else f"{s['device']} {s['device_name']}"
-    layout = (", channels-last" if s["channels_last"] else "") + (", CUDA graph" if s.get("cuda_graph") else "")
-    lines = [f"{s['model']} on {s['dataset']}: {s['epochs_completed']}/{s['epochs']} epochs, {s['steps']} steps in "
-             f"{s['train_seconds']:.1f} s ({s['images_per_second']:.0f} images/s; {where}, {s['precision']}{layout})",
-             f"test accuracy {100 * s['test_accuracy']:.2f}% ({s['test_correct']}/{s['test_images']}), "
-             f"test loss {s['test_loss']:.4f}",
-             f"{s['params']:,} parameters, {s['macs'] / 1e6:.1f} M MACs per "
-             f"{'x'.join(map(str, s['input_size']))} image"]
-    if not s["finished"]:
-        lines.append(f"stopped at step {s['steps']} of {s['total_steps']}; continue with: "
-                     f"{resume_command(s['out'], s.get('world_size', 1))}")
-    lines.append(f"run saved in {s['out']} (densekit eval {s['out']}; densekit predict {s['out']} IMAGE...)")
+def summary_lines(s) -> list[str]:
+    """What a finished (or stopped) run prints: a TrainSummary in a few lines."""
+    where = s.device if s.device == "cpu" else f"{s.device} {s.device_name}"
+    layout = (", channels-last" if s.channels_last else "") + (", CUDA graph" if s.cuda_graph else "")
+    lines = [f"{s.model} on {s.dataset}: {s.epochs_completed}/{s.epochs} epochs, {s.steps} steps in "
+             f"{s.train_seconds:.1f} s ({s.images_per_second:.0f} images/s; {where}, {s.precision}{layout})",
+             f"test accuracy {100 * s.test_accuracy:.2f}% ({s.test_correct}/{s.test_images}), "
+             f"test loss {s.test_loss:.4f}",
+             f"{s.params:,} parameters, {s.macs / 1e6:.1f} M MACs per {'x'.join(map(str, s.input_size))} image"]
+    if not s.finished:
+        lines.append(f"stopped at step {s.steps} of {s.total_steps}; continue with: "
+                     f"{resume_command(s.out, s.world_size)}")
+    lines.append(f"run saved in {s.out} (densekit eval {s.out}; densekit predict {s.out} IMAGE...)")
     return lines
 
 
@@ -147,35 +113,47 @@ def resume_command(out: str, nproc: int = 1) -> str:
     return f"densekit train --out {out} --resume" + (f" --nproc {nproc}" if nproc > 1 else "")
 
 
+def _config(args):
+    from ..train import TrainConfig
+
+    return TrainConfig(
+        model=args.model, model_args=dict(args.model_args) if args.model_args else None, init=args.init,
+        dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size, recipe=args.recipe,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, train_limit=args.train_limit,
+        deterministic=args.deterministic, device=args.device, channels_last=args.channels_last,
+        cuda_graph=args.cuda_graph, out=args.out, resume=args.resume, max_steps=args.max_steps,
+        save_every=args.save_every)
+
+
+def _launch(args, config) -> int:
+    """Start the ranks, each this same command, with one run directory for all of them."""
+    from .. import distributed
+    from ..train.config import check_config, default_out
+
+    argv = list(args.argv)
+    if not args.out:  # named once, here
+        argv += ["--out", str(default_out(check_config(config)))]
+    try:
+        return distributed.launch(argv, args.nproc)
+    except KeyboardInterrupt:  # rank 0 has said so, and how to continue
+        return 130
+
+
 def run(args) -> int:
     from .. import distributed
-    from ..train import TrainConfig, train
-    from ..train.trainer import default_out
+    from ..checks import ArgumentError
+    from ..train import train
+    from ..train.config import check_config
 
-    config = TrainConfig(
-        model=args.model, model_args=dict(args.model_args) if args.model_args else None, init=args.init,
-        dataset=args.dataset,
-        data_dir=args.data_dir, image_size=args.image_size, recipe=args.recipe, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, train_limit=args.train_limit,
-        deterministic=args.deterministic, device=args.device, channels_last=args.channels_last,
-        cuda_graph=args.cuda_graph, out=args.out,
-        resume=args.resume, max_steps=args.max_steps, save_every=args.save_every)
-    if args.resume and not args.out:
-        raise UserError("--resume needs --out DIR, the run to continue")
+    config = check_config(_config(args))
     job = distributed.from_env()
     if args.batch_size:  # said before starting anything; the recipe's default is checked by each rank
         distributed.check_batch_split(args.batch_size, args.nproc)
-    if args.nproc > 1 and not job.active:  # start the ranks, each this same command
-        argv = list(args.argv)
-        if not args.out:  # one directory for all of them, named once
-            argv += ["--out", str(default_out(config))]
-        try:
-            return distributed.launch(argv, args.nproc)
-        except KeyboardInterrupt:  # rank 0 has said so, and how to continue
-            return 130
+    if args.nproc > 1 and not job.active:
+        return _launch(args, config)
     if job.active and args.nproc not in (1, job.world_size):
-        raise UserError(f"--nproc {args.nproc}: this process is one of WORLD_SIZE={job.world_size} started by "
-                        "an outside launcher; drop --nproc or make them agree")
+        raise ArgumentError(f"{{nproc}} {args.nproc}: this process is one of WORLD_SIZE={job.world_size} started "
+                            "by an outside launcher; drop {nproc} or make them agree")
     progress = _ProgressBar(enabled=not args.no_progress and job.is_main)
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm

@@ -1,7 +1,8 @@
-from .densenet import DenseNet
-from .layers import DenseBlock, DenseLayer, Transition
+from .densenet import IMAGENET_MEAN, IMAGENET_STD, NOTRACE_MODULES, DenseNet, FeatureInfo
+from .layers import DenseBlock, DenseLayer, Transition, reference_path, restore_fused, set_fused
 from .registry import create_model, get_variant, list_models, model_kwargs, register
 from .variants import VARIANTS, Variant
 
-__all__ = ["DenseNet", "DenseBlock", "DenseLayer", "Transition", "Variant", "VARIANTS",
-           "create_model", "get_variant", "list_models", "model_kwargs", "register"]
+__all__ = ["DenseNet", "DenseBlock", "DenseLayer", "Transition", "FeatureInfo", "Variant", "VARIANTS",
+           "IMAGENET_MEAN", "IMAGENET_STD", "NOTRACE_MODULES", "create_model", "get_variant", "list_models",
+           "model_kwargs", "reference_path", "register", "restore_fused", "set_fused"]

@@ -22,7 +22,7 @@ that batch norm, its backward and the 1x1 convolution (a matrix product) read in
 with no gather into a contiguous copy. On 2 CPU cores this is what makes the block faster
 than the reference rather than only leaner (docs/performance.md).
 
-``supports_fused`` says when a block can take this path; other blocks take the reference.
+``unsupported_reason`` says when a block cannot take this path; such blocks take the reference.
 """
 
 from __future__ import annotations
@@ -54,22 +54,30 @@ def _stock_half(norm: nn.Module, relu: nn.Module, conv: nn.Module, training: boo
     return _plain_bn(norm) and norm.training == training and type(relu) is nn.ReLU and _plain_conv(conv)
 
 
-def supports_fused(block) -> bool:
-    """True when every layer of ``block`` is a stock dense layer the fused op can run, in the
-    block's mode (a batch norm set to eval inside a training block, as when fine-tuning with
-    frozen statistics, takes the reference path). Checked at every call, since a layer may
-    be swapped or set to eval at any time: about 5 us per layer (eager launches on CUDA)."""
+def unsupported_reason(block) -> str | None:
+    """None when every layer of ``block`` is a stock dense layer the fused op can run in the
+    block's mode; else why not, naming the first layer that is not. Checked at every call,
+    since a layer may be swapped or set to eval at any time (a batch norm set to eval inside a
+    training block, as when fine-tuning with frozen statistics, takes the reference path)."""
     training = block.training
-    for layer in block.values():
+    for name, layer in block.items():
         m = layer._modules
-        # a pruned layer (DenseLayer.prune_) reads a subset of the buffer, or has another
-        # bottleneck width than the bn_size * k that the workspaces are sized for
-        if (layer.input_index is not None or layer.training != training
-                or (layer.bn_size and m["conv1"].weight.shape[0] != layer.bn_size * layer.growth_rate)
-                or not _stock_half(m["norm1"], m["relu1"], m["conv1"], training)
-                or (layer.bn_size and not _stock_half(m["norm2"], m["relu2"], m["conv2"], training))):
-            return False
-    return True
+        if layer.input_index is not None:
+            return f"{name} reads {layer.input_index.numel()} of its {layer.in_channels} input channels (pruned)"
+        if layer.bn_size and m["conv1"].weight.shape[0] != layer.bn_size * layer.growth_rate:
+            # the workspaces are sized for bn_size * k
+            return (f"{name}'s bottleneck is {m['conv1'].weight.shape[0]} channels wide, not "
+                    f"bn_size * growth_rate = {layer.bn_size * layer.growth_rate} (pruned)")
+        if layer.training != training:
+            return f"{name} is in {'training' if layer.training else 'eval'} mode inside a block that is not"
+        if not _stock_half(m["norm1"], m["relu1"], m["conv1"], training) or \
+                (layer.bn_size and not _stock_half(m["norm2"], m["relu2"], m["conv2"], training)):
+            return f"{name} holds a module other than the stock BatchNorm, ReLU and bias-free convolution"
+    return None
+
+
+def supports_fused(block) -> bool:
+    return unsupported_reason(block) is None
 
 
 class _Unit:

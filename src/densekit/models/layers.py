@@ -8,15 +8,19 @@ between blocks. One code path serves 1D, 2D and 3D inputs: ``spatial_dims`` pick
 convolution, batch norm and pooling classes.
 """
 
-from __future__ import annotations
-
+import contextlib
 import re
-from typing import Sequence
+from collections.abc import Iterator
+from typing import List, Sequence, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from torch import nn
+from torch import Tensor, nn
+
+from .. import checks
+from . import fused as _fused
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -31,21 +35,24 @@ LEGACY_LAYER_KEY = re.compile(
 
 
 def check_spatial_dims(spatial_dims: int) -> int:
-    if spatial_dims not in _CONV:
-        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
-    return spatial_dims
+    return checks.one_of("spatial_dims", spatial_dims, (1, 2, 3))
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+_is_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) or \
+    torch.fx._symbolic_trace.is_fx_tracing  # the older name, before torch.export shared the flag
 
 
-def _check_drop_rate(drop_rate) -> float:
-    if not 0.0 <= float(drop_rate) < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
-    return float(drop_rate)
+def is_fx_tracing() -> bool:
+    """Is torch.fx symbolically tracing the caller? A traced graph records the reference path
+    (the fused ops run native kernels and host-side bookkeeping that a graph cannot hold)."""
+    return _is_fx_symbolic_tracing()
+
+
+def _plain_only() -> bool:
+    """Must the fast paths stand aside? Under torch.compile the compiler fuses the plain path's
+    concatenations and BN-ReLU itself, and the fused op's bookkeeping (channel groups picked at
+    run time) would break its graph; a torch.jit trace or an fx trace cannot see native kernels."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or is_fx_tracing()
 
 
 def _each(value, n: int) -> bool:
@@ -113,6 +120,12 @@ class DenseLayer(nn.Module):
     Conv3x3(k); with ``bn_size`` None or 0 it is the plain BN-ReLU-Conv3x3(k). Its input is
     the concatenation of every earlier feature map, given as one tensor or as a list.
 
+    ``memory_efficient`` has torchvision's meaning: in training, recompute the concatenated
+    BN-ReLU-Conv1x1 in backward instead of storing it (gradient checkpointing, Pleiss et al.,
+    "Memory-Efficient Implementation of DenseNets", 2017). It applies where the layer runs on
+    its own, on the reference path; a fused block (``DenseBlock(fused=True)``) has its own
+    lean backward and never checkpoints.
+
     ``input_index`` (a buffer, None by default) names the input channels the layer reads;
     pruning sets it so that a layer can drop inputs without touching the block around it.
     """
@@ -121,15 +134,15 @@ class DenseLayer(nn.Module):
                  drop_rate: float = 0.0, memory_efficient: bool = False,
                  spatial_dims: int = 2) -> None:
         super().__init__()
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("growth_rate", growth_rate)
+        checks.positive_int("in_channels", in_channels)
+        checks.positive_int("growth_rate", growth_rate)
         if bn_size:
-            _check_positive_int("bn_size", bn_size)
+            checks.positive_int("bn_size", bn_size)
         self.in_channels = in_channels
         self.growth_rate = growth_rate
         self.bn_size = bn_size or 0
-        self.drop_rate = _check_drop_rate(drop_rate)
-        self.memory_efficient = memory_efficient
+        self.drop_rate = checks.fraction("drop_rate", drop_rate)
+        self.memory_efficient = bool(memory_efficient)
         self.spatial_dims = check_spatial_dims(spatial_dims)
         if self.bn_size:
             width = self.bn_size * growth_rate
@@ -149,39 +162,41 @@ class DenseLayer(nn.Module):
     def has_bottleneck(self) -> bool:
         return self.bn_size > 0
 
-    def bottleneck(self, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+    def bottleneck(self, x: Tensor) -> Tensor:
         """BN-ReLU-Conv of the concatenated input: the part that sees every earlier map."""
         if self.input_index is not None:
             x = x.index_select(1, self.input_index)
-        if not recompute:
-            return self.conv1(self.relu1(self.norm1(x)))
-        # The recompute in backward must run the same ops as the forward without moving the
-        # running statistics a second time (checkpoint stops it early: no restoring after).
-        n = self.norm1
-        if not (n.training and n.track_running_stats):  # nothing it would move
-            return self.conv1(self.relu1(n(x)))
-        x = F.batch_norm(x, n.running_mean.clone(), n.running_var.clone(), n.weight, n.bias, True, 0.0, n.eps)
-        return self.conv1(self.relu1(x))
+        return self.conv1(self.relu1(self.norm1(x)))
 
-    def _checkpointed_bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.jit.unused
+    def _checkpointed_bottleneck(self, x: Tensor) -> Tensor:
         calls = []
 
         def run(inp):
             calls.append(None)
-            return self.bottleneck(inp, recompute=len(calls) > 1)
+            if len(calls) == 1:
+                return self.bottleneck(inp)
+            # The recompute in backward must run the same ops as the forward without moving
+            # the running statistics a second time (checkpoint stops it early: no restoring).
+            if self.input_index is not None:
+                inp = inp.index_select(1, self.input_index)
+            n = self.norm1
+            if n.training and n.track_running_stats:
+                inp = F.batch_norm(inp, n.running_mean.clone(), n.running_var.clone(), n.weight, n.bias, True, 0.0,
+                                   n.eps)
+            else:
+                inp = n(inp)
+            return self.conv1(self.relu1(inp))
 
         return cp.checkpoint(run, x, use_reentrant=False)
 
-    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            x = torch.cat(list(x), 1)
-        if self.memory_efficient and self.training and x.requires_grad and not torch.compiler.is_compiling():
-            # Recompute the concatenated BN-ReLU-Conv1x1 in backward instead of storing it
-            # (Pleiss et al., "Memory-Efficient Implementation of DenseNets", 2017). A
-            # compiled graph leaves recomputation to the compiler's partitioner.
-            out = self._checkpointed_bottleneck(x)
-        else:
-            out = self.bottleneck(x)
+    def forward(self, x: Union[Tensor, List[Tensor]]) -> Tensor:
+        if not isinstance(x, Tensor):
+            x = torch.cat(x, 1)
+        checkpoint = False
+        if self.memory_efficient and self.training and not torch.jit.is_scripting():
+            checkpoint = not _plain_only() and x.requires_grad
+        out = self._checkpointed_bottleneck(x) if checkpoint else self.bottleneck(x)
         if self.has_bottleneck:
             out = self.conv2(self.relu2(self.norm2(out)))
         if self.drop_rate > 0:
@@ -225,61 +240,76 @@ class DenseLayer(nn.Module):
         return f"in_channels={self.in_channels}, growth_rate={self.growth_rate}, bn_size={self.bn_size}"
 
 
+def _check_block_input(x: Tensor, in_channels: int) -> None:
+    if x.shape[1] != in_channels:
+        raise ValueError(f"DenseBlock expected {in_channels} input channels, got {x.shape[1]}")
+
+
+# A traced graph records this check as a call (it runs on every input) instead of failing on
+# its branch over a traced shape.
+torch.fx.wrap("_check_block_input")
+
+
 class DenseBlock(nn.ModuleDict):
     """``num_layers`` dense layers; layer i sees the block input and layers 0..i-1.
 
     The output is the concatenation of the input and every layer's ``growth_rate`` new
     maps: ``out_channels = in_channels + num_layers * growth_rate``.
 
-    With ``memory_efficient=True`` (the default of :func:`densekit.create_model`) the block
-    runs as one fused operation that writes each layer's output once into a shared
-    feature buffer and recomputes the cheap BN-ReLU in backward, so training memory grows
-    linearly with depth without recomputing convolutions (see ``fused.py``).
+    With ``fused=True`` (the default of :func:`densekit.create_model`) the block runs as one
+    fused operation that writes each layer's output once into a shared feature buffer and
+    recomputes the cheap BN-ReLU in backward, so training memory grows linearly with depth
+    without recomputing convolutions (``fused.py``): the same function and gradients as the
+    concatenating reference path, :meth:`forward_plain`. A block whose layers the fused op
+    cannot run (:meth:`fused_status` says why) takes the reference path, where each layer's
+    ``memory_efficient`` (gradient checkpointing) applies.
     """
 
     def __init__(self, in_channels: int, growth_rate: int, num_layers: int,
                  bn_size: int | None = 4, drop_rate: float = 0.0,
-                 memory_efficient: bool = False, spatial_dims: int = 2) -> None:
+                 memory_efficient: bool = False, spatial_dims: int = 2, fused: bool = False) -> None:
         super().__init__()
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("growth_rate", growth_rate)
-        _check_positive_int("num_layers", num_layers)
+        checks.positive_int("in_channels", in_channels)
+        checks.positive_int("growth_rate", growth_rate)
+        checks.positive_int("num_layers", num_layers)
         self.in_channels = in_channels
         self.growth_rate = growth_rate
         self.spatial_dims = check_spatial_dims(spatial_dims)
+        self.fused = bool(fused)
         channels = in_channels
         for i in range(num_layers):
             layer = DenseLayer(channels, growth_rate, bn_size, drop_rate, memory_efficient, spatial_dims)
             self.add_module(f"denselayer{i + 1}", layer)
             channels += growth_rate
         self.out_channels = channels
-        self.memory_efficient = memory_efficient
 
-    @property
-    def memory_efficient(self) -> bool:
-        return self._memory_efficient
-
-    @memory_efficient.setter
-    def memory_efficient(self, value: bool) -> None:
-        self._memory_efficient = bool(value)
+    def set_grad_checkpointing(self, enable: bool = True) -> "DenseBlock":
+        """Checkpoint every layer (``DenseLayer.memory_efficient``) on the reference path."""
         for layer in self.values():
-            layer.memory_efficient = bool(value)
+            layer.memory_efficient = bool(enable)
+        return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"DenseBlock expected {self.in_channels} input channels, got {x.shape[1]}")
-        # Under torch.compile the plain path is traced instead: the compiler fuses its
-        # concatenations and BN-ReLU itself, and the fused op's host-side bookkeeping
-        # (channel groups picked at run time) would break the graph.
-        # Under torch.jit.trace too: the fused op's native kernels are invisible to a trace.
-        if self.memory_efficient and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
-            from .fused import fused_dense_block, supports_fused
+    def fused_status(self) -> str | None:
+        """None when the block runs fused (``fused`` set and every layer one the fused op
+        takes); else why it takes the reference path."""
+        if not self.fused:
+            return "fused is off"
+        return _fused.unsupported_reason(self)
 
-            if supports_fused(self):
-                return fused_dense_block(self, x)
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            _check_block_input(x, self.in_channels)
+            if self.fused and not _plain_only():
+                return self._forward_fused(x)
         return self.forward_plain(x)
 
-    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        if _fused.unsupported_reason(self) is None:
+            return _fused.fused_dense_block(self, x)
+        return self.forward_plain(x)
+
+    def forward_plain(self, x: Tensor) -> Tensor:
         """The reference path: concatenate, as torchvision does; fast paths are tested against it."""
         features = [x]
         for layer in self.values():
@@ -290,18 +320,17 @@ class DenseBlock(nn.ModuleDict):
 class Transition(nn.Sequential):
     """BN-ReLU-Conv1x1-AvgPool(2) between two dense blocks: compresses and halves the size.
 
-    With ``memory_efficient=True`` (the default of :func:`densekit.create_model`) the pooling
-    runs before the convolution: both are linear and act on different axes, so they commute,
-    and the 1x1 convolution then costs a quarter (an eighth in 3D). On the CPU in float32
-    BN-ReLU and pooling are one native pass that keeps no full-size activation (``fused.py``).
+    With ``fused=True`` (the default of :func:`densekit.create_model`) the pooling runs
+    before the convolution: both are linear and act on different axes, so they commute, and
+    the 1x1 convolution then costs a quarter (an eighth in 3D). On the CPU in float32 BN-ReLU
+    and pooling are one native pass that keeps no full-size activation (``fused.py``).
     """
 
-    memory_efficient = False  # class default: modules pickled before the flag existed
+    __jit_unused_properties__ = ["pools_first"]
 
-    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2,
-                 memory_efficient: bool = False) -> None:
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("out_channels", out_channels)
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2, fused: bool = False) -> None:
+        checks.positive_int("in_channels", in_channels)
+        checks.positive_int("out_channels", out_channels)
         super().__init__()
         self.add_module("norm", norm_nd(spatial_dims, in_channels))
         self.add_module("relu", nn.ReLU(inplace=True))
@@ -309,31 +338,59 @@ class Transition(nn.Sequential):
         self.add_module("pool", avg_pool_nd(spatial_dims, 2, 2))
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.memory_efficient = memory_efficient
+        self.fused = bool(fused)
 
     @property
     def pools_first(self) -> bool:
-        """Does the fast path pool before the convolution? With ``memory_efficient`` and the
-        stock layers: a 1x1 stride-1 convolution and a 2x average pool without padding (a
-        layer swapped for another, a max pool say, may not commute: the reference order runs)."""
+        """Does the fast path pool before the convolution? With ``fused`` and the stock
+        layers: a 1x1 stride-1 convolution and a 2x average pool without padding (a layer
+        swapped for another, a max pool say, may not commute: the reference order runs)."""
         pool, conv = self.pool, self.conv
-        return (self.memory_efficient and isinstance(pool, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d))
+        return (self.fused and isinstance(pool, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d))
                 and _each(pool.kernel_size, 2) and _each(pool.stride, 2) and _each(pool.padding, 0)
                 and not pool.ceil_mode and getattr(pool, "divisor_override", None) is None
                 and isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and _each(conv.kernel_size, 1)
                 and _each(conv.stride, 1) and _each(conv.padding, 0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if self.fused and not _plain_only():
+                return self._forward_fused(x)
+        return self.forward_plain(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> Tensor:
         if not self.pools_first:
             return self.forward_plain(x)
-        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
-            # a trace would record the native kernels' outputs as uninitialized tensors
-            from .fused import fused_transition, supports_fused_transition
-
-            if supports_fused_transition(self, x):
-                return fused_transition(self, x)
+        if _fused.supports_fused_transition(self, x):
+            return _fused.fused_transition(self, x)
         return self.conv(self.pool(self.relu(self.norm(x))))
 
-    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_plain(self, x: Tensor) -> Tensor:
         """The reference order, as torchvision runs it; the fast paths are tested against it."""
         return self.pool(self.conv(self.relu(self.norm(x))))
+
+
+def set_fused(module: nn.Module, enabled: bool) -> list[tuple[nn.Module, bool]]:
+    """Switch every dense block and transition in ``module`` to the fused path (True) or the
+    reference path (False); returns each one's previous setting, for :func:`restore_fused`."""
+    previous = [(m, m.fused) for m in module.modules() if isinstance(m, (DenseBlock, Transition))]
+    for m, _ in previous:
+        m.fused = bool(enabled)
+    return previous
+
+
+def restore_fused(previous: list[tuple[nn.Module, bool]]) -> None:
+    for m, flag in previous:
+        m.fused = flag
+
+
+@contextlib.contextmanager
+def reference_path(module: nn.Module) -> Iterator[nn.Module]:
+    """Run ``module`` on its reference path (torchvision's concatenating blocks and transition
+    order) inside the ``with``, as the paper publishes it and as exporters and counters read it."""
+    previous = set_fused(module, False)
+    try:
+        yield module
+    finally:
+        restore_fused(previous)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .layers import DenseBlock, DenseLayer, Transition
+from .layers import reference_path
 
 
 def count_params(model: nn.Module) -> int:
@@ -23,18 +23,12 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
     has no formula for (on CUDA the fused block's GEMM with a ReLU epilogue).
     """
     was_training = model.training
-    # in modules() order: a block's setter resets its layers, whose own flags come after
-    fast = [(m, m.memory_efficient) for m in model.modules() if isinstance(m, (DenseBlock, DenseLayer, Transition))]
     model.eval()
-    for m, _ in fast:
-        m.memory_efficient = False
     try:
         param = next(model.parameters())
         x = torch.zeros(1, *input_size, dtype=param.dtype, device=param.device)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with reference_path(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)
-        for m, flag in fast:
-            m.memory_efficient = flag
     return counter.get_total_flops() // 2

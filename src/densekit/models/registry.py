@@ -12,7 +12,7 @@ _REGISTRY: dict[str, Variant] = {}
 
 # What create_model changes from DenseNet's own defaults, and why.
 _FAST_DEFAULTS = dict(
-    memory_efficient=True,  # the fused lean block: same function, less memory, faster (docs/performance.md)
+    fused=True,  # the fused lean block: same function, less memory, faster (docs/performance.md)
 )
 
 
@@ -45,12 +45,25 @@ def model_kwargs(name: str, **overrides) -> dict:
     return {**get_variant(name).kwargs(), **_FAST_DEFAULTS, **overrides}
 
 
-def create_model(name: str, **overrides) -> DenseNet:
+def create_model(name: str, pretrained: bool = False, **overrides) -> DenseNet:
     """Build the registered model ``name``; keyword arguments override the variant's.
+
+    ``pretrained`` is timm's argument; densekit bundles no weights and downloads nothing, so
+    True is refused: load a torchvision or timm state dict into the model instead.
 
     >>> model = create_model("densenet_bc_100_k12", num_classes=100)
     """
-    return DenseNet(**model_kwargs(name, **overrides))
+    if pretrained:
+        raise ValueError(f"pretrained=True: densekit downloads no weights; build {name!r} and load a weights "
+                         "file into it (model.load_state_dict(torch.load(path, weights_only=True)))")
+    kwargs = model_kwargs(name, **overrides)
+    model = DenseNet(**kwargs)
+    variant = get_variant(name)
+    spatial = variant.input_size[1:]
+    if model.spatial_dims != len(spatial):
+        spatial = (spatial[0],) * model.spatial_dims
+    model.pretrained_cfg = dict(model.default_pretrained_cfg(spatial), architecture=name)
+    return model
 
 
 for _name, _variant in VARIANTS.items():

@@ -66,6 +66,50 @@ class StepReport:
     images_per_s: float
 
 
+class _Window:
+    """The steps since the last read-back: their losses and correct counts stay on the device
+    until :meth:`flush` reads them all at once, checks them and adds them to the epoch."""
+
+    def __init__(self, stats: EpochStats, sharded: bool, epoch: int, steps_per_epoch: int) -> None:
+        self.stats, self.sharded, self.epoch, self.n = stats, sharded, epoch, steps_per_epoch
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        self.tick = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, batch: int) -> None:
+        self.pending.append((loss, correct, batch))
+
+    def restart_clock(self) -> None:
+        self.tick = time.perf_counter()
+
+    def flush(self, step: int, global_step: int) -> StepReport | None:
+        """Read the pending steps back; raises :class:`Diverged` on a non-finite loss."""
+        if not self.pending:
+            return None
+        # one read-back for all pending steps: (loss sum, correct, images) per step
+        parts = torch.stack([torch.stack([l.double() * b, c.double(), torch.full_like(c, b, dtype=torch.float64)])
+                             for l, c, b in self.pending])
+        if self.sharded:  # each rank saw its share of the batch: add the shares up
+            parts = sum_across_ranks(parts)
+        loss_sums, correct, sizes = parts.cpu().numpy().T
+        finite = np.isfinite(loss_sums)
+        if not finite.all():
+            bad = int(np.argmin(finite))
+            at = global_step - len(self.pending) + bad + 1
+            batch = step - len(self.pending) + bad
+            raise Diverged(f"loss is {loss_sums[bad] / sizes[bad]} at step {at} (epoch {self.epoch + 1}, batch "
+                           f"{batch + 1} of {self.n})", at)
+        now = time.perf_counter()
+        elapsed, self.tick = now - self.tick, now
+        self.stats.loss_sum += float(loss_sums.sum())
+        self.stats.correct += int(correct.sum())
+        self.stats.seen += int(sizes.sum())
+        self.stats.seconds += elapsed
+        self.pending.clear()
+        return StepReport(epoch=self.epoch, step=step, steps_per_epoch=self.n, global_step=global_step,
+                          loss=float(loss_sums.sum() / sizes.sum()), acc=float(correct.sum() / sizes.sum()),
+                          images_per_s=float(sizes.sum() / max(elapsed, 1e-9)))
+
+
 def train_one_epoch(
     train_step: TrainStep,
     loader: DeviceLoader,
@@ -89,54 +133,24 @@ def train_one_epoch(
     optimizer = train_step.optimizer
     train_step.model.train()
     n = len(loader)
-    pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []
-    tick = time.perf_counter()
+    window = _Window(stats, loader.shard is not None, epoch, n)
     step = start_step
-
-    def flush() -> None:
-        nonlocal tick
-        if not pending:
-            return
-        # one read-back for all pending steps: (loss sum, correct, images) per step
-        parts = torch.stack([torch.stack([l.double() * b, c.double(), torch.full_like(c, b, dtype=torch.float64)])
-                             for l, c, b in pending])
-        if loader.shard is not None:  # each rank saw its share of the batch: add the shares up
-            parts = sum_across_ranks(parts)
-        loss_sums, correct, sizes = parts.cpu().numpy().T
-        finite = np.isfinite(loss_sums)
-        if not finite.all():
-            bad = int(np.argmin(finite))
-            at = global_step - len(pending) + bad + 1
-            batch = step - len(pending) + bad
-            raise Diverged(f"loss is {loss_sums[bad] / sizes[bad]} at step {at} (epoch {epoch + 1}, batch "
-                           f"{batch + 1} of {n})", at)
-        now = time.perf_counter()
-        elapsed = now - tick
-        tick = now
-        stats.loss_sum += float(loss_sums.sum())
-        stats.correct += int(correct.sum())
-        stats.seen += int(sizes.sum())
-        stats.seconds += elapsed
-        if report is not None:
-            report(StepReport(epoch=epoch, step=step, steps_per_epoch=n, global_step=global_step,
-                              loss=float(loss_sums.sum() / sizes.sum()), acc=float(correct.sum() / sizes.sum()),
-                              images_per_s=float(sizes.sum() / max(elapsed, 1e-9))))
-        pending.clear()
-
     for x, y in loader.epoch(epoch, start_step):
         stats.lr = optimizer.param_groups[0]["lr"]
         loss, correct = train_step(x, y)
         scheduler.step()
         step += 1
         global_step += 1
-        pending.append((loss, correct, len(y)))
+        window.add(loss, correct, len(y))
         stop = max_steps is not None and global_step >= max_steps
         checkpoint = save is not None and save_every and global_step % save_every == 0 and step < n
-        if len(pending) >= SYNC_EVERY or stop or checkpoint or step == n:
-            flush()
+        if len(window.pending) >= SYNC_EVERY or stop or checkpoint or step == n:
+            step_report = window.flush(step, global_step)
+            if report is not None and step_report is not None:
+                report(step_report)
         if checkpoint:
             save(step, global_step)
-            tick = time.perf_counter()  # the write is not training time
+            window.restart_clock()  # the write is not training time
         if stop:
             break
     return step, global_step

@@ -7,6 +7,7 @@ and the loader and forward pass that training's evaluation used.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import torch
 
+from ..checks import ArgumentError, positive_int
 from ..data import DataError, Split, load_dataset, load_images
 from ..errors import UserError
-from . import checkpoint as ckpt
+from ..results import Result
+from ..rundir import ModelInfo, RunDir
 from .engine import EVAL_BATCH_SIZE, eval_loader, evaluate, predict_logits
-from .plots import confusion_png
+from ..plots import confusion_png
 from .runtime import Runtime, select_runtime
 
 log = logging.getLogger(__name__)
@@ -26,75 +29,134 @@ log = logging.getLogger(__name__)
 PREDICT_BATCH = 256  # files decoded and run at a time: bounds memory for any number of files
 
 
-def _load(run_dir: str | os.PathLike, device: str) -> tuple[torch.nn.Module, dict, Runtime]:
+@dataclasses.dataclass
+class ClassAccuracy:
+    index: int
+    label: str
+    accuracy: float | None  # None: no test image of this class
+    count: int
+
+
+@dataclasses.dataclass
+class EvalReport(Result):
+    """A run's model scored on a test split."""
+
+    run: str
+    model: str
+    dataset: str
+    split: str
+    accuracy: float
+    correct: int
+    total: int
+    loss: float                      # mean cross-entropy
+    per_class: list[ClassAccuracy]
+    confusion: list[list[int]]       # rows: true class, columns: predicted
+    confusion_png: str
+    device: str
+    device_name: str
+    precision: str
+    channels_last: bool
+    deterministic: bool
+    cuda_graph: bool
+    native_cpu_kernels: bool
+
+
+@dataclasses.dataclass
+class Ranked:
+    index: int
+    label: str
+    prob: float
+
+
+@dataclasses.dataclass
+class Prediction(Result):
+    """One image's class: the most likely one and, with top_k > 1, the k best (best first)."""
+
+    path: str
+    index: int
+    label: str
+    prob: float
+    top: list[Ranked] | None = None
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if self.top is None:
+            del out["top"]
+        return out
+
+
+def _load(run: RunDir, device: str) -> tuple[torch.nn.Module, ModelInfo, Runtime]:
     runtime = select_runtime(device)
-    model = ckpt.load_run_model(run_dir, runtime.device)
+    model = run.load_model(runtime.device)
     runtime.prepare(model)
-    return model, ckpt.read_model_info(run_dir), runtime
+    return model, run.read_info(), runtime
 
 
-def evaluate_run(run_dir: str | os.PathLike, dataset: str | None = None, data_dir: str | os.PathLike | None = None,
-                 device: str = "auto", confusion_path: str | os.PathLike | None = None) -> dict:
-    """Accuracy, per-class accuracy and confusion matrix of the run's model on a test split.
+def _eval_data(info: ModelInfo, run: RunDir, dataset: str | None, data_dir):
+    """The dataset to score on: ``dataset`` (default the run's), from ``data_dir`` (default
+    where the run read it), checked against what the model was trained on."""
+    pre = info.preprocessing
+    name = dataset or info.dataset
+    if data_dir is None and name == info.dataset:
+        data_dir = info.data_dir
+    h, w = pre.image_size
+    data = load_dataset(name, data_dir, image_size=h if name == "imagefolder" else None)
+    if data.num_classes != info.num_classes:
+        raise UserError(f"{name} has {data.num_classes} classes but the model in {run} predicts {info.num_classes}")
+    if (data.in_chans, *data.image_size) != (pre.in_chans, h, w):
+        raise UserError(f"{name} images are {data.in_chans}x{data.image_size[0]}x{data.image_size[1]} but the model "
+                        f"in {run} was trained on {pre.in_chans}x{h}x{w}")
+    if list(data.classes) != list(info.classes):
+        log.warning("%s class names differ from the run's; reporting the run's names", name)
+    return data
 
-    ``dataset`` defaults to the one the run trained on (and ``data_dir`` to where it was
-    read from); the confusion matrix is drawn to ``confusion_path`` (default
-    ``run_dir/confusion.png``).
-    """
-    run_dir = Path(run_dir)
-    png = Path(confusion_path) if confusion_path is not None else run_dir / ckpt.CONFUSION
-    model, info, runtime = _load(run_dir, device)
+
+def _figure_path(run: RunDir, confusion_path) -> Path:
     # checked before the evaluation, which may take long, rather than when the figure is written
+    png = Path(confusion_path) if confusion_path is not None else run.confusion_path
     if png.is_dir():
         raise UserError(f"{png}: is a directory; the confusion matrix needs a file name (e.g. {png / 'confusion.png'})")
     if not png.parent.is_dir():
         raise UserError(f"{png}: folder {png.parent} does not exist")
-    pre = info["preprocessing"]
-    name = dataset or info["dataset"]
-    if data_dir is None and name == info.get("dataset"):
-        data_dir = info.get("data_dir")
-    h, w = pre["image_size"]
-    data = load_dataset(name, data_dir, image_size=h if name == "imagefolder" else None)
-    classes = info["classes"]
-    if data.num_classes != len(classes):
-        raise UserError(f"{name} has {data.num_classes} classes but the model in {run_dir} predicts {len(classes)}")
-    if (data.in_chans, *data.image_size) != (pre["in_chans"], h, w):
-        raise UserError(f"{name} images are {data.in_chans}x{data.image_size[0]}x{data.image_size[1]} but the model "
-                        f"in {run_dir} was trained on {pre['in_chans']}x{h}x{w}")
-    if data.classes != classes:
-        log.warning("%s class names differ from the run's; reporting the run's names", name)
+    return png
+
+
+def evaluate_run(run_dir: str | os.PathLike, dataset: str | None = None, data_dir: str | os.PathLike | None = None,
+                 device: str = "auto", confusion_path: str | os.PathLike | None = None) -> EvalReport:
+    """Accuracy, per-class accuracy and confusion matrix of the run's model on a test split.
+
+    ``dataset`` defaults to the one the run trained on (and ``data_dir`` to where it was
+    read from); the confusion matrix is drawn to ``confusion_path`` (default: the run
+    directory's confusion.png).
+    """
+    run = RunDir(run_dir)
+    model, info, runtime = _load(run, device)
+    png = _figure_path(run, confusion_path)
+    data = _eval_data(info, run, dataset, data_dir)
+    pre = info.preprocessing
     with runtime.activated():
-        result = evaluate(model, eval_loader(data.test, pre["mean"], pre["std"], runtime), runtime, len(classes))
-    title = f"{info['model']} on {name}: {100 * result.accuracy:.2f}% accurate"
-    figure = confusion_png(result.confusion, classes, title)
-    try:
-        ckpt.atomic_write(png, figure)
-    except OSError as e:  # a read-only run directory, a full disk
-        raise UserError(f"{png}: cannot write the confusion matrix: {e.strerror or e}") from e
+        result = evaluate(model, eval_loader(data.test, pre.mean, pre.std, runtime), runtime, info.num_classes)
+    title = f"{info.model} on {data.name}: {100 * result.accuracy:.2f}% accurate"
+    run.write_figure(png, confusion_png(result.confusion, list(info.classes), title))
     counts = result.confusion.sum(axis=1)
-    return dict(
-        run=str(run_dir), model=info["model"], dataset=name, split="test",
-        accuracy=result.accuracy, correct=result.correct, total=result.total, loss=result.loss,
-        per_class=[dict(index=i, label=c, accuracy=a, count=int(n))
-                   for i, (c, a, n) in enumerate(zip(classes, result.per_class, counts))],
-        confusion=result.confusion.tolist(), confusion_png=str(png),
-        **runtime.describe(),
-    )
+    return EvalReport(
+        run=str(run), model=info.model, dataset=data.name, split="test", accuracy=result.accuracy,
+        correct=result.correct, total=result.total, loss=result.loss,
+        per_class=[ClassAccuracy(i, c, a, int(n))
+                   for i, (c, a, n) in enumerate(zip(info.classes, result.per_class, counts))],
+        confusion=result.confusion.tolist(), confusion_png=str(png), **runtime.describe())
 
 
 def predict(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], top_k: int = 1,
-            device: str = "auto") -> Iterator[dict]:
-    """One result per image file, in order: ``path``, ``index``, ``label``, ``prob`` and, for
-    ``top_k`` > 1, ``top`` (the k best as index/label/prob, best first).
+            device: str = "auto") -> Iterator[Prediction]:
+    """One :class:`Prediction` per image file, in order.
 
     Every path is checked before any is decoded, so a missing file fails before any output.
     """
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise UserError(f"top_k must be an integer >= 1, got {top_k!r}")
-    model, info, runtime = _load(run_dir, device)
-    classes = info["classes"]
-    if top_k > len(classes):
-        raise UserError(f"top_k is {top_k} but the model knows only {len(classes)} classes")
+    positive_int("top_k", top_k)
+    model, info, runtime = _load(RunDir(run_dir), device)
+    if top_k > info.num_classes:
+        raise ArgumentError(f"{{top_k}} is {top_k} but the model knows only {info.num_classes} classes")
     for p in paths:
         if Path(p).is_dir():
             raise DataError(f"{p}: is a directory, expected an image file")
@@ -103,21 +165,17 @@ def predict(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], top_
     return _predict(model, info, runtime, list(paths), top_k)
 
 
-def _predict(model, info: dict, runtime: Runtime, paths: list, top_k: int) -> Iterator[dict]:
-    pre = info["preprocessing"]
-    classes = info["classes"]
-    size = tuple(pre["image_size"])
+def _predict(model, info: ModelInfo, runtime: Runtime, paths: list, top_k: int) -> Iterator[Prediction]:
+    pre, classes = info.preprocessing, info.classes
     with runtime.activated(), torch.inference_mode():
         for lo in range(0, len(paths), PREDICT_BATCH):
             chunk = paths[lo:lo + PREDICT_BATCH]
-            images = load_images(chunk, pre["in_chans"], size)
+            images = load_images(chunk, pre.in_chans, tuple(pre.image_size))
             split = Split(images=images, labels=torch.zeros(len(chunk), dtype=torch.int64))
             probs = []
-            for x, _ in eval_loader(split, pre["mean"], pre["std"], runtime, EVAL_BATCH_SIZE):
+            for x, _ in eval_loader(split, pre.mean, pre.std, runtime, EVAL_BATCH_SIZE):
                 probs.append(predict_logits(model, x, runtime).softmax(1).cpu())
             top_p, top_i = torch.cat(probs).topk(top_k, dim=1)
             for path, ps, ids in zip(chunk, top_p.tolist(), top_i.tolist()):
-                row = dict(path=str(path), index=ids[0], label=classes[ids[0]], prob=ps[0])
-                if top_k > 1:
-                    row["top"] = [dict(index=i, label=classes[i], prob=p) for i, p in zip(ids, ps)]
-                yield row
+                top = [Ranked(i, classes[i], p) for i, p in zip(ids, ps)] if top_k > 1 else None
+                yield Prediction(str(path), ids[0], classes[ids[0]], ps[0], top)

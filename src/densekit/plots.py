@@ -11,7 +11,8 @@ import io
 import numpy as np
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (Agg canvas: no display, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -43,7 +44,7 @@ def curves_png(history: list[dict], title: str = "") -> bytes:
         ax.xaxis.get_major_locator().set_params(integer=True)
     if title:
         fig.suptitle(title)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def confusion_png(confusion: np.ndarray, classes: list[str], title: str = "") -> bytes:
@@ -70,4 +71,4 @@ def confusion_png(confusion: np.ndarray, classes: list[str], title: str = "") ->
                     ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if frac[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
-    return _png(fig)
+    return png_bytes(fig)

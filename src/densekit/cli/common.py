@@ -1,0 +1,64 @@
+"""What the subcommands share: argument types with the library's wording, the device flag,
+and how a library error's argument names become this command line's flags."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+
+from .. import checks
+
+_CONVERT = {checks.positive_int: int, checks.non_negative_int: int, checks.positive_number: float}
+
+
+def typed(check):
+    """An argparse type: the text converted as ``check`` expects, then checked by it (the
+    library's own check, so that a flag and an argument are refused in the same words)."""
+    convert = _CONVERT[check]
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = text
+        try:
+            return check("value", value)
+        except checks.ArgumentError as e:
+            raise argparse.ArgumentTypeError(e.render({"value": ""}).strip()) from None
+
+    parse.__name__ = check.__name__  # argparse names the type in some messages
+    return parse
+
+
+positive_int = typed(checks.positive_int)
+non_negative_int = typed(checks.non_negative_int)
+positive_number = typed(checks.positive_number)
+
+
+def model_arg(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. growth_rate=12), got {text!r}")
+    try:
+        value = ast.literal_eval(raw)  # numbers, tuples, lists, None, True
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word is a string: stem=cifar
+    return key, value
+
+
+def add_device_argument(p) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default: auto)")
+
+
+def flag_spelling(parser: argparse.ArgumentParser, aliases: dict[str, str] | None = None) -> dict[str, str]:
+    """Library argument name -> how this command spells it: its flag (``--batch-size``) or
+    positional's metavar; ``aliases`` for library names that differ from the flags' (an
+    export's ``path`` is ``--out``)."""
+    spelling = {}
+    for action in parser._actions:
+        if action.option_strings:
+            spelling[action.dest] = next((o for o in action.option_strings if o.startswith("--")),
+                                         action.option_strings[0])
+        elif action.metavar:
+            spelling[action.dest] = action.metavar
+    return {**spelling, **(aliases or {})}
