@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU table of docs/performance.md: densekit against torchvision (eager, and with
-# memory_efficient=True) and timm where it is installed, same card, same run, alternating rounds.
+# The GPU table of docs/performance.md: densekit (create_model's default, fused=True) against
+# torchvision (eager, and with memory_efficient=True: torchvision's gradient checkpointing) and
+# timm where it is installed, same card, same run, alternating rounds.
 #
 #   bash bench/gpu.sh            # from anywhere; needs only torch + torchvision (timm optional)
 #   PYTHON=/path/to/python bash bench/gpu.sh
 #
 # Runs from the source tree (PYTHONPATH=src, nothing to install) and writes
 # bench/results/<card>-torch<X.Y>.json and .md. Budget: under 8 minutes on one H100:
-# about 2.5 minutes of timed steps at the torchvision rates the issue quotes for an H100,
+# about 2.5 minutes of timed steps at the torchvision rates docs/performance.md quotes for an H100,
 # plus warm-up (cuDNN's search for each new shape) and one CUDA start-up per invocation.
 # STEPS / ROUNDS / WARMUP scale it.
 set -uo pipefail

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should measure, in one command that fits one device session:
-#   1. the `sprint` preset (issue 3: >= 95.0% Fashion-MNIST in <= 60 s of training, < 1M params),
+# Everything to measure on a GPU, in one command of about 9 minutes (BUDGET seconds at most):
+#   1. the `sprint` preset (goal: >= 95.0% Fashion-MNIST in <= 60 s of training, < 1M params),
 #      and where it trained over 60 s, once more with the epochs that fit;
-#   2. the GPU table of docs/performance.md (bench/gpu.sh, issue 5), with fewer rounds;
-#   3. the `long` preset (issue 3: > 95.4%), only if the time left allows it at sprint's speed.
+#   2. the GPU table of docs/performance.md (bench/gpu.sh), with fewer rounds;
+#   3. the `long` preset (goal: > 95.4%), only if the time left allows it at sprint's speed.
 #
 #   DATA=/path/to/fashion-mnist BUDGET=540 bash bench/gpu_session.sh
 #
 # Needs only torch + torchvision (timm optional) and the Fashion-MNIST IDX files; runs from
 # the source tree (PYTHONPATH=src). Results: bench/results/gpu-session/ (summary.json of each
-# run and a log) and bench/results/<card>-torch<X.Y>.json/.md. With $OUT set (a device
-# session, which brings back at most 8 files), everything goes into one archive,
+# run and a log) and bench/results/<card>-torch<X.Y>.json/.md. With $OUT set (for a remote
+# runner that brings back only a few files), everything goes into one archive,
 # $OUT/gpu-session.tgz, written on exit whatever happened, beside a short $OUT/summary.txt.
-# The IDX files must travel with the checkout: copy them into the git-ignored .data/ and
-# name .data/fashion-mnist in the call's carry.
+# On a remote machine the IDX files must travel with the checkout (e.g. copied into its
+# git-ignored .data/, with DATA=.data/fashion-mnist).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"

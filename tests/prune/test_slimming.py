@@ -141,7 +141,7 @@ def test_pruning_twice_composes_input_index():
 
 
 def test_fused_path_refused_for_pruned_layers_and_equal_to_reference():
-    """The default (memory_efficient) model takes the reference path in every pruned block:
+    """The default (fused) model takes the reference path in every pruned block:
     outputs, gradients and running statistics in train mode equal the plain model's."""
     fast = small(fused=True)
     blocks = [m for m in fast.modules() if isinstance(m, densekit.DenseBlock)]
@@ -180,8 +180,8 @@ def test_width_only_pruning_is_refused_by_the_fused_path_too():
 
 def test_a_batch_of_one_through_a_pruned_model():
     """A pruned block's reference path hands its transition an NCHW map; with a batch of one
-    that once reached the native transition as strided rows, which it refused (predict on one
-    image failed). The transition now takes its torch ops there, with the same result."""
+    its (rows, channels) view has strided columns, which the native pass does not take: the
+    transition must run its torch ops there, with the same result (predict on one image)."""
     model = small(fused=True).eval()
     prune_model(model, 0.3)
     plain = copy.deepcopy(model).set_fused(False)

@@ -8,8 +8,8 @@ and with safetensors' own; at the end the weights must be bit-identical to those
 uninterrupted run (CPU, --deterministic, one thread on both sides).
 
 To land a kill *inside* a checkpoint write, that life runs under a small hook that stalls
-``os.fsync`` of one chosen temporary file: the process is then frozen inside
-``atomic_write``, after the data is written and before the rename publishes it, and the
+``os.fsync`` of one chosen temporary file: the process is then frozen inside the run
+directory's file write, after the data is written and before the rename publishes it, and the
 test kills it there. The other lives are killed after a seeded random delay once the run
 has made progress, wherever that falls (with a checkpoint every step, often in a write).
 """
@@ -59,7 +59,7 @@ def fsync(fd):
         seen += 1
         if seen == nth:
             open(mark, "w").close()
-            time.sleep(300)  # killed here: inside atomic_write, before os.replace
+            time.sleep(300)  # killed here: inside the file write, before os.replace
     return real_fsync(fd)
 os.fsync = fsync
 runpy.run_module("densekit", run_name="__main__", alter_sys=True)
@@ -154,7 +154,7 @@ def test_sigkill_at_random_moments_and_mid_write_loses_nothing(tmp_path):
 
         temps = [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
         if kind == "write":
-            # the kill landed inside atomic_write: its temporary file is still there, unpublished
+            # the kill landed inside a file write: its temporary file is still there, unpublished
             assert any(t.startswith(prefix) for t in temps), (life, temps)
             mid_write += 1
         meta = check_readable(run)

@@ -1,4 +1,5 @@
-"""Analyses that test the seed post's claims about dense connectivity on real models.
+"""Analyses that test the DenseBlock blog post's claims about dense connectivity on real
+models.
 
 One module per analysis, each a library function that returns plain dicts (and a PNG
 helper): ``reuse`` (feature reuse, the paper's Fig. 5), ``gradients`` (gradient flow at

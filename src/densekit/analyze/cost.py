@@ -1,7 +1,7 @@
 """Parameters, compute and training memory: DenseNets against ResNets.
 
-The seed post claims dense connectivity needs *fewer parameters* (claim 3) and warns that
-it costs *heavy compute and memory* (claim 4). The table puts densekit's DenseNets beside
+The DenseBlock blog post claims dense connectivity needs *fewer parameters* (claim 3) and
+warns that it costs *heavy compute and memory* (claim 4). The table puts densekit's DenseNets beside
 torchvision's ResNets and DenseNets (built with ``weights=None``: nothing is downloaded)
 with their parameters, multiply-accumulates of one forward pass, and a published accuracy
 with its source, so that size is read against what it buys. Memory is the activations a
@@ -138,7 +138,7 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-# What the memory comparison runs: the seed's warning is about DenseNets as usually written
+# What the memory comparison runs: the blog post's warning is about DenseNets as usually written
 # (torchvision's concatenating path), which densekit's fused block is there to fix.
 MEMORY_MODELS: dict[str, Callable[[], nn.Module]] = {
     "densekit:densenet121 (fused)": _densekit("densenet121"),

@@ -1,7 +1,7 @@
 """Gradient flow at initialization: does the loss reach the first layers of a deep network?
 
-The seed post (and the paper's abstract) say dense connections "alleviate the vanishing
-gradient". The test here: one real batch, one backward pass at the initial weights, and the
+The DenseBlock blog post (and the paper's abstract) say dense connections "alleviate the
+vanishing gradient". The test here: one real batch, one backward pass at the initial weights, and the
 gradient norm of every dense layer's convolution weights, for the DenseNet and for the same
 network with its dense connections cut (a *chain*: each layer sees only the k maps of the
 layer before it; same layers, same depth, same initialization). A gradient that vanishes

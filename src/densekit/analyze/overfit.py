@@ -1,7 +1,7 @@
 """Overfitting: how far the training figures run ahead of the test figures, epoch by epoch.
 
-The seed post warns that dense connectivity makes a network "complex" and prone to
-overfitting (claim 5). A run directory's ``metrics.jsonl`` has what is needed to see it:
+The DenseBlock blog post warns that dense connectivity makes a network "complex" and
+prone to overfitting (claim 5). A run directory's ``metrics.jsonl`` has what is needed to see it:
 the gap between training and test accuracy and loss per epoch, and whether the test loss
 turns up while the training loss still falls. Two caveats are in the numbers themselves:
 ``train_acc`` is measured on augmented batches while the weights move, and ``train_loss``

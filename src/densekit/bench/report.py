@@ -102,7 +102,8 @@ def depth_fits(rows: list[dict]) -> list[dict]:
 
 @dataclass(frozen=True)
 class Target:
-    """A goal of the performance issue, as a filter on densekit's rows and the ratios it needs."""
+    """A performance goal (docs/performance.md, "Targets"), as a filter on densekit's rows and
+    the ratios it needs."""
 
     name: str
     match: dict

@@ -109,12 +109,12 @@ class _Unit:
 
     def as_matrix(self, a: torch.Tensor) -> bool:
         """Run this 1x1 convolution's forward as a matrix product on (rows, C)? On CUDA and in
-        1D, yes. On the CPU in 2D and 3D oneDNN's channels-last 1x1 convolution beats the GEMM
-        on these tall, thin matrices (1.35 against 5.4 ms for 50176 x 24 -> 48 on 2 cores),
-        and the (rows, C) matrix already is its input. In backward the input gradient is a
-        GEMM everywhere: oneDNN's returns it in a fresh tensor, and on the CPU one over
-        glibc's 32 MiB mmap limit is page-faulted in anew at every call (40 against 19 ms
-        for 50176 x 192 -> 48, where the GEMM writes into a workspace)."""
+        1D, yes. On the CPU in 2D and 3D oneDNN's channels-last 1x1 convolution is several
+        times faster than the GEMM on these tall, thin matrices, and the (rows, C) matrix
+        already is its input. In backward the input gradient is a GEMM everywhere: oneDNN's
+        returns it in a fresh tensor, and on the CPU one over glibc's 32 MiB mmap limit is
+        page-faulted in anew at every call, which takes about twice as long as a GEMM that
+        writes into a workspace (docs/performance.md, "Single operations")."""
         return self.pointwise and (a.is_cuda or self.weight.dim() == 3)
 
     def update_running(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
@@ -346,10 +346,10 @@ def _stats(x: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.
     """Per-column batch mean and biased variance of a (rows, C) matrix, in fp32 (fp64 for fp64).
 
     On the CPU, ``var_mean`` over the rows of a row-major matrix runs a scalar loop per
-    column, 4x slower than two vectorized passes (a column sum, then the sum of squared
-    deviations, formed in ``scratch``, a workspace of x's shape): 8.4 against 1.9 ms for
-    50176 x 48, the first block of DenseNet-BC-100 at 28 px, batch 64, on 2 cores. Two
-    passes keep the textbook accuracy (no E[x^2] - E[x]^2 cancellation). From
+    column; two vectorized passes (a column sum, then the sum of squared deviations, formed
+    in ``scratch``, a workspace of x's shape) are several times faster on the tall, thin
+    matrices of a dense block (docs/performance.md, "Single operations"). Two passes keep
+    the textbook accuracy (no E[x^2] - E[x]^2 cancellation). From
     ``_NATIVE_STATS_MIN_COLS`` columns on, native.c makes the same two passes in one call
     each, with float64 sums. Without ``scratch``, one is allocated where needed.
     """
@@ -367,9 +367,8 @@ def _stats(x: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.
     return mean, dev.mul_(dev).sum(0).div_(rows)
 
 
-# Narrower matrices (a layer's k new channels) are summed faster by torch's kernels: 0.7
-# against 1.4 ms for 50176 x 12 on 2 cores; at 48 columns (a bottleneck's width) native.c's
-# is the faster, 0.6 against 1.5 ms.
+# Narrower matrices (a layer's k new channels) are summed faster by torch's kernels, wider
+# ones (a bottleneck's bn_size * k) by native.c's (docs/performance.md, "Single operations").
 _NATIVE_STATS_MIN_COLS = 32
 
 

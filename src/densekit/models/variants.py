@@ -60,9 +60,11 @@ VARIANTS: dict[str, Variant] = {
     "densenet_bc_100_k12": _cifar(100, 12, bc=True),
     "densenet_bc_250_k24": _cifar(250, 24, bc=True),
     "densenet_bc_190_k40": _cifar(190, 40, bc=True),
-    # The seed's "ResNet121 with DenseBlocks", repaired (docs/design.md, "The seed's hybrid"):
-    # its stem and stage widths 16/32/64/128 become per-stage growth rates, all four entries
-    # of [6, 12, 24, 16] are used, and stride-2 transitions replace the ignored `stride`.
+    # The DenseBlock blog post's "ResNet121 with DenseBlocks", repaired (docs/design.md, "The
+    # blog post's hybrid"): its stem and stage widths 16/32/64/128 become per-stage growth
+    # rates, all four entries of [6, 12, 24, 16] are used, and stride-2 transitions replace
+    # the ignored `stride`.
     "dense_resnet121": Variant((16, 32, 64, 128), (6, 12, 24, 16), 16, stem="resnet", num_classes=10,
-                               input_size=(3, 32, 32), source="seed blog post, ResNet121 with DenseBlocks"),
+                               input_size=(3, 32, 32),
+                               source="the DenseBlock blog post's ResNet121 with DenseBlocks, repaired"),
 }

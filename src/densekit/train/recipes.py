@@ -94,7 +94,7 @@ FAST = Recipe(
 )
 
 # Sized from torchvision's eager rate on an H100 (BC-100 k=12, 32 px, batch 256, bf16: 4,069 img/s,
-# issue 5) and what the CUDA-graph step should add: about 10k img/s at 28 px makes 12 epochs
+# docs/performance.md) and what the CUDA-graph step should add: about 10k img/s at 28 px makes 12 epochs
 # of 60k images about 70 s, so sprint is 10. Not measured yet.
 SPRINT = Recipe(
     name="sprint",

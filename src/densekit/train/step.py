@@ -2,7 +2,7 @@
 
 On a GPU a DenseNet step on small images is launch-bound: DenseNet-BC-100 at 32 px is about
 two thousand kernels of a few microseconds' work each, so the host's launch cost, not the
-card, sets the pace (issue 5's anchor: torchvision eager, 926 img/s at batch 64 on an H100).
+card, sets the pace (torchvision eager: 926 img/s at batch 64 on an H100, docs/performance.md).
 Replaying the whole step from a CUDA graph removes that cost without a compiler: capturing
 takes about one step. What capture needs, and how it is met here:
 
