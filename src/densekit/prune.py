@@ -148,12 +148,14 @@ def _test_accuracy(model: nn.Module, info: ModelInfo, test, runtime) -> float:
     return result.accuracy
 
 
-def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float, device: str = "auto") -> PruneReport:
+def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float, device: str = "auto",
+              data_dir: str | os.PathLike | None = None) -> PruneReport:
     """Prune the model of ``run_dir`` by ``amount`` into a new run directory ``out``.
 
     ``out`` gets the weights, model.json (with the pruned structure, so that ``densekit.load``,
     ``eval``, ``predict`` and ``train --init`` take it) and summary.json: channels, parameters,
-    MACs and full-test-set accuracy before and after. Returns the summary.
+    MACs and full-test-set accuracy before and after, on the run's test split (read from
+    ``data_dir``, default where the run read it). Returns the summary.
     """
     amount = _check_amount(amount)
     refuse_nonempty(out)
@@ -164,7 +166,9 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
     runtime.prepare(model)
     pre = info.preprocessing
     h, w = pre.image_size
-    data = load_dataset(info.dataset, info.data_dir, image_size=h if info.dataset == "imagefolder" else None)
+    if data_dir is None:
+        data_dir = source.data_dir(info)
+    data = load_dataset(info.dataset, data_dir, image_size=h if info.dataset == "imagefolder" else None)
     if data.num_classes != info.num_classes or (data.in_chans, *data.image_size) != (pre.in_chans, h, w):
         raise UserError(f"{info.dataset} as found now does not fit the model of {source}")
     size = (pre.in_chans, h, w)

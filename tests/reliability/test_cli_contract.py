@@ -202,7 +202,7 @@ CASES = [
     ("eval-model-json-not-json", ["eval", "{bad_json}"], "model.json: cannot read JSON"),
     ("eval-model-json-other-shapes", ["eval", "{shape_json}"], "model.safetensors: does not match model.json: "),
     ("eval-model-json-missing-key", ["eval", "{keys_json}"], "model.json: missing field 'model_kwargs'"),
-    ("eval-model-json-other-format", ["eval", "{other_json}"], "not a densekit run description (format 'keras')"),
+    ("eval-model-json-other-format", ["eval", "{other_json}"], "field 'format' must be 'densekit.run' (not a densekit run description), got 'keras'"),
     ("eval-data-moved", ["eval", "{moved_data}"], "gone: data directory not found"),
     ("eval-other-dataset-no-dir", ["eval", "{run}", "--dataset", "cifar10"], "no default data directory"),
     ("eval-pickle-that-runs-code", ["eval", "{run}", "--dataset", "cifar10", "--data-dir", "{evil}"],

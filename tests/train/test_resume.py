@@ -18,7 +18,8 @@ import torch
 import densekit
 from densekit.cli import main
 from densekit.errors import UserError
-from densekit.rundir import RunDir, _write
+from densekit.rundir import RunDir
+from densekit.rundir.files import write as _write
 
 # 64 images / batch 8 = 8 steps an epoch, 2 epochs; the fast recipe (warmup, cosine,
 # label smoothing, crops) so that every piece of state matters.

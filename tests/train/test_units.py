@@ -127,8 +127,8 @@ def test_load_run_model_rejects_bad_run_dirs(tmp_path):
         RunDir(tmp_path).load_model()
 
 
-def test_gpu_presets_fit_the_issue():
-    # Issue 3: the 60-second preset needs a model under 1M parameters; the default model on
+def test_gpu_presets_fit_their_goals():
+    # The 60-second preset's goal needs a model under 1M parameters; the default model on
     # Fashion-MNIST (1 channel, 10 classes) is the 768K DenseNet-BC of the benchmark table.
     from densekit import create_model
     from densekit.train.recipes import LONG, SPRINT, get_recipe
@@ -151,8 +151,13 @@ def test_resume_keeps_this_process_choice_of_sgd_kernel(tmp_path):
     model(torch.randn(2, 1, 8, 8)).sum().backward()
     eager.step()
     run = RunDir(tmp_path)
-    meta = dict(config={}, data={}, epoch=0, step_in_epoch=1, global_step=1, steps_per_epoch=4, total_steps=8,
-                stats={}, history=[], train_seconds=0.0)
+    config = dict(model="densenet_bc_100_k12", model_args={}, dataset="mnist", data_dir=None, image_size=None,
+                  recipe="fast", epochs=2, batch_size=2, lr=0.1, seed=0, train_limit=None, init=None,
+                  deterministic=False, save_every=200)
+    meta = dict(config=config, data=dict(train_images=8, test_images=2, classes=["a", "b", "c"], image_size=[8, 8],
+                                         in_chans=1),
+                epoch=0, step_in_epoch=0, global_step=0, steps_per_epoch=4, total_steps=8,
+                stats=dict(loss_sum=0.0, correct=0, seen=0, seconds=0.0, lr=0.1), history=[], train_seconds=0.0)
     run.save_resume(model, eager, build_scheduler(eager, FAST, 4, 8), {}, meta)
     fused = build_optimizer(model, FAST, 0.1, fused=True)
     run.load_resume(model, fused, build_scheduler(fused, FAST, 4, 8))

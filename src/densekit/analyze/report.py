@@ -69,9 +69,10 @@ def resolve_target(target: str, data_dir: str | os.PathLike | None = None) -> Ta
     path = Path(target)
     data_dir = None if data_dir is None else str(data_dir)
     if path.is_dir():
-        info = RunDir(path).read_info()
+        run = RunDir(path)
+        info = run.read_info()
         pre = info.preprocessing
-        return Target(info.model, path, info.dataset, data_dir or info.data_dir,
+        return Target(info.model, path, info.dataset, data_dir or run.data_dir(info),
                       pre.image_size[0] if info.dataset == "imagefolder" else None,
                       (pre.in_chans, *pre.image_size))
     if target in list_models():

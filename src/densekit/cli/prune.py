@@ -11,6 +11,8 @@ def add_arguments(p) -> None:
                    help="fraction in [0, 1) of the prunable channels (dense layers' inputs and bottleneck widths) "
                         "to remove, those with the smallest |BN gamma| across the network")
     p.add_argument("--out", metavar="OUT", required=True, help="new run directory (must not exist or be empty)")
+    p.add_argument("--data-dir", help="folder with the run's dataset, to measure the accuracy before and after "
+                                      "(default: where the run read it)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_device_argument(p)
 
@@ -36,6 +38,6 @@ def summary_lines(s) -> list[str]:
 def run(args) -> int:
     from ..prune import prune_run
 
-    summary = prune_run(args.run_dir, args.out, args.amount, device=args.device)
+    summary = prune_run(args.run_dir, args.out, args.amount, device=args.device, data_dir=args.data_dir)
     print(summary.to_json() if args.json else "\n".join(summary_lines(summary)))
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from .. import checks
 from ..checks import ArgumentError
 from ..rundir import RunDir
 from .recipes import get_recipe
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "densenet_bc_100_k12"
 DEFAULT_DATASET = "fashion-mnist"
@@ -82,15 +85,17 @@ def check_config(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def init_defaults(init: str, dataset: str | None = None) -> dict:
+def init_defaults(init: str, dataset: str | None = None, data_dir: str | None = None) -> dict:
     """What a run started from ``init`` takes from it unless told otherwise: its model (name and
     arguments, for the records; the model itself is rebuilt from the run) and, unless another
     ``dataset`` is asked for, its data (folder and image size: another dataset's files are
-    looked for where that dataset's are, never in the init run's folder)."""
-    info = RunDir(init).read_info()
+    looked for where that dataset's are, never in the init run's folder; and the init run's
+    folder only when no ``data_dir`` is given)."""
+    source = RunDir(init)
+    info = source.read_info()
     defaults = dict(model=info.model, model_args=info.model_args)
     if dataset is None or dataset == info.dataset:
-        defaults.update(dataset=info.dataset, data_dir=info.data_dir)
+        defaults.update(dataset=info.dataset, data_dir=source.data_dir(info) if data_dir is None else None)
         if info.dataset == "imagefolder":
             defaults["image_size"] = info.preprocessing.image_size[0]
     return {k: v for k, v in defaults.items() if v is not None}
@@ -101,7 +106,7 @@ def _defaults(config: TrainConfig) -> dict:
                 recipe=DEFAULT_RECIPE, seed=0, train_limit=None, deterministic=False,
                 save_every=DEFAULT_SAVE_EVERY, init=None)
     if config.init is not None:
-        base.update(init_defaults(config.init, config.dataset))
+        base.update(init_defaults(config.init, config.dataset, config.data_dir))
     return base
 
 
@@ -144,12 +149,15 @@ def open_config(run: RunDir, config: TrainConfig) -> tuple[dict, dict | None]:
     if run.is_empty():
         if config.resume:
             raise ArgumentError(f"{{resume}}: {checks.text(run)} holds no run to resume")
-        return resolve(config, None), None
+        cfg = resolve(config, None)
+        if cfg["data_dir"] is not None:  # the same folder whichever directory the run is resumed from
+            cfg["data_dir"] = str(Path(cfg["data_dir"]).resolve())
+        return cfg, None
     where = checks.text(run)
     if not run.has_resume_state():
         raise ArgumentError(f"{{out}} {where}: directory is not empty and holds no densekit run; "
                             "choose another {out} (densekit never overwrites files)")
-    meta = run.read_resume_meta(config_keys=(*IDENTITY, *KEPT))
+    meta = run.read_resume_meta()
     stored = meta["config"]
     cfg = resolve(config, stored if config.resume else None)
     diff = checks.text("; ".join(differences(cfg, stored)))
@@ -160,4 +168,8 @@ def open_config(run: RunDir, config: TrainConfig) -> tuple[dict, dict | None]:
                             "or pass {resume} to continue that run as it was")
     if meta["global_step"] >= meta["total_steps"] and run.has_summary() and not config.resume:
         raise ArgumentError(f"{{out}} {where}: holds a finished run of this config; choose another {{out}}")
+    if config.data_dir is None and cfg["data_dir"] is not None:
+        cfg["data_dir"] = str(run.path / cfg["data_dir"])  # a relative folder is the run directory's
+        log.info("reading %s from %s, where the run read it (give a data folder to read another)",
+                 cfg["dataset"], cfg["data_dir"])
     return cfg, meta

@@ -97,8 +97,8 @@ def _eval_data(info: ModelInfo, run: RunDir, dataset: str | None, data_dir):
     where the run read it), checked against what the model was trained on."""
     pre = info.preprocessing
     name = dataset or info.dataset
-    if data_dir is None and name == info.dataset:
-        data_dir = info.data_dir
+    if data_dir is None:
+        data_dir = run.data_dir(info, name)
     h, w = pre.image_size
     data = load_dataset(name, data_dir, image_size=h if name == "imagefolder" else None)
     if data.num_classes != info.num_classes:

@@ -283,6 +283,9 @@ class _Session:
     def start(self, meta: dict | None) -> None:
         """A fresh run's first checkpoint, or a resumed run's state restored."""
         if meta is not None:
+            if (meta["steps_per_epoch"], meta["total_steps"]) != (self.steps_per_epoch, self.total_steps):
+                raise UserError(f"cannot continue the run in {self.run}: it took {meta['steps_per_epoch']} steps an "
+                                f"epoch, the data and batch size give {self.steps_per_epoch}")
             meta, rng = self.run.load_resume(self.model, self.optimizer, self.scheduler)
             set_rng_state(rng)
             self.progress = _Progress(meta["epoch"], meta["step_in_epoch"], meta["global_step"],
