@@ -90,12 +90,12 @@ def test_unavailable_reference_is_reported_not_approximated(tmp_path):
 
 BAD = [
     (["--models", "densnet121"], "unknown model 'densnet121'"),
-    (["--batch-size", "0"], "batch size must be positive"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--dtype", "fp16"], "invalid choice"),
     (["--input-size", "2"], "input size 2 is too small"),
     (["--depths", "101"], "depth L must be 4 + a positive multiple of 6"),
     (["--models", "densenet121", "--depths", "100"], "--depths applies to CIFAR"),
-    (["--steps", "0"], "steps must be positive"),
+    (["--steps", "0"], "--steps must be a positive integer"),
     (["--warmup", "-1"], "warmup must be a non-negative integer"),
     (["--rounds", "x"], "invalid int value"),
     (["--append", "--out", "/nonexistent/r.json"], "no results at"),

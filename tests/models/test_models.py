@@ -200,3 +200,30 @@ def test_bad_forward_input():
     with pytest.raises(ValueError, match=r"too small.*>= 29"):
         model(torch.randn(1, 3, 28, 28))
     assert model.eval()(torch.randn(1, 3, 29, 29)).shape == (1, 1000)  # the smallest that fits
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_size_from_arguments_of_every_registered_model(name):
+    # what bounds a run directory's model.json before it is built: exact, without building
+    from densekit.models import model_kwargs
+    from densekit.models.size import estimate
+
+    variant = get_variant(name)
+    size = estimate(model_kwargs(name), variant.input_size[1:])
+    model = create_model(name)
+    assert size.params == n_params(model) and size.min_input == model.min_input_size
+    assert size.params == EXACT.get(name, size.params)
+
+
+def test_densekit_version(capsys):
+    from densekit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"densekit {densekit.__version__}"
+
+
+def test_pretrained_true_is_refused_with_what_to_do():
+    with pytest.raises(ValueError, match="downloads no weights"):
+        create_model("densenet121", pretrained=True)
+    assert create_model("densenet_bc_40_k12", pretrained=False).num_classes == 10

@@ -103,3 +103,31 @@ def test_block_out_channels_and_parity(in_channels, growth_rate, num_layers, bn_
     assert_close_normwise(x2.grad, x1.grad, "input")
     for (name, p), q in zip(block.named_parameters(), fast.parameters()):
         assert_close_normwise(q.grad, p.grad, name)
+
+
+@SETTINGS
+@given(cfg=architectures(), stem_stride=st.sampled_from([1, 2]), extra=st.integers(0, 40))
+def test_size_from_the_arguments_is_the_built_models(cfg, stem_stride, extra):
+    # models.size: the closed form that bounds a stranger's model.json before anything is built
+    from densekit.models.profile import count_params
+    from densekit.models.size import estimate
+
+    if cfg["stem"] != "imagenet":
+        cfg = dict(cfg, stem_stride=stem_stride)
+    model = DenseNet(**cfg)
+    side = model.min_input_size + extra
+    size = estimate(cfg, (side,) * cfg["spatial_dims"])
+    assert size.params == count_params(model)
+    assert size.min_input == model.min_input_size and model.output_size(model.min_input_size) >= 1
+    assert model.min_input_size == 1 or model.output_size(model.min_input_size - 1) == 0  # the smallest
+    # activations: the stem's output and each block's concatenated output, per input
+    x = torch.randn(1, cfg["in_chans"], *[side] * cfg["spatial_dims"])
+    expected = 0
+    with torch.no_grad():
+        for name, module in model.eval().features.named_children():
+            if name == "denseblock1":
+                expected += x.numel()  # what the stem hands the first block
+            x = module(x)
+            if name.startswith("denseblock"):
+                expected += x.numel()
+    assert size.activations == expected

@@ -11,6 +11,7 @@ import re
 import shlex
 from dataclasses import asdict, dataclass, field, fields
 
+from .. import checks
 from ..errors import UserError
 from ..models import get_variant, list_models, model_kwargs
 
@@ -98,10 +99,7 @@ class Config:
 
 
 def _positive(name: str, values) -> list[int]:
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UserError(f"{name} must be positive integers, got {v!r}")
-    return list(values)
+    return [checks.positive_int(name, v) for v in values]
 
 
 def _choices(name: str, values, allowed) -> list[str]:
@@ -152,11 +150,11 @@ class BenchSpec:
             _positive("depths", self.depths)
             self.models = list(dict.fromkeys(_with_depth(m, d) for m in self.models for d in self.depths))
         self.models = list(dict.fromkeys(self.models))
-        self.batch_sizes = _positive("batch size", self.batch_sizes)
+        self.batch_sizes = _positive("batch_sizes", self.batch_sizes)
         if self.input_sizes is not None:
-            self.input_sizes = _positive("input size", self.input_sizes)
+            self.input_sizes = _positive("input_sizes", self.input_sizes)
         if self.in_chans is not None:
-            _positive("in-chans", [self.in_chans])
+            _positive("in_chans", [self.in_chans])
         self.dtypes = _choices("dtype", self.dtypes, DTYPES)
         self.layouts = _choices("layout", self.layouts, LAYOUTS)
         self.modes = _choices("mode", self.modes, MODES)

@@ -10,6 +10,9 @@ from ..bench.env import default_out, environment
 from ..bench.spec import DEVICES, DTYPES, IMPLS, LAYOUTS, MODES
 from ..errors import UserError
 
+# the benchmark spec's names for what the flags give
+ALIASES = {"batch_sizes": "--batch-size", "input_sizes": "--input-size", "models": "--models"}
+
 
 def add_arguments(p) -> None:
     p.add_argument("--models", nargs="+", metavar="NAME",

@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+from .. import checks
 from .cifar import load_cifar
 from .core import DataError, Dataset, Split, channel_stats
 from .idx import load_idx
@@ -61,9 +62,8 @@ def load_dataset(
     64); the other formats have a fixed size and ignore it.
     """
     _check_name(name)
-    for arg, value in (("train_limit", train_limit), ("image_size", image_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
+    checks.optional(checks.positive_int, "train_limit", train_limit)
+    checks.optional(checks.positive_int, "image_size", image_size)
     path = Path(data_dir) if data_dir is not None else default_data_dir(name)
 
     if name in ("fashion-mnist", "mnist"):

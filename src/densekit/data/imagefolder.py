@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checks
 from .core import DataError, Split
 from .images import IMAGE_EXTENSIONS, load_images
 
@@ -53,8 +54,7 @@ def load_imagefolder(data_dir: str | os.PathLike, image_size: int = 64) -> tuple
     Images are resized to ``image_size`` x ``image_size`` and kept grayscale unless any
     image (train or test) has colour, in which case all are RGB.
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    checks.positive_int("image_size", image_size)
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"{root}: data directory not found; expected {root}/train/<class>/<image files>")

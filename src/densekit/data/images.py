@@ -19,6 +19,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
+from .. import checks
 from .core import DataError
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,8 @@ def _check_args(in_chans: int, image_size: tuple[int, int]) -> tuple[int, int]:
         h, w = image_size
     except (TypeError, ValueError):
         raise ValueError(f"image_size must be a (height, width) pair, got {image_size!r}") from None
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in (h, w)):
-        raise ValueError(f"image_size must be two positive ints, got {image_size!r}")
+    for side in (h, w):
+        checks.positive_int("image_size", side)
     return h, w
 
 

@@ -18,6 +18,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import checks
+
 from .core import Split
 
 
@@ -32,9 +34,7 @@ class Augment:
 
     def __post_init__(self) -> None:
         for name in ("crop_padding", "erase"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            checks.non_negative_int(name, getattr(self, name))
 
     @property
     def active(self) -> bool:
@@ -112,8 +112,7 @@ class DeviceLoader:
         dtype: torch.dtype = torch.float32,
         shard: tuple[int, int] | None = None,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        checks.positive_int("batch_size", batch_size)
         chans = split.images.shape[1]
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(mean) != chans or len(std) != chans:
@@ -161,10 +160,10 @@ class DeviceLoader:
         Skipped batches cost nothing: their random draws are made with the rest of the
         epoch's, and their images are never gathered.
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= len(self):
-            raise ValueError(f"start_step must be an int in [0, {len(self)}], got {start_step!r}")
+        checks.non_negative_int("epoch", epoch)
+        if checks.non_negative_int("start_step", start_step) > len(self):
+            raise checks.ArgumentError(f"{{start_step}} must be at most the {len(self)} batches of an epoch, "
+                                       f"got {start_step}")
         return self._batches(epoch, start_step)
 
     def _draws(self, epoch: int) -> tuple[torch.Tensor | None, ...]:
