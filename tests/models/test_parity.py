@@ -469,3 +469,30 @@ def test_fused_fp32_as_accurate_as_plain_where_batch_norm_is_ill_conditioned(cfg
         err = (fused_value.double() - exact).abs().max().item()
         floor = (plain_value.double() - exact).abs().max().item()
         assert err <= max(2 * floor, 1e-4 * exact.abs().max().item() + 1e-6), (name, err, floor)
+
+
+def test_memory_efficient_checkpoints_the_reference_path():
+    # torchvision's meaning: the concatenated BN-ReLU-Conv1x1 is recomputed in backward, so it
+    # is not among the saved tensors; the same function, fewer bytes kept (eval mode too).
+    def saved_bytes(model, x):
+        seen = {}
+
+        def pack(t):
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = model(x)
+        return sum(seen.values()), y
+
+    torch.manual_seed(0)
+    plain = create_model("densenet_bc_100_k12", fused=False, block_config=(6, 6, 6)).eval()
+    lean = copy.deepcopy(plain).set_grad_checkpointing(True)
+    assert lean.grad_checkpointing and not plain.grad_checkpointing
+    x = torch.randn(4, 3, 32, 32)
+    kept, y = saved_bytes(plain, x)
+    kept_lean, y_lean = saved_bytes(lean, x)
+    assert kept_lean < 0.6 * kept
+    torch.testing.assert_close(y_lean, y)
+    y_lean.sum().backward()  # the recompute runs, gradients arrive
+    assert all(p.grad is not None for p in lean.parameters())

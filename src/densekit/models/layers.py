@@ -120,8 +120,8 @@ class DenseLayer(nn.Module):
     Conv3x3(k); with ``bn_size`` None or 0 it is the plain BN-ReLU-Conv3x3(k). Its input is
     the concatenation of every earlier feature map, given as one tensor or as a list.
 
-    ``memory_efficient`` has torchvision's meaning: in training, recompute the concatenated
-    BN-ReLU-Conv1x1 in backward instead of storing it (gradient checkpointing, Pleiss et al.,
+    ``memory_efficient`` has torchvision's meaning: where a gradient is needed, recompute the
+    concatenated BN-ReLU-Conv1x1 in backward instead of storing it (gradient checkpointing, Pleiss et al.,
     "Memory-Efficient Implementation of DenseNets", 2017). It applies where the layer runs on
     its own, on the reference path; a fused block (``DenseBlock(fused=True)``) has its own
     lean backward and never checkpoints.
@@ -129,6 +129,8 @@ class DenseLayer(nn.Module):
     ``input_index`` (a buffer, None by default) names the input channels the layer reads;
     pruning sets it so that a layer can drop inputs without touching the block around it.
     """
+
+    __constants__ = ["has_bottleneck"]
 
     def __init__(self, in_channels: int, growth_rate: int, bn_size: int | None = 4,
                  drop_rate: float = 0.0, memory_efficient: bool = False,
@@ -144,6 +146,8 @@ class DenseLayer(nn.Module):
         self.drop_rate = checks.fraction("drop_rate", drop_rate)
         self.memory_efficient = bool(memory_efficient)
         self.spatial_dims = check_spatial_dims(spatial_dims)
+        # a constant to TorchScript, which then compiles only the branch this layer has
+        self.has_bottleneck = self.bn_size > 0
         if self.bn_size:
             width = self.bn_size * growth_rate
             self.norm1 = norm_nd(spatial_dims, in_channels)
@@ -158,9 +162,6 @@ class DenseLayer(nn.Module):
             self.conv1 = conv_nd(spatial_dims, in_channels, growth_rate, 3, padding=1)
         self.register_buffer("input_index", None)
 
-    @property
-    def has_bottleneck(self) -> bool:
-        return self.bn_size > 0
 
     def bottleneck(self, x: Tensor) -> Tensor:
         """BN-ReLU-Conv of the concatenated input: the part that sees every earlier map."""
@@ -169,34 +170,42 @@ class DenseLayer(nn.Module):
         return self.conv1(self.relu1(self.norm1(x)))
 
     @torch.jit.unused
-    def _checkpointed_bottleneck(self, x: Tensor) -> Tensor:
+    def _checkpointed_bottleneck(self, inputs: List[Tensor]) -> Tensor:
+        """The bottleneck of the concatenated ``inputs``, recomputed in backward: only the
+        inputs (which the block keeps anyway) are saved, not their concatenation."""
         calls = []
 
-        def run(inp):
+        def run(*parts):
             calls.append(None)
+            x = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
             if len(calls) == 1:
-                return self.bottleneck(inp)
+                return self.bottleneck(x)
             # The recompute in backward must run the same ops as the forward without moving
             # the running statistics a second time (checkpoint stops it early: no restoring).
             if self.input_index is not None:
-                inp = inp.index_select(1, self.input_index)
+                x = x.index_select(1, self.input_index)
             n = self.norm1
             if n.training and n.track_running_stats:
-                inp = F.batch_norm(inp, n.running_mean.clone(), n.running_var.clone(), n.weight, n.bias, True, 0.0,
-                                   n.eps)
+                x = F.batch_norm(x, n.running_mean.clone(), n.running_var.clone(), n.weight, n.bias, True, 0.0, n.eps)
             else:
-                inp = n(inp)
-            return self.conv1(self.relu1(inp))
+                x = n(x)
+            return self.conv1(self.relu1(x))
 
-        return cp.checkpoint(run, x, use_reentrant=False)
+        return cp.checkpoint(run, *inputs, use_reentrant=False)
+
+    @torch.jit.unused
+    def _checkpoints(self, x: Union[Tensor, List[Tensor]]) -> bool:
+        parts = [x] if isinstance(x, Tensor) else x
+        return not _plain_only() and torch.is_grad_enabled() and any(p.requires_grad for p in parts)
 
     def forward(self, x: Union[Tensor, List[Tensor]]) -> Tensor:
-        if not isinstance(x, Tensor):
-            x = torch.cat(x, 1)
         checkpoint = False
-        if self.memory_efficient and self.training and not torch.jit.is_scripting():
-            checkpoint = not _plain_only() and x.requires_grad
-        out = self._checkpointed_bottleneck(x) if checkpoint else self.bottleneck(x)
+        if self.memory_efficient and not torch.jit.is_scripting():
+            checkpoint = self._checkpoints(x)
+        if checkpoint:
+            out = self._checkpointed_bottleneck([x] if isinstance(x, Tensor) else x)
+        else:
+            out = self.bottleneck(x if isinstance(x, Tensor) else torch.cat(x, 1))
         if self.has_bottleneck:
             out = self.conv2(self.relu2(self.norm2(out)))
         if self.drop_rate > 0:
