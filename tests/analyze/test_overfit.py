@@ -44,7 +44,7 @@ def test_read_metrics(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (None, "metrics.jsonl: file not found"),
     ("", "no epoch recorded yet"),
-    ('{"epoch": 1,\n', "line 1 is not JSON"),
+    ('{"epoch": 1,\n', "line 1: cannot read JSON"),
     (json.dumps(dict(record(1, 0.5, 0.5, 1.0, 1.0), test_loss=None)) + "\n", "lacks a number for 'test_loss'"),
 ])
 def test_damaged_metrics_are_user_errors(tmp_path, content, message):

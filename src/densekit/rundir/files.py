@@ -182,15 +182,25 @@ def read_bytes(path: Path, max_bytes: int) -> bytes:
     return data
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads(text: str | bytes, where: str) -> object:
+    """JSON from ``text``; ``where`` starts the error (the file, and the line where it is one).
+    NaN and Infinity, which Python's json reads but JSON has not (and densekit never writes),
+    are refused too."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"{where}: cannot read JSON: {e}") from e
+    except RecursionError:
+        raise UserError(f"{where}: cannot read JSON: nested too deeply") from None
+
+
 def read_json(path: Path, max_bytes: int) -> dict:
     """A JSON object from a file of at most ``max_bytes``."""
-    data = read_bytes(path, max_bytes)
-    try:
-        obj = json.loads(data.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read JSON: {e}") from e
-    except RecursionError:
-        raise UserError(f"{path}: cannot read JSON: nested too deeply") from None
+    obj = loads(read_bytes(path, max_bytes), str(path))
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a JSON object, found {type(obj).__name__}")
     return obj

@@ -444,12 +444,7 @@ class RunDir:
         raw = files.read_safetensors_metadata(path, _weights_limit(schema.LIMITS.params) * 3, _RESUME_KEY)
         if raw is None:
             raise UserError(f"{path}: not a densekit resume file")
-        try:
-            meta = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: corrupt resume state: {e}") from e
-        except RecursionError:
-            raise UserError(f"{path}: corrupt resume state: nested too deeply") from None
+        meta = files.loads(raw, f"{path}: corrupt resume state")
         if not isinstance(meta, dict):
             raise UserError(f"{path}: corrupt resume state: expected a JSON object, found {type(meta).__name__}")
         return schema.check_resume(meta, path)
@@ -503,13 +498,7 @@ class RunDir:
         for n, line in enumerate(files.read_lines(path, MAX_METRICS_BYTES), 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {n} is not JSON: {e}") from e
-            except RecursionError:
-                raise UserError(f"{path}: line {n} is nested too deeply") from None
-            records.append(record)
+            records.append(files.loads(line, f"{path}: line {n}"))
         return schema.check_records(records, path)
 
     def write_summary(self, summary: object) -> None:

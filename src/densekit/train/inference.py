@@ -22,7 +22,7 @@ from ..results import Result
 from ..rundir import ModelInfo, RunDir
 from .engine import EVAL_BATCH_SIZE, eval_loader, evaluate, predict_logits
 from ..plots import confusion_png
-from .runtime import Runtime, select_runtime
+from .runtime import Runtime, RuntimeFacts, select_runtime
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ class ClassAccuracy:
 
 
 @dataclasses.dataclass
-class EvalReport(Result):
-    """A run's model scored on a test split."""
+class EvalReport(Result, RuntimeFacts):
+    """A run's model scored on a test split, and where (the runtime's fields first)."""
 
     run: str
     model: str
@@ -52,13 +52,6 @@ class EvalReport(Result):
     per_class: list[ClassAccuracy]
     confusion: list[list[int]]       # rows: true class, columns: predicted
     confusion_png: str
-    device: str
-    device_name: str
-    precision: str
-    channels_last: bool
-    deterministic: bool
-    cuda_graph: bool
-    native_cpu_kernels: bool
 
 
 @dataclasses.dataclass

@@ -25,6 +25,19 @@ DEVICES = ("auto", "cpu", "cuda")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
+@dataclasses.dataclass
+class RuntimeFacts:
+    """Where and how a run or an evaluation computed: part of what it reports."""
+
+    device: str
+    device_name: str
+    precision: str
+    channels_last: bool
+    deterministic: bool
+    cuda_graph: bool
+    native_cpu_kernels: bool     # the fused block's CPU passes ran as native kernels (speed, not results)
+
+
 @dataclasses.dataclass(frozen=True)
 class Runtime:
     device: torch.device

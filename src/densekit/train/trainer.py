@@ -32,7 +32,7 @@ from .config import TrainConfig, check_config, default_out, open_config
 from .engine import Diverged, EpochStats, EvalResult, eval_loader, evaluate, train_one_epoch
 from ..plots import curves_png
 from .recipes import Recipe, augment_for, build_optimizer, build_scheduler, get_recipe
-from .runtime import Runtime, rng_state, seed_everything, select_runtime, set_rng_state
+from .runtime import Runtime, RuntimeFacts, rng_state, seed_everything, select_runtime, set_rng_state
 from .step import TrainStep
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,9 @@ class Event:
 
 
 @dataclasses.dataclass
-class TrainSummary(Result):
-    """What a run did and reached; also written to the run's summary.json."""
+class TrainSummary(Result, RuntimeFacts):
+    """What a run did and reached, and where (the runtime's fields first); also written to the
+    run's summary.json."""
 
     model: str
     model_args: dict
@@ -76,13 +77,6 @@ class TrainSummary(Result):
     test_loss: float
     test_correct: int
     test_images: int
-    device: str
-    device_name: str
-    precision: str
-    channels_last: bool
-    deterministic: bool
-    cuda_graph: bool
-    native_cpu_kernels: bool
     cuda_graph_captured: bool
     world_size: int
     torch: str
