@@ -55,6 +55,15 @@ def _decode_pillow(path: Path) -> torch.Tensor:
 
 def read_image(path: str | os.PathLike, image_size: tuple[int, int]) -> torch.Tensor:
     """Decode one image file to uint8 RGB (3, H, W), resized with antialiasing."""
+    img = decode_file(path)
+    if tuple(img.shape[1:]) != tuple(image_size):
+        img = TF.resize(img, list(image_size), antialias=True)
+    return img
+
+
+def decode_file(path: str | os.PathLike) -> torch.Tensor:
+    """Decode one image file to uint8 RGB (3, H, W) at its own size; DataError names a file
+    that is missing, empty or not a readable image."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -80,8 +89,6 @@ def read_image(path: str | os.PathLike, image_size: tuple[int, int]) -> torch.Te
             ) from pil_error
     if img.dim() != 3 or img.shape[0] != 3 or min(img.shape[1:]) < 1:
         raise DataError(f"{path}: decoded to an unexpected shape {tuple(img.shape)}, expected 3 x H x W")
-    if tuple(img.shape[1:]) != tuple(image_size):
-        img = TF.resize(img, list(image_size), antialias=True)
     return img
 
 

@@ -88,6 +88,36 @@ def crop_flip(
     ]
 
 
+class Normalize:
+    """uint8 batches (B, C, H, W) to normalized floats on ``device``: ``(x / 255 - mean) / std``
+    per channel, folded into one multiply-add so that each batch costs a single float pass;
+    computed in float32 (float64 for float64) and cast once at the end."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: str | torch.device = "cpu", *,
+                 channels_last: bool = False, dtype: torch.dtype = torch.float32) -> None:
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if len(mean) != len(std):
+            raise ValueError(f"mean and std must have one value per channel, got mean={mean}, std={std}")
+        if not all(s > 0 for s in std):
+            raise ValueError(f"std must be > 0 for every channel, got {std}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+        self.channels, self.channels_last, self.dtype = len(mean), channels_last, dtype
+        self._compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        mean_t = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+        self._scale = (1.0 / (255.0 * std_t)).to(device, self._compute_dtype)
+        self._shift = (-mean_t / std_t).to(device, self._compute_dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            # on the uint8 batch, where the copy is a quarter the size; the float ops
+            # below keep the memory format
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = x.to(self._compute_dtype) * self._scale + self._shift
+        return out.to(self.dtype)
+
+
 class DeviceLoader:
     """Holds a whole Split on one device as uint8 and yields normalized float batches;
     augmentation is done per batch on tensors (no per-image Python).
@@ -114,13 +144,9 @@ class DeviceLoader:
     ) -> None:
         checks.positive_int("batch_size", batch_size)
         chans = split.images.shape[1]
-        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        if len(mean) != chans or len(std) != chans:
-            raise ValueError(f"mean and std must have one value per channel ({chans}), got mean={mean}, std={std}")
-        if not all(s > 0 for s in std):
-            raise ValueError(f"std must be > 0 for every channel, got {std}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+        if len(tuple(mean)) != chans or len(tuple(std)) != chans:
+            raise ValueError(f"mean and std must have one value per channel ({chans}), got mean={tuple(mean)}, "
+                             f"std={tuple(std)}")
         if shard is not None:
             rank, world = shard
             if not (isinstance(rank, int) and isinstance(world, int) and world >= 1 and 0 <= rank < world):
@@ -137,15 +163,7 @@ class DeviceLoader:
         self.shard = shard
         self.images = split.images.to(self.device).contiguous()
         self.labels = split.labels.to(self.device)
-        # Normalize in float32 even for half-precision outputs, so that the rounding
-        # happens once, at the final cast.
-        self._compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        mean_t = torch.tensor(mean, dtype=torch.float64).view(1, chans, 1, 1)
-        std_t = torch.tensor(std, dtype=torch.float64).view(1, chans, 1, 1)
-        # (x / 255 - mean) / std folded into one multiply-add on the raw uint8 values,
-        # so each batch costs a single float pass
-        self._scale = (1.0 / (255.0 * std_t)).to(self.device, self._compute_dtype)
-        self._shift = (-mean_t / std_t).to(self.device, self._compute_dtype)
+        self._normalize = Normalize(mean, std, self.device, channels_last=channels_last, dtype=dtype)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -215,10 +233,3 @@ class DeviceLoader:
         size = hi - lo
         return lo + size * rank // world, lo + size * (rank + 1) // world
 
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            # on the uint8 batch, where the copy is a quarter the size; the float ops
-            # below keep the memory format
-            x = x.contiguous(memory_format=torch.channels_last)
-        out = x.to(self._compute_dtype) * self._scale + self._shift
-        return out.to(self.dtype)

@@ -1,0 +1,180 @@
+"""Image collections too large to hold decoded: listed up front, then decoded and augmented in
+DataLoader worker processes, batch by batch, so that memory does not grow with the dataset.
+
+Training images go through ``RandomResizedCrop`` to the image size (aspect ratio kept within
+its 3/4 to 4/3 range, nothing squashed) and a horizontal flip; evaluation images are resized
+so that their short side is ``size / crop_pct`` (0.875: 256 for 224) and center-cropped, as
+torchvision's and timm's ImageNet recipes do (torchvision.transforms.v2). Workers hand back
+uint8 tensors, a quarter of float32's bytes; the main process normalizes each batch on the
+device (``loader.Normalize``).
+
+Every random choice is a function of (seed, epoch) and the sample's place in the epoch, never
+of which worker decodes it or when: the epoch's order and one seed per sample are drawn up
+front from a generator seeded by (seed, epoch), and each worker seeds the transforms with
+the sample's own seed before applying them. A run resumed in the middle of an epoch, or run
+with another number of workers or processes, therefore sees exactly the same batches.
+
+A file that cannot be decoded is reported by the worker, not raised there (an exception in
+a worker reaches the main process wrapped in its traceback): the main process then raises
+a one-line DataError naming the file, or, with ``skip_bad``, drops the image from its batch
+and warns once per file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.utils.data
+from torchvision.transforms import v2
+
+from .. import checks
+from .core import DataError
+from .images import decode_file, to_channels
+from .loader import Normalize, epoch_seed
+
+log = logging.getLogger(__name__)
+
+CROP_PCT = 0.875  # evaluation: the short side resized to size / 0.875, then the center size x size
+
+
+def default_workers() -> int:
+    """Decoding workers for this machine: one per core this process may use, at most 8
+    (more decode faster than a model trains on a CPU and only take its cores)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # platforms without affinity
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+@dataclasses.dataclass
+class FileSplit:
+    """A split as image files and their labels, decoded only when a batch needs them."""
+
+    paths: list[str]
+    labels: torch.Tensor  # int64 (N,)
+
+    def __post_init__(self) -> None:
+        if self.labels.dtype != torch.int64 or self.labels.dim() != 1 or len(self.labels) != len(self.paths):
+            raise ValueError(f"labels must be an int64 tensor of one label per path ({len(self.paths)}), "
+                             f"got {self.labels.dtype} of shape {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, index: torch.Tensor) -> "FileSplit":
+        return FileSplit([self.paths[i] for i in index.tolist()], self.labels[index].clone())
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Item ``(i, seed)``: file i decoded to ``in_chans`` channels and transformed to
+    ``size`` x ``size`` (training: random resized crop and flip, seeded by ``seed``;
+    evaluation: resize and center crop), as (uint8 image, label, error message or "")."""
+
+    def __init__(self, split: FileSplit, in_chans: int, size: int, train: bool, crop_pct: float = CROP_PCT) -> None:
+        self.split, self.in_chans, self.size, self.train = split, in_chans, size, train
+        if train:
+            self.transform = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+        else:
+            self.transform = v2.Compose([v2.Resize(int(size / crop_pct), antialias=True), v2.CenterCrop(size)])
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, str]:
+        i, seed = key
+        label = int(self.split.labels[i])
+        try:
+            img = to_channels(decode_file(self.split.paths[i]), self.in_chans)
+        except DataError as e:
+            return torch.zeros(self.in_chans, self.size, self.size, dtype=torch.uint8), label, str(e)
+        if self.train:
+            torch.manual_seed(seed)  # the sample's own draws, whichever worker takes it
+        return self.transform(img), label, ""
+
+
+def _collate(samples):
+    images, labels, errors = zip(*samples)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(errors)
+
+
+class StreamingLoader:
+    """Batches of a :class:`FileSplit`, decoded in ``workers`` processes; the interface of
+    ``DeviceLoader`` (``len``, ``epoch(epoch, start_step)``, ``shard``), so that training and
+    evaluation take either.
+
+    ``shard=(rank, world_size)`` yields this rank's contiguous share of each global batch:
+    every rank draws the same epoch and decodes only its share."""
+
+    def __init__(self, split: FileSplit, batch_size: int, *, in_chans: int, size: int, mean: Sequence[float],
+                 std: Sequence[float], device: str | torch.device = "cpu", train: bool = False, shuffle: bool = False,
+                 drop_last: bool = False, seed: int = 0, channels_last: bool = False, shard=None,
+                 workers: int | None = None, skip_bad: bool = False, crop_pct: float = CROP_PCT) -> None:
+        self.batch_size = checks.positive_int("batch_size", batch_size)
+        self.files = ImageFiles(split, in_chans, size, train, crop_pct)
+        self.device = torch.device(device)
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.shard = None if shard is None or shard[1] == 1 else shard
+        self.workers = default_workers() if workers is None else checks.non_negative_int("workers", workers)
+        self.skip_bad = skip_bad
+        self.normalize = Normalize(mean, std, self.device, channels_last=channels_last)
+        self._reported: set[str] = set()
+
+    def __len__(self) -> int:
+        n = len(self.files)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch(0)
+
+    def _keys(self, epoch: int, start_step: int) -> list[list[tuple[int, int]]]:
+        """Every batch of the epoch from ``start_step`` on, as this rank's (index, seed) pairs."""
+        n = len(self.files)
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        seeds = torch.randint(0, 2 ** 62, (n,), generator=g)
+        batches = []
+        for step in range(start_step, len(self)):
+            lo, hi = step * self.batch_size, min((step + 1) * self.batch_size, n)
+            if self.shard is not None:
+                rank, world = self.shard
+                lo, hi = lo + (hi - lo) * rank // world, lo + (hi - lo) * (rank + 1) // world
+            batches.append([(int(order[j]), int(seeds[j])) for j in range(lo, hi)])
+        return batches
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        checks.non_negative_int("epoch", epoch)
+        if checks.non_negative_int("start_step", start_step) > len(self):
+            raise checks.ArgumentError(f"{{start_step}} must be at most the {len(self)} batches of an epoch, "
+                                       f"got {start_step}")
+        return self._batches(self._keys(epoch, start_step))
+
+    def _batches(self, keys: list[list[tuple[int, int]]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not keys:
+            return
+        loader = torch.utils.data.DataLoader(
+            self.files, batch_sampler=keys, num_workers=self.workers, collate_fn=_collate,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None,
+            persistent_workers=False)
+        for images, labels, errors in loader:
+            bad = [i for i, e in enumerate(errors) if e]
+            if bad:
+                images, labels = self._drop_bad(images, labels, errors, bad)
+                if len(labels) == 0:
+                    continue
+            x = self.normalize(images.to(self.device, non_blocking=True))
+            yield x, labels.to(self.device, non_blocking=True)
+
+    def _drop_bad(self, images, labels, errors, bad):
+        if not self.skip_bad:
+            raise DataError(f"{errors[bad[0]]} (pass --skip-bad-images to skip such files with a warning)")
+        for i in bad:
+            if errors[i] not in self._reported:
+                self._reported.add(errors[i])
+                log.warning("skipping %s", errors[i])
+        keep = torch.tensor([i for i in range(len(errors)) if i not in set(bad)], dtype=torch.int64)
+        return images[keep], labels[keep]
