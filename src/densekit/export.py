@@ -334,8 +334,9 @@ def _check_onnx(onnx, data: bytes, subject: _Subject, batch: int, rtol: float) -
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own error types
         if "IR version" in str(e) or "opset" in str(e).lower():  # an onnxruntime older than the file
-            raise UserError(f"onnxruntime {ort.__version__} cannot load this file ({str(e).splitlines()[0]}); "
-                            f"choose a lower --opset, or {INSTALL_HINT} --upgrade") from e
+            raise checks.ArgumentError(f"onnxruntime {ort.__version__} cannot load this file "
+                                       f"({checks.text(str(e).splitlines()[0])}); choose a lower {{opset}}, or "
+                                       f"{INSTALL_HINT} --upgrade") from e
         raise
     x = _example(subject, batch, seed=1)
     got = session.run(subject.outputs, {"input": x.numpy()})

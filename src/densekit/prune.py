@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,7 +37,8 @@ from .models import DenseLayer
 from .models.profile import count_macs, count_params
 from .results import Result
 from .rundir import ModelInfo, RunDir, pruned_structure, refuse_nonempty
-from .train.engine import eval_loader, evaluate
+from .models.size import estimate
+from .train.engine import eval_batch_size, eval_loader, evaluate
 from .train.runtime import select_runtime
 
 METHOD = "network slimming: |gamma| of the batch norm that reads each channel, one global threshold"
@@ -144,7 +146,8 @@ def _test_accuracy(model: nn.Module, info: ModelInfo, test, runtime) -> float:
     """Accuracy on the whole test split, fed as the run was trained (its own mean and std)."""
     pre = info.preprocessing
     with runtime.activated():
-        result = evaluate(model, eval_loader(test, pre.mean, pre.std, runtime), runtime, info.num_classes)
+        batch = eval_batch_size(estimate(info.model_kwargs, pre.image_size).activations)
+        result = evaluate(model, eval_loader(test, pre.mean, pre.std, runtime, batch), runtime, info.num_classes)
     return result.accuracy
 
 
@@ -184,5 +187,7 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
         pruned_layers=len(structure),
         reference_path_blocks=sum(1 for m in model.modules() if hasattr(m, "fused_status") and m.fused_status()),
         device=str(runtime.device), torch=torch.__version__, densekit=__version__)
-    RunDir.create(out, model, info.with_pruned(structure), report)
+    # the pruned run records where its data are, from wherever it is: absolute
+    folder = None if data_dir is None else str(Path(data_dir).resolve())
+    RunDir.create(out, model, dataclasses.replace(info.with_pruned(structure), data_dir=folder), report)
     return report

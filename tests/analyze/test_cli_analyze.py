@@ -28,7 +28,7 @@ def test_run_dir_analysis_writes_json_and_pngs(cli, run_dir, tmp_path):
     assert len(overfit["epochs"]) == 2
     gradients = json.loads((out / "gradients.json").read_text())
     assert gradients["dataset"] == "mnist" and gradients["batch"] == [30, 1, 16, 16]  # the 30 test images
-    assert summary["gradients"]["dense"] == gradients["dense"]["first_last_ratio"]
+    assert summary["gradient_ratio_dense"] == gradients["dense"]["first_last_ratio"]
     assert (out / "reuse.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -24,7 +24,7 @@ def test_defaults_without_env(monkeypatch):
     assert default_data_dir("fashion-mnist") == Path("/usr/share/datasets/fashion-mnist")
     assert default_data_dir("mnist") == Path("/usr/share/datasets/mnist")
     for name in ("cifar10", "cifar100", "imagefolder"):
-        with pytest.raises(DataError, match=f"^{name}: no default data directory; pass --data-dir"):
+        with pytest.raises(DataError, match=f"^{name}: no default data directory; give data_dir"):
             default_data_dir(name)
 
 

@@ -235,12 +235,12 @@ def test_missing_file_says_how_to_install(tmp_path):
         load_dataset("fashion-mnist", tmp_path)
     msg = str(info.value)
     assert msg.startswith(f"{tmp_path / 't10k-images-idx3-ubyte'}: file not found")
-    assert "apt-get install dataset-fashion-mnist" in msg and "--data-dir" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "give data_dir" in msg
     assert "\n" not in msg
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / 'nope'))}: data directory not found.*--data-dir"):
+    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / 'nope'))}: data directory not found.*give data_dir"):
         load_dataset("mnist", tmp_path / "nope")
 
 

@@ -120,14 +120,18 @@ def test_size_from_the_arguments_is_the_built_models(cfg, stem_stride, extra):
     assert size.params == count_params(model)
     assert size.min_input == model.min_input_size and model.output_size(model.min_input_size) >= 1
     assert model.min_input_size == 1 or model.output_size(model.min_input_size - 1) == 0  # the smallest
-    # activations: the stem's output and each block's concatenated output, per input
-    x = torch.randn(1, cfg["in_chans"], *[side] * cfg["spatial_dims"])
-    expected = 0
+    # activations: what a fused training step keeps per input: the stem convolution's output (and
+    # its max-pooled map), every bottleneck map, every block's buffer, every transition's output
+    from densekit import DenseLayer, Transition
+
+    kept = []
+    hooks = [m.register_forward_hook(lambda m, i, o: kept.append(o.numel()))
+             for m in model.modules() if isinstance(m, (DenseBlock, Transition)) or m is model.features.conv0
+             or m is getattr(model.features, "pool0", None)]
+    hooks += [m.conv1.register_forward_hook(lambda m, i, o: kept.append(o.numel()))
+              for m in model.modules() if isinstance(m, DenseLayer) and m.has_bottleneck]
     with torch.no_grad():
-        for name, module in model.eval().features.named_children():
-            if name == "denseblock1":
-                expected += x.numel()  # what the stem hands the first block
-            x = module(x)
-            if name.startswith("denseblock"):
-                expected += x.numel()
-    assert size.activations == expected
+        model.eval()(torch.randn(1, cfg["in_chans"], *[side] * cfg["spatial_dims"]))
+    for h in hooks:
+        h.remove()
+    assert size.activations == sum(kept)

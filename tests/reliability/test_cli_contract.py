@@ -134,7 +134,9 @@ CASES = [
     ("unknown-command", ["fit"], "invalid choice: 'fit'"),
     ("unknown-flag", train("--learning-rate", "3"), "unrecognized arguments: --learning-rate 3"),
     # -- train: the data
-    ("train-missing-data-dir", train(data="{nowhere}"), "data directory not found"),
+    ("train-missing-data-dir", train(data="{nowhere}"), "data directory not found; give --data-dir, a folder"),
+    ("train-cifar-without-folder", ["train", "--dataset", "cifar10", "--out", "{new}"],
+     "cifar10: no default data directory; give --data-dir or set DENSEKIT_DATA"),
     ("train-data-dir-is-a-file", train(data="{file}"), "data directory not found"),
     ("train-data-missing-file", train(data="{missing}"), "t10k-labels-idx1-ubyte: file not found"),
     ("train-empty-data-dir", train(data="{empty}"), "train-images-idx3-ubyte: file not found"),

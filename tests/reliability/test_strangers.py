@@ -98,6 +98,18 @@ def _weights_dtype(run: Path) -> None:
     save_file(state, run / "model.safetensors")
 
 
+def _weights_dtype8(run: Path) -> None:
+    state = load_file(run / "model.safetensors")
+    state["classifier.weight"] = state["classifier.weight"].to(torch.float8_e4m3fn)
+    save_file(state, run / "model.safetensors")
+
+
+def _weights_huge(run: Path) -> None:
+    state = load_file(run / "model.safetensors")
+    state["classifier.weight"] = state["classifier.weight"].double() * 1e300  # finite here, infinite as float32
+    save_file(state, run / "model.safetensors")
+
+
 LAYER = "features.denseblock1.denselayer1"
 
 # (id, craft, the file the error must name, what it must say)
@@ -136,6 +148,21 @@ MODEL_CASES = [
     ("weights-folder", _folder("model.safetensors"), "model.safetensors", "is a directory, not a file"),
     ("weights-huge", _sparse("model.safetensors", 64 << 30), "model.safetensors", "more than such a file can hold"),
     ("weights-integers", _weights_dtype, "model.safetensors", "tensor(s) of another kind"),
+    ("weights-float8", _weights_dtype8, "model.safetensors", "tensor(s) of another kind"),
+    ("weights-beyond-float32", _weights_huge, "model.safetensors", "NaN or infinite values"),
+    ("wide-bottleneck", _kwargs(growth_rate=1, bn_size=2_000_000), "model.json", "activations per image"),
+    ("mean-beyond-float", _json(lambda i: i["preprocessing"].update(mean=[10 ** 400])), "model.json",
+     "field 'preprocessing.mean'"),
+    ("mean-nan", lambda r: (r / "model.json").write_text((r / "model.json").read_text().replace(
+        '"mean": [', '"mean": [NaN, ', 1)), "model.json", "NaN is not a JSON number"),
+    ("class-a-lone-surrogate", _json(lambda i: i["classes"].__setitem__(0, "\ud800")), "model.json",
+     "field 'classes'"),
+    ("class-a-terminal-escape", _json(lambda i: i["classes"].__setitem__(0, "\x1b[2J")), "model.json",
+     "field 'classes'"),
+    ("model-name-a-path", _json(lambda i: i.update(model="x/../../escaped")), "model.json", "field 'model'"),
+    ("dataset-unknown", _json(lambda i: i.update(dataset="nope")), "model.json", "field 'dataset'"),
+    ("drop-rate-five", _kwargs(drop_rate=5), "model.json", "field 'model_kwargs'"),
+    ("data-dir-a-nul", _json(lambda i: i.update(data_dir="a\x00b")), "model.json", "field 'data_dir'"),
 ]
 
 RESUME_CASES = [
@@ -153,6 +180,16 @@ RESUME_CASES = [
     ("step-inconsistent", _resume(_set("global_step", value=10 ** 12)), "resume.safetensors", "field 'global_step'"),
     ("history-not-records", _resume(_set("history", value=[{"epoch": "x"}])), "resume.safetensors", "field 'history'"),
     ("resume-fifo", _fifo("resume.safetensors"), "resume.safetensors", "is a FIFO, not a file"),
+    ("stats-beyond-float", _resume(_set("stats", "seen", value=10 ** 400)), "resume.safetensors",
+     "field 'stats.seen'"),
+    ("optimizer-key-superscript", _resume(_set("optimizer", "state", value={"\u00b2": {}})), "resume.safetensors",
+     "field 'optimizer.state'"),
+    ("momentum-a-scalar", _resume(lambda m, t: t.update({k: torch.zeros(()) for k in t if k.endswith(
+        "momentum_buffer")})), "resume.safetensors", "does not fit the run's parameters"),
+    ("model-args-huge", _resume(_set("config", "model_args", value={"growth_rate": 10 ** 6})),
+     "resume.safetensors", "config.model_args"),
+    ("resume-meta-huge", _resume(_set("stats", "evil", value="x" * (17 << 20))), "resume.safetensors",
+     "more than one can hold"),
 ]
 
 
@@ -288,3 +325,18 @@ def test_a_stored_data_dir_is_the_run_directorys_and_only_a_default(world, tmp_p
         assert main(["prune", str(run), "--amount", "0.2", "--out", str(tmp_path / "p"), "--data-dir",
                      str(world["data"]), "--device", "cpu"]) == 0
     assert "/nonexistent" not in caplog.text
+
+
+def test_records_a_run_writes_read_back(world, tmp_path, capsys):
+    # a test loss that is not a number (an empty split) is written as null, and read back
+    run = Path(shutil.copytree(world["stopped"], tmp_path / "run"))
+    _resume(lambda meta, tensors: meta["history"][0].update(test_loss=None))(run)  # as densekit writes NaN
+    assert main(["train", "--out", str(run), "--resume", "--no-progress", "--device", "cpu"]) == 0, \
+        capsys.readouterr().err
+    # an epoch number beyond any float, in metrics.jsonl: one line, naming the file
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text(lines[0].replace('"epoch": 1', '"epoch": ' + "9" * 400) + "\n")
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--what", "overfit", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{run / 'metrics.jsonl'}: line 1" in err, err

@@ -98,7 +98,7 @@ def test_evaluate_counts_and_per_class():
 
 
 def test_eval_result_of_nothing_is_nan():
-    r = EvalResult(loss=math.nan, confusion=np.zeros((2, 2), dtype=np.int64))
+    r = EvalResult.from_confusion(math.nan, np.zeros((2, 2), dtype=np.int64))
     assert math.isnan(r.accuracy) and r.per_class == [None, None]
 
 

@@ -163,6 +163,36 @@ _RUNNERS = {"reuse": _reuse, "gradients": _gradients, "cost": _cost, "overfit": 
 
 
 @dataclass
+class ReuseHeadline:
+    """Feature reuse in one dense block (reuse.json has the whole map)."""
+
+    block: str
+    older_share: float | None             # weight on sources before the previous layer (layers 2..L)
+    older_channel_fraction: float | None  # what equal weights on every input channel would give
+    block_input_share: float              # weight on the block's input
+
+
+@dataclass
+class Headlines(Result):
+    """Each analysis in a few numbers; the JSON files hold the rest."""
+
+    target: str
+    trained: bool
+    out: str
+    files: list[str]
+    reuse: list[ReuseHeadline] | None = None
+    gradient_ratio_dense: float | None = None   # first/last layer gradient norm at initialization
+    gradient_ratio_chain: float | None = None   # the same layers chained
+    params: int | None = None
+    macs: int | None = None
+    input_size: list[int] | None = None
+    best_test_acc: float | None = None
+    best_epoch: int | None = None
+    final_acc_gap: float | None = None          # train - test accuracy at the last epoch
+    final_loss_gap: float | None = None         # test - train loss at the last epoch
+
+
+@dataclass
 class AnalyzeReport(Result):
     """The analyses run on a target, and the files they wrote."""
 
@@ -171,6 +201,24 @@ class AnalyzeReport(Result):
     out: str
     files: list[str]
     results: dict          # analysis name -> what its JSON file holds
+
+    def headlines(self) -> Headlines:
+        r = self.results
+        h = Headlines(self.target, self.trained, self.out, self.files)
+        if "reuse" in r:
+            h.reuse = [ReuseHeadline(b["block"], b["summary"]["older_share"], b["summary"]["older_channel_fraction"],
+                                     b["summary"]["block_input_share"]) for b in r["reuse"]["blocks"]]
+        if "gradients" in r:
+            h.gradient_ratio_dense = r["gradients"]["dense"]["first_last_ratio"]
+            h.gradient_ratio_chain = r["gradients"]["chain"]["first_last_ratio"]
+        if "cost" in r:
+            row = r["cost"]["model_cost"]
+            h.params, h.macs, h.input_size = row["params"], row["macs"], row["input_size"]
+        if "overfit" in r:
+            s = r["overfit"]["summary"]
+            h.best_test_acc, h.best_epoch = s["best_test_acc"], s["best_epoch"]
+            h.final_acc_gap, h.final_loss_gap = s["final_acc_gap"], s["final_loss_gap"]
+        return h
 
 
 def analyze(target: str, what: str | None = None, out: str | os.PathLike | None = None,

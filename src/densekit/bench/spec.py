@@ -220,7 +220,8 @@ class BenchSpec:
 def _with_depth(name: str, depth: int) -> str:
     parsed = cifar_depth(name)
     if parsed is None:
-        raise UserError(f"--depths applies to CIFAR DenseNets (densenet_bc_<L>_k<K>), not {name!r}")
+        raise checks.ArgumentError(f"{{depths}} applies to CIFAR DenseNets (densenet_bc_<L>_k<K>), "
+                                   f"not {checks.quote(name)}")
     bc, _, k = parsed
     new = f"densenet{'_bc' if bc else ''}_{depth}_k{k}"
     model_spec(new)

@@ -3,7 +3,6 @@ reuse, gradient flow, cost, overfitting); writes JSON and PNG files, prints the 
 
 from __future__ import annotations
 
-from ..results import json_text
 
 
 def add_arguments(p) -> None:
@@ -18,53 +17,34 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object with the summaries")
 
 
-def _headlines(results: dict) -> list[str]:
+def _lines(h) -> list[str]:
     lines = []
-    for block in results.get("reuse", {}).get("blocks", []):
-        s = block["summary"]
-        older = "-" if s["older_share"] is None else f"{100 * s['older_share']:.1f}%"
-        fraction = "-" if s["older_channel_fraction"] is None else f"{100 * s['older_channel_fraction']:.1f}%"
-        lines.append(f"reuse {block['block']}: weight on sources before the previous layer {older} "
+    for b in h.reuse or []:
+        older = "-" if b.older_share is None else f"{100 * b.older_share:.1f}%"
+        fraction = "-" if b.older_channel_fraction is None else f"{100 * b.older_channel_fraction:.1f}%"
+        lines.append(f"reuse {b.block}: weight on sources before the previous layer {older} "
                      f"(their share of input channels {fraction}); on the block input "
-                     f"{100 * s['block_input_share']:.1f}%")
-    if "gradients" in results:
-        g = results["gradients"]
-        lines.append(f"gradients at init: first/last layer norm ratio dense {g['dense']['first_last_ratio']:.3g}, "
-                     f"chain {g['chain']['first_last_ratio']:.3g}")
-    if "cost" in results:
-        row = results["cost"]["model_cost"]
-        lines.append(f"cost: {row['params']:,} params, {row['macs'] / 1e6:,.1f} MMACs at "
-                     f"{'x'.join(map(str, row['input_size']))}")
-    if "overfit" in results:
-        s = results["overfit"]["summary"]
-        lines.append(f"overfit: best test accuracy {100 * s['best_test_acc']:.2f}% (epoch {s['best_epoch']}), "
-                     f"final accuracy gap {100 * s['final_acc_gap']:+.2f} points, loss gap {s['final_loss_gap']:+.4f}")
+                     f"{100 * b.block_input_share:.1f}%")
+    if h.gradient_ratio_dense is not None:
+        lines.append(f"gradients at init: first/last layer norm ratio dense {h.gradient_ratio_dense:.3g}, "
+                     f"chain {h.gradient_ratio_chain:.3g}")
+    if h.params is not None:
+        lines.append(f"cost: {h.params:,} params, {h.macs / 1e6:,.1f} MMACs at {'x'.join(map(str, h.input_size))}")
+    if h.best_epoch is not None:
+        lines.append(f"overfit: best test accuracy {100 * h.best_test_acc:.2f}% (epoch {h.best_epoch}), "
+                     f"final accuracy gap {100 * h.final_acc_gap:+.2f} points, loss gap {h.final_loss_gap:+.4f}")
     return lines
-
-
-def _summaries(report) -> dict:
-    results = report.results
-    out = dict(target=report.target, trained=report.trained, out=report.out, files=report.files)
-    if "reuse" in results:
-        out["reuse"] = [dict(block=b["block"], **b["summary"]) for b in results["reuse"]["blocks"]]
-    if "gradients" in results:
-        g = results["gradients"]
-        out["gradients"] = {k: g[k]["first_last_ratio"] for k in ("dense", "chain")}
-    if "cost" in results:
-        out["cost"] = results["cost"]["model_cost"]
-    if "overfit" in results:
-        out["overfit"] = results["overfit"]["summary"]
-    return out
 
 
 def run(args) -> int:
     from ..analyze import analyze
 
     report = analyze(args.target, what=args.what, out=args.out, data_dir=args.data_dir)
+    headlines = report.headlines()
     if args.json:
-        print(json_text(_summaries(report)))
+        print(headlines.to_json())
         return 0
-    for line in _headlines(report.results):
+    for line in _lines(headlines):
         print(line)
     print(f"wrote {len(report.files)} files to {report.out}")
     return 0

@@ -29,5 +29,6 @@ def run(args) -> int:
     for c in report.per_class:
         acc = "-" if c.accuracy is None else f"{100 * c.accuracy:6.2f}%"
         print(f"  {c.index:>3}  {c.label:<{width}}  {acc:>7}  of {c.count}")
-    print(f"confusion matrix: {report.confusion_png}")
+    if report.confusion_png is not None:
+        print(f"confusion matrix: {report.confusion_png}")
     return 0

@@ -64,26 +64,27 @@ class _ProgressBar:
         self.out = None
 
     def __call__(self, event) -> None:
-        info = event.info
-        if event.kind == "start":
-            self.out = info["out"]
-            self.epochs = info["epochs"]
+        from ..train.trainer import EpochEnd, RunStart, StepReport
+
+        if isinstance(event, RunStart):
+            self.out = event.out
+            self.epochs = event.epochs
             if self.enabled:
                 from tqdm import tqdm
 
                 # a log file gets a line per redraw: redraw rarely there
-                self.bar = tqdm(total=info["stop_at"], initial=info["global_step"], unit="step", file=sys.stderr,
-                                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 1, desc=f"epoch {info['global_step'] // info['steps_per_epoch'] + 1}"
-                                                        f"/{self.epochs}")
-        elif self.bar is not None and event.kind == "step":
-            self.bar.set_description(f"epoch {info['epoch'] + 1}/{self.epochs}", refresh=False)
-            self.bar.set_postfix(loss=f"{info['loss']:.4f}", acc=f"{info['acc']:.4f}",
-                                 img_s=f"{info['images_per_s']:.0f}", refresh=False)
-            self.bar.update(info["global_step"] - self.bar.n)
-        elif self.bar is not None and event.kind == "epoch":
-            self.bar.write(f"epoch {info['epoch']}/{info['epochs']}: train loss {info['train_loss']:.4f} "
-                           f"acc {info['train_acc']:.4f} | test loss {info['test_loss']:.4f} "
-                           f"acc {info['test_acc']:.4f} | lr {info['lr']:.4g} | {info['seconds']:.1f} s")
+                self.bar = tqdm(total=event.stop_at, initial=event.global_step, unit="step", file=sys.stderr,
+                                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 1,
+                                desc=f"epoch {event.global_step // event.steps_per_epoch + 1}/{self.epochs}")
+        elif self.bar is not None and isinstance(event, StepReport):
+            self.bar.set_description(f"epoch {event.epoch + 1}/{self.epochs}", refresh=False)
+            self.bar.set_postfix(loss=f"{event.loss:.4f}", acc=f"{event.acc:.4f}",
+                                 img_s=f"{event.images_per_s:.0f}", refresh=False)
+            self.bar.update(event.global_step - self.bar.n)
+        elif self.bar is not None and isinstance(event, EpochEnd):
+            self.bar.write(f"epoch {event.epoch}/{event.epochs}: train loss {event.train_loss:.4f} "
+                           f"acc {event.train_acc:.4f} | test loss {event.test_loss:.4f} acc {event.test_acc:.4f} "
+                           f"| lr {event.lr:.4g} | {event.seconds:.1f} s")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from ..checks import ArgumentError
 from ..errors import UserError
 
 
@@ -15,6 +16,14 @@ class DataError(UserError):
     ``str(e)`` is one line naming the file or directory and what was expected, so the
     CLI can show it as is, without a traceback.
     """
+
+
+class DataArgumentError(DataError, ArgumentError):
+    """A data problem whose remedy is an argument: ``template`` names it in braces
+    ({data_dir}) for the command line to say as its flag (``checks.ArgumentError``)."""
+
+    def __init__(self, template: str) -> None:
+        ArgumentError.__init__(self, template)
 
 
 @dataclasses.dataclass

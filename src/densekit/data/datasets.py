@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import checks
 from .cifar import load_cifar
-from .core import DataError, Dataset, Split, channel_stats
+from .core import DataArgumentError, DataError, Dataset, Split, channel_stats
 from .idx import load_idx
 from .imagefolder import load_imagefolder
 
@@ -45,7 +45,7 @@ def default_data_dir(name: str) -> Path:
         return root_path / name if (root_path / name).is_dir() else root_path
     if name in _SYSTEM_DIRS:
         return _SYSTEM_DIRS[name]
-    raise DataError(f"{name}: no default data directory; pass --data-dir or set {ENV_VAR}")
+    raise DataArgumentError(f"{name}: no default data directory; give {{data_dir}} or set {ENV_VAR}")
 
 
 def load_dataset(

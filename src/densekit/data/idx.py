@@ -11,6 +11,7 @@ error that names it.
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import math
 import os
@@ -21,7 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import DataError, Split, check_labels
+from ..checks import text
+from .core import DataArgumentError, DataError, Split, check_labels
+
+MAX_BYTES = 1 << 30  # a decompressed IDX file: MNIST's largest is 47 MB
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +55,8 @@ CLASSES = {
 
 _INSTALL_HINT = {
     "fashion-mnist": "install the Debian package dataset-fashion-mnist "
-    "(apt-get install dataset-fashion-mnist) or pass --data-dir",
-    "mnist": "pass --data-dir pointing at a folder with the four MNIST IDX files",
+    "(apt-get install dataset-fashion-mnist) or give {data_dir}",
+    "mnist": "give {data_dir}, a folder with the four MNIST IDX files",
 }
 
 
@@ -66,9 +70,14 @@ def _read_bytes(path: Path) -> bytes:
     if raw[:2] != b"\x1f\x8b":
         return raw
     try:
-        return gzip.decompress(raw)
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+            data = f.read(MAX_BYTES + 1)  # a bounded read: a small .gz can expand to gigabytes
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: corrupt gzip file: {e}") from e
+    if len(data) > MAX_BYTES:
+        raise DataError(f"{path}: expands to more than {MAX_BYTES:,} bytes, more than an IDX dataset holds; "
+                        "refusing to read it")
+    return data
 
 
 def parse_idx(data: bytes, source: object) -> torch.Tensor:
@@ -119,7 +128,7 @@ def _find(data_dir: Path, stem: str, name: str) -> Path:
     for candidate in (data_dir / stem, data_dir / f"{stem}.gz"):
         if candidate.is_file():
             return candidate
-    raise DataError(f"{data_dir / stem}: file not found (nor {stem}.gz); {_INSTALL_HINT[name]}")
+    raise DataArgumentError(f"{text(data_dir / stem)}: file not found (nor {stem}.gz); {_INSTALL_HINT[name]}")
 
 
 def _read_split(data_dir: Path, images_stem: str, labels_stem: str, name: str) -> Split:
@@ -152,7 +161,7 @@ def load_idx(name: str, data_dir: str | os.PathLike) -> tuple[Split, Split, list
         raise ValueError(f"name must be one of {', '.join(CLASSES)}, got {name!r}")
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: data directory not found; {_INSTALL_HINT[name]}")
+        raise DataArgumentError(f"{text(data_dir)}: data directory not found; {_INSTALL_HINT[name]}")
     train = _read_split(data_dir, *_FILES["train"], name)
     test = _read_split(data_dir, *_FILES["test"], name)
     if train.images.shape[1:] != test.images.shape[1:]:

@@ -8,8 +8,10 @@ Formats torchvision cannot decode (BMP, TIFF, PPM) go through Pillow instead.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import warnings
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +29,11 @@ log = logging.getLogger(__name__)
 # Suffixes the imagefolder reader picks up (lower case). The first group is decoded by
 # torchvision, the rest by Pillow.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+
+# An image's pixels, read from its header before it is decoded: a few kilobytes of PNG can
+# declare a 100,000 x 100,000 image and make the decoder allocate 30 GB (Pillow's own
+# decompression-bomb limit is 179 million pixels; torchvision's decoders have none).
+MAX_PIXELS = 178_956_970  # Pillow's limit: 2 x its 89,478,485-pixel warning
 
 # torchvision prefixes its decoder errors with the C++ source location.
 _CPP_PREFIX = re.compile(r"^.*?\.cpp:\d+,\s*")
@@ -75,6 +82,7 @@ def decode_file(path: str | os.PathLike) -> torch.Tensor:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
     if not data:
         raise DataError(f"{path}: empty file, expected an image")
+    _check_pixels(path, data)
     try:
         img = _decode_torchvision(data)
     except RuntimeError as tv_error:
@@ -90,6 +98,24 @@ def decode_file(path: str | os.PathLike) -> torch.Tensor:
     if img.dim() != 3 or img.shape[0] != 3 or min(img.shape[1:]) < 1:
         raise DataError(f"{path}: decoded to an unexpected shape {tuple(img.shape)}, expected 3 x H x W")
     return img
+
+
+def _check_pixels(path: Path, data: bytes) -> None:
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said below, once, as an error
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+    except Image.DecompressionBombError:
+        w = h = None
+    except Exception:  # not an image Pillow knows: the decoders below say so, with the reason
+        return
+    if w is None or w * h > MAX_PIXELS:
+        size = "an image" if w is None else f"a {w} x {h} image"
+        raise DataError(f"{path}: {size} of more than the {MAX_PIXELS:,} pixels densekit decodes; refusing to "
+                        "decode it")
 
 
 def is_gray(img: torch.Tensor) -> bool:

@@ -16,7 +16,7 @@ with another number of workers or processes, therefore sees exactly the same bat
 
 A file that cannot be decoded is reported by the worker, not raised there (an exception in
 a worker reaches the main process wrapped in its traceback): the main process then raises
-a one-line DataError naming the file, or, with ``skip_bad``, drops the image from its batch
+a one-line DataError naming the file, or, with ``skip_bad_images``, drops the image from its batch
 and warns once per file.
 """
 
@@ -32,7 +32,8 @@ import torch.utils.data
 from torchvision.transforms import v2
 
 from .. import checks
-from .core import DataError
+from ..checks import text
+from .core import DataArgumentError, DataError
 from .images import decode_file, to_channels
 from .loader import Normalize, epoch_seed
 
@@ -113,14 +114,14 @@ class StreamingLoader:
     def __init__(self, split: FileSplit, batch_size: int, *, in_chans: int, size: int, mean: Sequence[float],
                  std: Sequence[float], device: str | torch.device = "cpu", train: bool = False, shuffle: bool = False,
                  drop_last: bool = False, seed: int = 0, channels_last: bool = False, shard=None,
-                 workers: int | None = None, skip_bad: bool = False, crop_pct: float = CROP_PCT) -> None:
+                 workers: int | None = None, skip_bad_images: bool = False, crop_pct: float = CROP_PCT) -> None:
         self.batch_size = checks.positive_int("batch_size", batch_size)
         self.files = ImageFiles(split, in_chans, size, train, crop_pct)
         self.device = torch.device(device)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.shard = None if shard is None or shard[1] == 1 else shard
         self.workers = default_workers() if workers is None else checks.non_negative_int("workers", workers)
-        self.skip_bad = skip_bad
+        self.skip_bad_images = skip_bad_images
         self.normalize = Normalize(mean, std, self.device, channels_last=channels_last)
         self._reported: set[str] = set()
 
@@ -170,8 +171,9 @@ class StreamingLoader:
             yield x, labels.to(self.device, non_blocking=True)
 
     def _drop_bad(self, images, labels, errors, bad):
-        if not self.skip_bad:
-            raise DataError(f"{errors[bad[0]]} (pass --skip-bad-images to skip such files with a warning)")
+        if not self.skip_bad_images:
+            raise DataArgumentError(f"{text(errors[bad[0]])} (give {{skip_bad_images}} to skip such files with a "
+                                    "warning)")
         for i in bad:
             if errors[i] not in self._reported:
                 self._reported.add(errors[i])

@@ -6,8 +6,9 @@ arguments as :class:`DenseNet` does and sums, per dense block, the arithmetic se
 its layers' input widths, so its work does not grow with the depth or width it is given;
 Python's integers do not overflow. The parameter count is exact (the tests hold it to
 ``count_params`` for every registered model); ``activations`` counts the elements, per
-input, of the maps a forward pass holds at block boundaries (the stem's output and each
-block's concatenated output), the quantity a fused training step keeps per image.
+input, of the maps a fused training step keeps: the stem convolution's output (and its
+pooled map), each block's concatenated output and each layer's bottleneck map, and each
+transition's output.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .densenet import STEMS, DenseNet, _check_block_config, _check_head, _growth
 @dataclasses.dataclass(frozen=True)
 class Size:
     params: int        # learnable parameters (batch-norm statistics are buffers, not counted)
-    activations: int   # elements per input at the block boundaries (see the module docstring)
+    activations: int   # elements per input a training step keeps (see the module docstring)
     min_input: int     # the smallest side the network takes
 
 
@@ -73,23 +74,26 @@ def estimate(kwargs: dict, spatial: Sequence[int]) -> Size:
     stem_kernel = 7 if a["stem"] == "imagenet" else 3
     params = in_chans * c * stem_kernel ** dims + (2 * c if a["stem"] != "cifar" else 0)
     windows = list(_windows(a["stem"], a["stem_stride"], len(blocks)))
-    stem_steps = 2 if a["stem"] == "imagenet" else 1
-    sides = [_side(s, windows[:stem_steps]) for s in spatial]
-    activations = c * math.prod(sides)
+    activations = c * math.prod(_side(s, windows[:1]) for s in spatial)  # the stem convolution's output
+    if a["stem"] == "imagenet":
+        activations += c * math.prod(_side(s, windows[:2]) for s in spatial)  # after its max-pool
+    sides = [_side(s, windows[:2 if a["stem"] == "imagenet" else 1]) for s in spatial]
     for i, (n, k) in enumerate(zip(blocks, rates)):
         widths = n * c + k * n * (n - 1) // 2  # the sum of the n layers' input widths
         if bn_size:
             w = bn_size * k
             params += 2 * widths + widths * w + n * (2 * w + w * k * 3 ** dims)
+            activations += n * w * math.prod(sides)  # each layer's bottleneck map
         else:
             params += 2 * widths + widths * k * 3 ** dims
         c += n * k
-        activations += c * math.prod(sides)
+        activations += c * math.prod(sides)  # the block's buffer
         if i != len(blocks) - 1:
             out = max(1, int(c * compression))
             params += 2 * c + c * out
             c = out
             sides = [s // 2 for s in sides]
+            activations += c * math.prod(sides)  # the transition's output
     params += 2 * c
     if a["num_classes"] and not a["features_only"]:
         params += c * a["num_classes"] + a["num_classes"]

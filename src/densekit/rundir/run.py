@@ -25,7 +25,6 @@ of one line that names the file and the field.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -130,18 +129,17 @@ class ModelInfo:
         f = Fields(info, source)
         f.get("format", lambda v: v == FORMAT, f"{FORMAT!r} (not a densekit run description)")
         schema.check_version(f)
-        classes = f.get("classes", schema.is_list_of(lambda c: isinstance(c, str) and len(c) <= schema.MAX_NAME,
-                                                     1), "a non-empty list of names")
+        classes = f.get("classes", schema.is_list_of(schema.is_text, 1), "a non-empty list of printable names")
         f.get("num_classes", lambda v: v == len(classes), f"the number of classes ({len(classes)})", None)
         pre = _preprocessing(f.sub("preprocessing"))
         kwargs = f.get("model_kwargs", lambda v: isinstance(v, dict), "a JSON object")
         schema.check_model(kwargs, pre.image_size, len(classes), pre.in_chans, source)
         return cls(
-            model=f.get("model", schema.is_name, "a model name"),
+            model=f.get("model", schema.is_slug, "a model name (letters, digits, _ . -)"),
             model_args=f.get("model_args", lambda v: isinstance(v, dict), "a JSON object", {}),
             model_kwargs=kwargs,
-            dataset=f.get("dataset", schema.is_name, "a dataset name"),
-            data_dir=f.get("data_dir", schema.is_optional(schema.is_name), "a path or null", None),
+            dataset=f.get("dataset", schema.is_dataset, "a dataset densekit reads"),
+            data_dir=f.get("data_dir", schema.is_optional(schema.is_name), "a printable path or null", None),
             classes=tuple(classes), preprocessing=pre,
             pruned=schema.check_pruned(f.get("pruned", lambda v: isinstance(v, dict), "a JSON object", {}), source))
 
@@ -227,7 +225,8 @@ def load_strictly(model: nn.Module, state: dict[str, torch.Tensor], context: str
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    kinds = [k for k in expected if k in state and state[k].is_floating_point() != expected[k].is_floating_point()]
+    kinds = [k for k in expected if k in state and (state[k].dtype not in _KINDS or
+                                                    state[k].is_floating_point() != expected[k].is_floating_point())]
     problems = []
     if shapes:
         k = shapes[0]
@@ -248,6 +247,9 @@ def load_strictly(model: nn.Module, state: dict[str, torch.Tensor], context: str
 
 
 # -- the resume state ----------------------------------------------------------------------------
+
+# The tensor types a run's files may hold: floats torch computes with, and integer indices and counts.
+_KINDS = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32)
 
 
 def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
@@ -278,11 +280,13 @@ def _optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         idx, _, name = key.partition("/")
-        if not (idx.isdigit() and int(idx) in shapes and name) or value.shape not in (shapes[int(idx)], ()):
+        fits = schema.is_index(idx) and int(idx) in shapes and value.dtype in _KINDS and (
+            value.shape == shapes[int(idx)] or (name == "step" and value.shape == ()))
+        if not fits:
             raise UserError(f"{source}: tensor 'optimizer/{key[:60]}' does not fit the run's parameters")
         state.setdefault(int(idx), {})[name] = value
     for idx, values in meta["optimizer"]["state"].items():
-        if int(idx) not in shapes or not all(schema.is_number(v) for v in values.values()):
+        if int(idx) not in shapes or not all(schema.is_number(v) for v in values.values()):  # keys: is_index
             raise UserError(f"{source}: field 'optimizer.state.{idx[:20]}' does not fit the run's parameters")
         state.setdefault(int(idx), {}).update(values)
     return {"state": state, "param_groups": groups}
@@ -355,7 +359,7 @@ class RunDir:
         only renames publish)."""
         self.path.mkdir(parents=True, exist_ok=True)
         for tmp in self.path.iterdir():
-            if _is_stale_temp(tmp.name):
+            if _is_stale_temp(tmp.name) and (tmp.is_symlink() or tmp.is_file()):
                 tmp.unlink(missing_ok=True)
 
     # -- model.json and the model
@@ -373,13 +377,20 @@ class RunDir:
 
     def data_dir(self, info: ModelInfo, dataset: str | None = None) -> str | None:
         """Where the run read its data, for reading ``dataset`` (default: the run's own) when the
-        caller names no folder: a relative path is taken from the run directory, and the
-        choice is said in the log. None for another dataset than the run's, or none recorded."""
-        if info.data_dir is None or (dataset is not None and dataset != info.dataset):
+        caller names no folder; None for another dataset than the run's, or none recorded."""
+        if dataset is not None and dataset != info.dataset:
             return None
-        folder = self.path / info.data_dir  # an absolute data_dir stays as it is
+        return self.stored_data_dir(info.data_dir, info.dataset)
+
+    def stored_data_dir(self, stored: str | None, dataset: str) -> str | None:
+        """A data folder the run recorded (model.json's or its resume state's), used where the
+        caller names none: a relative one is the run directory's, and the choice is said in
+        the log, since the folder was chosen by whoever wrote the run."""
+        if stored is None:
+            return None
+        folder = self.path / stored  # an absolute folder stays as it is
         log.info("reading %s from %s, where the run in %s read it (give a data folder to read another)",
-                 info.dataset, folder, self.path)
+                 dataset, folder, self.path)
         return str(folder)
 
     def build_model(self, info: ModelInfo | None = None) -> DenseNet:
@@ -388,11 +399,14 @@ class RunDir:
         source = self._file(_MODEL_JSON)
         try:
             model = DenseNet(**info.model_kwargs)
+        except (UserError, *_LOAD_ERRORS) as e:
+            raise UserError(f"{source}: field 'model_kwargs': {_one_line(e)}") from e
+        try:
             _apply_pruned_structure(model, info.pruned, source)
         except UserError:
             raise
         except _LOAD_ERRORS as e:
-            raise UserError(f"{source}: cannot rebuild the model: {_one_line(e)}") from e
+            raise UserError(f"{source}: field 'pruned': {_one_line(e)}") from e
         return model
 
     def load_model(self, device: str | torch.device = "cpu") -> DenseNet:
@@ -404,7 +418,8 @@ class RunDir:
         state = files.read_tensors(path, _weights_limit(sum(p.numel() for p in model.parameters())))
         load_strictly(model, state, f"{path}: does not match {_MODEL_JSON}")
         _check_input_index(model, path)
-        bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+        # after loading: a float64 1e300 is finite in the file and infinite in the model
+        bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
         if bad:
             raise UserError(f"{path}: {len(bad)} tensor(s) hold NaN or infinite values "
                             f"(first: {bad[0]}); the run diverged or the file is damaged")
@@ -436,7 +451,8 @@ class RunDir:
         tensors.update({f"rng/{k}": v for k, v in rng.items()})
         meta = dict(meta, format_version=FORMAT_VERSION, optimizer={"param_groups": opt["param_groups"], "state": extra},
                     scheduler=scheduler.state_dict())
-        files.write(self._file(_RESUME), files.tensor_bytes(tensors, {_RESUME_KEY: json.dumps(meta)}), replace=True)
+        # json_text: non-finite numbers (a test loss of an empty split) as null, which JSON has
+        files.write(self._file(_RESUME), files.tensor_bytes(tensors, {_RESUME_KEY: json_text(meta)}), replace=True)
 
     def read_resume_meta(self) -> dict:
         """The JSON part of the resume state, every field checked (cheap: the tensors are not read)."""
@@ -444,10 +460,17 @@ class RunDir:
         raw = files.read_safetensors_metadata(path, _weights_limit(schema.LIMITS.params) * 3, _RESUME_KEY)
         if raw is None:
             raise UserError(f"{path}: not a densekit resume file")
+        if len(raw) > schema.MAX_RESUME_META:
+            raise UserError(f"{path}: its resume state is {len(raw):,} characters, more than one can hold "
+                            f"({schema.MAX_RESUME_META:,}); refusing to read it")
         meta = files.loads(raw, f"{path}: corrupt resume state")
         if not isinstance(meta, dict):
             raise UserError(f"{path}: corrupt resume state: expected a JSON object, found {type(meta).__name__}")
         return schema.check_resume(meta, path)
+
+    def check_resumed_model(self, kwargs: dict, image_size: tuple[int, int], classes: int, in_chans: int) -> None:
+        """The model a resume state's config describes (its model_args), bounded as a model.json's is."""
+        schema.check_model(kwargs, tuple(image_size), classes, in_chans, f"{self._file(_RESUME)}: config.model_args")
 
     def load_resume(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[dict, dict[str, torch.Tensor]]:

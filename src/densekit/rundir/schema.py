@@ -27,7 +27,9 @@ PARAM_FACTOR = 4        # x the largest registered model's parameters
 ACTIVATION_FACTOR = 16  # x the largest registered model's activations per image, at its own input size
 MAX_SIDE = 8192         # pixels: an image side a run may be fed at
 MAX_CLASSES = 100_000
-MAX_NAME = 1000         # characters of a class name, a model name, a path
+MAX_NAME = 1000         # characters of a class name, a path
+MAX_INT = 1 << 53       # integers beyond exact float64 have no business in a run's files
+MAX_RESUME_META = 16 << 20  # the resume state's JSON: the config, an epoch record per epoch, the optimizer groups
 MAX_JSON_BYTES = 1 << 20       # model.json, summary.json: a few kB in practice
 MAX_METRICS_BYTES = 16 << 20   # metrics.jsonl: ~200 bytes an epoch
 MAX_EPOCHS = 1_000_000
@@ -85,16 +87,59 @@ class Fields:
             raise UserError(f"{self.source}: unknown field '{self.prefix}{unknown[0]}'")
 
 
-def is_int(v: object, low: int = 0, high: int | None = None) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+def is_int(v: object, low: int = 0, high: int = MAX_INT) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
 
 
 def is_number(v: object, low: float = -math.inf, finite: bool = True) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and (math.isfinite(v) or not finite) and v >= low
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if isinstance(v, int):  # math.isfinite overflows on an int beyond float's range
+        return -MAX_INT <= v <= MAX_INT and v >= low
+    return (math.isfinite(v) or not finite) and v >= low
+
+
+def is_text(v: object, most: int = MAX_NAME) -> bool:
+    """A string that prints as it is (no control characters, no terminal escapes) and
+    encodes as UTF-8 (no lone surrogates)."""
+    if not isinstance(v, str) or len(v) > most or not v.isprintable():
+        return False
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def is_name(v: object) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= MAX_NAME
+    return is_text(v) and len(v) > 0
+
+
+def is_slug(v: object) -> bool:
+    """A name that is safe in a file name (a registered model name: letters, digits, _ . -)."""
+    return isinstance(v, str) and 0 < len(v) <= 100 and v.isascii() and \
+        all(c.isalnum() or c in "_.-" for c in v) and not v.startswith(".")
+
+
+def is_index(k: object) -> bool:
+    """A JSON key that is a small non-negative integer ("12"), as optimizer state keys are."""
+    return isinstance(k, str) and 0 < len(k) < 10 and k.isascii() and k.isdigit()
+
+
+def is_registered_model(v: object) -> bool:
+    return isinstance(v, str) and v in list_models()
+
+
+def is_dataset(v: object) -> bool:
+    from ..data import DATASETS
+
+    return v in DATASETS
+
+
+def is_recipe(v: object) -> bool:
+    from ..train.recipes import RECIPES
+
+    return v in RECIPES
 
 
 def is_optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
@@ -158,9 +203,9 @@ def check_pruned(pruned: dict, source: object) -> dict:
 
 # The config a resume state keeps, field by field.
 CONFIG = {
-    "model": is_name, "model_args": lambda v: isinstance(v, dict), "dataset": is_name,
+    "model": is_registered_model, "model_args": lambda v: isinstance(v, dict), "dataset": is_dataset,
     "data_dir": is_optional(is_name), "image_size": is_optional(lambda v: is_int(v, 1, MAX_SIDE)),
-    "recipe": is_name, "epochs": lambda v: is_int(v, 1, MAX_EPOCHS), "batch_size": lambda v: is_int(v, 1, 1 << 20),
+    "recipe": is_recipe, "epochs": lambda v: is_int(v, 1, MAX_EPOCHS), "batch_size": lambda v: is_int(v, 1, 1 << 20),
     "lr": lambda v: is_number(v) and v > 0, "seed": lambda v: is_int(v, 0, (1 << 63) - 1),
     "train_limit": is_optional(lambda v: is_int(v, 1)), "init": is_optional(is_name),
     "deterministic": lambda v: isinstance(v, bool), "save_every": lambda v: is_int(v, 1),
@@ -186,7 +231,7 @@ def check_resume(meta: dict, source: object) -> dict:
     data = f.sub("data")
     data.get("train_images", is_int, "an integer >= 0")
     data.get("test_images", is_int, "an integer >= 0")
-    data.get("classes", is_list_of(lambda c: isinstance(c, str) and len(c) <= MAX_NAME, 1), "a list of names")
+    data.get("classes", is_list_of(is_text, 1), "a list of names")
     data.get("image_size", is_list_of(lambda s: is_int(s, 1, MAX_SIDE), 2, 2), "[height, width]")
     data.get("in_chans", lambda v: v in (1, 3) and not isinstance(v, bool), "1 or 3")
     data.only({"train_images", "test_images", "classes", "image_size", "in_chans"})
@@ -207,7 +252,7 @@ def check_resume(meta: dict, source: object) -> dict:
     opt = f.sub("optimizer")
     opt.get("param_groups", is_list_of(lambda g: isinstance(g, dict), 1, 64), "a list of parameter groups")
     opt.get("state", lambda v: isinstance(v, dict) and all(
-        isinstance(k, str) and k.isdigit() and isinstance(s, dict) for k, s in v.items()), "per-parameter state")
+        is_index(k) and isinstance(s, dict) for k, s in v.items()), "per-parameter state")
     opt.only({"param_groups", "state"})
     f.sub("scheduler")
     f.only({"format_version", "config", "data", "epoch", "step_in_epoch", "global_step", "steps_per_epoch",
@@ -257,7 +302,7 @@ def check_records(records: list, source: object) -> list[dict]:
 
 
 SUMMARY = {
-    "model": is_name, "dataset": is_name, "epochs": lambda v: is_int(v, 1, MAX_EPOCHS),
+    "model": is_slug, "dataset": is_dataset, "epochs": lambda v: is_int(v, 1, MAX_EPOCHS),
     "epochs_completed": is_int, "steps": is_int, "total_steps": is_int, "finished": lambda v: isinstance(v, bool),
     "params": is_int, "macs": is_int, "test_accuracy": is_optional(lambda v: is_number(v, 0) and v <= 1),
     "test_images": is_int,

@@ -11,7 +11,7 @@ from .engine import EvalResult, evaluate
 from .inference import EvalReport, Prediction, evaluate_run, predict
 from .recipes import RECIPES, Recipe, get_recipe
 from .runtime import Runtime, select_runtime
-from .trainer import Event, TrainSummary, train
+from .trainer import EpochEnd, Event, RunStart, TrainSummary, train
 
-__all__ = ["RECIPES", "EvalReport", "EvalResult", "Event", "Prediction", "Recipe", "Runtime", "TrainConfig",
+__all__ = ["RECIPES", "EvalReport", "EvalResult", "Event", "Prediction", "Recipe", "RunStart", "EpochEnd", "Runtime", "TrainConfig",
            "TrainSummary", "evaluate", "evaluate_run", "get_recipe", "predict", "select_runtime", "train"]

@@ -168,8 +168,6 @@ def open_config(run: RunDir, config: TrainConfig) -> tuple[dict, dict | None]:
                             "or pass {resume} to continue that run as it was")
     if meta["global_step"] >= meta["total_steps"] and run.has_summary() and not config.resume:
         raise ArgumentError(f"{{out}} {where}: holds a finished run of this config; choose another {{out}}")
-    if config.data_dir is None and cfg["data_dir"] is not None:
-        cfg["data_dir"] = str(run.path / cfg["data_dir"])  # a relative folder is the run directory's
-        log.info("reading %s from %s, where the run read it (give a data folder to read another)",
-                 cfg["dataset"], cfg["data_dir"])
+    if config.data_dir is None:
+        cfg["data_dir"] = run.stored_data_dir(cfg["data_dir"], cfg["dataset"])
     return cfg, meta

@@ -25,6 +25,13 @@ from .runtime import Runtime
 from .step import TrainStep
 
 EVAL_BATCH_SIZE = 500  # any size gives the same predictions (BN in eval mode); large batches are fast
+EVAL_BYTES = 1 << 30   # what an evaluation batch's activations may take: large images get smaller batches
+
+
+def eval_batch_size(activations: int) -> int:
+    """The evaluation batch for a model that keeps ``activations`` elements per image
+    (``models.size``): EVAL_BATCH_SIZE, or fewer where that would take more than EVAL_BYTES."""
+    return max(1, min(EVAL_BATCH_SIZE, EVAL_BYTES // (4 * max(1, activations))))
 SYNC_EVERY = 25        # steps between reads of the loss from the device
 
 
@@ -156,18 +163,29 @@ def train_one_epoch(
     return step, global_step
 
 
+# Above this many classes no confusion matrix is kept: it grows as their square (ImageNet-21k's
+# would be 3.8 GB); the per-class counts are kept for any number.
+MAX_CONFUSION_CLASSES = 1000
+
+
 @dataclasses.dataclass
 class EvalResult:
-    loss: float                 # mean cross-entropy (no label smoothing)
-    confusion: np.ndarray       # (classes, classes) counts; rows: true class, columns: predicted
+    loss: float                     # mean cross-entropy (no label smoothing)
+    counts: np.ndarray              # (classes,) images of each true class
+    hits: np.ndarray                # (classes,) of those, the correctly predicted
+    confusion: np.ndarray | None = None  # (classes, classes); rows: true, columns: predicted (<= 1000 classes)
+
+    @classmethod
+    def from_confusion(cls, loss: float, confusion: np.ndarray) -> "EvalResult":
+        return cls(loss, confusion.sum(axis=1), np.diagonal(confusion).copy(), confusion)
 
     @property
     def total(self) -> int:
-        return int(self.confusion.sum())
+        return int(self.counts.sum())
 
     @property
     def correct(self) -> int:
-        return int(np.trace(self.confusion))
+        return int(self.hits.sum())
 
     @property
     def accuracy(self) -> float:
@@ -176,8 +194,7 @@ class EvalResult:
     @property
     def per_class(self) -> list[float | None]:
         """Accuracy on each true class; None for a class with no test images."""
-        counts = self.confusion.sum(axis=1)
-        return [float(self.confusion[i, i] / c) if c else None for i, c in enumerate(counts)]
+        return [float(h / c) if c else None for h, c in zip(self.hits, self.counts)]
 
 
 def eval_loader(split: Split, mean, std, runtime: Runtime, batch_size: int = EVAL_BATCH_SIZE,
@@ -214,12 +231,19 @@ def evaluate(model: nn.Module, loader: DeviceLoader, runtime: Runtime, num_class
         pred = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.int64)
         true = torch.cat(labels).cpu() if labels else torch.zeros(0, dtype=torch.int64)
         # on the host: CUDA's bincount is not deterministic, and this is tiny
-        confusion = torch.bincount(true * num_classes + pred, minlength=num_classes * num_classes)
+        if num_classes <= MAX_CONFUSION_CLASSES:
+            tally = torch.bincount(true * num_classes + pred, minlength=num_classes * num_classes)
+        else:
+            tally = torch.cat([torch.bincount(true, minlength=num_classes),
+                               torch.bincount(true[pred == true], minlength=num_classes)])
         if loader.shard is not None:  # each rank evaluated its share of the test set
-            loss_sum, confusion = sum_across_ranks(loss_sum), sum_across_ranks(confusion)
-        total = int(confusion.sum())
-        return EvalResult(loss=float(loss_sum) / total if total else math.nan,
-                          confusion=confusion.view(num_classes, num_classes).numpy())
+            loss_sum, tally = sum_across_ranks(loss_sum), sum_across_ranks(tally)
+        if num_classes <= MAX_CONFUSION_CLASSES:
+            result = EvalResult.from_confusion(math.nan, tally.view(num_classes, num_classes).numpy())
+        else:
+            result = EvalResult(math.nan, tally[:num_classes].numpy(), tally[num_classes:].numpy())
+        result.loss = float(loss_sum) / result.total if result.total else math.nan
+        return result
     finally:
         torch.backends.cudnn.benchmark = benchmark
         model.train(was_training)

@@ -20,13 +20,14 @@ from ..data import DataError, Split, load_dataset, load_images
 from ..errors import UserError
 from ..results import Result
 from ..rundir import ModelInfo, RunDir
-from .engine import EVAL_BATCH_SIZE, eval_loader, evaluate, predict_logits
+from ..models.size import estimate
+from .engine import EVAL_BYTES, eval_batch_size, eval_loader, evaluate, predict_logits
 from ..plots import confusion_png
 from .runtime import Runtime, RuntimeFacts, select_runtime
 
 log = logging.getLogger(__name__)
 
-PREDICT_BATCH = 256  # files decoded and run at a time: bounds memory for any number of files
+PREDICT_BATCH = 256  # files decoded and run at a time (fewer for large images): bounds memory for any number
 
 
 @dataclasses.dataclass
@@ -50,8 +51,8 @@ class EvalReport(Result, RuntimeFacts):
     total: int
     loss: float                      # mean cross-entropy
     per_class: list[ClassAccuracy]
-    confusion: list[list[int]]       # rows: true class, columns: predicted
-    confusion_png: str
+    confusion: list[list[int]] | None  # rows: true class, columns: predicted (up to 1000 classes)
+    confusion_png: str | None
 
 
 @dataclasses.dataclass
@@ -85,6 +86,11 @@ def _load(run: RunDir, device: str) -> tuple[torch.nn.Module, ModelInfo, Runtime
     return model, run.read_info(), runtime
 
 
+def _batch(info: ModelInfo) -> int:
+    """The evaluation batch of the run's model at its image size (small for large images)."""
+    return eval_batch_size(estimate(info.model_kwargs, info.preprocessing.image_size).activations)
+
+
 def _eval_data(info: ModelInfo, run: RunDir, dataset: str | None, data_dir):
     """The dataset to score on: ``dataset`` (default the run's), from ``data_dir`` (default
     where the run read it), checked against what the model was trained on."""
@@ -108,7 +114,7 @@ def _figure_path(run: RunDir, confusion_path) -> Path:
     # checked before the evaluation, which may take long, rather than when the figure is written
     png = Path(confusion_path) if confusion_path is not None else run.confusion_path
     if png.is_dir():
-        raise UserError(f"{png}: is a directory; the confusion matrix needs a file name (e.g. {png / 'confusion.png'})")
+        raise UserError(f"{png}: is a directory; the confusion matrix needs a file name (a .png)")
     if not png.parent.is_dir():
         raise UserError(f"{png}: folder {png.parent} does not exist")
     return png
@@ -128,16 +134,18 @@ def evaluate_run(run_dir: str | os.PathLike, dataset: str | None = None, data_di
     data = _eval_data(info, run, dataset, data_dir)
     pre = info.preprocessing
     with runtime.activated():
-        result = evaluate(model, eval_loader(data.test, pre.mean, pre.std, runtime), runtime, info.num_classes)
+        result = evaluate(model, eval_loader(data.test, pre.mean, pre.std, runtime, _batch(info)), runtime,
+                          info.num_classes)
     title = f"{info.model} on {data.name}: {100 * result.accuracy:.2f}% accurate"
-    run.write_figure(png, confusion_png(result.confusion, list(info.classes), title))
-    counts = result.confusion.sum(axis=1)
+    if result.confusion is not None:
+        run.write_figure(png, confusion_png(result.confusion, list(info.classes), title))
     return EvalReport(
         run=str(run), model=info.model, dataset=data.name, split="test", accuracy=result.accuracy,
         correct=result.correct, total=result.total, loss=result.loss,
         per_class=[ClassAccuracy(i, c, a, int(n))
-                   for i, (c, a, n) in enumerate(zip(info.classes, result.per_class, counts))],
-        confusion=result.confusion.tolist(), confusion_png=str(png), **runtime.describe())
+                   for i, (c, a, n) in enumerate(zip(info.classes, result.per_class, result.counts))],
+        confusion=None if result.confusion is None else result.confusion.tolist(),
+        confusion_png=None if result.confusion is None else str(png), **runtime.describe())
 
 
 def predict(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], top_k: int = 1,
@@ -160,13 +168,15 @@ def predict(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], top_
 
 def _predict(model, info: ModelInfo, runtime: Runtime, paths: list, top_k: int) -> Iterator[Prediction]:
     pre, classes = info.preprocessing, info.classes
+    decoded = pre.in_chans * pre.image_size[0] * pre.image_size[1]
+    files_at_once = max(1, min(PREDICT_BATCH, EVAL_BYTES // decoded))
     with runtime.activated(), torch.inference_mode():
-        for lo in range(0, len(paths), PREDICT_BATCH):
-            chunk = paths[lo:lo + PREDICT_BATCH]
+        for lo in range(0, len(paths), files_at_once):
+            chunk = paths[lo:lo + files_at_once]
             images = load_images(chunk, pre.in_chans, tuple(pre.image_size))
             split = Split(images=images, labels=torch.zeros(len(chunk), dtype=torch.int64))
             probs = []
-            for x, _ in eval_loader(split, pre.mean, pre.std, runtime, EVAL_BATCH_SIZE):
+            for x, _ in eval_loader(split, pre.mean, pre.std, runtime, _batch(info)):
                 probs.append(predict_logits(model, x, runtime).softmax(1).cpu())
             top_p, top_i = torch.cat(probs).topk(top_k, dim=1)
             for path, ps, ids in zip(chunk, top_p.tolist(), top_i.tolist()):

@@ -29,7 +29,9 @@ from ..models.profile import count_macs, count_params
 from ..results import Result
 from ..rundir import ModelInfo, Preprocessing, RunDir, pruned_structure
 from .config import TrainConfig, check_config, default_out, open_config
-from .engine import Diverged, EpochStats, EvalResult, eval_loader, evaluate, train_one_epoch
+from ..models.size import estimate
+from .engine import (Diverged, EpochStats, EvalResult, StepReport, eval_batch_size, eval_loader, evaluate,
+                     train_one_epoch)
 from ..plots import curves_png
 from .recipes import Recipe, augment_for, build_optimizer, build_scheduler, get_recipe
 from .runtime import Runtime, RuntimeFacts, rng_state, seed_everything, select_runtime, set_rng_state
@@ -39,11 +41,39 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class Event:
-    """What ``train`` reports as it goes: kind is "start", "step" or "epoch"."""
+class RunStart:
+    """Reported once, before the first step: what will run, and where it stands."""
 
-    kind: str
-    info: dict
+    out: str
+    model: str
+    dataset: str
+    params: int
+    macs: int
+    epochs: int
+    steps_per_epoch: int
+    total_steps: int
+    global_step: int       # steps already taken (a resumed run)
+    stop_at: int           # the step this process will stop at (max_steps or the end)
+    runtime: RuntimeFacts
+
+
+@dataclasses.dataclass
+class EpochEnd:
+    """Reported after each epoch: its figures, as metrics.jsonl records them."""
+
+    epoch: int             # from 1
+    epochs: int
+    train_loss: float
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    lr: float
+    seconds: float
+
+
+# What ``train`` reports as it goes, in this order: one RunStart, then StepReports (every few
+# steps) and an EpochEnd after each epoch.
+Event = RunStart | StepReport | EpochEnd
 
 
 @dataclasses.dataclass
@@ -161,12 +191,16 @@ def _load_data(cfg: dict, meta: dict | None, run: RunDir) -> Dataset:
     return data
 
 
-def _registered_model(cfg: dict, data: Dataset) -> tuple[DenseNet, dict]:
-    """The registered model the config names, for the data; with the arguments that rebuild it."""
+def _registered_model(cfg: dict, data: Dataset, resumed_from: RunDir | None) -> tuple[DenseNet, dict]:
+    """The registered model the config names, for the data; with the arguments that rebuild it.
+    A resumed run's config comes from its resume state, a stranger's file: the model it
+    describes is bounded (``RunDir.check_resumed_model``) before it is built."""
     args = dict(cfg["model_args"], num_classes=data.num_classes, in_chans=data.in_chans)
     try:
-        model = create_model(cfg["model"], **args)
         kwargs = model_kwargs(cfg["model"], **args)
+        if resumed_from is not None:
+            resumed_from.check_resumed_model(kwargs, data.image_size, data.num_classes, data.in_chans)
+        model = create_model(cfg["model"], **args)
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from e
     h, w = data.image_size
@@ -193,7 +227,7 @@ def _init_model(init: str, data: Dataset) -> tuple[DenseNet, dict]:
     if model.min_input_size > min(h, w):
         problems.append(f"it needs images of at least {model.min_input_size} px, {data.name} images are {h}x{w}")
     if problems:
-        raise ArgumentError(f"{{init}} {init}: its model does not fit the data: {'; '.join(problems)}")
+        raise ArgumentError(f"{{init}} {text(init)}: its model does not fit the data: {text('; '.join(problems))}")
     return model.train(), source.read_info().model_kwargs
 
 
@@ -202,7 +236,7 @@ def _model(cfg: dict, data: Dataset, run: RunDir, resumed: bool) -> tuple[DenseN
     from ``init`` is rebuilt from its own model.json (pruned structure included): its weights
     come from its resume state, so the init run may be gone by now."""
     if cfg["init"] is None:
-        model, kwargs = _registered_model(cfg, data)
+        model, kwargs = _registered_model(cfg, data, run if resumed else None)
     elif resumed and run.has_model():
         info = run.read_info()
         model, kwargs = run.build_model(info), info.model_kwargs
@@ -244,7 +278,8 @@ class _Session:
             raise ArgumentError(f"{{batch_size}} {cfg['batch_size']} is larger than the {len(data.train)} "
                                 "training images; lower it")
         self.total_steps = cfg["epochs"] * self.steps_per_epoch
-        self.test_loader = eval_loader(data.test, data.mean, data.std, runtime, shard=shard)
+        batch = eval_batch_size(estimate(self.kwargs, data.image_size).activations)
+        self.test_loader = eval_loader(data.test, data.mean, data.std, runtime, batch, shard=shard)
         self.optimizer = build_optimizer(self.model, self.recipe, cfg["lr"], fused=runtime.cuda_graph)
         self.scheduler = build_scheduler(self.optimizer, self.recipe, self.steps_per_epoch, self.total_steps)
         criterion = nn.CrossEntropyLoss(label_smoothing=self.recipe.label_smoothing)
@@ -298,11 +333,11 @@ class _Session:
         self.macs = count_macs(self.model, (self.data.in_chans, *self.data.image_size))
 
     def start_event(self, max_steps: int | None) -> Event:
-        return Event("start", dict(out=str(self.run), model=self.cfg["model"], dataset=self.data.name,
-                                   params=self.params, macs=self.macs, epochs=self.cfg["epochs"],
-                                   steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
-                                   global_step=self.progress.global_step, runtime=self.runtime.describe(),
-                                   stop_at=min(self.total_steps, max_steps or self.total_steps)))
+        return RunStart(out=str(self.run), model=self.cfg["model"], dataset=self.data.name, params=self.params,
+                        macs=self.macs, epochs=self.cfg["epochs"], steps_per_epoch=self.steps_per_epoch,
+                        total_steps=self.total_steps, global_step=self.progress.global_step,
+                        stop_at=min(self.total_steps, max_steps or self.total_steps),
+                        runtime=RuntimeFacts(**self.runtime.describe()))
 
     # -- training
 
@@ -319,7 +354,7 @@ class _Session:
         p.step_in_epoch, p.global_step = train_one_epoch(
             self.step, self.train_loader, self.scheduler, epoch=p.epoch, start_step=p.step_in_epoch,
             global_step=p.global_step, stats=p.stats, max_steps=max_steps, save_every=self.cfg["save_every"],
-            save=self._save_within_epoch, report=lambda r: emit(Event("step", dataclasses.asdict(r))))
+            save=self._save_within_epoch, report=emit)
         return p.step_in_epoch == self.steps_per_epoch
 
     def end_epoch(self, emit: Callable[[Event], None]) -> None:
@@ -337,7 +372,7 @@ class _Session:
         if self.main:
             self.run.write_metrics(p.history)
             self.run.save_weights(self.model)
-        emit(Event("epoch", dict(record, epochs=self.cfg["epochs"])))
+        emit(EpochEnd(epochs=self.cfg["epochs"], **record))
 
     def loop(self, max_steps: int | None, emit: Callable[[Event], None]) -> None:
         """Train epoch after epoch until the run ends or ``max_steps`` stops it (resumably)."""
