@@ -22,21 +22,25 @@ def png_bytes(fig) -> bytes:
 
 
 def curves_png(history: list[dict], title: str = "") -> bytes:
-    """Loss and accuracy against epoch, train and test, from metrics.jsonl records."""
+    """Loss and accuracy against epoch, train and validation, from metrics.jsonl records."""
     from matplotlib.figure import Figure
 
     epochs = [r["epoch"] for r in history]
     fig = Figure(figsize=(10, 4), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
     marker = "o" if len(history) <= 30 else None  # a lone epoch would draw no line at all
-    for split in ("train", "test"):
-        loss_ax.plot(epochs, [r[f"{split}_loss"] for r in history], marker=marker, label=split)
-        acc_ax.plot(epochs, [100 * r[f"{split}_acc"] for r in history], marker=marker, label=split)
+    def series(key: str, scale: float = 1.0) -> list[float]:  # a null (no images scored) is a gap
+        return [np.nan if r[key] is None else scale * r[key] for r in history]
+
+    for split in ("train", "val"):
+        loss_ax.plot(epochs, series(f"{split}_loss"), marker=marker, label=split)
+        acc_ax.plot(epochs, series(f"{split}_acc", 100), marker=marker, label=split)
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss (train: with label smoothing)")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    if history:
-        best = max(history, key=lambda r: r["test_acc"])
-        acc_ax.annotate(f"{100 * best['test_acc']:.2f}%", (best["epoch"], 100 * best["test_acc"]),
+    scored = [r for r in history if r["val_acc"] is not None]
+    if scored:
+        best = max(scored, key=lambda r: r["val_acc"])
+        acc_ax.annotate(f"{100 * best['val_acc']:.2f}%", (best["epoch"], 100 * best["val_acc"]),
                         textcoords="offset points", xytext=(0, -14), ha="center")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)

@@ -38,7 +38,8 @@ from .models.profile import count_macs, count_params
 from .results import Result
 from .rundir import ModelInfo, RunDir, pruned_structure, refuse_nonempty
 from .models.size import estimate
-from .train.engine import eval_batch_size, eval_loader, evaluate
+from .data.batches import loader_for
+from .train.engine import eval_batch_size, evaluate
 from .train.runtime import select_runtime
 
 METHOD = "network slimming: |gamma| of the batch norm that reads each channel, one global threshold"
@@ -65,6 +66,7 @@ class PruneReport(Result):
     amount: float
     channels: Channels
     input_size: list[int]
+    split: str             # the split the accuracies are of: "test", or "val" where the dataset has no test split
     test_images: int
     params_before: int
     macs_before: int
@@ -142,13 +144,14 @@ def _channel_count(model: nn.Module) -> int:
     return sum(bn.num_features for _, _, bn in prunable_norms(model))
 
 
-def _test_accuracy(model: nn.Module, info: ModelInfo, test, runtime) -> float:
-    """Accuracy on the whole test split, fed as the run was trained (its own mean and std)."""
+def _accuracy(model: nn.Module, info: ModelInfo, data, split, runtime) -> float:
+    """Accuracy on a whole split, fed as the run was trained (its own mean and std)."""
     pre = info.preprocessing
+    batch = eval_batch_size(estimate(info.model_kwargs, pre.image_size).activations)
+    data = dataclasses.replace(data, mean=tuple(pre.mean), std=tuple(pre.std))
+    loader = loader_for(data, split, batch, train=False, device=runtime.device, channels_last=runtime.channels_last)
     with runtime.activated():
-        batch = eval_batch_size(estimate(info.model_kwargs, pre.image_size).activations)
-        result = evaluate(model, eval_loader(test, pre.mean, pre.std, runtime, batch), runtime, info.num_classes)
-    return result.accuracy
+        return evaluate(model, loader, runtime, info.num_classes).accuracy
 
 
 def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float, device: str = "auto",
@@ -171,18 +174,20 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
     h, w = pre.image_size
     if data_dir is None:
         data_dir = source.data_dir(info)
-    data = load_dataset(info.dataset, data_dir, image_size=h if info.dataset == "imagefolder" else None)
+    data = load_dataset(info.dataset, data_dir, image_size=h, val_fraction=info.val_fraction, seed=info.seed)
+    split = data.test if data.test is not None else data.val  # scored, not selected on
     if data.num_classes != info.num_classes or (data.in_chans, *data.image_size) != (pre.in_chans, h, w):
         raise UserError(f"{info.dataset} as found now does not fit the model of {source}")
     size = (pre.in_chans, h, w)
-    params, macs, acc = count_params(model), count_macs(model, size), _test_accuracy(model, info, data.test, runtime)
+    params, macs, acc = count_params(model), count_macs(model, size), _accuracy(model, info, data, split, runtime)
     channels = prune_model(model, amount)
     structure = pruned_structure(model)
     report = PruneReport(
         source=str(source), out=str(out), model=info.model, dataset=info.dataset, method=METHOD, amount=amount,
-        channels=channels, input_size=list(size), test_images=len(data.test), params_before=params,
+        channels=channels, input_size=list(size), split="test" if data.test is not None else "val",
+        test_images=len(split), params_before=params,
         macs_before=macs, test_accuracy_before=acc, params_after=count_params(model),
-        macs_after=count_macs(model, size), test_accuracy_after=_test_accuracy(model, info, data.test, runtime),
+        macs_after=count_macs(model, size), test_accuracy_after=_accuracy(model, info, data, split, runtime),
         params_ratio=count_params(model) / params, macs_ratio=count_macs(model, size) / macs,
         pruned_layers=len(structure),
         reference_path_blocks=sum(1 for m in model.modules() if hasattr(m, "fused_status") and m.fused_status()),

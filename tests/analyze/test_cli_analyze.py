@@ -24,10 +24,10 @@ def test_run_dir_analysis_writes_json_and_pngs(cli, run_dir, tmp_path):
     assert reuse["blocks"][1]["targets"] == ["layer 1", "classifier"]
     overfit = json.loads((out / "overfit.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [e["test_acc"] for e in overfit["epochs"]] == [m["test_acc"] for m in metrics]
+    assert [e["val_acc"] for e in overfit["epochs"]] == [m["val_acc"] for m in metrics]
     assert len(overfit["epochs"]) == 2
     gradients = json.loads((out / "gradients.json").read_text())
-    assert gradients["dataset"] == "mnist" and gradients["batch"] == [30, 1, 16, 16]  # the 30 test images
+    assert gradients["dataset"] == "mnist" and gradients["batch"] == [10, 1, 16, 16]  # the 10 validation images
     assert summary["gradient_ratio_dense"] == gradients["dense"]["first_last_ratio"]
     assert (out / "reuse.png").read_bytes().startswith(b"\x89PNG")
 
@@ -36,7 +36,7 @@ def test_default_out_is_inside_the_run_and_is_never_overwritten(cli, run_dir):
     rc, stdout, err = cli("analyze", run_dir, "--what", "overfit")
     assert rc == 0, err
     written = run_dir / "analysis" / "overfit.json"
-    assert "overfit: best test accuracy" in stdout and written.is_file()
+    assert "overfit: best validation accuracy" in stdout and written.is_file()
     before = written.read_bytes()
     rc, stdout, err = cli("analyze", run_dir, "--what", "reuse,overfit")
     assert rc == 2 and stdout == ""

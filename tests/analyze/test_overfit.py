@@ -15,8 +15,8 @@ def read_metrics(run_dir):
     return check_records(RunDir(run_dir).read_metrics(), run_dir)
 
 
-def record(epoch, train_acc, test_acc, train_loss, test_loss):
-    return dict(epoch=epoch, train_acc=train_acc, test_acc=test_acc, train_loss=train_loss, test_loss=test_loss,
+def record(epoch, train_acc, val_acc, train_loss, val_loss):
+    return dict(epoch=epoch, train_acc=train_acc, val_acc=val_acc, train_loss=train_loss, val_loss=val_loss,
                 lr=0.1, seconds=1.0)
 
 
@@ -29,11 +29,11 @@ def test_gaps_per_epoch_and_the_onset_of_overfitting():
     gaps = [(e["epoch"], round(e["acc_gap"], 6), round(e["loss_gap"], 6)) for e in result["epochs"]]
     assert gaps == [(1, -0.02, -0.1), (2, 0.01, -0.05), (3, 0.09, 0.3), (4, 0.14, 0.65)]
     s = result["summary"]
-    assert (s["best_epoch"], s["best_test_acc"], s["num_epochs"]) == (3, 0.86, 4)
+    assert (s["best_epoch"], s["best_val_acc"], s["num_epochs"]) == (3, 0.86, 4)
     assert s["final_acc_gap"] == pytest.approx(0.14) and s["max_acc_gap"] == pytest.approx(0.14)
     assert s["final_loss_gap"] == pytest.approx(0.65)
     # test loss up while train loss down: epochs 3 and 4, not 2
-    assert s["test_loss_up_train_loss_down"] == [3, 4]
+    assert s["val_loss_up_train_loss_down"] == [3, 4]
 
 
 def test_read_metrics(tmp_path):
@@ -45,7 +45,7 @@ def test_read_metrics(tmp_path):
     (None, "metrics.jsonl: file not found"),
     ("", "no epoch recorded yet"),
     ('{"epoch": 1,\n', "line 1: cannot read JSON"),
-    (json.dumps(dict(record(1, 0.5, 0.5, 1.0, 1.0), test_loss=None)) + "\n", "lacks a number for 'test_loss'"),
+    (json.dumps(dict(record(1, 0.5, 0.5, 1.0, 1.0), val_loss=None)) + "\n", "lacks a number for 'val_loss'"),
 ])
 def test_damaged_metrics_are_user_errors(tmp_path, content, message):
     if content is not None:

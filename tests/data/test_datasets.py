@@ -69,5 +69,20 @@ def test_split_checks_its_tensors():
 
 def test_dataset_num_classes():
     s = Split(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64))
-    ds = Dataset("x", s, s, ["a", "b", "c"], 1, (2, 2), (0.0,), (1.0,))
-    assert ds.num_classes == 3
+    ds = Dataset("x", s, s, None, ["a", "b", "c"], 1, (2, 2), (0.0,), (1.0,))
+    assert ds.num_classes == 3 and not ds.streaming
+
+
+def test_stratified_split_is_per_class_and_fixed_by_the_seed():
+    from densekit.data.core import stratified_split
+
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 2 + [3])
+    kept, held = stratified_split(labels, 0.1, seed=7)
+    assert sorted(torch.cat([kept, held]).tolist()) == list(range(len(labels)))  # a partition
+    assert torch.bincount(labels[held], minlength=4).tolist() == [5, 3, 1, 0]  # 10% each; >= 1 where 2+; never all
+    again, held_again = stratified_split(labels, 0.1, seed=7)
+    assert torch.equal(held, held_again) and not torch.equal(held, stratified_split(labels, 0.1, seed=8)[1])
+    assert len(stratified_split(labels, 0.0, seed=7)[1]) == 0
+    # classes of one image each: the fraction is drawn from all alike
+    kept, held = stratified_split(torch.arange(40), 0.1, seed=0)
+    assert len(held) == 4 and len(kept) == 36

@@ -52,7 +52,7 @@ def make_mnist(root: Path, n_train=12, n_test=5, gz=False, seed=0):
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist():
     start = time.perf_counter()
-    ds = load_dataset("fashion-mnist")
+    ds = load_dataset("fashion-mnist", val_fraction=0)
     elapsed = time.perf_counter() - start
     assert ds.train.images.shape == (60000, 1, 28, 28)
     assert ds.test.images.shape == (10000, 1, 28, 28)
@@ -70,12 +70,16 @@ def test_real_fashion_mnist():
     # ~0.7 s here; a per-image Python loop or a float64 copy would blow well past this
     # even on a loaded 2-core machine
     assert elapsed < 3.0, f"loading Fashion-MNIST took {elapsed:.2f} s"
+    # the validation split of every run: a stratified 10%, the test split left whole
+    split = load_dataset("fashion-mnist", seed=0)
+    assert len(split.train) == 54000 and torch.bincount(split.val.labels).tolist() == [600] * 10
+    assert len(split.test) == 10000 and "stratified" in split.val_source
 
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_tiny_mnist_roundtrip(tmp_path, gz):
     arrays = make_mnist(tmp_path, gz=gz)
-    ds = load_dataset("mnist", tmp_path)
+    ds = load_dataset("mnist", tmp_path, val_fraction=0)
     assert ds.name == "mnist" and ds.classes == [str(i) for i in range(10)]
     assert torch.equal(ds.train.images[:, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"]))
     assert torch.equal(ds.test.images[:, 0], torch.from_numpy(arrays["t10k-images-idx3-ubyte"]))
@@ -91,24 +95,24 @@ def test_mixed_plain_and_gz(tmp_path):
     labels = tmp_path / "t10k-labels-idx1-ubyte"
     write_idx(labels.with_name(labels.name + ".gz"), arrays["t10k-labels-idx1-ubyte"])
     labels.unlink()
-    assert load_dataset("mnist", tmp_path).test.labels.tolist() == [0, 3, 6, 9, 2]
+    assert load_dataset("mnist", tmp_path, val_fraction=0).test.labels.tolist() == [0, 3, 6, 9, 2]
 
 
 def test_train_limit_keeps_first_images_and_their_stats(tmp_path):
     arrays = make_mnist(tmp_path)
-    ds = load_dataset("mnist", tmp_path, train_limit=3)
+    ds = load_dataset("mnist", tmp_path, train_limit=3, val_fraction=0)
     assert ds.train.images.shape == (3, 1, 28, 28) and ds.train.labels.tolist() == [0, 1, 2]
     assert len(ds.test) == 5
     x = arrays["train-images-idx3-ubyte"][:3].astype(np.float64) / 255
     assert ds.mean == pytest.approx((x.mean(),), abs=1e-12)
-    assert len(load_dataset("mnist", tmp_path, train_limit=1000).train) == 12
+    assert len(load_dataset("mnist", tmp_path, train_limit=1000, val_fraction=0).train) == 12
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 2.5])
 def test_train_limit_must_be_positive_int(tmp_path, bad):
     make_mnist(tmp_path)
     with pytest.raises(ValueError, match="train_limit") as info:
-        load_dataset("mnist", tmp_path, train_limit=bad)
+        load_dataset("mnist", tmp_path, train_limit=bad, val_fraction=0)
     assert not isinstance(info.value, DataError)
 
 
@@ -132,7 +136,7 @@ def test_truncated_file_names_file_and_sizes(tmp_path):
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[: 16 + 1000])
     with pytest.raises(DataError) as info:
-        load_dataset("mnist", tmp_path)
+        load_dataset("mnist", tmp_path, val_fraction=0)
     assert str(info.value) == (
         f"{path}: truncated IDX file: header says 12x28x28 = 9408 bytes of data, found 1000"
     )
@@ -145,7 +149,7 @@ def test_truncated_gz_file(tmp_path):
     path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:500]))
     expected = "truncated IDX file: header says 5x28x28 = 3920 bytes of data, found 484"
     with pytest.raises(DataError, match=expected) as info:
-        load_dataset("mnist", tmp_path)
+        load_dataset("mnist", tmp_path, val_fraction=0)
     assert str(path) in str(info.value)
 
 
@@ -178,7 +182,7 @@ def test_corrupt_gzip_names_file(tmp_path):
     raw = path.read_bytes()
     path.write_bytes(raw[:10] + bytes(b ^ 0x5A for b in raw[10:]))
     with pytest.raises(DataError, match="corrupt gzip file") as info:
-        load_dataset("mnist", tmp_path)
+        load_dataset("mnist", tmp_path, val_fraction=0)
     assert str(info.value).startswith(f"{path}: ")
 
 
@@ -187,14 +191,14 @@ def test_cut_off_gzip_stream(tmp_path):
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:-20])
     with pytest.raises(DataError, match=f"^{re.escape(str(path))}: corrupt gzip file"):
-        load_dataset("mnist", tmp_path)
+        load_dataset("mnist", tmp_path, val_fraction=0)
 
 
 def test_image_label_count_mismatch(tmp_path):
     make_mnist(tmp_path)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(4, np.uint8))
     with pytest.raises(DataError) as info:
-        load_dataset("mnist", tmp_path)
+        load_dataset("mnist", tmp_path, val_fraction=0)
     msg = str(info.value)
     assert "5 images" in msg and "4 labels" in msg
     assert str(tmp_path / "t10k-images-idx3-ubyte") in msg and str(tmp_path / "t10k-labels-idx1-ubyte") in msg
@@ -206,18 +210,18 @@ def test_files_swapped(tmp_path):
     data = images.read_bytes()
     images.write_bytes(labels.read_bytes())
     with pytest.raises(DataError, match=f"^{re.escape(str(images))}: expected uint8 images of shape N x H x W"):
-        load_dataset("mnist", tmp_path)
+        load_dataset("mnist", tmp_path, val_fraction=0)
     images.write_bytes(data)
     write_idx(labels, np.zeros((12, 2), np.uint8))
     with pytest.raises(DataError, match=f"^{re.escape(str(labels))}: expected uint8 labels of shape N"):
-        load_dataset("mnist", tmp_path)
+        load_dataset("mnist", tmp_path, val_fraction=0)
 
 
 def test_wrong_dtype_images(tmp_path):
     make_mnist(tmp_path)
     path = write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((12, 28, 28), np.float32))
     with pytest.raises(DataError, match=f"^{re.escape(str(path))}: expected uint8 images.*got torch.float32"):
-        load_dataset("mnist", tmp_path)
+        load_dataset("mnist", tmp_path, val_fraction=0)
 
 
 def test_label_out_of_range(tmp_path):
@@ -225,14 +229,14 @@ def test_label_out_of_range(tmp_path):
     path = write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0] * 11 + [10], np.uint8))
     expected = rf"^{re.escape(str(path))}: labels must be in \[0, 9\], found values in \[0, 10\]"
     with pytest.raises(DataError, match=expected):
-        load_dataset("mnist", tmp_path)
+        load_dataset("mnist", tmp_path, val_fraction=0)
 
 
 def test_missing_file_says_how_to_install(tmp_path):
     make_mnist(tmp_path)
     (tmp_path / "t10k-images-idx3-ubyte").unlink()
     with pytest.raises(DataError) as info:
-        load_dataset("fashion-mnist", tmp_path)
+        load_dataset("fashion-mnist", tmp_path, val_fraction=0)
     msg = str(info.value)
     assert msg.startswith(f"{tmp_path / 't10k-images-idx3-ubyte'}: file not found")
     assert "apt-get install dataset-fashion-mnist" in msg and "give data_dir" in msg
@@ -241,7 +245,7 @@ def test_missing_file_says_how_to_install(tmp_path):
 
 def test_missing_directory(tmp_path):
     with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / 'nope'))}: data directory not found.*give data_dir"):
-        load_dataset("mnist", tmp_path / "nope")
+        load_dataset("mnist", tmp_path / "nope", val_fraction=0)
 
 
 def test_class_names_are_complete():

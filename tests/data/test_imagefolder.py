@@ -1,4 +1,5 @@
-"""imagefolder: class folders, val/test, gray vs colour, and layout errors."""
+"""imagefolder: class folders, the val/ and test/ splits, gray vs colour, layout errors, and the
+two paths: small folders decoded into memory, large ones streamed from disk in workers."""
 
 from __future__ import annotations
 
@@ -9,87 +10,111 @@ import pytest
 import torch
 
 from densekit.data import DataError, load_dataset, load_images
+from densekit.data import imagefolder
+from densekit.data.batches import loader_for
+from densekit.data.core import FileSplit
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
 )
 
 
-def make_folder(root, write_image, solid_image, layout, colour=None, test_name="val"):
+def make_folder(root, write_image, solid_image, layout, colour=None, size=(9, 13)):
     """layout: {split: {class: [gray values]}}; ``colour`` (split, class, index) -> RGB."""
     paths = {}
     for split, classes in layout.items():
-        split_dir = root / (test_name if split == "test" else split)
+        split_dir = root / split
         split_dir.mkdir(parents=True, exist_ok=True)
         for cls, values in classes.items():
             (split_dir / cls).mkdir(parents=True, exist_ok=True)
             for i, v in enumerate(values):
-                pixels = solid_image(9, 13, colour[1] if colour and colour[0] == (split, cls, i) else v)
+                pixels = solid_image(*size, colour[1] if colour and colour[0] == (split, cls, i) else v)
                 paths[(split, cls, i)] = write_image(split_dir / cls / f"{i:03d}.png", pixels)
     return paths
 
 
 LAYOUT = {
     "train": {"dog": [10, 20], "cat": [30], "emu": [40, 50, 60]},
-    "test": {"cat": [70], "dog": [80, 90], "emu": []},
+    "val": {"cat": [70], "dog": [80, 90], "emu": []},
 }
 
 
-@pytest.mark.parametrize("test_name", ["val", "test"])
-def test_grayscale_folder(tmp_path, write_image, solid_image, test_name):
-    make_folder(tmp_path, write_image, solid_image, LAYOUT, test_name=test_name)
+def test_grayscale_folder_with_its_own_val(tmp_path, write_image, solid_image):
+    make_folder(tmp_path, write_image, solid_image, LAYOUT)
     (tmp_path / "train" / "dog" / "README.txt").write_text("not an image")
     (tmp_path / "train" / ".cache").mkdir()
     # macOS leaves AppleDouble files beside the real ones when copying to other disks
     (tmp_path / "train" / "dog" / "._000.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
-    ds = load_dataset("imagefolder", tmp_path, image_size=8)
-    assert ds.classes == ["cat", "dog", "emu"]
-    assert ds.in_chans == 1 and ds.image_size == (8, 8)
-    assert ds.train.images.shape == (6, 1, 8, 8) and ds.test.images.shape == (3, 1, 8, 8)
-    assert ds.train.labels.tolist() == [0, 1, 1, 2, 2, 2]
-    assert ds.test.labels.tolist() == [0, 1, 1]
+    ds = load_dataset("imagefolder", tmp_path, image_size=8, workers=0)
+    assert ds.classes == ["cat", "dog", "emu"] and not ds.streaming
+    assert ds.in_chans == 1 and ds.image_size == (8, 8) and ds.test is None
+    assert ds.train.images.shape == (6, 1, 8, 8) and ds.val.images.shape == (3, 1, 8, 8)
+    assert ds.train.labels.tolist() == [0, 1, 1, 2, 2, 2] and ds.val.labels.tolist() == [0, 1, 1]
     assert [int(ds.train.images[i].unique()) for i in range(6)] == [30, 10, 20, 40, 50, 60]
-    assert [int(ds.test.images[i].unique()) for i in range(3)] == [70, 80, 90]
+    assert [int(ds.val.images[i].unique()) for i in range(3)] == [70, 80, 90]
+    assert str(tmp_path / "val") in ds.val_source
     values = np.array([30, 10, 20, 40, 50, 60]) / 255
     assert ds.mean == pytest.approx((values.mean(),), abs=1e-12)
     assert ds.std == pytest.approx((values.std(),), abs=1e-12)
 
 
-def test_default_image_size_is_64(tmp_path, write_image, solid_image):
-    make_folder(tmp_path, write_image, solid_image, LAYOUT)
-    ds = load_dataset("imagefolder", tmp_path)
-    assert ds.image_size == (64, 64) and ds.train.images.shape == (6, 1, 64, 64)
+def test_test_folder_is_kept_whole_and_val_is_held_out_of_train(tmp_path, write_image, solid_image):
+    layout = {"train": {"a": list(range(10, 30)), "b": list(range(40, 60))}, "test": {"a": [1], "b": [2, 3]}}
+    make_folder(tmp_path, write_image, solid_image, layout)
+    ds = load_dataset("imagefolder", tmp_path, image_size=4, val_fraction=0.25, seed=3, workers=0)
+    assert len(ds.test) == 3 and ds.test.labels.tolist() == [0, 1, 1]
+    assert torch.bincount(ds.val.labels).tolist() == [5, 5] and len(ds.train) == 30  # stratified
+    held = {int(x.unique()) for x in ds.val.images}
+    assert held.isdisjoint(int(x.unique()) for x in ds.train.images)
+    assert held == {int(x.unique()) for x in load_dataset("imagefolder", tmp_path, image_size=4, val_fraction=0.25,
+                                                          seed=3, workers=0).val.images}  # fixed by the seed
+    only_train = tmp_path / "only"
+    make_folder(only_train, write_image, solid_image, {"train": layout["train"]})
+    ds = load_dataset("imagefolder", only_train, image_size=4, workers=0)
+    assert ds.test is None and len(ds.val) == 4  # no val/, no test/: 10% held out, nothing tested
+
+
+def test_default_image_size_is_224_and_aspect_is_kept(tmp_path, write_image):
+    # a 40 x 80 image whose halves differ: short side to 224, the center 224 kept, nothing squashed
+    img = np.zeros((40, 80), np.uint8)
+    img[:, 40:] = 200
+    write_image(tmp_path / "train" / "a" / "x.png", img)
+    write_image(tmp_path / "val" / "a" / "y.png", img)
+    ds = load_dataset("imagefolder", tmp_path, workers=0)
+    assert ds.image_size == (224, 224) and ds.train.images.shape == (1, 1, 224, 224)
+    row = ds.train.images[0, 0, 112].float()
+    assert row[:100].mean() < 10 and row[124:].mean() > 190  # the edge stays in the middle
 
 
 def test_one_colour_image_makes_all_rgb(tmp_path, write_image, solid_image):
-    # the only colour image is in the test split
-    make_folder(tmp_path, write_image, solid_image, LAYOUT, colour=(("test", "dog", 1), (250, 0, 5)))
-    ds = load_dataset("imagefolder", tmp_path, image_size=4)
+    # the only colour image is in the validation split
+    make_folder(tmp_path, write_image, solid_image, LAYOUT, colour=(("val", "dog", 1), (250, 0, 5)))
+    ds = load_dataset("imagefolder", tmp_path, image_size=4, workers=0)
     assert ds.in_chans == 3 and ds.train.images.shape == (6, 3, 4, 4)
     assert ds.train.images[1, :, 0, 0].tolist() == [10, 10, 10]
-    assert ds.test.images[2, :, 0, 0].tolist() == [250, 0, 5]
+    assert ds.val.images[2, :, 0, 0].tolist() == [250, 0, 5]
     assert len(ds.mean) == 3 and ds.mean[0] == pytest.approx(ds.mean[2])
 
 
-def test_same_path_as_predict(tmp_path, write_image, solid_image):
-    """The reader and `densekit predict` (load_images) must see identical pixels."""
+def test_same_pixels_as_predict(tmp_path, write_image, solid_image):
+    """The reader and `densekit predict` (load_images, with the run's framing) see identical pixels."""
     rng = np.random.default_rng(0)
     path = write_image(tmp_path / "train" / "a" / "x.png", rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
     write_image(tmp_path / "val" / "a" / "y.png", solid_image(5, 5, (1, 2, 3)))
-    ds = load_dataset("imagefolder", tmp_path, image_size=12)
-    assert torch.equal(ds.train.images, load_images([path], 3, (12, 12)))
+    ds = load_dataset("imagefolder", tmp_path, image_size=12, workers=0)
+    assert torch.equal(ds.train.images, load_images([path], 3, (12, 12), crop_pct=ds.crop_pct))
 
 
 def test_nested_files_and_upper_case_suffix(tmp_path, write_image, solid_image):
-    make_folder(tmp_path, write_image, solid_image, {"train": {"a": [1]}, "test": {"a": [2]}})
+    make_folder(tmp_path, write_image, solid_image, {"train": {"a": [1]}, "val": {"a": [2]}})
     write_image(tmp_path / "train" / "a" / "sub" / "deep.PNG", solid_image(3, 3, 7))
-    ds = load_dataset("imagefolder", tmp_path, image_size=3)
+    ds = load_dataset("imagefolder", tmp_path, image_size=3, workers=0)
     assert [int(x.unique()) for x in ds.train.images] == [1, 7]
 
 
 def test_val_classes_must_match(tmp_path, write_image, solid_image):
     make_folder(tmp_path, write_image, solid_image,
-                {"train": {"a": [1], "b": [2]}, "test": {"a": [3], "c": [4]}})
+                {"train": {"a": [1], "b": [2]}, "val": {"a": [3], "c": [4]}})
     with pytest.raises(DataError) as info:
         load_dataset("imagefolder", tmp_path)
     msg = str(info.value)
@@ -105,39 +130,100 @@ def test_empty_train_folder(tmp_path):
 
 
 def test_train_class_without_images(tmp_path, write_image, solid_image):
-    make_folder(tmp_path, write_image, solid_image, {"train": {"a": [1], "b": []}, "test": {"a": [1], "b": [2]}})
+    make_folder(tmp_path, write_image, solid_image, {"train": {"a": [1], "b": []}, "val": {"a": [1], "b": [2]}})
     (tmp_path / "train" / "b" / "notes.txt").write_text("x")
     with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / 'train' / 'b'))}: no images"):
         load_dataset("imagefolder", tmp_path)
 
 
-def test_test_split_without_images(tmp_path, write_image, solid_image):
-    make_folder(tmp_path, write_image, solid_image, {"train": {"a": [1]}, "test": {"a": []}})
+def test_val_split_without_images(tmp_path, write_image, solid_image):
+    make_folder(tmp_path, write_image, solid_image, {"train": {"a": [1]}, "val": {"a": []}})
     with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / 'val'))}: no images"):
         load_dataset("imagefolder", tmp_path)
 
 
-def test_missing_train_or_val(tmp_path, write_image, solid_image):
+def test_missing_folders(tmp_path):
     with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / 'nope'))}: data directory not found"):
         load_dataset("imagefolder", tmp_path / "nope")
     with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path))}: no train folder"):
         load_dataset("imagefolder", tmp_path)
-    make_folder(tmp_path, write_image, solid_image, {"train": {"a": [1]}})
-    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path))}: no val or test folder"):
-        load_dataset("imagefolder", tmp_path)
 
 
-def test_unreadable_image_is_named(tmp_path, write_image, solid_image):
+@pytest.mark.parametrize("where", ["header", "body"])
+def test_a_corrupt_file_is_named_or_skipped(tmp_path, write_image, solid_image, where, caplog):
     make_folder(tmp_path, write_image, solid_image, LAYOUT)
     bad = tmp_path / "val" / "dog" / "broken.jpg"
-    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    with pytest.raises(DataError, match=f"^{re.escape(str(bad))}: "):
-        load_dataset("imagefolder", tmp_path)
+    if where == "header":
+        bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    else:  # a real JPEG cut short: its header reads, its pixels do not
+        write_image(bad, np.full((64, 64, 3), 90, np.uint8), quality=95)
+        bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(DataError, match=f"^{re.escape(str(bad))}: .*skip_bad_images"):
+        load_dataset("imagefolder", tmp_path, workers=0, image_size=4)
+    ds = load_dataset("imagefolder", tmp_path, workers=0, image_size=4, skip_bad_images=True)
+    assert len(ds.val) == 3 and f"skipping {bad}" in caplog.text
 
 
 def test_train_limit_and_image_size_validation(tmp_path, write_image, solid_image):
     make_folder(tmp_path, write_image, solid_image, LAYOUT)
-    ds = load_dataset("imagefolder", tmp_path, train_limit=2, image_size=4)
-    assert ds.train.labels.tolist() == [0, 1] and len(ds.test) == 3
+    ds = load_dataset("imagefolder", tmp_path, train_limit=2, image_size=4, workers=0)
+    assert ds.train.labels.tolist() == [0, 1] and len(ds.val) == 3
     with pytest.raises(ValueError, match="image_size"):
         load_dataset("imagefolder", tmp_path, image_size=0)
+
+
+# -- streamed from disk -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def photos(tmp_path, write_image):
+    """JPEG and PNG, mixed sizes and aspect ratios, gray and RGB, in nested folders: 2 classes."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for i in range(n):
+            label = i % 2
+            h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            pixels[..., label] = 250  # learnable: the class's colour channel
+            if i % 3 == 0:
+                pixels = pixels[..., 0]  # gray
+            sub = "nested/deeper" if i % 4 == 0 else ""
+            suffix = ".jpg" if i % 2 else ".png"
+            write_image(tmp_path / split / f"c{label}" / sub / f"{i:02d}{suffix}", pixels)
+    return tmp_path
+
+
+def test_a_large_folder_is_streamed(photos, monkeypatch):
+    monkeypatch.setattr(imagefolder, "SMALL_IMAGES", 5)  # this folder counts as large
+    ds = load_dataset("imagefolder", photos, image_size=32, workers=2, seed=1)
+    assert ds.streaming and isinstance(ds.train, FileSplit) and isinstance(ds.test, FileSplit)
+    assert ds.in_chans == 3 and len(ds.train) + len(ds.val) == 12 and len(ds.test) == 4 and ds.crop_pct == 0.875
+    train = loader_for(ds, ds.train, 4, train=True, device=torch.device("cpu"), seed=1, workers=2)
+    batches = list(train.epoch(0))
+    assert len(batches) == len(ds.train) // 4 and all(x.shape == (4, 3, 32, 32) for x, _ in batches)
+    assert all(x.dtype == torch.float32 and torch.isfinite(x).all() for x, _ in batches)
+    # the same draws whichever number of workers decodes them, and when resumed at a step
+    again = list(loader_for(ds, ds.train, 4, train=True, device=torch.device("cpu"), seed=1, workers=0).epoch(0, 1))
+    for (x, y), (x2, y2) in zip(batches[1:], again):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    other = list(train.epoch(1))
+    assert not torch.equal(other[0][0], batches[0][0])  # another epoch, other crops
+    # evaluation: every image, in order, framed as predict frames it
+    test = list(loader_for(ds, ds.test, 3, train=False, device=torch.device("cpu"), workers=2))
+    assert [len(y) for _, y in test] == [3, 1]
+    pixels = load_images(ds.test.paths[:1], 3, (32, 32), crop_pct=ds.crop_pct).float() / 255
+    mean, std = torch.tensor(ds.mean).view(1, 3, 1, 1), torch.tensor(ds.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(test[0][0][:1], (pixels - mean) / std)
+
+
+def test_a_streamed_file_that_does_not_decode(photos, monkeypatch, caplog):
+    monkeypatch.setattr(imagefolder, "SMALL_IMAGES", 5)
+    ds = load_dataset("imagefolder", photos, image_size=16, workers=0)
+    bad = next(p for p in ds.test.paths if p.endswith(".png"))  # libjpeg would decode a cut JPEG, grayed
+    with open(bad, "r+b") as f:  # cut after the header was read: found by the worker
+        f.truncate(300)
+    loader = loader_for(ds, ds.test, 4, train=False, device=torch.device("cpu"), workers=1)
+    with pytest.raises(DataError, match=f"^{re.escape(bad)}: .*skip_bad_images"):
+        list(loader)
+    loader = loader_for(ds, ds.test, 4, train=False, device=torch.device("cpu"), workers=1, skip_bad_images=True)
+    assert [len(y) for _, y in loader] == [3] and f"skipping {bad}" in caplog.text

@@ -35,7 +35,7 @@ PYTHON = sys.executable
 
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory):
-    return write_mnist(tmp_path_factory.mktemp("data") / "mnist")
+    return write_mnist(tmp_path_factory.mktemp("data") / "mnist", n_train=74)  # 64 to train, 10 to validate
 
 
 def train_argv(mnist, out, *extra):

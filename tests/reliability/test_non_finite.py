@@ -56,7 +56,7 @@ def poison_loss(monkeypatch, at_call: int, how: str) -> None:
 @pytest.fixture
 def stopped_run(cli, tmp_path):
     """A run stopped by --max-steps 6 (epoch 2, batch 2), with its files as they were."""
-    data = write_mnist(tmp_path / "mnist")
+    data = write_mnist(tmp_path / "mnist", n_train=74)  # 10 held out to validate on: 64 to train, 4 steps an epoch
     run = tmp_path / "run"
     rc, out, err = cli("train", *TINY, *RUN, "--data-dir", data, "--out", run, "--max-steps", "6")
     assert rc == 0, err

@@ -330,7 +330,7 @@ def test_a_stored_data_dir_is_the_run_directorys_and_only_a_default(world, tmp_p
 def test_records_a_run_writes_read_back(world, tmp_path, capsys):
     # a test loss that is not a number (an empty split) is written as null, and read back
     run = Path(shutil.copytree(world["stopped"], tmp_path / "run"))
-    _resume(lambda meta, tensors: meta["history"][0].update(test_loss=None))(run)  # as densekit writes NaN
+    _resume(lambda meta, tensors: meta["history"][0].update(val_loss=None))(run)  # as densekit writes NaN
     assert main(["train", "--out", str(run), "--resume", "--no-progress", "--device", "cpu"]) == 0, \
         capsys.readouterr().err
     # an epoch number beyond any float, in metrics.jsonl: one line, naming the file

@@ -15,7 +15,7 @@ import densekit
 from densekit.data import load_dataset
 from densekit.models import native
 
-METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
+METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -37,8 +37,12 @@ def test_train_idx_then_eval_and_load(cli, tiny, writers, mnist_dir, tmp_path):
     assert all(set(m) == METRIC_KEYS for m in metrics)
     assert metrics[-1]["lr"] == 0.0  # the fast recipe anneals to zero at the last step
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == summary["total_steps"] == 2 * (64 // 16) and summary["finished"]
-    assert summary["test_images"] == 30 and summary["test_accuracy"] == metrics[-1]["test_acc"]
+    assert summary["steps"] == summary["total_steps"] == 2 * (54 // 16) and summary["finished"]
+    # the kept weights are the best epoch's on the validation split, held out of the training images
+    assert summary["kept"] == "best" and summary["val_images"] == 10 and summary["train_images"] == 54
+    assert summary["val_accuracy"] == max(m["val_acc"] for m in metrics)
+    assert metrics[summary["kept_epoch"] - 1]["val_acc"] == summary["val_accuracy"]
+    assert summary["test_images"] == 30 and 0 <= summary["test_accuracy"] <= 1 and "stratified" in summary["val_split"]
     assert summary["params"] == sum(p.numel() for p in densekit.load(run).parameters())
     assert summary["macs"] > 0 and summary["device"] == "cpu" and summary["torch"] == torch.__version__
     assert summary["native_cpu_kernels"] is native.available()  # which kernels the fused block ran
@@ -80,7 +84,7 @@ def test_train_idx_then_eval_and_load(cli, tiny, writers, mnist_dir, tmp_path):
     # another dataset's test split: only if the model can take its images
     cifar = writers.cifar(tmp_path / "cifar")
     rc, out, err = cli("eval", run, "--dataset", "cifar10", "--data-dir", cifar)
-    assert rc == 2 and "images are 3x32x32 but the model" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and "images are 3x16x16 but the model" in err and len(err.strip().splitlines()) == 1
 
     rc, out, err = cli("eval", run, "--out", tmp_path / "cm.png")
     assert rc == 0, err
@@ -97,7 +101,9 @@ def test_train_cifar(cli, tiny, writers, tmp_path, classes):
     assert rc == 0, err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["input_size"] == [3, 32, 32] and summary["num_classes"] == classes
-    assert summary["steps"] == 2 and summary["recipe"]["name"] == "paper" and summary["batch_size"] == 20
+    assert summary["steps"] == summary["train_images"] // 20 == 1
+    assert summary["train_images"] + summary["val_images"] == 40 and summary["val_images"] >= 4
+    assert summary["recipe"]["name"] == "paper" and summary["batch_size"] == 20
     model = densekit.load(run)
     assert model.classifier.out_features == classes and model.pretrained_cfg["in_chans"] == 3
     rc, out, err = cli("eval", run, "--json")
@@ -137,7 +143,8 @@ def test_imagefolder_and_predict(cli, tiny, writers, tmp_path):
     # the probabilities are the loaded model's on images decoded and normalized as in training
     model = densekit.load(run)
     cfg = model.pretrained_cfg
-    x = densekit.data.load_images(files, 3, (16, 16)).float() / 255
+    assert info["preprocessing"]["crop_pct"] == 1.0  # a small folder: short side to 16, the center kept
+    x = densekit.data.load_images(files, 3, (16, 16), crop_pct=1.0).float() / 255
     x = (x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
         probs = model(x).softmax(1)
@@ -174,8 +181,13 @@ def test_imagefolder_and_predict(cli, tiny, writers, tmp_path):
     (["--model-arg", "num_classes=3"], "comes from the dataset"),
     (["--model-arg", "compression=2"], "compression must be a number in (0, 1]"),
     (["--device", "tpu"], "device must be one of auto, cpu, cuda"),
-    (["--model", "densenet121"], "needs images of at least 29x29 px"),
-    (["--batch-size", "65"], "larger than the 64 training images"),
+    (["--model", "densenet121", "--image-size", "16"], "--image-size 16 is below the smallest input densenet121 "
+                                                         "takes (29 px"),
+    (["--model", "densenet121", "--model-arg", "growth=1"], "unknown argument 'growth'"),
+    (["--batch-size", "65"], "larger than the 54 training images"),
+    (["--val-fraction", "1"], "--val-fraction: must be a number in [0, 1)"),
+    (["--keep", "first"], "invalid choice"),
+    (["--patience", "0"], "--patience: must be a positive integer"),
     (["--resume"], "--resume needs --out"),
 ])
 def test_bad_flags_exit_2_with_one_line(cli, tiny, mnist_dir, tmp_path, argv, message):

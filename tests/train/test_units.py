@@ -108,7 +108,7 @@ def test_load_run_model_rejects_bad_run_dirs(tmp_path):
     with pytest.raises(UserError, match="not a densekit run directory"):
         RunDir(tmp_path).load_model()
     model = DenseNet(growth_rate=4, block_config=(1, 1), stem="cifar", num_classes=2, in_chans=1)
-    ds = Dataset(name="mnist", train=None, test=None, classes=["a", "b"], in_chans=1, image_size=(8, 8),
+    ds = Dataset(name="mnist", train=None, val=None, test=None, classes=["a", "b"], in_chans=1, image_size=(8, 8),
                  mean=(0.5,), std=(0.2,))
     kwargs = dict(growth_rate=4, block_config=[1, 1], stem="cifar", num_classes=2, in_chans=1)
     run = RunDir(tmp_path)
@@ -153,11 +153,13 @@ def test_resume_keeps_this_process_choice_of_sgd_kernel(tmp_path):
     run = RunDir(tmp_path)
     config = dict(model="densenet_bc_100_k12", model_args={}, dataset="mnist", data_dir=None, image_size=None,
                   recipe="fast", epochs=2, batch_size=2, lr=0.1, seed=0, train_limit=None, init=None,
-                  deterministic=False, save_every=200)
-    meta = dict(config=config, data=dict(train_images=8, test_images=2, classes=["a", "b", "c"], image_size=[8, 8],
-                                         in_chans=1),
+                  deterministic=False, save_every=200, val_fraction=0.1, keep="best", patience=None, workers=None,
+                  skip_bad_images=False)
+    meta = dict(config=config, data=dict(train_images=8, val_images=1, test_images=2, classes=["a", "b", "c"],
+                                         image_size=[8, 8], in_chans=1),
                 epoch=0, step_in_epoch=0, global_step=0, steps_per_epoch=4, total_steps=8,
-                stats=dict(loss_sum=0.0, correct=0, seen=0, seconds=0.0, lr=0.1), history=[], train_seconds=0.0)
+                stats=dict(loss_sum=0.0, correct=0, seen=0, seconds=0.0, lr=0.1), history=[], train_seconds=0.0,
+                best_epoch=0, stopped_early=False)
     run.save_resume(model, eager, build_scheduler(eager, FAST, 4, 8), {}, meta)
     fused = build_optimizer(model, FAST, 0.1, fused=True)
     run.load_resume(model, fused, build_scheduler(fused, FAST, 4, 8))

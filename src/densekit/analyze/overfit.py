@@ -1,8 +1,8 @@
-"""Overfitting: how far the training figures run ahead of the test figures, epoch by epoch.
+"""Overfitting: how far the training figures run ahead of the validation figures, epoch by epoch.
 
 The DenseBlock blog post warns that dense connectivity makes a network "complex" and
 prone to overfitting (claim 5). A run directory's ``metrics.jsonl`` has what is needed to see it:
-the gap between training and test accuracy and loss per epoch, and whether the test loss
+the gap between training and validation accuracy and loss per epoch, and whether the validation loss
 turns up while the training loss still falls. Two caveats are in the numbers themselves:
 ``train_acc`` is measured on augmented batches while the weights move, and ``train_loss``
 includes the recipe's label smoothing, so both gaps are understated against a clean
@@ -15,7 +15,7 @@ import math
 
 from ..errors import UserError
 
-_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
+_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
 
 
 def check_records(records: list[dict], source: object) -> list[dict]:
@@ -34,26 +34,26 @@ def _number(v: object) -> bool:
 
 
 def overfitting(history: list[dict]) -> dict:
-    """Per epoch: accuracy gap (train - test) and loss gap (test - train); and a summary:
-    the best test epoch, the gaps at the end, and the epochs in which the test loss rose
+    """Per epoch: accuracy gap (train - val) and loss gap (val - train); and a summary:
+    the best validation epoch, the gaps at the end, and the epochs in which the validation loss rose
     while the training loss fell (the textbook sign of overfitting)."""
-    epochs = [dict(epoch=r["epoch"], train_acc=r["train_acc"], test_acc=r["test_acc"],
-                   acc_gap=r["train_acc"] - r["test_acc"], train_loss=r["train_loss"],
-                   test_loss=r["test_loss"], loss_gap=r["test_loss"] - r["train_loss"]) for r in history]
+    epochs = [dict(epoch=r["epoch"], train_acc=r["train_acc"], val_acc=r["val_acc"],
+                   acc_gap=r["train_acc"] - r["val_acc"], train_loss=r["train_loss"],
+                   val_loss=r["val_loss"], loss_gap=r["val_loss"] - r["train_loss"]) for r in history]
     diverging = [b["epoch"] for a, b in zip(epochs, epochs[1:])
-                 if b["test_loss"] > a["test_loss"] and b["train_loss"] < a["train_loss"]]
-    best = max(epochs, key=lambda e: e["test_acc"])
+                 if b["val_loss"] > a["val_loss"] and b["train_loss"] < a["train_loss"]]
+    best = max(epochs, key=lambda e: e["val_acc"])
     last = epochs[-1]
     return dict(
         epochs=epochs,
         summary=dict(
             num_epochs=len(epochs),
-            best_test_acc=best["test_acc"],
+            best_val_acc=best["val_acc"],
             best_epoch=best["epoch"],
             final_acc_gap=last["acc_gap"],
             final_loss_gap=last["loss_gap"],
             max_acc_gap=max(e["acc_gap"] for e in epochs),
-            test_loss_up_train_loss_down=diverging,
+            val_loss_up_train_loss_down=diverging,
         ),
         caveat="train_acc is on augmented batches during the epoch; train_loss includes label smoothing",
     )
@@ -70,8 +70,8 @@ def overfit_png(result: dict, title: str = "") -> bytes:
     acc_ax, loss_ax = fig.subplots(1, 2)
     acc_ax.plot(epochs, [100 * e["acc_gap"] for e in result["epochs"]], marker="o")
     loss_ax.plot(epochs, [e["loss_gap"] for e in result["epochs"]], marker="o")
-    acc_ax.set(xlabel="epoch", ylabel="train - test accuracy (points)", title="accuracy gap")
-    loss_ax.set(xlabel="epoch", ylabel="test - train loss", title="loss gap")
+    acc_ax.set(xlabel="epoch", ylabel="train - validation accuracy (points)", title="accuracy gap")
+    loss_ax.set(xlabel="epoch", ylabel="validation - train loss", title="loss gap")
     for ax in (acc_ax, loss_ax):
         ax.axhline(0, color="grey", lw=0.8)
         ax.grid(alpha=0.3)

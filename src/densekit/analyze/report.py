@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import load_dataset
+from ..data.batches import loader_for
 from .. import checks
 from ..checks import ArgumentError
 from ..errors import UserError
@@ -52,8 +53,10 @@ class Target:
     run_dir: Path | None
     dataset: str
     data_dir: str | None
-    image_size: int | None  # imagefolder runs only: the side their images were resized to
+    image_size: int | None  # a run's: the side its images were fed at (None: the dataset's own)
     input_size: tuple[int, ...]
+    val_fraction: float = 0.1  # a run's validation split, where the dataset has none of its own
+    seed: int = 0
 
     @cached_property
     def model(self) -> DenseNet:
@@ -72,9 +75,8 @@ def resolve_target(target: str, data_dir: str | os.PathLike | None = None) -> Ta
         run = RunDir(path)
         info = run.read_info()
         pre = info.preprocessing
-        return Target(info.model, path, info.dataset, data_dir or run.data_dir(info),
-                      pre.image_size[0] if info.dataset == "imagefolder" else None,
-                      (pre.in_chans, *pre.image_size))
+        return Target(info.model, path, info.dataset, data_dir or run.data_dir(info), pre.image_size[0],
+                      (pre.in_chans, *pre.image_size), info.val_fraction, info.seed)
     if target in list_models():
         return Target(target, None, "fashion-mnist", data_dir, None, get_variant(target).input_size)
     what = "is not a directory" if path.exists() else "is neither a run directory nor a registered model"
@@ -116,20 +118,20 @@ def output_paths(target: Target, what: list[str], out: str | os.PathLike | None)
 
 
 def gradient_batch(target: Target, n: int = GRADIENT_BATCH) -> tuple[DenseNet, torch.Tensor, torch.Tensor]:
-    """The target's architecture for the dataset's images, and the first ``n`` test images
+    """The target's architecture for the dataset's images, and the first ``n`` validation images
     (normalized with the training set's statistics) with their labels."""
-    data = load_dataset(target.dataset, target.data_dir, image_size=target.image_size)
+    data = load_dataset(target.dataset, target.data_dir, image_size=target.image_size,
+                        val_fraction=target.val_fraction, seed=target.seed)
     model = target.model
     if target.run_dir is None:  # a model name: fit its stem and head to the dataset
         torch.manual_seed(0)
         model = create_model(target.label, in_chans=data.in_chans, num_classes=data.num_classes)
-    images = data.test.images[:n].to(torch.float32) / 255
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
-    images = (images - mean) / std
-    if min(images.shape[2:]) < model.min_input_size:  # an ImageNet stem on 28 px images
-        images = F.interpolate(images, size=model.min_input_size, mode="bilinear", align_corners=False)
-    return model, images, data.test.labels[:n]
+    # normalized with the training set's statistics, at the target's image size (which a model
+    # name takes at its smallest input if the dataset's images are smaller: an ImageNet stem on 28 px)
+    x, labels = next(iter(loader_for(data, data.val, n, train=False, device=torch.device("cpu"))))
+    if min(x.shape[2:]) < model.min_input_size:
+        x = F.interpolate(x, size=model.min_input_size, mode="bilinear", align_corners=False)
+    return model, x, labels
 
 
 def _reuse(target: Target) -> tuple[dict, dict[str, bytes]]:
@@ -186,10 +188,10 @@ class Headlines(Result):
     params: int | None = None
     macs: int | None = None
     input_size: list[int] | None = None
-    best_test_acc: float | None = None
+    best_val_acc: float | None = None
     best_epoch: int | None = None
-    final_acc_gap: float | None = None          # train - test accuracy at the last epoch
-    final_loss_gap: float | None = None         # test - train loss at the last epoch
+    final_acc_gap: float | None = None          # train - validation accuracy at the last epoch
+    final_loss_gap: float | None = None         # validation - train loss at the last epoch
 
 
 @dataclass
@@ -216,7 +218,7 @@ class AnalyzeReport(Result):
             h.params, h.macs, h.input_size = row["params"], row["macs"], row["input_size"]
         if "overfit" in r:
             s = r["overfit"]["summary"]
-            h.best_test_acc, h.best_epoch = s["best_test_acc"], s["best_epoch"]
+            h.best_val_acc, h.best_epoch = s["best_val_acc"], s["best_epoch"]
             h.final_acc_gap, h.final_loss_gap = s["final_acc_gap"], s["final_loss_gap"]
         return h
 

@@ -31,7 +31,7 @@ def _lines(h) -> list[str]:
     if h.params is not None:
         lines.append(f"cost: {h.params:,} params, {h.macs / 1e6:,.1f} MMACs at {'x'.join(map(str, h.input_size))}")
     if h.best_epoch is not None:
-        lines.append(f"overfit: best test accuracy {100 * h.best_test_acc:.2f}% (epoch {h.best_epoch}), "
+        lines.append(f"overfit: best validation accuracy {100 * h.best_val_acc:.2f}% (epoch {h.best_epoch}), "
                      f"final accuracy gap {100 * h.final_acc_gap:+.2f} points, loss gap {h.final_loss_gap:+.4f}")
     return lines
 

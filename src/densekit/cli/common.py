@@ -8,7 +8,8 @@ import ast
 
 from .. import checks
 
-_CONVERT = {checks.positive_int: int, checks.non_negative_int: int, checks.positive_number: float}
+_CONVERT = {checks.positive_int: int, checks.non_negative_int: int, checks.positive_number: float,
+            checks.fraction: float}
 
 
 def typed(check):
@@ -33,6 +34,7 @@ def typed(check):
 positive_int = typed(checks.positive_int)
 non_negative_int = typed(checks.non_negative_int)
 positive_number = typed(checks.positive_number)
+fraction = typed(checks.fraction)
 
 
 def model_arg(text: str) -> tuple[str, object]:

@@ -25,7 +25,7 @@ def summary_lines(s) -> list[str]:
         f"in {s.pruned_layers} dense layers of {s.model}",
         f"parameters {s.params_before:,} -> {s.params_after:,} ({s.params_ratio:.3f}x), "
         f"MACs {s.macs_before / 1e6:.1f} M -> {s.macs_after / 1e6:.1f} M ({s.macs_ratio:.3f}x)",
-        f"{s.dataset} test accuracy ({s.test_images} images) {100 * s.test_accuracy_before:.2f}% -> "
+        f"{s.dataset} {s.split} accuracy ({s.test_images} images) {100 * s.test_accuracy_before:.2f}% -> "
         f"{100 * s.test_accuracy_after:.2f}%",
     ]
     if s.reference_path_blocks:

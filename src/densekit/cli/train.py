@@ -7,7 +7,7 @@ import sys
 
 from ..data import DATASETS
 from ..train.recipes import RECIPES
-from .common import add_device_argument, model_arg, non_negative_int, positive_int, positive_number
+from .common import add_device_argument, fraction, model_arg, non_negative_int, positive_int, positive_number
 
 
 def _defaults(field: str) -> str:
@@ -15,7 +15,8 @@ def _defaults(field: str) -> str:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="registered model name (default: densenet_bc_100_k12; see `densekit models`)")
+    p.add_argument("--model", help="registered model name (default: densenet_bc_40_k12_s2 for 3 epochs on a CPU, "
+                                    "densenet_bc_100_k12 on a GPU; see `densekit models`)")
     p.add_argument("--model-arg", dest="model_args", action="append", type=model_arg, metavar="KEY=VALUE",
                    help="override one DenseNet argument of the model, e.g. growth_rate=12 or block_config=(6,6,6); "
                         "repeatable")
@@ -25,7 +26,22 @@ def add_arguments(p) -> None:
     p.add_argument("--dataset", choices=DATASETS, help="default: fashion-mnist (with --init: DIR's dataset)")
     p.add_argument("--data-dir", help="folder with the dataset's files (default: $DENSEKIT_DATA, or the system "
                                       "location for fashion-mnist and mnist)")
-    p.add_argument("--image-size", type=positive_int, help="side images are resized to (imagefolder only; default 64)")
+    p.add_argument("--image-size", type=positive_int, metavar="PX",
+                   help="side of the images the model sees (default: the model's own: 224 for the ImageNet "
+                        "variants; the dataset's 28 or 32 for the CIFAR-style ones, 32 on a folder)")
+    p.add_argument("--val-fraction", type=fraction, metavar="X",
+                   help="of the training images, held out (stratified by class) to validate every epoch on, "
+                        "where the dataset has no val/ of its own (default: 0.1)")
+    p.add_argument("--keep", choices=("best", "last"),
+                   help="the weights the run keeps and scores on the test split: the epoch of the best "
+                        "validation accuracy (default), or the last")
+    p.add_argument("--patience", type=positive_int, metavar="N",
+                   help="stop after N epochs without a better validation accuracy (default: never)")
+    p.add_argument("--workers", type=non_negative_int, metavar="N",
+                   help="processes decoding a streamed image folder (default: one per core, at most 8; 0: in "
+                        "this process)")
+    p.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="skip image files that do not decode, with a warning, instead of stopping")
     p.add_argument("--recipe", choices=list(RECIPES), help="fast (default), paper (Huang et al. 2017), or the GPU presets sprint and long "
                         "(Fashion-MNIST, densenet_bc_100_k12; see densekit.train.recipes)")
     p.add_argument("--epochs", type=positive_int, help=f"default: the recipe's ({_defaults('epochs')})")
@@ -64,7 +80,7 @@ class _ProgressBar:
         self.out = None
 
     def __call__(self, event) -> None:
-        from ..train.trainer import EpochEnd, RunStart, StepReport
+        from ..train.trainer import EpochEnd, Evaluating, RunStart, StepReport
 
         if isinstance(event, RunStart):
             self.out = event.out
@@ -81,10 +97,12 @@ class _ProgressBar:
             self.bar.set_postfix(loss=f"{event.loss:.4f}", acc=f"{event.acc:.4f}",
                                  img_s=f"{event.images_per_s:.0f}", refresh=False)
             self.bar.update(event.global_step - self.bar.n)
+        elif self.bar is not None and isinstance(event, Evaluating):
+            self.bar.set_postfix_str(f"scoring {event.split}: batch {event.done}/{event.batches}")
         elif self.bar is not None and isinstance(event, EpochEnd):
             self.bar.write(f"epoch {event.epoch}/{event.epochs}: train loss {event.train_loss:.4f} "
-                           f"acc {event.train_acc:.4f} | test loss {event.test_loss:.4f} acc {event.test_acc:.4f} "
-                           f"| lr {event.lr:.4g} | {event.seconds:.1f} s")
+                           f"acc {event.train_acc:.4f} | val loss {event.val_loss:.4f} acc {event.val_acc:.4f}"
+                           f"{' (best)' if event.best else ''} | lr {event.lr:.4g} | {event.seconds:.1f} s")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -96,11 +114,16 @@ def summary_lines(s) -> list[str]:
     """What a finished (or stopped) run prints: a TrainSummary in a few lines."""
     where = s.device if s.device == "cpu" else f"{s.device} {s.device_name}"
     layout = (", channels-last" if s.channels_last else "") + (", CUDA graph" if s.cuda_graph else "")
-    lines = [f"{s.model} on {s.dataset}: {s.epochs_completed}/{s.epochs} epochs, {s.steps} steps in "
-             f"{s.train_seconds:.1f} s ({s.images_per_second:.0f} images/s; {where}, {s.precision}{layout})",
-             f"test accuracy {100 * s.test_accuracy:.2f}% ({s.test_correct}/{s.test_images}), "
-             f"test loss {s.test_loss:.4f}",
-             f"{s.params:,} parameters, {s.macs / 1e6:.1f} M MACs per {'x'.join(map(str, s.input_size))} image"]
+    lines = [f"{s.model} on {s.dataset}: {s.epochs_completed}/{s.epochs} epochs"
+             f"{' (stopped early)' if s.stopped_early else ''}, {s.steps} steps in {s.train_seconds:.1f} s "
+             f"({s.images_per_second:.0f} images/s; {where}, {s.precision}{layout})"]
+    if s.kept_epoch:
+        lines.append(f"kept the {s.kept} weights, of epoch {s.kept_epoch}: validation accuracy "
+                     f"{100 * s.val_accuracy:.2f}% ({s.val_images} images: {s.val_split})")
+    if s.test_accuracy is not None:
+        lines.append(f"test accuracy {100 * s.test_accuracy:.2f}% ({s.test_correct}/{s.test_images}), "
+                     f"test loss {s.test_loss:.4f}")
+    lines.append(f"{s.params:,} parameters, {s.macs / 1e6:.1f} M MACs per {'x'.join(map(str, s.input_size))} image")
     if not s.finished:
         lines.append(f"stopped at step {s.steps} of {s.total_steps}; continue with: "
                      f"{resume_command(s.out, s.world_size)}")
@@ -123,7 +146,8 @@ def _config(args):
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, train_limit=args.train_limit,
         deterministic=args.deterministic, device=args.device, channels_last=args.channels_last,
         cuda_graph=args.cuda_graph, out=args.out, resume=args.resume, max_steps=args.max_steps,
-        save_every=args.save_every)
+        save_every=args.save_every, val_fraction=args.val_fraction, keep=args.keep, patience=args.patience,
+        workers=args.workers, skip_bad_images=args.skip_bad_images)
 
 
 def _launch(args, config) -> int:
@@ -131,9 +155,11 @@ def _launch(args, config) -> int:
     from .. import distributed
     from ..train.config import check_config, default_out
 
+    from ..train.runtime import select_runtime
+
     argv = list(args.argv)
     if not args.out:  # named once, here
-        argv += ["--out", str(default_out(check_config(config)))]
+        argv += ["--out", str(default_out(check_config(config), select_runtime(args.device).device.type))]
     try:
         return distributed.launch(argv, args.nproc)
     except KeyboardInterrupt:  # rank 0 has said so, and how to continue

@@ -1,4 +1,4 @@
-"""The types every dataset reader returns, and the one error they raise."""
+"""The types every dataset reader returns, the validation split, and the one error they raise."""
 
 from __future__ import annotations
 
@@ -51,21 +51,79 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, index: torch.Tensor) -> "Split":
+        # clone: the rest's memory is freed rather than kept alive by a view
+        return Split(self.images[index].clone(), self.labels[index].clone())
+
+
+@dataclasses.dataclass
+class FileSplit:
+    """A split as image files and their labels, decoded only when a batch needs them."""
+
+    paths: list[str]
+    labels: torch.Tensor  # int64 (N,)
+
+    def __post_init__(self) -> None:
+        if self.labels.dtype != torch.int64 or self.labels.dim() != 1 or len(self.labels) != len(self.paths):
+            raise ValueError(f"labels must be an int64 tensor of one label per path ({len(self.paths)}), "
+                             f"got {self.labels.dtype} of shape {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, index: torch.Tensor) -> "FileSplit":
+        return FileSplit([self.paths[i] for i in index.tolist()], self.labels[index].clone())
+
 
 @dataclasses.dataclass
 class Dataset:
+    """A dataset's splits as a model sees them: ``image_size`` is the size of every batch;
+    ``val`` is the split every epoch is scored on and the best checkpoint chosen by,
+    ``test`` (None where the dataset has none) is scored once, at the end."""
+
     name: str
-    train: Split
-    test: Split
+    train: Split | FileSplit
+    val: Split | FileSplit
+    test: Split | FileSplit | None
     classes: list[str]  # index = label
     in_chans: int
     image_size: tuple[int, int]
     mean: tuple[float, ...]  # per channel, [0, 1] units, from the train split
     std: tuple[float, ...]
+    val_source: str = ""     # how the validation split was made, in words
+    # How evaluation frames an image: None resizes it whole to image_size (the fixed-size
+    # datasets); a number resizes its short side to image_size / crop_pct and takes the center.
+    crop_pct: float | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def streaming(self) -> bool:
+        return isinstance(self.train, FileSplit)
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out) indices, in increasing order: ``fraction`` of each class's images held
+    out (rounded, at least one where a class has two or more, never all), chosen by a
+    generator seeded with ``seed`` alone, so that the split is the same in every run of it.
+    Where classes are too small for that to reach ``fraction`` of all images (a class of one
+    image gives none), the rest is drawn from all images alike."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(len(labels), dtype=torch.bool)
+    if fraction <= 0 or len(labels) < 2:
+        return torch.arange(len(labels)), torch.zeros(0, dtype=torch.int64)
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        n = len(members)
+        k = min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
+        out[members[torch.randperm(n, generator=g)[:k]]] = True
+    short = min(len(labels) - 1, max(1, round(fraction * len(labels)))) - int(out.sum())
+    if short > 0:
+        rest = torch.nonzero(~out).flatten()
+        out[rest[torch.randperm(len(rest), generator=g)[:short]]] = True
+    return torch.nonzero(~out).flatten(), torch.nonzero(out).flatten()
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

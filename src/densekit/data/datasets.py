@@ -6,9 +6,11 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from .. import checks
 from .cifar import load_cifar
-from .core import DataArgumentError, DataError, Dataset, Split, channel_stats
+from .core import DataArgumentError, DataError, Dataset, Split, channel_stats, stratified_split
 from .idx import load_idx
 from .imagefolder import load_imagefolder
 
@@ -48,46 +50,53 @@ def default_data_dir(name: str) -> Path:
     raise DataArgumentError(f"{name}: no default data directory; give {{data_dir}} or set {ENV_VAR}")
 
 
+FIXED_SIZE = ("fashion-mnist", "mnist", "cifar10", "cifar100")  # every image one size, the format's
+
+
 def load_dataset(
     name: str,
     data_dir: str | os.PathLike | None = None,
     train_limit: int | None = None,
     image_size: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    workers: int | None = None,
+    skip_bad_images: bool = False,
 ) -> Dataset:
     """Load dataset ``name`` from ``data_dir`` (default: ``default_data_dir(name)``).
 
-    ``train_limit`` keeps only the first N training images (the statistics are then
-    those of the kept images, since they are what the model trains on).
-    ``image_size`` is the side images are resized to, for imagefolder only (default
-    64); the other formats have a fixed size and ignore it.
+    Every dataset gets a validation split: its own (an image folder's ``val/``), or
+    ``val_fraction`` of the training images, stratified by class and chosen by ``seed``
+    (``core.stratified_split``); the test split, where the dataset has one, is left whole.
+    ``train_limit`` keeps only the first N of the remaining training images (the statistics
+    are then those of the kept images, since they are what the model trains on).
+    ``image_size`` is the side of the batches (default: the images' own for the fixed-size
+    formats, which loaders resize per batch when it differs; 224 for an image folder).
+    ``workers`` and ``skip_bad_images`` are for image folders: decoding processes, and
+    whether a file that does not decode is skipped with a warning instead of refused.
     """
     _check_name(name)
     checks.optional(checks.positive_int, "train_limit", train_limit)
     checks.optional(checks.positive_int, "image_size", image_size)
+    checks.fraction("val_fraction", val_fraction)
     path = Path(data_dir) if data_dir is not None else default_data_dir(name)
-
+    if name == "imagefolder":
+        parts = load_imagefolder(path, 224 if image_size is None else image_size, val_fraction, seed, train_limit,
+                                 workers, skip_bad_images)
+        size = 224 if image_size is None else image_size
+        return Dataset(name=name, image_size=(size, size), **parts)
     if name in ("fashion-mnist", "mnist"):
         train, test, classes = load_idx(name, path)
         in_chans = 1
-    elif name in ("cifar10", "cifar100"):
+    else:
         train, test, classes = load_cifar(name, path)
         in_chans = 3
-    else:
-        train, test, classes, in_chans = load_imagefolder(path, 64 if image_size is None else image_size)
-    if image_size is not None and name != "imagefolder":
-        log.info("%s: image_size=%d ignored; this format has a fixed size", name, image_size)
-
+    kept, held = stratified_split(train.labels, val_fraction, seed)
+    train, val = train.subset(kept), train.subset(held)
     if train_limit is not None and train_limit < len(train):
-        # clone, so the dropped images' memory is freed rather than kept alive by a view
-        train = Split(images=train.images[:train_limit].clone(), labels=train.labels[:train_limit].clone())
+        train = train.subset(torch.arange(train_limit))
     mean, std = channel_stats(train.images)
-    return Dataset(
-        name=name,
-        train=train,
-        test=test,
-        classes=classes,
-        in_chans=in_chans,
-        image_size=(int(train.images.shape[2]), int(train.images.shape[3])),
-        mean=mean,
-        std=std,
-    )
+    side = train.images.shape[-1] if image_size is None else image_size
+    return Dataset(name=name, train=train, val=val, test=test, classes=classes, in_chans=in_chans,
+                   image_size=(side, side), mean=mean, std=std,
+                   val_source=f"{100 * val_fraction:g}% of the training images, stratified by class, seed {seed}")

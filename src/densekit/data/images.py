@@ -100,6 +100,28 @@ def decode_file(path: str | os.PathLike) -> torch.Tensor:
     return img
 
 
+def header(path: str | os.PathLike) -> tuple[tuple[int, int], str]:
+    """An image file's (width, height) and Pillow mode, from its header alone (no decoding);
+    DataError names a file that is not an image or too large to decode."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                size, mode = im.size, im.mode
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: an image of more than the {MAX_PIXELS:,} pixels densekit decodes") from None
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except Exception as e:  # Pillow raises many types for files it cannot identify
+        raise DataError(f"{path}: not a readable image ({' '.join(str(e).split())[:200]})") from None
+    if size[0] * size[1] > MAX_PIXELS or min(size) < 1:
+        raise DataError(f"{path}: a {size[0]} x {size[1]} image, which densekit does not decode")
+    return size, mode
+
+
 def _check_pixels(path: Path, data: bytes) -> None:
     from PIL import Image
 
@@ -144,16 +166,22 @@ def _check_args(in_chans: int, image_size: tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
-def load_images(paths: Sequence[str | os.PathLike], in_chans: int, image_size: tuple[int, int]) -> torch.Tensor:
+def load_images(paths: Sequence[str | os.PathLike], in_chans: int, image_size: tuple[int, int],
+                crop_pct: float | None = None) -> torch.Tensor:
     """Decode image files of any size and channel layout into uint8 (N, in_chans, H, W).
 
     Gray, gray+alpha, RGB, RGBA and palette images are all accepted; alpha is dropped,
-    ``in_chans`` 1 means grayscale and 3 means RGB, and every image is resized to
-    ``image_size`` (height, width) with antialiasing. A missing or undecodable file
-    raises DataError naming it.
+    ``in_chans`` 1 means grayscale and 3 means RGB. With ``crop_pct`` None every image is
+    resized whole to ``image_size`` (height, width) with antialiasing; with a number, its short
+    side is resized to ``image_size / crop_pct`` and the center cropped, as evaluation frames
+    photos (``streaming``). A missing or undecodable file raises DataError naming it.
     """
     h, w = _check_args(in_chans, image_size)
     out = torch.empty((len(paths), in_chans, h, w), dtype=torch.uint8)
     for i, path in enumerate(paths):
-        out[i] = to_channels(read_image(path, (h, w)), in_chans)
+        if crop_pct is None:
+            out[i] = to_channels(read_image(path, (h, w)), in_chans)
+        else:  # in the order evaluation takes (streaming.ImageFiles): channels, resize, crop
+            img = to_channels(decode_file(path), in_chans)
+            out[i] = TF.center_crop(TF.resize(img, int(h / crop_pct), antialias=True), [h, w])
     return out

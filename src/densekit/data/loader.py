@@ -141,6 +141,7 @@ class DeviceLoader:
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
         shard: tuple[int, int] | None = None,
+        size: tuple[int, int] | None = None,
     ) -> None:
         checks.positive_int("batch_size", batch_size)
         chans = split.images.shape[1]
@@ -164,6 +165,9 @@ class DeviceLoader:
         self.images = split.images.to(self.device).contiguous()
         self.labels = split.labels.to(self.device)
         self._normalize = Normalize(mean, std, self.device, channels_last=channels_last, dtype=dtype)
+        # the batches' size, where it is not the images' own: each batch is resized after its
+        # augmentation (bilinear, antialiased), so the held images stay as small as they are
+        self.size = None if size is None or tuple(size) == tuple(self.images.shape[-2:]) else tuple(size)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -218,6 +222,10 @@ class DeviceLoader:
                     None if flips is None else flips[lo:hi],
                 )
             x = self._normalize(x)
+            if self.size is not None:
+                x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
             if centers is not None:
                 x = erase_squares(x, self.augment.erase, centers[lo:hi])
             yield x, y

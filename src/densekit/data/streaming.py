@@ -22,7 +22,6 @@ and warns once per file.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -33,7 +32,7 @@ from torchvision.transforms import v2
 
 from .. import checks
 from ..checks import text
-from .core import DataArgumentError, DataError
+from .core import DataArgumentError, DataError, FileSplit
 from .images import decode_file, to_channels
 from .loader import Normalize, epoch_seed
 
@@ -50,25 +49,6 @@ def default_workers() -> int:
     except AttributeError:  # platforms without affinity
         cores = os.cpu_count() or 1
     return max(1, min(8, cores))
-
-
-@dataclasses.dataclass
-class FileSplit:
-    """A split as image files and their labels, decoded only when a batch needs them."""
-
-    paths: list[str]
-    labels: torch.Tensor  # int64 (N,)
-
-    def __post_init__(self) -> None:
-        if self.labels.dtype != torch.int64 or self.labels.dim() != 1 or len(self.labels) != len(self.paths):
-            raise ValueError(f"labels must be an int64 tensor of one label per path ({len(self.paths)}), "
-                             f"got {self.labels.dtype} of shape {tuple(self.labels.shape)}")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def subset(self, index: torch.Tensor) -> "FileSplit":
-        return FileSplit([self.paths[i] for i in index.tolist()], self.labels[index].clone())
 
 
 class ImageFiles(torch.utils.data.Dataset):

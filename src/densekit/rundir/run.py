@@ -88,6 +88,9 @@ class Preprocessing:
     image_size: tuple[int, int]  # (height, width)
     mean: tuple[float, ...]      # per channel, [0, 1] units, of the training images
     std: tuple[float, ...]
+    # None: the whole image resized to image_size (the fixed-size datasets); a number: its short
+    # side resized to image_size / crop_pct, then the center image_size cropped (photos)
+    crop_pct: float | None = None
     resize: str = "bilinear, antialiased"
 
 
@@ -103,6 +106,8 @@ class ModelInfo:
     classes: tuple[str, ...]
     preprocessing: Preprocessing
     pruned: dict = dataclasses.field(default_factory=dict)  # {layer: {"inputs": n|None, "width": n|None}}
+    val_fraction: float = 0.1  # how the validation split was made, where the dataset has none of its own:
+    seed: int = 0              # this fraction of the training images, stratified, chosen by this seed
 
     @property
     def num_classes(self) -> int:
@@ -117,7 +122,8 @@ class ModelInfo:
                     model_kwargs=self.model_kwargs, dataset=self.dataset, data_dir=self.data_dir,
                     classes=list(self.classes), num_classes=self.num_classes,
                     preprocessing=dict(in_chans=pre.in_chans, image_size=list(pre.image_size), mean=list(pre.mean),
-                                       std=list(pre.std), resize=pre.resize))
+                                       std=list(pre.std), crop_pct=pre.crop_pct, resize=pre.resize),
+                    val_fraction=self.val_fraction, seed=self.seed)
         if self.pruned:
             info["pruned"] = self.pruned
         return info
@@ -141,7 +147,9 @@ class ModelInfo:
             dataset=f.get("dataset", schema.is_dataset, "a dataset densekit reads"),
             data_dir=f.get("data_dir", schema.is_optional(schema.is_name), "a printable path or null", None),
             classes=tuple(classes), preprocessing=pre,
-            pruned=schema.check_pruned(f.get("pruned", lambda v: isinstance(v, dict), "a JSON object", {}), source))
+            pruned=schema.check_pruned(f.get("pruned", lambda v: isinstance(v, dict), "a JSON object", {}), source),
+            val_fraction=f.get("val_fraction", lambda v: schema.is_number(v, 0) and v < 1, "a number in [0, 1)", 0.1),
+            seed=f.get("seed", schema.is_int, "an integer >= 0", 0))
 
 
 def _preprocessing(f: Fields) -> Preprocessing:
@@ -152,8 +160,10 @@ def _preprocessing(f: Fields) -> Preprocessing:
                  f"a list of {in_chans} finite number(s)")
     std = f.get("std", schema.is_list_of(lambda v: schema.is_number(v) and v > 0, in_chans, in_chans),
                 f"a list of {in_chans} finite number(s) > 0")
+    crop_pct = f.get("crop_pct", schema.is_optional(lambda v: schema.is_number(v) and 0.1 <= v <= 1),
+                     "null or a number in [0.1, 1]", None)
     resize = f.get("resize", lambda v: isinstance(v, str) and len(v) < 100, "a string", "bilinear, antialiased")
-    return Preprocessing(in_chans, (size[0], size[1]), tuple(mean), tuple(std), resize)
+    return Preprocessing(in_chans, (size[0], size[1]), tuple(mean), tuple(std), crop_pct, resize)
 
 
 def pretrained_cfg(info: ModelInfo, model: DenseNet, run_dir: Path) -> dict:
@@ -162,7 +172,8 @@ def pretrained_cfg(info: ModelInfo, model: DenseNet, run_dir: Path) -> dict:
     cfg = model.default_pretrained_cfg(pre.image_size)
     cfg.update(architecture=info.model, model=info.model, run_dir=str(run_dir), dataset=info.dataset,
                classes=list(info.classes), num_classes=info.num_classes, in_chans=pre.in_chans,
-               image_size=tuple(pre.image_size), mean=tuple(pre.mean), std=tuple(pre.std), crop_pct=1.0)
+               image_size=tuple(pre.image_size), mean=tuple(pre.mean), std=tuple(pre.std),
+               crop_pct=pre.crop_pct or 1.0)
     return cfg
 
 
@@ -429,6 +440,12 @@ class RunDir:
             if reason and reason != "fused is off":
                 log.info("%s: the reference path runs this block: %s", name, reason)
         return model.to(device).eval()
+
+    def load_weights_into(self, model: nn.Module) -> None:
+        """The run's saved weights into ``model`` (the run's own, being trained), strictly."""
+        path = self._file(_WEIGHTS)
+        state = files.read_tensors(path, _weights_limit(sum(p.numel() for p in model.parameters())))
+        load_strictly(model, state, f"{path}: does not match the model")
 
     def save_weights(self, model: nn.Module) -> None:
         files.write(self._file(_WEIGHTS), files.tensor_bytes(model.state_dict()), replace=True)

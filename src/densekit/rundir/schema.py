@@ -209,8 +209,11 @@ CONFIG = {
     "lr": lambda v: is_number(v) and v > 0, "seed": lambda v: is_int(v, 0, (1 << 63) - 1),
     "train_limit": is_optional(lambda v: is_int(v, 1)), "init": is_optional(is_name),
     "deterministic": lambda v: isinstance(v, bool), "save_every": lambda v: is_int(v, 1),
+    "val_fraction": lambda v: is_number(v, 0) and v < 1, "keep": lambda v: v in ("best", "last"),
+    "patience": is_optional(lambda v: is_int(v, 1)), "workers": is_optional(lambda v: is_int(v, 0, 256)),
+    "skip_bad_images": lambda v: isinstance(v, bool),
 }
-_RECORD = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+_RECORD = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 _STATS = {"loss_sum": is_number, "correct": is_int, "seen": is_int,
           "seconds": lambda v: is_number(v, 0), "lr": lambda v: is_number(v, 0)}
 
@@ -230,11 +233,12 @@ def check_resume(meta: dict, source: object) -> dict:
     config.only(set(CONFIG))
     data = f.sub("data")
     data.get("train_images", is_int, "an integer >= 0")
+    data.get("val_images", is_int, "an integer >= 0")
     data.get("test_images", is_int, "an integer >= 0")
     data.get("classes", is_list_of(is_text, 1), "a list of names")
     data.get("image_size", is_list_of(lambda s: is_int(s, 1, MAX_SIDE), 2, 2), "[height, width]")
     data.get("in_chans", lambda v: v in (1, 3) and not isinstance(v, bool), "1 or 3")
-    data.only({"train_images", "test_images", "classes", "image_size", "in_chans"})
+    data.only({"train_images", "val_images", "test_images", "classes", "image_size", "in_chans"})
     spe = f.get("steps_per_epoch", lambda v: is_int(v, 1), "an integer >= 1")
     epochs = config.obj["epochs"]
     f.get("total_steps", lambda v: v == epochs * spe, f"epochs x steps_per_epoch ({epochs * spe})")
@@ -248,6 +252,8 @@ def check_resume(meta: dict, source: object) -> dict:
     f.get("history", lambda v: isinstance(v, list) and len(v) == epoch and all(map(_is_record, v)),
           f"a list of {epoch} epoch records")
     f.get("train_seconds", lambda v: is_number(v, 0), "a number >= 0")
+    f.get("best_epoch", lambda v: is_int(v, 0, epoch), f"an integer from 0 to {epoch}")
+    f.get("stopped_early", lambda v: isinstance(v, bool), "true or false")
     f.get("world_size", lambda v: is_int(v, 1, 1 << 16), "an integer >= 1", 1)
     opt = f.sub("optimizer")
     opt.get("param_groups", is_list_of(lambda g: isinstance(g, dict), 1, 64), "a list of parameter groups")
@@ -256,7 +262,8 @@ def check_resume(meta: dict, source: object) -> dict:
     opt.only({"param_groups", "state"})
     f.sub("scheduler")
     f.only({"format_version", "config", "data", "epoch", "step_in_epoch", "global_step", "steps_per_epoch",
-            "total_steps", "stats", "history", "train_seconds", "world_size", "optimizer", "scheduler"})
+            "total_steps", "stats", "history", "train_seconds", "best_epoch", "stopped_early", "world_size",
+            "optimizer", "scheduler"})
     return meta
 
 
@@ -305,6 +312,7 @@ SUMMARY = {
     "model": is_slug, "dataset": is_dataset, "epochs": lambda v: is_int(v, 1, MAX_EPOCHS),
     "epochs_completed": is_int, "steps": is_int, "total_steps": is_int, "finished": lambda v: isinstance(v, bool),
     "params": is_int, "macs": is_int, "test_accuracy": is_optional(lambda v: is_number(v, 0) and v <= 1),
+    "val_accuracy": is_optional(lambda v: is_number(v, 0) and v <= 1),
     "test_images": is_int,
 }
 

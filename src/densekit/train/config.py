@@ -16,21 +16,29 @@ from pathlib import Path
 
 from .. import checks
 from ..checks import ArgumentError
+from ..data.datasets import FIXED_SIZE
+from ..models import get_variant, list_models, model_kwargs
+from ..models.size import estimate
 from ..rundir import RunDir
 from .recipes import get_recipe
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "densenet_bc_100_k12"
+DEFAULT_MODEL = "densenet_bc_100_k12"   # on a GPU: the paper's BC-100, 0.77M parameters on Fashion-MNIST
+# On a CPU, where DenseNet-BC-100 trains at tens of images a second: `make run`'s model and length,
+# which reach 91% on Fashion-MNIST in about five minutes on 2 cores (docs/performance.md).
+CPU_MODEL, CPU_EPOCHS = "densenet_bc_40_k12_s2", 3
 DEFAULT_DATASET = "fashion-mnist"
 DEFAULT_RECIPE = "fast"
 DEFAULT_SAVE_EVERY = 200
+DEFAULT_VAL_FRACTION = 0.1
+KEEP = ("best", "last")
 
 # The fields that define a run: a directory can only be resumed with the same values.
 IDENTITY = ("model", "model_args", "dataset", "image_size", "recipe", "epochs", "batch_size", "lr",
-            "seed", "train_limit", "init")
-# What a resumed run keeps of its stored config besides its identity.
-KEPT = ("data_dir", "deterministic", "save_every")
+            "seed", "train_limit", "init", "val_fraction", "keep", "patience")
+# What a resumed run keeps of its stored config besides its identity (unless given again).
+KEPT = ("data_dir", "deterministic", "save_every", "workers", "skip_bad_images")
 
 
 @dataclasses.dataclass
@@ -59,15 +67,28 @@ class TrainConfig:
     resume: bool = False                # the directory must hold a run to continue
     max_steps: int | None = None        # stop (resumably) after this many steps of the run
     save_every: int | None = None       # steps between mid-epoch checkpoints
+    val_fraction: float | None = None   # of the training images held out for validation, where the dataset
+                                        # has no validation split of its own (default 0.1)
+    keep: str | None = None             # the weights a run keeps: "best" (by validation accuracy) or "last"
+    patience: int | None = None         # stop after this many epochs without a better validation accuracy
+    workers: int | None = None          # processes decoding streamed images (default: one per core, at most 8)
+    skip_bad_images: bool | None = None  # skip files that do not decode, with a warning, instead of stopping
 
 
 def check_config(config: TrainConfig) -> TrainConfig:
     """The config with every given value checked, and ``init`` made absolute (a run's
     identity: the same directory from any working directory)."""
-    for name in ("epochs", "batch_size", "train_limit", "image_size", "max_steps", "save_every"):
+    for name in ("epochs", "batch_size", "train_limit", "image_size", "max_steps", "save_every", "patience"):
         checks.optional(checks.positive_int, name, getattr(config, name))
     checks.optional(checks.positive_number, "lr", config.lr)
     checks.optional(checks.non_negative_int, "seed", config.seed)
+    checks.optional(checks.non_negative_int, "workers", config.workers)
+    if config.val_fraction is not None:
+        checks.fraction("val_fraction", config.val_fraction)
+    checks.optional(lambda name, v: checks.one_of(name, v, KEEP), "keep", config.keep)
+    if config.model is not None and config.model not in list_models():
+        raise ArgumentError(f"{{model}}: unknown model {checks.quote(config.model)}; known: "
+                            f"{', '.join(list_models())}")
     if config.model_args is not None and not isinstance(config.model_args, dict):
         raise ArgumentError(f"{{model_args}} must be a dict, got {type(config.model_args).__name__}")
     if config.init is not None and (config.model is not None or config.model_args):
@@ -93,26 +114,44 @@ def init_defaults(init: str, dataset: str | None = None, data_dir: str | None = 
     folder only when no ``data_dir`` is given)."""
     source = RunDir(init)
     info = source.read_info()
-    defaults = dict(model=info.model, model_args=info.model_args)
+    defaults = dict(model=info.model, model_args=info.model_args, image_size=info.preprocessing.image_size[0])
     if dataset is None or dataset == info.dataset:
         defaults.update(dataset=info.dataset, data_dir=source.data_dir(info) if data_dir is None else None)
-        if info.dataset == "imagefolder":
-            defaults["image_size"] = info.preprocessing.image_size[0]
     return {k: v for k, v in defaults.items() if v is not None}
 
 
-def _defaults(config: TrainConfig) -> dict:
-    base = dict(model=DEFAULT_MODEL, model_args={}, dataset=DEFAULT_DATASET, data_dir=None, image_size=None,
-                recipe=DEFAULT_RECIPE, seed=0, train_limit=None, deterministic=False,
-                save_every=DEFAULT_SAVE_EVERY, init=None)
+def default_model(device_type: str) -> str:
+    return CPU_MODEL if device_type == "cpu" else DEFAULT_MODEL
+
+
+def natural_size(model: str, dataset: str) -> int | None:
+    """The image side a model is trained at unless told: its own for the ImageNet variants
+    (224); for the CIFAR-style ones, None on a fixed-size dataset (its images' own side: 28 for
+    Fashion-MNIST, 32 for CIFAR), else the variant's (32)."""
+    variant = get_variant(model)
+    if variant.stem == "imagenet":
+        return variant.input_size[-1]
+    return None if dataset in FIXED_SIZE else variant.input_size[-1]
+
+
+def _defaults(config: TrainConfig, device_type: str) -> dict:
+    base = dict(model=default_model(device_type), model_args={}, dataset=DEFAULT_DATASET, data_dir=None,
+                image_size=None, recipe=DEFAULT_RECIPE, seed=0, train_limit=None, deterministic=False,
+                save_every=DEFAULT_SAVE_EVERY, init=None, val_fraction=DEFAULT_VAL_FRACTION, keep="best",
+                patience=None, workers=None, skip_bad_images=False)
     if config.init is not None:
         base.update(init_defaults(config.init, config.dataset, config.data_dir))
+    elif config.model is None and device_type == "cpu" and config.epochs is None:
+        base["epochs"] = CPU_EPOCHS
+        log.info("no model given: training %s for %d epochs, sized for a CPU (give a model and epochs to choose)",
+                 CPU_MODEL, CPU_EPOCHS)
     return base
 
 
-def resolve(config: TrainConfig, stored: dict | None) -> dict:
-    """The complete config: given values, else the stored run's, else the defaults."""
-    base = dict(stored) if stored is not None else _defaults(config)
+def resolve(config: TrainConfig, stored: dict | None, device_type: str = "cpu") -> dict:
+    """The complete config: given values, else the stored run's, else the defaults (some by
+    the device: a smaller model and fewer epochs on a CPU)."""
+    base = dict(stored) if stored is not None else _defaults(config, device_type)
     given = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(config, f.name) is not None}
     cfg = {**base, **{k: v for k, v in given.items() if k in base or k in IDENTITY}}
@@ -123,9 +162,27 @@ def resolve(config: TrainConfig, stored: dict | None) -> dict:
     for key in ("epochs", "batch_size", "lr"):
         if cfg.get(key) is None:
             cfg[key] = getattr(recipe, key)
+    if cfg.get("image_size") is None and stored is None:
+        cfg["image_size"] = natural_size(cfg["model"], cfg["dataset"])
     # as JSON will read it back, so that a stored run compares equal: (1, 1) -> [1, 1]
     cfg["model_args"] = json.loads(json.dumps(cfg.get("model_args") or {}))
+    _check_fits_model(cfg)
     return cfg
+
+
+def _check_fits_model(cfg: dict) -> None:
+    """The image size against the model, before any data is read: the model's downsampling
+    must leave at least one pixel (its arguments checked on the way)."""
+    if cfg["init"] is not None or cfg["image_size"] is None:  # checked against the data when loaded
+        return
+    try:
+        size = estimate(model_kwargs(cfg["model"], **cfg["model_args"]), (cfg["image_size"],) * 2)
+    except (TypeError, ValueError) as e:
+        raise ArgumentError(f"{{model_args}}: {checks.text(e)}") from None
+    if size.min_input > cfg["image_size"]:
+        raise ArgumentError(f"{{image_size}} {cfg['image_size']} is below the smallest input {cfg['model']} takes "
+                            f"({size.min_input} px: it downsamples its input); give a larger one or a CIFAR-style "
+                            "model (e.g. densenet_bc_100_k12)")
 
 
 def differences(a: dict, b: dict) -> list[str]:
@@ -133,15 +190,15 @@ def differences(a: dict, b: dict) -> list[str]:
     return [f"{k} is {b.get(k)!r} there, {a.get(k)!r} here" for k in IDENTITY if a.get(k) != b.get(k)]
 
 
-def default_out(config: TrainConfig) -> Path:
+def default_out(config: TrainConfig, device_type: str = "cpu") -> Path:
     """runs/<dataset>-<model>-<time>, named by what the run will train (``init``'s if not given)."""
     names = init_defaults(config.init, config.dataset) if config.init is not None else {}
     dataset = config.dataset or names.get("dataset", DEFAULT_DATASET)
-    model = config.model or names.get("model", DEFAULT_MODEL)
+    model = config.model or names.get("model", default_model(device_type))
     return Path("runs") / f"{dataset}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def open_config(run: RunDir, config: TrainConfig) -> tuple[dict, dict | None]:
+def open_config(run: RunDir, config: TrainConfig, device_type: str = "cpu") -> tuple[dict, dict | None]:
     """Decide between a fresh run in ``run`` and a resumed one; returns (complete config,
     resume metadata or None). Refuses a folder that holds anything but this run."""
     if run.path.exists() and not run.path.is_dir():
@@ -149,7 +206,7 @@ def open_config(run: RunDir, config: TrainConfig) -> tuple[dict, dict | None]:
     if run.is_empty():
         if config.resume:
             raise ArgumentError(f"{{resume}}: {checks.text(run)} holds no run to resume")
-        cfg = resolve(config, None)
+        cfg = resolve(config, None, device_type)
         if cfg["data_dir"] is not None:  # the same folder whichever directory the run is resumed from
             cfg["data_dir"] = str(Path(cfg["data_dir"]).resolve())
         return cfg, None
@@ -159,7 +216,7 @@ def open_config(run: RunDir, config: TrainConfig) -> tuple[dict, dict | None]:
                             "choose another {out} (densekit never overwrites files)")
     meta = run.read_resume_meta()
     stored = meta["config"]
-    cfg = resolve(config, stored if config.resume else None)
+    cfg = resolve(config, stored if config.resume else None, device_type)
     diff = checks.text("; ".join(differences(cfg, stored)))
     if diff:
         if config.resume:

@@ -212,8 +212,10 @@ def predict_logits(model: nn.Module, x: torch.Tensor, runtime: Runtime) -> torch
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DeviceLoader, runtime: Runtime, num_classes: int) -> EvalResult:
-    """Loss and confusion matrix of ``model`` in eval mode over ``loader``."""
+def evaluate(model: nn.Module, loader, runtime: Runtime, num_classes: int,
+             report: Callable[[int], None] | None = None) -> EvalResult:
+    """Loss and confusion matrix of ``model`` in eval mode over ``loader`` (a ``DeviceLoader``
+    or a ``StreamingLoader``); ``report(batches done)`` every few batches."""
     was_training = model.training
     model.eval()
     # Autotuned kernels may differ between two processes; the default heuristics pick the
@@ -223,11 +225,13 @@ def evaluate(model: nn.Module, loader: DeviceLoader, runtime: Runtime, num_class
     try:
         loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
         preds, labels = [], []
-        for x, y in loader:
+        for i, (x, y) in enumerate(loader, 1):
             logits = predict_logits(model, x, runtime)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             preds.append(logits.argmax(1))
             labels.append(y)
+            if report is not None and (i % SYNC_EVERY == 0 or i == len(loader)):
+                report(i)
         pred = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.int64)
         true = torch.cat(labels).cpu() if labels else torch.zeros(0, dtype=torch.int64)
         # on the host: CUDA's bincount is not deterministic, and this is tiny

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from .. import checks
 from ..checks import ArgumentError, positive_int
 from ..data import DataError, Split, load_dataset, load_images
+from ..data.batches import loader_for
 from ..errors import UserError
 from ..results import Result
 from ..rundir import ModelInfo, RunDir
@@ -99,7 +101,7 @@ def _eval_data(info: ModelInfo, run: RunDir, dataset: str | None, data_dir):
     if data_dir is None:
         data_dir = run.data_dir(info, name)
     h, w = pre.image_size
-    data = load_dataset(name, data_dir, image_size=h if name == "imagefolder" else None)
+    data = load_dataset(name, data_dir, image_size=h, val_fraction=info.val_fraction, seed=info.seed)
     if data.num_classes != info.num_classes:
         raise UserError(f"{name} has {data.num_classes} classes but the model in {run} predicts {info.num_classes}")
     if (data.in_chans, *data.image_size) != (pre.in_chans, h, w):
@@ -107,7 +109,8 @@ def _eval_data(info: ModelInfo, run: RunDir, dataset: str | None, data_dir):
                         f"in {run} was trained on {pre.in_chans}x{h}x{w}")
     if list(data.classes) != list(info.classes):
         log.warning("%s class names differ from the run's; reporting the run's names", name)
-    return data
+    # fed as the run was trained: its own mean and std (those of its training images)
+    return dataclasses.replace(data, mean=tuple(pre.mean), std=tuple(pre.std))
 
 
 def _figure_path(run: RunDir, confusion_path) -> Path:
@@ -121,26 +124,33 @@ def _figure_path(run: RunDir, confusion_path) -> Path:
 
 
 def evaluate_run(run_dir: str | os.PathLike, dataset: str | None = None, data_dir: str | os.PathLike | None = None,
-                 device: str = "auto", confusion_path: str | os.PathLike | None = None) -> EvalReport:
-    """Accuracy, per-class accuracy and confusion matrix of the run's model on a test split.
+                 device: str = "auto", confusion_path: str | os.PathLike | None = None,
+                 split: str | None = None) -> EvalReport:
+    """Accuracy, per-class accuracy and confusion matrix of the run's model on a split:
+    ``split`` "test" (the default where the dataset has one) or "val" (the run's validation
+    split, made again as the run made it).
 
     ``dataset`` defaults to the one the run trained on (and ``data_dir`` to where it was
     read from); the confusion matrix is drawn to ``confusion_path`` (default: the run
     directory's confusion.png).
     """
+    checks.optional(lambda name, v: checks.one_of(name, v, ("test", "val")), "split", split)
     run = RunDir(run_dir)
     model, info, runtime = _load(run, device)
     png = _figure_path(run, confusion_path)
     data = _eval_data(info, run, dataset, data_dir)
-    pre = info.preprocessing
+    split = split or ("test" if data.test is not None else "val")
+    if split == "test" and data.test is None:
+        raise ArgumentError(f"{{split}} test: {checks.text(data.name)} has no test split here; give {{split}} val")
+    loader = loader_for(data, data.test if split == "test" else data.val, _batch(info), train=False,
+                        device=runtime.device, channels_last=runtime.channels_last)
     with runtime.activated():
-        result = evaluate(model, eval_loader(data.test, pre.mean, pre.std, runtime, _batch(info)), runtime,
-                          info.num_classes)
+        result = evaluate(model, loader, runtime, info.num_classes)
     title = f"{info.model} on {data.name}: {100 * result.accuracy:.2f}% accurate"
     if result.confusion is not None:
         run.write_figure(png, confusion_png(result.confusion, list(info.classes), title))
     return EvalReport(
-        run=str(run), model=info.model, dataset=data.name, split="test", accuracy=result.accuracy,
+        run=str(run), model=info.model, dataset=data.name, split=split, accuracy=result.accuracy,
         correct=result.correct, total=result.total, loss=result.loss,
         per_class=[ClassAccuracy(i, c, a, int(n))
                    for i, (c, a, n) in enumerate(zip(info.classes, result.per_class, result.counts))],
@@ -173,7 +183,7 @@ def _predict(model, info: ModelInfo, runtime: Runtime, paths: list, top_k: int) 
     with runtime.activated(), torch.inference_mode():
         for lo in range(0, len(paths), files_at_once):
             chunk = paths[lo:lo + files_at_once]
-            images = load_images(chunk, pre.in_chans, tuple(pre.image_size))
+            images = load_images(chunk, pre.in_chans, tuple(pre.image_size), crop_pct=pre.crop_pct)
             split = Split(images=images, labels=torch.zeros(len(chunk), dtype=torch.int64))
             probs = []
             for x, _ in eval_loader(split, pre.mean, pre.std, runtime, _batch(info)):

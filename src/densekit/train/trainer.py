@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,17 +23,17 @@ from torch import nn
 
 from .. import __version__, distributed
 from ..checks import ArgumentError, text
-from ..data import Dataset, DeviceLoader, load_dataset
+from ..data import Dataset, load_dataset
+from ..data.batches import loader_for
 from ..errors import UserError
 from ..models import DenseNet, create_model, model_kwargs
 from ..models.profile import count_macs, count_params
 from ..results import Result
 from ..rundir import ModelInfo, Preprocessing, RunDir, pruned_structure
-from .config import TrainConfig, check_config, default_out, open_config
 from ..models.size import estimate
-from .engine import (Diverged, EpochStats, EvalResult, StepReport, eval_batch_size, eval_loader, evaluate,
-                     train_one_epoch)
 from ..plots import curves_png
+from .config import TrainConfig, check_config, default_out, open_config
+from .engine import Diverged, EpochStats, EvalResult, StepReport, eval_batch_size, evaluate, train_one_epoch
 from .recipes import Recipe, augment_for, build_optimizer, build_scheduler, get_recipe
 from .runtime import Runtime, RuntimeFacts, rng_state, seed_everything, select_runtime, set_rng_state
 from .step import TrainStep
@@ -65,15 +66,25 @@ class EpochEnd:
     epochs: int
     train_loss: float
     train_acc: float
-    test_loss: float
-    test_acc: float
+    val_loss: float
+    val_acc: float
     lr: float
     seconds: float
+    best: bool             # the best validation accuracy so far: the weights kept with keep="best"
+
+
+@dataclasses.dataclass
+class Evaluating:
+    """Reported as an evaluation goes (``split`` "val" or "test"): batches done of ``batches``."""
+
+    split: str
+    done: int
+    batches: int
 
 
 # What ``train`` reports as it goes, in this order: one RunStart, then StepReports (every few
 # steps) and an EpochEnd after each epoch.
-Event = RunStart | StepReport | EpochEnd
+Event = RunStart | StepReport | EpochEnd | Evaluating
 
 
 @dataclasses.dataclass
@@ -103,9 +114,16 @@ class TrainSummary(Result, RuntimeFacts):
     images_per_second: float
     train_loss: float
     train_acc: float
-    test_accuracy: float         # fraction of the full test split; `densekit eval` reproduces it
-    test_loss: float
-    test_correct: int
+    val_split: str               # how the validation split was made
+    val_images: int
+    kept: str                    # "best" (by validation accuracy) or "last": the weights the run keeps
+    kept_epoch: int              # the epoch those weights are of (0: none finished)
+    val_accuracy: float | None   # of the kept weights
+    val_loss: float | None
+    stopped_early: bool          # by patience: that many epochs without a better validation accuracy
+    test_accuracy: float | None  # the kept weights on the full test split, scored once at the end (None:
+    test_loss: float | None      # the dataset has no test split); `densekit eval` reproduces it
+    test_correct: int | None
     test_images: int
     cuda_graph_captured: bool
     world_size: int
@@ -125,6 +143,8 @@ class _Progress:
     stats: EpochStats = dataclasses.field(default_factory=EpochStats)
     history: list = dataclasses.field(default_factory=list)
     train_seconds: float = 0.0
+    best_epoch: int = 0           # the epoch of the best validation accuracy so far (0: none yet)
+    stopped_early: bool = False
 
 
 def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) -> TrainSummary:
@@ -146,7 +166,7 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
 
 def _train(config: TrainConfig, emit: Callable[[Event], None], job: distributed.Dist,
            device: torch.device) -> TrainSummary:
-    run, cfg, meta = _open_run(config, job)
+    run, cfg, meta = _open_run(config, job, device)
     runtime = select_runtime(str(device), config.channels_last, bool(cfg["deterministic"]),
                              False if job.active else config.cuda_graph)
     data = _load_data(cfg, meta, run)
@@ -156,18 +176,19 @@ def _train(config: TrainConfig, emit: Callable[[Event], None], job: distributed.
         session.start(meta)
         emit(session.start_event(config.max_steps))
         session.loop(config.max_steps, emit)
-        session.finish()
+        session.finish(emit)
     summary = session.summary()
     if job.is_main:
         run.write_summary(summary)
     return summary
 
 
-def _open_run(config: TrainConfig, job: distributed.Dist) -> tuple[RunDir, dict, dict | None]:
+def _open_run(config: TrainConfig, job: distributed.Dist,
+              device: torch.device) -> tuple[RunDir, dict, dict | None]:
     """The run directory (one name for every rank), its complete config, its resume state."""
-    out = distributed.broadcast_object(Path(config.out) if config.out else default_out(config))
+    out = distributed.broadcast_object(Path(config.out) if config.out else default_out(config, device.type))
     run = RunDir(out)
-    cfg, meta = open_config(run, config)
+    cfg, meta = open_config(run, config, device.type)
     distributed.check_batch_split(cfg["batch_size"], job.world_size)
     if meta is not None and meta.get("world_size", 1) != job.world_size:
         log.warning("continuing a run of %d process(es) with %d: the batches are the same, but batch norm "
@@ -178,12 +199,19 @@ def _open_run(config: TrainConfig, job: distributed.Dist) -> tuple[RunDir, dict,
 
 
 def _data_facts(data: Dataset) -> dict:
-    return dict(train_images=len(data.train), test_images=len(data.test), classes=data.classes,
+    return dict(train_images=len(data.train), val_images=len(data.val),
+                test_images=0 if data.test is None else len(data.test), classes=data.classes,
                 image_size=list(data.image_size), in_chans=data.in_chans)
 
 
 def _load_data(cfg: dict, meta: dict | None, run: RunDir) -> Dataset:
-    data = load_dataset(cfg["dataset"], cfg["data_dir"], cfg["train_limit"], cfg["image_size"])
+    data = load_dataset(cfg["dataset"], cfg["data_dir"], cfg["train_limit"], cfg["image_size"],
+                        val_fraction=cfg["val_fraction"], seed=cfg["seed"], workers=cfg["workers"],
+                        skip_bad_images=cfg["skip_bad_images"])
+    if len(data.val) == 0:
+        raise ArgumentError("the validation split is empty: give a {val_fraction} above 0, or a val/ folder")
+    log.info("%s: validating on %s (%d images)%s", data.name, data.val_source, len(data.val),
+             "" if data.test is None else f"; the test split ({len(data.test)} images) is scored once, at the end")
     if meta is not None and meta["data"] != _data_facts(data):
         diff = [f"{k} {meta['data'].get(k)!r} there, {v!r} here" for k, v in _data_facts(data).items()
                 if meta["data"].get(k) != v]
@@ -205,10 +233,10 @@ def _registered_model(cfg: dict, data: Dataset, resumed_from: RunDir | None) -> 
         raise UserError(str(e)) from e
     h, w = data.image_size
     if model.min_input_size > min(h, w):
-        raise UserError(
+        raise ArgumentError(
             f"model {cfg['model']} needs images of at least {model.min_input_size}x{model.min_input_size} px "
             f"(it downsamples {model.feature_info[-1]['reduction']}x), but {data.name} images are {h}x{w}; "
-            "pick a CIFAR-style model (e.g. densenet_bc_100_k12)")
+            "give a larger {image_size} or a CIFAR-style model (e.g. densenet_bc_100_k12)")
     # JSON has no tuples: store the kwargs as they will read back
     return model, {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
 
@@ -268,25 +296,35 @@ class _Session:
         self.recipe: Recipe = get_recipe(cfg["recipe"])
         self.model, self.kwargs = _model(cfg, data, run, resumed)
         runtime.prepare(self.model)
-        shard = (job.rank, job.world_size) if job.active else None
-        self.train_loader = DeviceLoader(data.train, cfg["batch_size"], mean=data.mean, std=data.std,
-                                         device=runtime.device, shuffle=True,
-                                         augment=augment_for(self.recipe, data.name), drop_last=True,
-                                         seed=cfg["seed"], channels_last=runtime.channels_last, shard=shard)
+        self.augment = augment_for(self.recipe, data.name)
+        self.train_loader = self._loader(data.train, cfg["batch_size"], train=True)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise ArgumentError(f"{{batch_size}} {cfg['batch_size']} is larger than the {len(data.train)} "
                                 "training images; lower it")
         self.total_steps = cfg["epochs"] * self.steps_per_epoch
-        batch = eval_batch_size(estimate(self.kwargs, data.image_size).activations)
-        self.test_loader = eval_loader(data.test, data.mean, data.std, runtime, batch, shard=shard)
+        self.eval_batch = eval_batch_size(estimate(self.kwargs, data.image_size).activations)
         self.optimizer = build_optimizer(self.model, self.recipe, cfg["lr"], fused=runtime.cuda_graph)
         self.scheduler = build_scheduler(self.optimizer, self.recipe, self.steps_per_epoch, self.total_steps)
         criterion = nn.CrossEntropyLoss(label_smoothing=self.recipe.label_smoothing)
         self.step = TrainStep(distributed.wrap(self.model, runtime.device), self.optimizer, criterion, runtime,
                               cuda_graph=runtime.cuda_graph)
         self.progress = _Progress()
-        self.last_eval: EvalResult | None = None
+        self.kept_eval: EvalResult | None = None   # the kept weights on the validation split
+        self.test_eval: EvalResult | None = None
+
+    def _loader(self, split, batch_size: int, train: bool):
+        job, cfg = self.job, self.cfg
+        return loader_for(self.data, split, batch_size, train=train, device=self.runtime.device, seed=cfg["seed"],
+                          channels_last=self.runtime.channels_last,
+                          shard=(job.rank, job.world_size) if job.active else None,
+                          augment=self.augment, workers=cfg["workers"],
+                          skip_bad_images=cfg["skip_bad_images"])
+
+    def _evaluate(self, split, name: str, emit: Callable[[Event], None]) -> EvalResult:
+        loader = self._loader(split, self.eval_batch, train=False)
+        return evaluate(self.model, loader, self.runtime, self.data.num_classes,
+                        report=lambda done: emit(Evaluating(name, done, len(loader))))
 
     # -- the run directory
 
@@ -300,14 +338,15 @@ class _Session:
                 config=self.cfg, data=_data_facts(self.data), epoch=p.epoch, step_in_epoch=p.step_in_epoch,
                 global_step=p.global_step, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
                 stats=dataclasses.asdict(p.stats), history=p.history, train_seconds=p.train_seconds,
-                world_size=self.job.world_size))
+                best_epoch=p.best_epoch, stopped_early=p.stopped_early, world_size=self.job.world_size))
 
     def _model_info(self) -> ModelInfo:
         d, cfg = self.data, self.cfg
         data_dir = None if cfg["data_dir"] is None else str(Path(cfg["data_dir"]).resolve())
         return ModelInfo(cfg["model"], cfg["model_args"], self.kwargs, d.name, data_dir, tuple(d.classes),
-                         Preprocessing(d.in_chans, tuple(d.image_size), tuple(d.mean), tuple(d.std)),
-                         pruned_structure(self.model))
+                         Preprocessing(d.in_chans, tuple(d.image_size), tuple(d.mean), tuple(d.std),
+                                       crop_pct=d.crop_pct),
+                         pruned_structure(self.model), val_fraction=cfg["val_fraction"], seed=cfg["seed"])
 
     def start(self, meta: dict | None) -> None:
         """A fresh run's first checkpoint, or a resumed run's state restored."""
@@ -318,7 +357,8 @@ class _Session:
             meta, rng = self.run.load_resume(self.model, self.optimizer, self.scheduler)
             set_rng_state(rng)
             self.progress = _Progress(meta["epoch"], meta["step_in_epoch"], meta["global_step"],
-                                      EpochStats(**meta["stats"]), meta["history"], meta["train_seconds"])
+                                      EpochStats(**meta["stats"]), meta["history"], meta["train_seconds"],
+                                      meta["best_epoch"], meta["stopped_early"])
             log.info("resuming %s at epoch %d, step %d of %d", self.run, self.progress.epoch + 1,
                      self.progress.step_in_epoch, self.steps_per_epoch)
         if self.main:
@@ -332,7 +372,7 @@ class _Session:
         self.params = count_params(self.model)
         self.macs = count_macs(self.model, (self.data.in_chans, *self.data.image_size))
 
-    def start_event(self, max_steps: int | None) -> Event:
+    def start_event(self, max_steps: int | None) -> RunStart:
         return RunStart(out=str(self.run), model=self.cfg["model"], dataset=self.data.name, params=self.params,
                         macs=self.macs, epochs=self.cfg["epochs"], steps_per_epoch=self.steps_per_epoch,
                         total_steps=self.total_steps, global_step=self.progress.global_step,
@@ -342,7 +382,7 @@ class _Session:
     # -- training
 
     def _stopped(self, max_steps: int | None) -> bool:
-        return max_steps is not None and self.progress.global_step >= max_steps
+        return self.progress.stopped_early or (max_steps is not None and self.progress.global_step >= max_steps)
 
     def _save_within_epoch(self, step_in_epoch: int, global_step: int) -> None:
         self.progress.step_in_epoch, self.progress.global_step = step_in_epoch, global_step
@@ -358,24 +398,35 @@ class _Session:
         return p.step_in_epoch == self.steps_per_epoch
 
     def end_epoch(self, emit: Callable[[Event], None]) -> None:
-        """Score the epoch's model on the test split, record it, checkpoint it."""
+        """Score the epoch's model on the validation split, record it, keep it if it is the best,
+        checkpoint, and stop early where patience says so."""
         p = self.progress
         distributed.share_buffers(self.model)  # every rank scores rank 0's model, the one saved
-        self.last_eval = evaluate(self.model, self.test_loader, self.runtime, self.data.num_classes)
-        record = dict(epoch=p.epoch + 1, train_loss=p.stats.loss, train_acc=p.stats.acc,
-                      test_loss=self.last_eval.loss, test_acc=self.last_eval.accuracy, lr=p.stats.lr,
-                      seconds=p.stats.seconds)
+        result = self._evaluate(self.data.val, "val", emit)
+        best_acc = max((r["val_acc"] for r in p.history), default=-math.inf)
+        best = not p.history or result.accuracy > best_acc  # ties keep the earlier epoch
+        record = dict(epoch=p.epoch + 1, train_loss=p.stats.loss, train_acc=p.stats.acc, val_loss=result.loss,
+                      val_acc=result.accuracy, lr=p.stats.lr, seconds=p.stats.seconds)
         p.history.append(record)
         p.train_seconds += p.stats.seconds
         p.epoch, p.step_in_epoch, p.stats = p.epoch + 1, 0, EpochStats()
+        if best:
+            p.best_epoch = p.epoch
+        patience = self.cfg["patience"]
+        p.stopped_early = patience is not None and p.epoch - p.best_epoch >= patience and p.epoch < self.cfg["epochs"]
+        if self.main and (best or self.cfg["keep"] == "last"):
+            self.run.save_weights(self.model)  # the weights the run keeps, as they become so
         self.checkpoint()
         if self.main:
             self.run.write_metrics(p.history)
-            self.run.save_weights(self.model)
-        emit(EpochEnd(epochs=self.cfg["epochs"], **record))
+        emit(EpochEnd(epochs=self.cfg["epochs"], best=best, **record))
+        if p.stopped_early:
+            log.info("stopping early: %d epoch(s) without a better validation accuracy than epoch %d's",
+                     patience, p.best_epoch)
 
     def loop(self, max_steps: int | None, emit: Callable[[Event], None]) -> None:
-        """Train epoch after epoch until the run ends or ``max_steps`` stops it (resumably)."""
+        """Train epoch after epoch until the run ends, ``max_steps`` stops it (resumably) or
+        patience does."""
         try:
             while self.progress.epoch < self.cfg["epochs"] and not self._stopped(max_steps):
                 if not self.train_epoch(max_steps, emit):  # stopped by max_steps inside the epoch
@@ -387,30 +438,46 @@ class _Session:
             raise ArgumentError(f"{text(e)}; training stopped. The last good checkpoint (step {good}) is kept in "
                                 f"{text(self.run)}; try a lower {{lr}}") from e
 
-    def finish(self) -> None:
-        """The final weights (scored if no epoch ended here) and the curves."""
+    def _keep(self) -> int:
+        """Put the kept weights in the model; returns their epoch (0: no epoch ended)."""
+        p = self.progress
+        kept = (p.epoch if self.cfg["keep"] == "last" else p.best_epoch) if p.history else 0
+        if kept and (kept != p.epoch or p.step_in_epoch):  # the model has moved on since: the saved ones
+            self.run.load_weights_into(self.model)
+        return kept
+
+    def finish(self, emit: Callable[[Event], None]) -> None:
+        """The kept weights: scored on the validation split and, once, on the test split; the curves."""
         distributed.share_buffers(self.model)
-        if self.last_eval is None:
-            self.last_eval = evaluate(self.model, self.test_loader, self.runtime, self.data.num_classes)
-        distributed.check_in_sync(self.model)
-        if self.main:
+        kept = self._keep()
+        if self.main and not kept:  # no epoch ended: the weights as they are, so that the run loads
             self.run.save_weights(self.model)
+        distributed.check_in_sync(self.model)
+        self.kept_epoch = kept
+        self.kept_eval = self._evaluate(self.data.val, "val", emit) if kept else None
+        if self.data.test is not None:
+            self.test_eval = self._evaluate(self.data.test, "test", emit)
         if self.main and self.progress.history:  # drawn once at the end: a figure costs more than a small epoch
             self.run.write_curves(curves_png(self.progress.history, f"{self.cfg['model']} on {self.data.name}"))
 
     def summary(self) -> TrainSummary:
-        p, cfg, d, e = self.progress, self.cfg, self.data, self.last_eval
+        p, cfg, d = self.progress, self.cfg, self.data
         seconds = p.train_seconds + p.stats.seconds
         last = p.history[-1] if p.history else dict(train_loss=p.stats.loss, train_acc=p.stats.acc)
+        v, t = self.kept_eval, self.test_eval
         return TrainSummary(
             model=cfg["model"], model_args=cfg["model_args"], init=cfg["init"], dataset=d.name,
             num_classes=d.num_classes, input_size=[d.in_chans, *d.image_size], params=self.params, macs=self.macs,
             epochs=cfg["epochs"], epochs_completed=len(p.history), steps=p.global_step, total_steps=self.total_steps,
-            finished=p.global_step >= self.total_steps, batch_size=cfg["batch_size"], lr=cfg["lr"],
-            seed=cfg["seed"], train_limit=cfg["train_limit"], train_images=len(d.train), train_seconds=seconds,
-            images_per_second=p.global_step * cfg["batch_size"] / max(seconds, 1e-9),
-            train_loss=last["train_loss"], train_acc=last["train_acc"], test_accuracy=e.accuracy,
-            test_loss=e.loss, test_correct=e.correct, test_images=e.total, **self.runtime.describe(),
+            finished=p.global_step >= self.total_steps or p.stopped_early, batch_size=cfg["batch_size"],
+            lr=cfg["lr"], seed=cfg["seed"], train_limit=cfg["train_limit"], train_images=len(d.train),
+            train_seconds=seconds, images_per_second=p.global_step * cfg["batch_size"] / max(seconds, 1e-9),
+            train_loss=last["train_loss"], train_acc=last["train_acc"], val_split=d.val_source,
+            val_images=len(d.val), kept=cfg["keep"], kept_epoch=self.kept_epoch,
+            val_accuracy=None if v is None else v.accuracy, val_loss=None if v is None else v.loss,
+            stopped_early=p.stopped_early, test_accuracy=None if t is None else t.accuracy,
+            test_loss=None if t is None else t.loss, test_correct=None if t is None else t.correct,
+            test_images=0 if d.test is None else len(d.test), **self.runtime.describe(),
             cuda_graph_captured=self.step.captured, world_size=self.job.world_size, torch=torch.__version__,
             densekit=__version__, recipe=dict(self.recipe.to_dict(), epochs=cfg["epochs"],
                                               batch_size=cfg["batch_size"], lr=cfg["lr"]),
