@@ -14,8 +14,8 @@ from densekit.data import DATASETS, DataError, Dataset, Split, default_data_dir,
 
 def test_public_names():
     assert DATASETS == ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder")
-    assert set(data.__all__) == {"DATASETS", "Augment", "DataError", "Dataset", "DeviceLoader", "Split",
-                                 "default_data_dir", "load_dataset", "load_images"}
+    assert set(data.__all__) == {"DATASETS", "Augment", "DataError", "Dataset", "DeviceLoader", "FileSplit", "Split",
+                                 "StreamingLoader", "default_data_dir", "load_dataset", "load_images", "loader_for"}
     assert issubclass(DataError, ValueError)
 
 

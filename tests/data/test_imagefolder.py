@@ -227,3 +227,17 @@ def test_a_streamed_file_that_does_not_decode(photos, monkeypatch, caplog):
         list(loader)
     loader = loader_for(ds, ds.test, 4, train=False, device=torch.device("cpu"), workers=1, skip_bad_images=True)
     assert [len(y) for _, y in loader] == [3] and f"skipping {bad}" in caplog.text
+
+
+def test_streamed_shards_of_two_ranks_make_up_each_batch(photos, monkeypatch):
+    # under --nproc each rank decodes only its share of a batch: together, the whole batch
+    monkeypatch.setattr(imagefolder, "SMALL_IMAGES", 5)
+    ds = load_dataset("imagefolder", photos, image_size=16, workers=0, seed=3)
+    make = lambda shard: loader_for(ds, ds.train, 5, train=True, device=torch.device("cpu"), seed=3,  # noqa: E731
+                                    workers=1, shard=shard)
+    whole = list(make(None).epoch(2, 1))
+    ranks = [list(make((rank, 2)).epoch(2, 1)) for rank in (0, 1)]
+    assert len(whole) == len(ranks[0]) == len(ranks[1]) == len(ds.train) // 5 - 1
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, *ranks):
+        assert (len(y0), len(y1)) == (2, 3)
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)

@@ -154,3 +154,27 @@ def test_corrupt_resume_state_is_a_user_error(cli, tiny, reference, tmp_path):
     (run / "resume.safetensors").write_bytes((run / "resume.safetensors").read_bytes()[:100])
     rc, out, err = cli("train", "--out", run, "--resume")
     assert rc == 2 and "resume.safetensors" in err and len(err.strip().splitlines()) == 1
+
+
+def test_streamed_folder_resumes_mid_epoch_bit_identical(cli, tiny, writers, tmp_path, monkeypatch, caplog):
+    # a folder counted as large is decoded in worker processes, each image with its own seeded
+    # crop and flip: stopped inside an epoch and resumed, the run is the uninterrupted one
+    from densekit.data import imagefolder
+
+    monkeypatch.setattr(imagefolder, "SMALL_IMAGES", 5)
+    data = writers.imagefolder(tmp_path / "photos", n_train=10, n_test=2)  # 30 train images, 3 classes
+    base = ["train", *tiny, "--dataset", "imagefolder", "--data-dir", data, "--image-size", "16", "--epochs", "2",
+            "--batch-size", "6", "--workers", "1", "--deterministic", "--no-progress"]
+    rc, _, err = cli(*base, "--out", tmp_path / "ref")
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["val_images"] == 3  # 27 images to train on: 4 batches an epoch
+    run = tmp_path / "run"
+    rc, _, err = cli(*base, "--out", run, "--max-steps", "2")
+    assert rc == 0, err
+    assert RunDir(run).read_resume_meta()["step_in_epoch"] == 2
+    caplog.set_level("INFO", logger="densekit")
+    rc, _, err = cli("train", "--out", run, "--resume", "--no-progress")
+    assert rc == 0, err
+    assert "streamed from disk" in caplog.text and "resuming" in caplog.text
+    assert_same_run(run, tmp_path / "ref")

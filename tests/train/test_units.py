@@ -158,7 +158,8 @@ def test_resume_keeps_this_process_choice_of_sgd_kernel(tmp_path):
     meta = dict(config=config, data=dict(train_images=8, val_images=1, test_images=2, classes=["a", "b", "c"],
                                          image_size=[8, 8], in_chans=1),
                 epoch=0, step_in_epoch=0, global_step=0, steps_per_epoch=4, total_steps=8,
-                stats=dict(loss_sum=0.0, correct=0, seen=0, seconds=0.0, lr=0.1), history=[], train_seconds=0.0,
+                stats=dict(loss_sum=0.0, correct=0, seen=0, seconds=0.0, lr=0.1, data_seconds=0.0), history=[],
+                train_seconds=0.0, data_seconds=0.0,
                 best_epoch=0, stopped_early=False)
     run.save_resume(model, eager, build_scheduler(eager, FAST, 4, 8), {}, meta)
     fused = build_optimizer(model, FAST, 0.1, fused=True)

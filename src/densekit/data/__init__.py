@@ -2,13 +2,17 @@
 
 One module per file format: ``idx`` (MNIST, Fashion-MNIST), ``cifar`` (CIFAR-10/100),
 ``imagefolder`` (a folder per class); ``images`` decodes image files for both
-``imagefolder`` and ``densekit predict``; ``loader`` serves normalized batches.
+``imagefolder`` and ``densekit predict``; ``loader`` serves normalized batches of data held
+in memory, ``streaming`` those of files decoded in worker processes, and ``batches.loader_for``
+picks the one a split needs.
 """
 
-from .core import DataError, Dataset, Split
+from .batches import loader_for
+from .core import DataError, Dataset, FileSplit, Split
 from .datasets import DATASETS, default_data_dir, load_dataset
 from .images import load_images
 from .loader import Augment, DeviceLoader
+from .streaming import StreamingLoader
 
 __all__ = [
     "DATASETS",
@@ -16,8 +20,11 @@ __all__ = [
     "DataError",
     "Dataset",
     "DeviceLoader",
+    "FileSplit",
     "Split",
+    "StreamingLoader",
     "default_data_dir",
     "load_dataset",
     "load_images",
+    "loader_for",
 ]

@@ -215,7 +215,8 @@ CONFIG = {
 }
 _RECORD = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 _STATS = {"loss_sum": is_number, "correct": is_int, "seen": is_int,
-          "seconds": lambda v: is_number(v, 0), "lr": lambda v: is_number(v, 0)}
+          "seconds": lambda v: is_number(v, 0), "lr": lambda v: is_number(v, 0),
+          "data_seconds": lambda v: is_number(v, 0)}
 
 
 def _is_record(r: object) -> bool:
@@ -252,6 +253,7 @@ def check_resume(meta: dict, source: object) -> dict:
     f.get("history", lambda v: isinstance(v, list) and len(v) == epoch and all(map(_is_record, v)),
           f"a list of {epoch} epoch records")
     f.get("train_seconds", lambda v: is_number(v, 0), "a number >= 0")
+    f.get("data_seconds", lambda v: is_number(v, 0), "a number >= 0")
     f.get("best_epoch", lambda v: is_int(v, 0, epoch), f"an integer from 0 to {epoch}")
     f.get("stopped_early", lambda v: isinstance(v, bool), "true or false")
     f.get("world_size", lambda v: is_int(v, 1, 1 << 16), "an integer >= 1", 1)
@@ -262,7 +264,8 @@ def check_resume(meta: dict, source: object) -> dict:
     opt.only({"param_groups", "state"})
     f.sub("scheduler")
     f.only({"format_version", "config", "data", "epoch", "step_in_epoch", "global_step", "steps_per_epoch",
-            "total_steps", "stats", "history", "train_seconds", "best_epoch", "stopped_early", "world_size",
+            "total_steps", "stats", "history", "train_seconds", "data_seconds", "best_epoch", "stopped_early",
+            "world_size",
             "optimizer", "scheduler"})
     return meta
 

@@ -52,6 +52,7 @@ class EpochStats:
     seen: int = 0
     seconds: float = 0.0    # training time, without evaluation and checkpoint writes
     lr: float = 0.0         # the learning rate of the last step taken
+    data_seconds: float = 0.0  # of ``seconds``, spent waiting for batches (decoding workers, augmentation)
 
     @property
     def loss(self) -> float:
@@ -142,7 +143,14 @@ def train_one_epoch(
     n = len(loader)
     window = _Window(stats, loader.shard is not None, epoch, n)
     step = start_step
-    for x, y in loader.epoch(epoch, start_step):
+    batches = iter(loader.epoch(epoch, start_step))
+    while True:
+        waited = time.perf_counter()
+        batch = next(batches, None)
+        stats.data_seconds += time.perf_counter() - waited
+        if batch is None:
+            break
+        x, y = batch
         stats.lr = optimizer.param_groups[0]["lr"]
         loss, correct = train_step(x, y)
         scheduler.step()

@@ -111,6 +111,7 @@ class TrainSummary(Result, RuntimeFacts):
     train_limit: int | None
     train_images: int
     train_seconds: float         # training alone: no evaluation, no checkpoint writes
+    data_wait_fraction: float    # of train_seconds, waiting for batches: the loader's share of a step
     images_per_second: float
     train_loss: float
     train_acc: float
@@ -143,6 +144,7 @@ class _Progress:
     stats: EpochStats = dataclasses.field(default_factory=EpochStats)
     history: list = dataclasses.field(default_factory=list)
     train_seconds: float = 0.0
+    data_seconds: float = 0.0     # of train_seconds, waiting for batches (finished epochs)
     best_epoch: int = 0           # the epoch of the best validation accuracy so far (0: none yet)
     stopped_early: bool = False
 
@@ -310,6 +312,7 @@ class _Session:
         self.step = TrainStep(distributed.wrap(self.model, runtime.device), self.optimizer, criterion, runtime,
                               cuda_graph=runtime.cuda_graph)
         self.progress = _Progress()
+        self.reports = 0  # step reports this process has passed on
         self.kept_eval: EvalResult | None = None   # the kept weights on the validation split
         self.test_eval: EvalResult | None = None
 
@@ -338,7 +341,8 @@ class _Session:
                 config=self.cfg, data=_data_facts(self.data), epoch=p.epoch, step_in_epoch=p.step_in_epoch,
                 global_step=p.global_step, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
                 stats=dataclasses.asdict(p.stats), history=p.history, train_seconds=p.train_seconds,
-                best_epoch=p.best_epoch, stopped_early=p.stopped_early, world_size=self.job.world_size))
+                data_seconds=p.data_seconds, best_epoch=p.best_epoch, stopped_early=p.stopped_early,
+                world_size=self.job.world_size))
 
     def _model_info(self) -> ModelInfo:
         d, cfg = self.data, self.cfg
@@ -358,7 +362,7 @@ class _Session:
             set_rng_state(rng)
             self.progress = _Progress(meta["epoch"], meta["step_in_epoch"], meta["global_step"],
                                       EpochStats(**meta["stats"]), meta["history"], meta["train_seconds"],
-                                      meta["best_epoch"], meta["stopped_early"])
+                                      meta["data_seconds"], meta["best_epoch"], meta["stopped_early"])
             log.info("resuming %s at epoch %d, step %d of %d", self.run, self.progress.epoch + 1,
                      self.progress.step_in_epoch, self.steps_per_epoch)
         if self.main:
@@ -394,8 +398,21 @@ class _Session:
         p.step_in_epoch, p.global_step = train_one_epoch(
             self.step, self.train_loader, self.scheduler, epoch=p.epoch, start_step=p.step_in_epoch,
             global_step=p.global_step, stats=p.stats, max_steps=max_steps, save_every=self.cfg["save_every"],
-            save=self._save_within_epoch, report=emit)
+            save=self._save_within_epoch, report=lambda r: self._report(r, max_steps, emit))
         return p.step_in_epoch == self.steps_per_epoch
+
+    def _report(self, report: StepReport, max_steps: int | None, emit: Callable[[Event], None]) -> None:
+        """Pass the report on; at the second of this process (the first has the warm-up in it),
+        log how long the rest of the training steps will take at this speed."""
+        self.reports += 1
+        if self.reports == 2 and self.main:
+            left = min(self.total_steps, max_steps or self.total_steps) - report.global_step
+            seconds = left * self.cfg["batch_size"] / max(report.images_per_s, 1e-9)
+            took = f"{seconds:.0f} s" if seconds < 120 else (f"{seconds / 60:.0f} min" if seconds < 7200
+                                                                else f"{seconds / 3600:.1f} h")
+            log.info("%.0f img/s: the remaining %d training steps take about %s (evaluation not counted)",
+                     report.images_per_s, left, took)
+        emit(report)
 
     def end_epoch(self, emit: Callable[[Event], None]) -> None:
         """Score the epoch's model on the validation split, record it, keep it if it is the best,
@@ -409,6 +426,7 @@ class _Session:
                       val_acc=result.accuracy, lr=p.stats.lr, seconds=p.stats.seconds)
         p.history.append(record)
         p.train_seconds += p.stats.seconds
+        p.data_seconds += p.stats.data_seconds
         p.epoch, p.step_in_epoch, p.stats = p.epoch + 1, 0, EpochStats()
         if best:
             p.best_epoch = p.epoch
@@ -471,7 +489,8 @@ class _Session:
             epochs=cfg["epochs"], epochs_completed=len(p.history), steps=p.global_step, total_steps=self.total_steps,
             finished=p.global_step >= self.total_steps or p.stopped_early, batch_size=cfg["batch_size"],
             lr=cfg["lr"], seed=cfg["seed"], train_limit=cfg["train_limit"], train_images=len(d.train),
-            train_seconds=seconds, images_per_second=p.global_step * cfg["batch_size"] / max(seconds, 1e-9),
+            train_seconds=seconds, data_wait_fraction=(p.data_seconds + p.stats.data_seconds) / max(seconds, 1e-9),
+            images_per_second=p.global_step * cfg["batch_size"] / max(seconds, 1e-9),
             train_loss=last["train_loss"], train_acc=last["train_acc"], val_split=d.val_source,
             val_images=len(d.val), kept=cfg["keep"], kept_epoch=self.kept_epoch,
             val_accuracy=None if v is None else v.accuracy, val_loss=None if v is None else v.loss,
