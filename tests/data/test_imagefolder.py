@@ -241,3 +241,10 @@ def test_streamed_shards_of_two_ranks_make_up_each_batch(photos, monkeypatch):
     for (x, y), (x0, y0), (x1, y1) in zip(whole, *ranks):
         assert (len(y0), len(y1)) == (2, 3)
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+
+
+def test_default_workers_share_the_cores_between_training_processes(monkeypatch):
+    from densekit.data import streaming
+
+    monkeypatch.setattr(streaming.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    assert [streaming.default_workers(n) for n in (1, 2, 3, 12, 24)] == [8, 6, 4, 1, 1]

@@ -4,7 +4,7 @@ models.
 One module per analysis, each a library function that returns plain dicts (and a PNG
 helper): ``reuse`` (feature reuse, the paper's Fig. 5), ``gradients`` (gradient flow at
 initialization, DenseNet against the same layers chained), ``cost`` (parameters, MACs and
-training activations against ResNets), ``overfit`` (the train/test gap of a run).
+training activations against ResNets), ``overfit`` (the train/validation gap of a run).
 ``report.analyze`` runs them on a run directory or a model name and writes the files.
 docs/claims.md holds the figures they produced.
 """

@@ -38,8 +38,8 @@ def add_arguments(p) -> None:
     p.add_argument("--patience", type=positive_int, metavar="N",
                    help="stop after N epochs without a better validation accuracy (default: never)")
     p.add_argument("--workers", type=non_negative_int, metavar="N",
-                   help="processes decoding a streamed image folder (default: one per core, at most 8; 0: in "
-                        "this process)")
+                   help="processes decoding an image folder, for each training process (default: the cores "
+                        "shared between the --nproc processes, at most 8; 0: in the training process)")
     p.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip image files that do not decode, with a warning, instead of stopping")
     p.add_argument("--recipe", choices=list(RECIPES), help="fast (default), paper (Huang et al. 2017), or the GPU presets sprint and long "

@@ -41,14 +41,15 @@ log = logging.getLogger(__name__)
 CROP_PCT = 0.875  # evaluation: the short side resized to size / 0.875, then the center size x size
 
 
-def default_workers() -> int:
-    """Decoding workers for this machine: one per core this process may use, at most 8
-    (more decode faster than a model trains on a CPU and only take its cores)."""
+def default_workers(processes: int = 1) -> int:
+    """Decoding workers for each of ``processes`` training processes on this machine: the
+    cores this process may use shared between them, at most 8 each (more decode faster than
+    a model trains on a CPU and only take its cores), at least 1."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # platforms without affinity
         cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+    return max(1, min(8, cores // max(1, processes)))
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -100,7 +101,8 @@ class StreamingLoader:
         self.device = torch.device(device)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.shard = None if shard is None or shard[1] == 1 else shard
-        self.workers = default_workers() if workers is None else checks.non_negative_int("workers", workers)
+        self.workers = (default_workers(1 if self.shard is None else self.shard[1]) if workers is None
+                        else checks.non_negative_int("workers", workers))
         self.skip_bad_images = skip_bad_images
         self.normalize = Normalize(mean, std, self.device, channels_last=channels_last)
         self._reported: set[str] = set()
