@@ -63,8 +63,25 @@ def test_split_checks_its_tensors():
         Split(good.float(), torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="labels must be an int64"):
         Split(good, torch.zeros(2, dtype=torch.int32))
-    with pytest.raises(ValueError, match="2 images and 3 labels"):
+    with pytest.raises(ValueError, match=r"N = 2 images, got torch.int64 of shape \(3,\)"):
         Split(good, torch.zeros(3, dtype=torch.int64))
+    multi = Split(good, torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))  # multi-label: NaN is unknown
+    assert len(multi) == 2 and multi.subset(torch.tensor([1])).labels.tolist() == [[0.0, 1.0]]
+    with pytest.raises(ValueError, match="float32 tensor"):
+        Split(good, torch.zeros(2, 2, dtype=torch.float64))
+
+
+def test_multi_label_split_holds_out_rare_labels_in_proportion():
+    from densekit.data.core import rarest_label, stratified_split
+
+    labels = torch.zeros(100, 3)
+    labels[:, 0] = 1  # common to all
+    labels[:10, 1] = 1  # rare: 10 images
+    labels[95:, 0] = 0  # 5 with no label
+    assert rarest_label(labels).tolist() == [1] * 10 + [0] * 85 + [3] * 5
+    kept, held = stratified_split(labels, 0.2, seed=4)
+    assert len(held) == 20 and int(labels[held, 1].sum()) == 2 and int((labels[held].sum(1) == 0).sum()) == 1
+    assert torch.equal(torch.sort(torch.cat([kept, held])).values, torch.arange(100))
 
 
 def test_dataset_num_classes():

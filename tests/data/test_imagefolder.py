@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from densekit.data import DataError, load_dataset, load_images
-from densekit.data import imagefolder
+from densekit.data import files
 from densekit.data.batches import loader_for
 from densekit.data.core import FileSplit
 
@@ -194,7 +194,7 @@ def photos(tmp_path, write_image):
 
 
 def test_a_large_folder_is_streamed(photos, monkeypatch):
-    monkeypatch.setattr(imagefolder, "SMALL_IMAGES", 5)  # this folder counts as large
+    monkeypatch.setattr(files, "SMALL_IMAGES", 5)  # this folder counts as large
     ds = load_dataset("imagefolder", photos, image_size=32, workers=2, seed=1)
     assert ds.streaming and isinstance(ds.train, FileSplit) and isinstance(ds.test, FileSplit)
     assert ds.in_chans == 3 and len(ds.train) + len(ds.val) == 12 and len(ds.test) == 4 and ds.crop_pct == 0.875
@@ -217,7 +217,7 @@ def test_a_large_folder_is_streamed(photos, monkeypatch):
 
 
 def test_a_streamed_file_that_does_not_decode(photos, monkeypatch, caplog):
-    monkeypatch.setattr(imagefolder, "SMALL_IMAGES", 5)
+    monkeypatch.setattr(files, "SMALL_IMAGES", 5)
     ds = load_dataset("imagefolder", photos, image_size=16, workers=0)
     bad = next(p for p in ds.test.paths if p.endswith(".png"))  # libjpeg would decode a cut JPEG, grayed
     with open(bad, "r+b") as f:  # cut after the header was read: found by the worker
@@ -231,7 +231,7 @@ def test_a_streamed_file_that_does_not_decode(photos, monkeypatch, caplog):
 
 def test_streamed_shards_of_two_ranks_make_up_each_batch(photos, monkeypatch):
     # under --nproc each rank decodes only its share of a batch: together, the whole batch
-    monkeypatch.setattr(imagefolder, "SMALL_IMAGES", 5)
+    monkeypatch.setattr(files, "SMALL_IMAGES", 5)
     ds = load_dataset("imagefolder", photos, image_size=16, workers=0, seed=3)
     make = lambda shard: loader_for(ds, ds.train, 5, train=True, device=torch.device("cpu"), seed=3,  # noqa: E731
                                     workers=1, shard=shard)

@@ -159,9 +159,9 @@ def test_corrupt_resume_state_is_a_user_error(cli, tiny, reference, tmp_path):
 def test_streamed_folder_resumes_mid_epoch_bit_identical(cli, tiny, writers, tmp_path, monkeypatch, caplog):
     # a folder counted as large is decoded in worker processes, each image with its own seeded
     # crop and flip: stopped inside an epoch and resumed, the run is the uninterrupted one
-    from densekit.data import imagefolder
+    from densekit.data import files
 
-    monkeypatch.setattr(imagefolder, "SMALL_IMAGES", 5)
+    monkeypatch.setattr(files, "SMALL_IMAGES", 5)
     data = writers.imagefolder(tmp_path / "photos", n_train=10, n_test=2)  # 30 train images, 3 classes
     base = ["train", *tiny, "--dataset", "imagefolder", "--data-dir", data, "--image-size", "16", "--epochs", "2",
             "--batch-size", "6", "--workers", "1", "--deterministic", "--no-progress"]

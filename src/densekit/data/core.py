@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -26,10 +27,21 @@ class DataArgumentError(DataError, ArgumentError):
         ArgumentError.__init__(self, template)
 
 
+def check_label_tensor(labels: torch.Tensor, n: int, what: str) -> None:
+    """Labels are int64 (N,) class indices (single-label), or float32 (N, L) with 1 for a label
+    present, 0 for absent and NaN for unknown, which the loss and the metrics leave out
+    (multi-label)."""
+    single = labels.dtype == torch.int64 and labels.dim() == 1
+    multi = labels.dtype == torch.float32 and labels.dim() == 2
+    if not (single or multi) or len(labels) != n:
+        raise ValueError(f"labels must be an int64 tensor (N,) or a float32 tensor (N, L) with N = {n} {what}, "
+                         f"got {labels.dtype} of shape {tuple(labels.shape)}")
+
+
 @dataclasses.dataclass
 class Split:
     images: torch.Tensor  # uint8, (N, C, H, W), CPU
-    labels: torch.Tensor  # int64, (N,)
+    labels: torch.Tensor  # int64 (N,), or float32 (N, L): see check_label_tensor
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -37,16 +49,7 @@ class Split:
                 f"images must be a uint8 tensor of shape (N, C, H, W), "
                 f"got {self.images.dtype} of shape {tuple(self.images.shape)}"
             )
-        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
-            raise ValueError(
-                f"labels must be an int64 tensor of shape (N,), "
-                f"got {self.labels.dtype} of shape {tuple(self.labels.shape)}"
-            )
-        if len(self.images) != len(self.labels):
-            raise ValueError(
-                f"images and labels must have the same length, "
-                f"got {len(self.images)} images and {len(self.labels)} labels"
-            )
+        check_label_tensor(self.labels, len(self.images), "images")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -61,12 +64,10 @@ class FileSplit:
     """A split as image files and their labels, decoded only when a batch needs them."""
 
     paths: list[str]
-    labels: torch.Tensor  # int64 (N,)
+    labels: torch.Tensor  # int64 (N,), or float32 (N, L): see check_label_tensor
 
     def __post_init__(self) -> None:
-        if self.labels.dtype != torch.int64 or self.labels.dim() != 1 or len(self.labels) != len(self.paths):
-            raise ValueError(f"labels must be an int64 tensor of one label per path ({len(self.paths)}), "
-                             f"got {self.labels.dtype} of shape {tuple(self.labels.shape)}")
+        check_label_tensor(self.labels, len(self.paths), "paths")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -85,7 +86,7 @@ class Dataset:
     train: Split | FileSplit
     val: Split | FileSplit
     test: Split | FileSplit | None
-    classes: list[str]  # index = label
+    classes: list[str]  # index = label (multi-label: column of the label tensors)
     in_chans: int
     image_size: tuple[int, int]
     mean: tuple[float, ...]  # per channel, [0, 1] units, from the train split
@@ -103,13 +104,22 @@ class Dataset:
     def streaming(self) -> bool:
         return isinstance(self.train, FileSplit)
 
+    @property
+    def multi_label(self) -> bool:
+        """Several labels per image (sigmoid outputs), rather than one class."""
+        return self.train.labels.dim() == 2
+
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept, held out) indices, in increasing order: ``fraction`` of each class's images held
     out (rounded, at least one where a class has two or more, never all), chosen by a
     generator seeded with ``seed`` alone, so that the split is the same in every run of it.
     Where classes are too small for that to reach ``fraction`` of all images (a class of one
-    image gives none), the rest is drawn from all images alike."""
+    image gives none), the rest is drawn from all images alike. Multi-label images are
+    grouped by their rarest label (those with none form a group of their own), so that rare
+    labels are held out in proportion too."""
+    if labels.dim() == 2:
+        labels = rarest_label(labels)
     g = torch.Generator().manual_seed(seed)
     out = torch.zeros(len(labels), dtype=torch.bool)
     if fraction <= 0 or len(labels) < 2:
@@ -124,6 +134,15 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
         rest = torch.nonzero(~out).flatten()
         out[rest[torch.randperm(len(rest), generator=g)[:short]]] = True
     return torch.nonzero(~out).flatten(), torch.nonzero(out).flatten()
+
+
+def rarest_label(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) for (N, L) multi-label targets: the index of each image's rarest present label,
+    or L for an image with none."""
+    present = labels.nan_to_num(0.0) > 0.5
+    counts = present.sum(0).double()
+    rank = torch.where(present, counts, torch.full_like(counts, math.inf).expand_as(present))
+    return torch.where(present.any(1), rank.argmin(1), torch.full((len(labels),), labels.shape[1]))
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -154,7 +173,7 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 
 def check_labels(labels: torch.Tensor, num_classes: int, source: object) -> None:
     """Raise DataError naming ``source`` if any label is outside [0, num_classes)."""
-    if labels.numel() == 0:
+    if labels.numel() == 0 or labels.dim() == 2:
         return
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:

@@ -67,9 +67,9 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, str]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int | torch.Tensor, str]:
         i, seed = key
-        label = int(self.split.labels[i])
+        label = self.split.labels[i] if self.split.labels.dim() == 2 else int(self.split.labels[i])
         try:
             img = to_channels(decode_file(self.split.paths[i]), self.in_chans)
         except DataError as e:
@@ -81,7 +81,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def _collate(samples):
     images, labels, errors = zip(*samples)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(errors)
+    labels = torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels, dtype=torch.int64)
+    return torch.stack(images), labels, list(errors)
 
 
 class StreamingLoader:
