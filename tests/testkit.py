@@ -81,7 +81,7 @@ def write_imagefolder(root: Path, classes=("circle", "cross", "square"), n_train
         images, labels = patterns(n * len(classes), size, 3, len(classes), seed)
         for i, (img, label) in enumerate(zip(images, labels)):
             img = img.copy()
-            img[int(label)] //= 2  # a colour cast per class, so the folder is RGB
+            img[int(label) % 3] //= 2  # a colour cast per class, so the folder is RGB
             path = root / split / classes[int(label)] / f"{i:03d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img.transpose(1, 2, 0)).save(path)

@@ -4,7 +4,15 @@ from .models import DenseBlock, DenseLayer, DenseNet, Transition, create_model, 
 
 __version__ = "0.1.0"
 
-__all__ = ["create_model", "list_models", "load", "DenseLayer", "DenseBlock", "Transition", "DenseNet"]
+__all__ = ["create_model", "fit", "list_models", "load", "DenseLayer", "DenseBlock", "Transition", "DenseNet"]
+
+
+def fit(model, train_data, val_data=None, test_data=None, **kwargs):
+    """Train (or fine-tune) ``model`` in place on a user's own datasets into a run directory:
+    ``densekit.train.api.fit`` says what it takes."""
+    from .train.api import fit as _fit
+
+    return _fit(model, train_data, val_data, test_data, **kwargs)
 
 
 def load(run_dir, device="cpu"):

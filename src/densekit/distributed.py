@@ -176,6 +176,15 @@ def broadcast_object(obj: object) -> object:
     return box[0]
 
 
+def gather_objects(obj: object) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` when alone)."""
+    if not _joined():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if _joined():
         dist.barrier()

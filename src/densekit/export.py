@@ -194,6 +194,8 @@ def _subject(model_or_run_dir, path, fmt: str, input_size, metadata) -> tuple[_S
             described["model_args"] = info.model_args
         if info.pruned:
             described["pruned_layers"] = len(info.pruned)
+        # what turns the logits into probabilities: one class (softmax) or each label on its own (sigmoid)
+        described["output_activation"] = "sigmoid" if info.multi_label else "softmax"
     target = _target(path, source, fmt)  # before loading anything: a bad --out costs nothing
     if source is not None:
         model = source.load_model("cpu")

@@ -1,4 +1,4 @@
-"""Figures of a run: training curves and the confusion matrix, as PNG bytes.
+"""Figures of a run: training curves, the confusion matrix and ROC curves, as PNG bytes.
 
 Figures are built on matplotlib's object API with the Agg canvas, never pyplot, so
 nothing touches a global figure list or needs a display.
@@ -75,4 +75,22 @@ def confusion_png(confusion: np.ndarray, classes: list[str], title: str = "") ->
                     ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if frac[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
+    return png_bytes(fig)
+
+
+def roc_png(curves: list[tuple[str, np.ndarray, np.ndarray, float]], title: str = "") -> bytes:
+    """ROC curves of a multi-label model, one per label: (label, false positive rates, true
+    positive rates, AUROC), the AUROC in the legend."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 6.4), layout="constrained")
+    ax = fig.subplots()
+    for name, fpr, tpr, auc in curves:
+        ax.plot(fpr, tpr, lw=1.2, label=f"{name} ({auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
+           title=title or "ROC curves")
+    if curves:
+        ax.legend(fontsize="small" if len(curves) <= 20 else "xx-small", loc="lower right")
+    ax.grid(alpha=0.3)
     return png_bytes(fig)

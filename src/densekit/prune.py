@@ -151,7 +151,7 @@ def _accuracy(model: nn.Module, info: ModelInfo, data, split, runtime) -> float:
     data = dataclasses.replace(data, mean=tuple(pre.mean), std=tuple(pre.std))
     loader = loader_for(data, split, batch, train=False, device=runtime.device, channels_last=runtime.channels_last)
     with runtime.activated():
-        return evaluate(model, loader, runtime, info.num_classes).accuracy
+        return evaluate(model, loader, runtime, info.num_classes, multi_label=info.multi_label).accuracy
 
 
 def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float, device: str = "auto",
@@ -174,7 +174,7 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
     h, w = pre.image_size
     if data_dir is None:
         data_dir = source.data_dir(info)
-    data = load_dataset(info.dataset, data_dir, image_size=h, val_fraction=info.val_fraction, seed=info.seed)
+    data = load_dataset(info.dataset, data_dir, image_size=h, **info.data_options())
     split = data.test if data.test is not None else data.val  # scored, not selected on
     if data.num_classes != info.num_classes or (data.in_chans, *data.image_size) != (pre.in_chans, h, w):
         raise UserError(f"{info.dataset} as found now does not fit the model of {source}")

@@ -13,7 +13,7 @@ from densekit.data import DATASETS, DataError, Dataset, Split, default_data_dir,
 
 
 def test_public_names():
-    assert DATASETS == ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder")
+    assert DATASETS == ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "csv")
     assert set(data.__all__) == {"DATASETS", "Augment", "DataError", "Dataset", "DeviceLoader", "FileSplit", "Split",
                                  "StreamingLoader", "default_data_dir", "load_dataset", "load_images", "loader_for"}
     assert issubclass(DataError, ValueError)
@@ -23,7 +23,7 @@ def test_defaults_without_env(monkeypatch):
     monkeypatch.delenv("DENSEKIT_DATA", raising=False)
     assert default_data_dir("fashion-mnist") == Path("/usr/share/datasets/fashion-mnist")
     assert default_data_dir("mnist") == Path("/usr/share/datasets/mnist")
-    for name in ("cifar10", "cifar100", "imagefolder"):
+    for name in ("cifar10", "cifar100", "imagefolder", "csv"):
         with pytest.raises(DataError, match=f"^{name}: no default data directory; give data_dir"):
             default_data_dir(name)
 
@@ -103,3 +103,12 @@ def test_stratified_split_is_per_class_and_fixed_by_the_seed():
     # classes of one image each: the fraction is drawn from all alike
     kept, held = stratified_split(torch.arange(40), 0.1, seed=0)
     assert len(held) == 4 and len(kept) == 36
+
+
+def test_stratified_split_keeps_an_image_of_every_class_to_train_on():
+    from densekit.data.core import stratified_split
+
+    labels = torch.tensor([0] * 9 + [1, 2, 3, 4])  # four classes of one image: the top-up comes from class 0
+    for seed in range(10):
+        kept, held = stratified_split(labels, 0.2, seed)
+        assert len(held) == 3 and set(labels[kept].tolist()) == {0, 1, 2, 3, 4}

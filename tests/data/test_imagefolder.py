@@ -3,6 +3,7 @@ two paths: small folders decoded into memory, large ones streamed from disk in w
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -248,3 +249,62 @@ def test_default_workers_share_the_cores_between_training_processes(monkeypatch)
 
     monkeypatch.setattr(streaming.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
     assert [streaming.default_workers(n) for n in (1, 2, 3, 12, 24)] == [8, 6, 4, 1, 1]
+
+
+def _cut(path, keep: int = 300) -> str:
+    """Cut a PNG after its header: listed as an image, it fails when decoded (libjpeg would
+    decode a cut JPEG, grayed, so PNG)."""
+    assert os.path.getsize(path) > keep  # else nothing is cut
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    return str(path)
+
+
+def test_training_replaces_a_file_that_does_not_decode_and_keeps_every_batch(photos, monkeypatch, caplog):
+    monkeypatch.setattr(files, "SMALL_IMAGES", 5)
+    ds = load_dataset("imagefolder", photos, image_size=16, workers=0, val_fraction=0.0)
+    bad = _cut(next(p for p in ds.train.paths if p.endswith(".png")))
+    batches = list(loader_for(ds, ds.train, 1, train=True, device=torch.device("cpu"), workers=1,
+                              skip_bad_images=True).epoch(0))
+    # every step is taken, each with one image: the bad file's place goes to the next that decodes
+    assert len(batches) == len(ds.train) and all(len(y) == 1 for _, y in batches)
+    assert f"skipping {bad}" in caplog.text and "takes its place" in caplog.text
+    with pytest.raises(DataError, match="skip_bad_images"):
+        list(loader_for(ds, ds.train, 1, train=True, device=torch.device("cpu"), workers=0).epoch(0))
+
+
+def test_streamed_draws_leave_the_global_generator_alone(photos, monkeypatch):
+    # dropout draws from the global generator: decoding in this process (workers=0) or in
+    # workers, one epoch or a resumed one, must not move it
+    monkeypatch.setattr(files, "SMALL_IMAGES", 5)
+    ds = load_dataset("imagefolder", photos, image_size=16, workers=0)
+    states = []
+    for workers, start in ((0, 0), (1, 0), (1, 1)):
+        torch.manual_seed(123)
+        list(loader_for(ds, ds.train, 2, train=True, device=torch.device("cpu"), workers=workers).epoch(0, start))
+        states.append(torch.get_rng_state())
+    assert all(torch.equal(states[0], s) for s in states[1:])
+
+
+def test_a_short_last_batch_leaves_some_ranks_without_images(photos, monkeypatch):
+    monkeypatch.setattr(files, "SMALL_IMAGES", 5)
+    ds = load_dataset("imagefolder", photos, image_size=16, workers=0)
+    rank = [[len(y) for _, y in loader_for(ds, ds.test, 3, train=False, device=torch.device("cpu"), workers=0,
+                                           shard=(r, 4))] for r in range(4)]
+    # 4 test images in batches of 3 and 1, shared by 4 ranks: empty shares are no batches
+    assert rank == [[], [1], [1], [1, 1]]
+
+
+def test_no_readable_training_image_is_one_line(tmp_path, write_image, solid_image, monkeypatch):
+    for cls in ("a", "b"):
+        for i in range(2):
+            path = write_image(tmp_path / "train" / cls / f"{i}.png", solid_image(20, 20, 40 * i + 10))
+            _cut(path, keep=40)  # the IHDR chunk (the size) is whole; the pixels are gone
+    for stream in (False, True):
+        with pytest.raises(DataError, match="none of .*training images"):
+            load_dataset("imagefolder", tmp_path, image_size=16, workers=0, skip_bad_images=True, stream=stream)
+
+
+def test_the_choice_of_path_can_be_forced(photos):
+    assert load_dataset("imagefolder", photos, image_size=16, workers=0, stream=True).streaming
+    assert not load_dataset("imagefolder", photos, image_size=16, workers=0, stream=False).streaming

@@ -267,3 +267,28 @@ def test_gpu_presets_run_and_record_their_recipe(cli, tiny, mnist_dir, tmp_path,
     summary = json.loads((run / "summary.json").read_text())
     assert summary["recipe"]["name"] == recipe and summary["steps"] == 1
     assert summary["recipe"]["erase"] == (10 if recipe == "long" else 0)
+
+
+def test_an_image_size_a_run_cannot_keep_is_refused_before_reading(cli, tiny, tmp_path):
+    rc, _, err = cli("train", *tiny, "--dataset", "mnist", "--data-dir", tmp_path / "nowhere", "--image-size", "9000",
+                     "--out", tmp_path / "run")
+    assert rc == 2 and err.strip().splitlines() == [
+        "densekit train: error: --image-size 9000 is above the largest side a run keeps (8192)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_skips_the_files_training_skipped(cli, tiny, writers, tmp_path):
+    data = writers.imagefolder(tmp_path / "photos", n_train=6, n_test=2)
+    junk = data / "test" / "circle" / "junk.png"
+    junk.write_bytes(b"not an image")
+    run = tmp_path / "run"
+    rc, out, err = cli("train", *tiny, "--dataset", "imagefolder", "--data-dir", data, "--image-size", "16",
+                       "--epochs", "1", "--batch-size", "4", "--skip-bad-images", "--out", run, "--no-progress")
+    assert rc == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_images"] == 6
+    rc, _, err = cli("eval", run, "--json")
+    assert rc == 2 and "--skip-bad-images" in err and "junk.png" in err
+    rc, out, err = cli("eval", run, "--json", "--skip-bad-images")
+    assert rc == 0, err
+    assert json.loads(out)["accuracy"] == summary["test_accuracy"]

@@ -33,7 +33,13 @@ def test_fashion_mnist_smoke(cli, tiny, tmp_path, monkeypatch):
     assert summary["params"] == 1550 and summary["macs"] > 0
     assert summary["train_seconds"] > 0 and summary["images_per_second"] > 0
     assert 0 < summary["data_wait_fraction"] < 0.5  # batches held in memory: the step is most of the time
-    # better than chance after 20 steps of a 1.5k-parameter model
+    # a run stopped on the way is not scored on the test split: where to stop is never chosen by it
+    assert summary["test_accuracy"] is None and summary["test_loss"] is None and summary["kept_epoch"] == 1
+    rc, out, err = cli("train", "--out", run, "--resume", "--no-progress")
+    assert rc == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] and summary["steps"] == 32
+    # better than chance after 32 steps of a 1.5k-parameter model
     assert summary["test_loss"] < math.log(10) and 0.1 < summary["test_accuracy"] <= 1
     assert summary["test_correct"] == round(summary["test_accuracy"] * 10000)
     info = json.loads((run / "model.json").read_text())

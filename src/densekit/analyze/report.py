@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -55,8 +55,7 @@ class Target:
     data_dir: str | None
     image_size: int | None  # a run's: the side its images were fed at (None: the dataset's own)
     input_size: tuple[int, ...]
-    val_fraction: float = 0.1  # a run's validation split, where the dataset has none of its own
-    seed: int = 0
+    options: dict = field(default_factory=dict)  # a run's: how it loaded its data (val split, ...)
 
     @cached_property
     def model(self) -> DenseNet:
@@ -76,7 +75,7 @@ def resolve_target(target: str, data_dir: str | os.PathLike | None = None) -> Ta
         info = run.read_info()
         pre = info.preprocessing
         return Target(info.model, path, info.dataset, data_dir or run.data_dir(info), pre.image_size[0],
-                      (pre.in_chans, *pre.image_size), info.val_fraction, info.seed)
+                      (pre.in_chans, *pre.image_size), info.data_options())
     if target in list_models():
         return Target(target, None, "fashion-mnist", data_dir, None, get_variant(target).input_size)
     what = "is not a directory" if path.exists() else "is neither a run directory nor a registered model"
@@ -120,8 +119,7 @@ def output_paths(target: Target, what: list[str], out: str | os.PathLike | None)
 def gradient_batch(target: Target, n: int = GRADIENT_BATCH) -> tuple[DenseNet, torch.Tensor, torch.Tensor]:
     """The target's architecture for the dataset's images, and the first ``n`` validation images
     (normalized with the training set's statistics) with their labels."""
-    data = load_dataset(target.dataset, target.data_dir, image_size=target.image_size,
-                        val_fraction=target.val_fraction, seed=target.seed)
+    data = load_dataset(target.dataset, target.data_dir, image_size=target.image_size, **target.options)
     model = target.model
     if target.run_dir is None:  # a model name: fit its stem and head to the dataset
         torch.manual_seed(0)

@@ -37,6 +37,14 @@ positive_number = typed(checks.positive_number)
 fraction = typed(checks.fraction)
 
 
+def probability(text: str) -> float:
+    """A number in [0, 1]."""
+    try:
+        return checks.fraction("value", float(text), high_included=True)
+    except (ValueError, checks.ArgumentError):
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+
+
 def model_arg(text: str) -> tuple[str, object]:
     key, sep, raw = text.partition("=")
     if not sep or not key.isidentifier():

@@ -10,6 +10,9 @@ from ..train.recipes import RECIPES
 from .common import add_device_argument, fraction, model_arg, non_negative_int, positive_int, positive_number
 
 
+ALIASES = {"csv": "--train-csv"}
+
+
 def _defaults(field: str) -> str:
     return ", ".join(f"{name}: {getattr(recipe, field)}" for name, recipe in RECIPES.items())
 
@@ -23,9 +26,45 @@ def add_arguments(p) -> None:
     p.add_argument("--init", metavar="DIR", help="start from the model of run directory DIR, its (pruned) structure "
                                                  "and weights, e.g. to fine-tune after `densekit prune`; takes "
                                                  "the model and, unless given, the dataset from DIR")
+    p.add_argument("--pretrained", metavar="SOURCE",
+                   help="start from pretrained weights and fine-tune: a torchvision DenseNet file (.pth, e.g. "
+                        "densenet121-a639ec97.pth), a safetensors file with torchvision or timm names, a densekit "
+                        "run directory, or a model name found in torch hub's cache; the classifier is new where "
+                        "the classes differ; the model, image size, normalization and the finetune recipe follow "
+                        "the weights unless given. Nothing is downloaded")
+    p.add_argument("--freeze-backbone", action="store_true", default=None,
+                   help="with --pretrained: train the classifier alone (the backbone and its batch norms fixed)")
+    p.add_argument("--head-epochs", type=non_negative_int, metavar="N",
+                   help="train the classifier alone for the first N epochs, then everything (default: 0)")
+    p.add_argument("--backbone-lr-scale", type=positive_number, metavar="X",
+                   help="the backbone's learning rate as X times the classifier's (default: 1)")
+    p.add_argument("--pos-weight", choices=("auto",),
+                   help="multi-label: weigh each label's positives by its negatives / positives in the training "
+                        "split (default: unweighted)")
     p.add_argument("--dataset", choices=DATASETS, help="default: fashion-mnist (with --init: DIR's dataset)")
     p.add_argument("--data-dir", help="folder with the dataset's files (default: $DENSEKIT_DATA, or the system "
                                       "location for fashion-mnist and mnist)")
+    csv = p.add_argument_group("the csv dataset (--dataset csv): image paths and labels in CSV files, paths "
+                               "relative to --data-dir")
+    csv.add_argument("--train-csv", metavar="FILE", help="the training images' CSV (a header row naming the columns)")
+    csv.add_argument("--val-csv", metavar="FILE",
+                     help="the validation images' CSV (default: --val-fraction of the training rows)")
+    csv.add_argument("--test-csv", metavar="FILE", help="the test images' CSV, scored once at the end")
+    csv.add_argument("--path-column", metavar="NAME", help="the column of image paths (e.g. \"Image Index\")")
+    csv.add_argument("--label-column", metavar="NAME",
+                     help="the column of class names; several per row joined by --label-sep with --multi-label "
+                          "(e.g. ChestX-ray14's \"Finding Labels\")")
+    csv.add_argument("--label-sep", metavar="SEP", help="what joins several names in --label-column (e.g. \"|\")")
+    csv.add_argument("--no-label", metavar="NAME",
+                     help="the --label-column name meaning no label (default: \"No Finding\")")
+    csv.add_argument("--label-columns", metavar="A,B,...", type=lambda t: tuple(c.strip() for c in t.split(",")),
+                     help="one column per label holding 1, 0, -1 (uncertain) or nothing (0), as CheXpert's")
+    csv.add_argument("--uncertain", choices=("zeros", "ones", "ignore"),
+                     help="--label-columns: what -1 means: absent (default), present, or unknown (left out of the "
+                          "loss and the metrics; needs --multi-label)")
+    csv.add_argument("--multi-label", action="store_true", default=None,
+                     help="several labels per image: sigmoid outputs, binary cross-entropy, and per-label AUROC "
+                          "(the kept weights chosen by mean validation AUROC)")
     p.add_argument("--image-size", type=positive_int, metavar="PX",
                    help="side of the images the model sees (default: the model's own: 224 for the ImageNet "
                         "variants; the dataset's 28 or 32 for the CIFAR-style ones, 32 on a folder)")
@@ -34,16 +73,18 @@ def add_arguments(p) -> None:
                         "where the dataset has no val/ of its own (default: 0.1)")
     p.add_argument("--keep", choices=("best", "last"),
                    help="the weights the run keeps and scores on the test split: the epoch of the best "
-                        "validation accuracy (default), or the last")
+                        "validation score (accuracy; multi-label: mean AUROC) (default), or the last")
     p.add_argument("--patience", type=positive_int, metavar="N",
-                   help="stop after N epochs without a better validation accuracy (default: never)")
+                   help="stop after N epochs without a better validation score (default: never)")
     p.add_argument("--workers", type=non_negative_int, metavar="N",
                    help="processes decoding an image folder, for each training process (default: the cores "
                         "shared between the --nproc processes, at most 8; 0: in the training process)")
     p.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip image files that do not decode, with a warning, instead of stopping")
-    p.add_argument("--recipe", choices=list(RECIPES), help="fast (default), paper (Huang et al. 2017), or the GPU presets sprint and long "
-                        "(Fashion-MNIST, densenet_bc_100_k12; see densekit.train.recipes)")
+    p.add_argument("--recipe", choices=list(RECIPES),
+                   help="fast (default), paper (Huang et al. 2017), finetune (default with --pretrained: AdamW, "
+                        "a low lr, light augmentation), or the GPU presets sprint and long (Fashion-MNIST, "
+                        "densenet_bc_100_k12); every number with its reason: densekit.train.recipes")
     p.add_argument("--epochs", type=positive_int, help=f"default: the recipe's ({_defaults('epochs')})")
     p.add_argument("--batch-size", type=positive_int, help=f"default: the recipe's ({_defaults('batch_size')})")
     p.add_argument("--lr", type=positive_number, help=f"peak learning rate (default: the recipe's; {_defaults('lr')})")
@@ -102,7 +143,8 @@ class _ProgressBar:
         elif self.bar is not None and isinstance(event, EpochEnd):
             self.bar.write(f"epoch {event.epoch}/{event.epochs}: train loss {event.train_loss:.4f} "
                            f"acc {event.train_acc:.4f} | val loss {event.val_loss:.4f} acc {event.val_acc:.4f}"
-                           f"{' (best)' if event.best else ''} | lr {event.lr:.4g} | {event.seconds:.1f} s")
+                           + ("" if event.val_auroc is None else f" AUROC {event.val_auroc:.4f} AP {event.val_ap:.4f}")
+                           + f"{' (best)' if event.best else ''} | lr {event.lr:.4g} | {event.seconds:.1f} s")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -117,10 +159,19 @@ def summary_lines(s) -> list[str]:
     lines = [f"{s.model} on {s.dataset}: {s.epochs_completed}/{s.epochs} epochs"
              f"{' (stopped early)' if s.stopped_early else ''}, {s.steps} steps in {s.train_seconds:.1f} s "
              f"({s.images_per_second:.0f} images/s; {where}, {s.precision}{layout})"]
+    if s.pretrained and s.pretrained["kind"] != "resumed":
+        p = s.pretrained
+        lines.append(f"from {p['source']} ({p['kind']}): {len(p['loaded'])} tensors loaded, {len(p['new'])} new"
+                     + (f", {len(p['adapted'])} adapted" if p["adapted"] else ""))
     if s.kept_epoch:
-        lines.append(f"kept the {s.kept} weights, of epoch {s.kept_epoch}: validation accuracy "
-                     f"{100 * s.val_accuracy:.2f}% ({s.val_images} images: {s.val_split})")
-    if s.test_accuracy is not None:
+        score = (f"mean AUROC {s.val_auroc:.4f}" if s.multi_label
+                 else f"accuracy {100 * s.val_accuracy:.2f}%")
+        lines.append(f"kept the {s.kept} weights, of epoch {s.kept_epoch}: validation {score} "
+                     f"({s.val_images} images: {s.val_split})")
+    if s.test_auroc is not None:
+        lines.append(f"test mean AUROC {s.test_auroc:.4f}, mean average precision {s.test_ap:.4f}, exact-match "
+                     f"accuracy {100 * s.test_accuracy:.2f}% ({s.test_images} images), test loss {s.test_loss:.4f}")
+    elif s.test_accuracy is not None:
         lines.append(f"test accuracy {100 * s.test_accuracy:.2f}% ({s.test_correct}/{s.test_images}), "
                      f"test loss {s.test_loss:.4f}")
     lines.append(f"{s.params:,} parameters, {s.macs / 1e6:.1f} M MACs per {'x'.join(map(str, s.input_size))} image")
@@ -147,7 +198,28 @@ def _config(args):
         deterministic=args.deterministic, device=args.device, channels_last=args.channels_last,
         cuda_graph=args.cuda_graph, out=args.out, resume=args.resume, max_steps=args.max_steps,
         save_every=args.save_every, val_fraction=args.val_fraction, keep=args.keep, patience=args.patience,
-        workers=args.workers, skip_bad_images=args.skip_bad_images)
+        workers=args.workers, skip_bad_images=args.skip_bad_images, pretrained=args.pretrained,
+        freeze_backbone=args.freeze_backbone, head_epochs=args.head_epochs,
+        backbone_lr_scale=args.backbone_lr_scale, pos_weight=args.pos_weight, csv=_csv_layout(args))
+
+
+_CSV_FLAGS = ("train_csv", "val_csv", "test_csv", "path_column", "label_column", "label_sep", "no_label",
+              "label_columns", "uncertain", "multi_label")
+
+
+def _csv_layout(args) -> dict | None:
+    """The csv dataset's layout from its flags; refused with another dataset."""
+    from ..checks import ArgumentError
+
+    given = {k: getattr(args, k) for k in _CSV_FLAGS if getattr(args, k) is not None}
+    if args.dataset != "csv":
+        if given:
+            raise ArgumentError(f"{{{next(iter(given))}}} describes the csv dataset's files; give {{dataset}} csv")
+        return None
+    if "train_csv" not in given or "path_column" not in given:
+        raise ArgumentError("{dataset} csv needs {train_csv} and {path_column}, and {label_column} or "
+                            "{label_columns}")
+    return given
 
 
 def _launch(args, config) -> int:

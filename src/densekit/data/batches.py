@@ -16,13 +16,14 @@ def loader_for(data: Dataset, split: Split | FileSplit, batch_size: int, *, trai
                augment: Augment | None = None, workers: int | None = None, skip_bad_images: bool = False):
     """Training (``train``: shuffled, augmented, the last partial batch dropped) or evaluation
     (fixed order, every image) batches of ``split`` at ``data.image_size``. ``augment`` is the
-    in-memory recipe's (crops of a padded image, flips); streamed images get their own
-    (random resized crops and flips, ``streaming``)."""
-    if isinstance(split, FileSplit):
+    in-memory recipe's (crops of a padded image, flips); streamed images get random resized
+    crops of ``augment.crop_scale`` of their area and flips (``streaming``)."""
+    if not isinstance(split, Split):  # image files, or a user's dataset: read in worker processes
         return StreamingLoader(split, batch_size, in_chans=data.in_chans, size=data.image_size[0], mean=data.mean,
                                std=data.std, device=device, train=train, shuffle=train, drop_last=train, seed=seed,
                                channels_last=channels_last, shard=shard, workers=workers,
-                               skip_bad_images=skip_bad_images, crop_pct=data.crop_pct or 1.0)
+                               skip_bad_images=skip_bad_images, crop_pct=data.crop_pct or 1.0,
+                               crop_scale=augment.crop_scale if augment is not None else (0.08, 1.0))
     return DeviceLoader(split, batch_size, mean=data.mean, std=data.std, device=device, shuffle=train,
                         augment=augment if train else None, drop_last=train, seed=seed, channels_last=channels_last,
                         shard=shard, size=data.image_size)

@@ -102,7 +102,9 @@ class Dataset:
 
     @property
     def streaming(self) -> bool:
-        return isinstance(self.train, FileSplit)
+        """Read batch by batch in worker processes (image files, a user's dataset), rather
+        than held in memory."""
+        return not isinstance(self.train, Split)
 
     @property
     def multi_label(self) -> bool:
@@ -115,7 +117,8 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     out (rounded, at least one where a class has two or more, never all), chosen by a
     generator seeded with ``seed`` alone, so that the split is the same in every run of it.
     Where classes are too small for that to reach ``fraction`` of all images (a class of one
-    image gives none), the rest is drawn from all images alike. Multi-label images are
+    image gives none), the rest is drawn from all images alike, the last image of a class only
+    where nothing else is left. Multi-label images are
     grouped by their rarest label (those with none form a group of their own), so that rare
     labels are held out in proportion too."""
     if labels.dim() == 2:
@@ -130,9 +133,15 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
         k = min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
         out[members[torch.randperm(n, generator=g)[:k]]] = True
     short = min(len(labels) - 1, max(1, round(fraction * len(labels)))) - int(out.sum())
-    if short > 0:
-        rest = torch.nonzero(~out).flatten()
-        out[rest[torch.randperm(len(rest), generator=g)[:short]]] = True
+    if short > 0:  # first from classes that keep an image to train on; the last image of a class last
+        values, counts = torch.unique(labels[~out], return_counts=True)
+        left = dict(zip(values.tolist(), counts.tolist()))
+        order = torch.nonzero(~out).flatten()[torch.randperm(int((~out).sum()), generator=g)].tolist()
+        for last_resort in (False, True):
+            for i in order:
+                c = int(labels[i])
+                if short and not out[i] and (last_resort or left[c] > 1):
+                    out[i], left[c], short = True, left[c] - 1, short - 1
     return torch.nonzero(~out).flatten(), torch.nonzero(out).flatten()
 
 

@@ -10,13 +10,14 @@ import torch
 
 from .. import checks
 from .cifar import load_cifar
+from .csvfile import CsvLayout, layout_from_dict, load_csv
 from .core import DataArgumentError, DataError, Dataset, Split, channel_stats, stratified_split
 from .idx import load_idx
 from .imagefolder import load_imagefolder
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "csv")
 
 # Where Debian's dataset packages put the files (dataset-fashion-mnist installs the
 # .gz IDX files in the first).
@@ -62,6 +63,8 @@ def load_dataset(
     seed: int = 0,
     workers: int | None = None,
     skip_bad_images: bool = False,
+    csv: CsvLayout | dict | None = None,
+    stream: bool | None = None,
 ) -> Dataset:
     """Load dataset ``name`` from ``data_dir`` (default: ``default_data_dir(name)``).
 
@@ -71,19 +74,31 @@ def load_dataset(
     ``train_limit`` keeps only the first N of the remaining training images (the statistics
     are then those of the kept images, since they are what the model trains on).
     ``image_size`` is the side of the batches (default: the images' own for the fixed-size
-    formats, which loaders resize per batch when it differs; 224 for an image folder).
-    ``workers`` and ``skip_bad_images`` are for image folders: decoding processes, and
-    whether a file that does not decode is skipped with a warning instead of refused.
+    formats, which loaders resize per batch when it differs; 224 for image files).
+    ``workers`` and ``skip_bad_images`` are for image files (an image folder, a CSV): decoding
+    processes, and whether a file that does not decode (or a CSV row's missing image) is
+    skipped with a warning instead of refused. ``csv``, for the csv dataset and it alone, names
+    its CSV files and columns (``csvfile.CsvLayout``, or its fields as a dict, as a run keeps it).
+    ``stream``, for image files: decoded into memory (False) or streamed (True) whatever their
+    number (default: by their number and size, ``files.load_files``).
     """
     _check_name(name)
     checks.optional(checks.positive_int, "train_limit", train_limit)
     checks.optional(checks.positive_int, "image_size", image_size)
     checks.fraction("val_fraction", val_fraction)
+    if name == "csv" and csv is None:
+        raise DataArgumentError("the csv dataset needs {csv}, a CsvLayout naming its CSV files and columns")
+    if name != "csv" and csv is not None:
+        raise DataArgumentError(f"{{csv}} describes the csv dataset's files; {name} has none")
+    if isinstance(csv, dict):
+        csv = layout_from_dict(csv)
     path = Path(data_dir) if data_dir is not None else default_data_dir(name)
-    if name == "imagefolder":
-        parts = load_imagefolder(path, 224 if image_size is None else image_size, val_fraction, seed, train_limit,
-                                 workers, skip_bad_images)
+    if name in ("imagefolder", "csv"):
         size = 224 if image_size is None else image_size
+        if name == "csv":
+            parts = load_csv(path, csv, size, val_fraction, seed, train_limit, workers, skip_bad_images, stream)
+        else:
+            parts = load_imagefolder(path, size, val_fraction, seed, train_limit, workers, skip_bad_images, stream)
         return Dataset(name=name, image_size=(size, size), **parts)
     if name in ("fashion-mnist", "mnist"):
         train, test, classes = load_idx(name, path)

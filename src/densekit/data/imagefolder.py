@@ -80,9 +80,9 @@ def _layout(root: Path) -> tuple[list[str], dict[str, FileSplit]]:
 
 def load_imagefolder(data_dir: str | os.PathLike, image_size: int, val_fraction: float = 0.1, seed: int = 0,
                      train_limit: int | None = None, workers: int | None = None,
-                     skip_bad_images: bool = False) -> dict:
+                     skip_bad_images: bool = False, stream: bool | None = None) -> dict:
     """The splits of an image folder and what describes them (``files.load_files``)."""
     root = Path(data_dir)
     classes, splits = _layout(root)
     return load_files(f"imagefolder {root}", splits, classes, image_size, val_fraction, seed, train_limit, workers,
-                      skip_bad_images, val_named=f"the {root / 'val'} folder")
+                      skip_bad_images, val_named=f"the {root / 'val'} folder", stream=stream)

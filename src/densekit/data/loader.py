@@ -31,6 +31,8 @@ class Augment:
     # uniformly drawn pixel and clipped at the border, set to the dataset mean (0 after
     # normalization) in every image; 0: off
     erase: int = 0
+    # streamed image files: the range of the area a random resized crop takes (torchvision's default)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
 
     def __post_init__(self) -> None:
         for name in ("crop_padding", "erase"):
@@ -200,7 +202,8 @@ class DeviceLoader:
             if self.augment.hflip:
                 flips = torch.rand(n, generator=g) < 0.5
             if self.augment.erase:  # drawn last: runs without it see the same draws as before
-                size = torch.tensor(self.images.shape[-2:])
+                # in the batch's frame: the squares are erased after any resize to ``size``
+                size = torch.tensor(self.size if self.size is not None else self.images.shape[-2:])
                 centers = (torch.rand(n, 2, generator=g) * size).long()
         return tuple(t if t is None else t.to(self.device) for t in (order, offsets, flips, centers))
 

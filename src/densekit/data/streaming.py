@@ -16,8 +16,10 @@ with another number of workers or processes, therefore sees exactly the same bat
 
 A file that cannot be decoded is reported by the worker, not raised there (an exception in
 a worker reaches the main process wrapped in its traceback): the main process then raises
-a one-line DataError naming the file, or, with ``skip_bad_images``, drops the image from its batch
-and warns once per file.
+a one-line DataError naming the file, or, with ``skip_bad_images``, warns once per file and
+either drops the image from its evaluation batch or, in training, puts the next file that
+decodes in its place, so that every training batch keeps its size (an epoch keeps its
+number of steps, and data-parallel ranks all take every step).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .loader import Normalize, epoch_seed
 log = logging.getLogger(__name__)
 
 CROP_PCT = 0.875  # evaluation: the short side resized to size / 0.875, then the center size x size
+SUBSTITUTES = 8   # training with skip_bad_images: the next files tried in place of one that does not decode
 
 
 def default_workers(processes: int = 1) -> int:
@@ -54,29 +57,51 @@ def default_workers(processes: int = 1) -> int:
 
 class ImageFiles(torch.utils.data.Dataset):
     """Item ``(i, seed)``: file i decoded to ``in_chans`` channels and transformed to
-    ``size`` x ``size`` (training: random resized crop and flip, seeded by ``seed``;
-    evaluation: resize and center crop), as (uint8 image, label, error message or "")."""
+    ``size`` x ``size`` (training: random resized crop of ``crop_scale`` of the area and flip,
+    seeded by ``seed``; evaluation: resize and center crop), as (uint8 image, label, error
+    message or "").
 
-    def __init__(self, split: FileSplit, in_chans: int, size: int, train: bool, crop_pct: float = CROP_PCT) -> None:
+    ``substitute``: a file that does not decode is replaced by the next one that does (its
+    image and label), with the error as a warning in the message ("replaced: ..."), so that a
+    training batch keeps its size and every data-parallel rank takes every step."""
+
+    def __init__(self, split: FileSplit, in_chans: int, size: int, train: bool, crop_pct: float = CROP_PCT,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), substitute: bool = False) -> None:
         self.split, self.in_chans, self.size, self.train = split, in_chans, size, train
+        self.substitute = substitute
         if train:
-            self.transform = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+            self.transform = v2.Compose([v2.RandomResizedCrop(size, scale=crop_scale, antialias=True),
+                                         v2.RandomHorizontalFlip()])
         else:
             self.transform = v2.Compose([v2.Resize(int(size / crop_pct), antialias=True), v2.CenterCrop(size)])
 
     def __len__(self) -> int:
         return len(self.split)
 
+    def _label(self, i: int) -> int | torch.Tensor:
+        return self.split.labels[i] if self.split.labels.dim() == 2 else int(self.split.labels[i])
+
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int | torch.Tensor, str]:
         i, seed = key
-        label = self.split.labels[i] if self.split.labels.dim() == 2 else int(self.split.labels[i])
-        try:
-            img = to_channels(decode_file(self.split.paths[i]), self.in_chans)
-        except DataError as e:
-            return torch.zeros(self.in_chans, self.size, self.size, dtype=torch.uint8), label, str(e)
+        note = ""
+        for attempt in range(SUBSTITUTES + 1 if self.substitute else 1):
+            j = (i + attempt) % len(self.split)
+            try:
+                img = to_channels(decode_file(self.split.paths[j]), self.in_chans)
+                break
+            except DataError as e:
+                note = note or str(e)
+        else:
+            return torch.zeros(self.in_chans, self.size, self.size, dtype=torch.uint8), self._label(i), note
         if self.train:
-            torch.manual_seed(seed)  # the sample's own draws, whichever worker takes it
-        return self.transform(img), label, ""
+            # the sample's own draws, whichever worker takes it; the caller's generator untouched
+            # (with workers=0 this runs in the training process, whose dropout draws from it)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                img = self.transform(img)
+        else:
+            img = self.transform(img)
+        return img, self._label(j), f"replaced: {note}" if note else ""
 
 
 def _collate(samples):
@@ -86,7 +111,8 @@ def _collate(samples):
 
 
 class StreamingLoader:
-    """Batches of a :class:`FileSplit`, decoded in ``workers`` processes; the interface of
+    """Batches of a :class:`FileSplit` (or of a user's dataset, ``torchdata.TorchSplit``),
+    decoded in ``workers`` processes; the interface of
     ``DeviceLoader`` (``len``, ``epoch(epoch, start_step)``, ``shard``), so that training and
     evaluation take either.
 
@@ -96,9 +122,17 @@ class StreamingLoader:
     def __init__(self, split: FileSplit, batch_size: int, *, in_chans: int, size: int, mean: Sequence[float],
                  std: Sequence[float], device: str | torch.device = "cpu", train: bool = False, shuffle: bool = False,
                  drop_last: bool = False, seed: int = 0, channels_last: bool = False, shard=None,
-                 workers: int | None = None, skip_bad_images: bool = False, crop_pct: float = CROP_PCT) -> None:
+                 workers: int | None = None, skip_bad_images: bool = False, crop_pct: float = CROP_PCT,
+                 crop_scale: tuple[float, float] = (0.08, 1.0)) -> None:
         self.batch_size = checks.positive_int("batch_size", batch_size)
-        self.files = ImageFiles(split, in_chans, size, train, crop_pct)
+        if isinstance(split, FileSplit):
+            # training replaces a file that does not decode (a batch keeps its size); evaluation drops it
+            self.files = ImageFiles(split, in_chans, size, train, crop_pct, crop_scale,
+                                    substitute=train and skip_bad_images)
+        else:  # a user's own dataset (torchdata.TorchSplit): its transforms are its own
+            from .torchdata import UserItems
+
+            self.files = UserItems(split, in_chans, size)
         self.device = torch.device(device)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.shard = None if shard is None or shard[1] == 1 else shard
@@ -127,7 +161,8 @@ class StreamingLoader:
             if self.shard is not None:
                 rank, world = self.shard
                 lo, hi = lo + (hi - lo) * rank // world, lo + (hi - lo) * (rank + 1) // world
-            batches.append([(int(order[j]), int(seeds[j])) for j in range(lo, hi)])
+            if hi > lo:  # a rank's share of a short last batch may be empty: that rank has one batch less
+                batches.append([(int(order[j]), int(seeds[j])) for j in range(lo, hi)])
         return batches
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -140,12 +175,18 @@ class StreamingLoader:
     def _batches(self, keys: list[list[tuple[int, int]]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not keys:
             return
+        # its own generator: the workers' base seed is then not drawn from the global one, whose
+        # state (dropout's) would otherwise depend on how many epochs and resumes came before
         loader = torch.utils.data.DataLoader(
             self.files, batch_sampler=keys, num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None,
-            persistent_workers=False)
+            persistent_workers=False, generator=torch.Generator().manual_seed(0))
         for images, labels, errors in loader:
-            bad = [i for i, e in enumerate(errors) if e]
+            for e in errors:
+                if e.startswith("replaced: ") and e not in self._reported:
+                    self._reported.add(e)
+                    log.warning("skipping %s; the next file that decodes takes its place", e[len("replaced: "):])
+            bad = [i for i, e in enumerate(errors) if e and not e.startswith("replaced: ")]
             if bad:
                 images, labels = self._drop_bad(images, labels, errors, bad)
                 if len(labels) == 0:

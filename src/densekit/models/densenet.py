@@ -151,6 +151,14 @@ class DenseNet(nn.Module):
                  out_indices: Sequence[int] | None = None, stem_stride: int = 1,
                  fused: bool = False, global_pool: str = "avg") -> None:
         super().__init__()
+        # the arguments that build this model again (a run directory's model.json keeps them)
+        self.init_kwargs = dict(
+            growth_rate=list(growth_rate) if isinstance(growth_rate, Sequence) else growth_rate,
+            block_config=list(block_config), num_init_features=num_init_features, bn_size=bn_size,
+            compression=compression, drop_rate=drop_rate, num_classes=num_classes, in_chans=in_chans, stem=stem,
+            spatial_dims=spatial_dims, memory_efficient=memory_efficient, features_only=features_only,
+            out_indices=None if out_indices is None else list(out_indices), stem_stride=stem_stride, fused=fused,
+            global_pool=global_pool)
         block_config = _check_block_config(block_config)
         rates = _growth_rates(growth_rate, len(block_config))
         checks.fraction("compression", compression, high_included=True, low_included=False)
@@ -374,7 +382,8 @@ class DenseNet(nn.Module):
         pool = self.global_pool if global_pool is None else global_pool
         _check_head(num_classes, pool)
         self.global_pool = pool
-        self.num_classes = num_classes
+        self.num_classes = self.init_kwargs["num_classes"] = num_classes
+        self.init_kwargs["global_pool"] = pool
         self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         if num_classes:
             nn.init.zeros_(self.classifier.bias)

@@ -108,10 +108,23 @@ class ModelInfo:
     pruned: dict = dataclasses.field(default_factory=dict)  # {layer: {"inputs": n|None, "width": n|None}}
     val_fraction: float = 0.1  # how the validation split was made, where the dataset has none of its own:
     seed: int = 0              # this fraction of the training images, stratified, chosen by this seed
+    multi_label: bool = False  # several labels per image: each class's probability is the sigmoid of its logit
+    csv: dict | None = None    # the csv dataset's files and columns (data.csvfile.CsvLayout's fields)
+    streamed: bool = False     # image files decoded batch by batch rather than held in memory (evaluation does
+                               # the same, so that it frames and colours the images as training did)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def data_options(self, dataset: str | None = None) -> dict:
+        """What loading ``dataset`` (default: the run's) again as the run loaded it takes besides
+        the directory: the validation split's recipe and, for the run's own image files, the
+        CSV layout and whether they were streamed."""
+        same = dataset in (None, self.dataset)
+        files = self.dataset in ("imagefolder", "csv") and same
+        return dict(val_fraction=self.val_fraction, seed=self.seed, csv=self.csv if same else None,
+                    stream=self.streamed if files else None)
 
     def with_pruned(self, structure: dict) -> "ModelInfo":
         return dataclasses.replace(self, pruned=dict(structure))
@@ -123,7 +136,8 @@ class ModelInfo:
                     classes=list(self.classes), num_classes=self.num_classes,
                     preprocessing=dict(in_chans=pre.in_chans, image_size=list(pre.image_size), mean=list(pre.mean),
                                        std=list(pre.std), crop_pct=pre.crop_pct, resize=pre.resize),
-                    val_fraction=self.val_fraction, seed=self.seed)
+                    val_fraction=self.val_fraction, seed=self.seed, multi_label=self.multi_label, csv=self.csv,
+                    streamed=self.streamed)
         if self.pruned:
             info["pruned"] = self.pruned
         return info
@@ -149,7 +163,11 @@ class ModelInfo:
             classes=tuple(classes), preprocessing=pre,
             pruned=schema.check_pruned(f.get("pruned", lambda v: isinstance(v, dict), "a JSON object", {}), source),
             val_fraction=f.get("val_fraction", lambda v: schema.is_number(v, 0) and v < 1, "a number in [0, 1)", 0.1),
-            seed=f.get("seed", schema.is_int, "an integer >= 0", 0))
+            seed=f.get("seed", schema.is_int, "an integer >= 0", 0),
+            multi_label=f.get("multi_label", lambda v: isinstance(v, bool), "true or false", False),
+            csv=f.get("csv", schema.is_optional(lambda v: isinstance(v, dict) and len(v) <= 16),
+                      "null or the CSV layout's fields", None),
+            streamed=f.get("streamed", lambda v: isinstance(v, bool), "true or false", False))
 
 
 def _preprocessing(f: Fields) -> Preprocessing:

@@ -133,7 +133,7 @@ def is_registered_model(v: object) -> bool:
 def is_dataset(v: object) -> bool:
     from ..data import DATASETS
 
-    return v in DATASETS
+    return v in DATASETS or v == "python"  # python: a run of data given in Python (densekit.fit)
 
 
 def is_recipe(v: object) -> bool:
@@ -203,7 +203,7 @@ def check_pruned(pruned: dict, source: object) -> dict:
 
 # The config a resume state keeps, field by field.
 CONFIG = {
-    "model": is_registered_model, "model_args": lambda v: isinstance(v, dict), "dataset": is_dataset,
+    "model": lambda v: is_registered_model(v) or v == "custom", "model_args": lambda v: isinstance(v, dict), "dataset": is_dataset,
     "data_dir": is_optional(is_name), "image_size": is_optional(lambda v: is_int(v, 1, MAX_SIDE)),
     "recipe": is_recipe, "epochs": lambda v: is_int(v, 1, MAX_EPOCHS), "batch_size": lambda v: is_int(v, 1, 1 << 20),
     "lr": lambda v: is_number(v) and v > 0, "seed": lambda v: is_int(v, 0, (1 << 63) - 1),
@@ -212,16 +212,25 @@ CONFIG = {
     "val_fraction": lambda v: is_number(v, 0) and v < 1, "keep": lambda v: v in ("best", "last"),
     "patience": is_optional(lambda v: is_int(v, 1)), "workers": is_optional(lambda v: is_int(v, 0, 256)),
     "skip_bad_images": lambda v: isinstance(v, bool),
+    "pretrained": is_optional(is_name), "freeze_backbone": lambda v: isinstance(v, bool),
+    "head_epochs": lambda v: is_int(v, 0, MAX_EPOCHS), "backbone_lr_scale": lambda v: is_number(v) and v > 0,
+    "pos_weight": lambda v: v in (None, "auto"), "csv": is_optional(lambda v: isinstance(v, dict) and len(v) <= 16),
 }
+# Config fields a resume state written before they existed lacks: their value then.
+LATER_CONFIG = {"pretrained": None, "freeze_backbone": False, "head_epochs": 0, "backbone_lr_scale": 1.0,
+                "pos_weight": None, "csv": None}
 _RECORD = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 _STATS = {"loss_sum": is_number, "correct": is_int, "seen": is_int,
           "seconds": lambda v: is_number(v, 0), "lr": lambda v: is_number(v, 0),
           "data_seconds": lambda v: is_number(v, 0)}
 
 
+_MULTI_LABEL_RECORD = ("val_auroc", "val_ap")  # a multi-label run's records have these too
+
+
 def _is_record(r: object) -> bool:
-    return isinstance(r, dict) and set(r) == set(_RECORD) and is_int(r["epoch"], 1) and \
-        all(r[k] is None or is_number(r[k], finite=False) for k in _RECORD[1:])
+    return isinstance(r, dict) and set(r) - set(_MULTI_LABEL_RECORD) == set(_RECORD) and is_int(r["epoch"], 1) \
+        and all(r[k] is None or is_number(r[k], finite=False) for k in r if k != "epoch")
 
 
 def check_resume(meta: dict, source: object) -> dict:
@@ -230,7 +239,7 @@ def check_resume(meta: dict, source: object) -> dict:
     check_version(f)
     config = f.sub("config")
     for key, check in CONFIG.items():
-        config.get(key, check, "as a run's config has it")
+        config.get(key, check, "as a run's config has it", LATER_CONFIG.get(key, dataclasses.MISSING))
     config.only(set(CONFIG))
     data = f.sub("data")
     data.get("train_images", is_int, "an integer >= 0")

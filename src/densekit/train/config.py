@@ -20,6 +20,7 @@ from ..data.datasets import FIXED_SIZE
 from ..models import get_variant, list_models, model_kwargs
 from ..models.size import estimate
 from ..rundir import RunDir
+from ..rundir.schema import LATER_CONFIG, MAX_SIDE
 from .recipes import get_recipe
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ DEFAULT_MODEL = "densenet_bc_100_k12"   # on a GPU: the paper's BC-100, 0.77M pa
 # which reach 91% on Fashion-MNIST in about five minutes on 2 cores (docs/performance.md).
 CPU_MODEL, CPU_EPOCHS = "densenet_bc_40_k12_s2", 3
 DEFAULT_DATASET = "fashion-mnist"
+CUSTOM_MODEL = "custom"  # the name of a model given in Python (densekit.fit) with no registered architecture
 DEFAULT_RECIPE = "fast"
 DEFAULT_SAVE_EVERY = 200
 DEFAULT_VAL_FRACTION = 0.1
@@ -36,7 +38,11 @@ KEEP = ("best", "last")
 
 # The fields that define a run: a directory can only be resumed with the same values.
 IDENTITY = ("model", "model_args", "dataset", "image_size", "recipe", "epochs", "batch_size", "lr",
-            "seed", "train_limit", "init", "val_fraction", "keep", "patience")
+            "seed", "train_limit", "init", "val_fraction", "keep", "patience", "pretrained", "freeze_backbone",
+            "head_epochs", "backbone_lr_scale", "pos_weight", "csv")
+# Fields added since runs were first stored: a stored config without them had these values.
+LATER = LATER_CONFIG
+POS_WEIGHT = ("auto",)
 # What a resumed run keeps of its stored config besides its identity (unless given again).
 KEPT = ("data_dir", "deterministic", "save_every", "workers", "skip_bad_images")
 
@@ -73,6 +79,13 @@ class TrainConfig:
     patience: int | None = None         # stop after this many epochs without a better validation accuracy
     workers: int | None = None          # processes decoding streamed images (default: one per core, at most 8)
     skip_bad_images: bool | None = None  # skip files that do not decode, with a warning, instead of stopping
+    pretrained: str | None = None       # weights to start from: a torchvision/timm file or a run directory
+                                        # (models.pretrained); the classifier is new where the classes differ
+    freeze_backbone: bool | None = None  # train the classifier only (a linear probe of the pretrained features)
+    head_epochs: int | None = None      # the first N epochs train the classifier only, then everything
+    backbone_lr_scale: float | None = None  # the backbone's learning rate as a fraction of the classifier's
+    pos_weight: str | None = None       # multi-label: "auto" weighs each label's positives by negatives/positives
+    csv: dict | None = None             # the csv dataset: its CSV files and columns (data.csvfile.CsvLayout's fields)
 
 
 def check_config(config: TrainConfig) -> TrainConfig:
@@ -80,9 +93,19 @@ def check_config(config: TrainConfig) -> TrainConfig:
     identity: the same directory from any working directory)."""
     for name in ("epochs", "batch_size", "train_limit", "image_size", "max_steps", "save_every", "patience"):
         checks.optional(checks.positive_int, name, getattr(config, name))
+    if config.image_size is not None and config.image_size > MAX_SIDE:
+        raise ArgumentError(f"{{image_size}} {config.image_size} is above the largest side a run keeps ({MAX_SIDE})")
     checks.optional(checks.positive_number, "lr", config.lr)
     checks.optional(checks.non_negative_int, "seed", config.seed)
     checks.optional(checks.non_negative_int, "workers", config.workers)
+    checks.optional(checks.non_negative_int, "head_epochs", config.head_epochs)
+    checks.optional(checks.positive_number, "backbone_lr_scale", config.backbone_lr_scale)
+    checks.optional(lambda name, v: checks.one_of(name, v, POS_WEIGHT), "pos_weight", config.pos_weight)
+    if config.pretrained is not None and config.init is not None:
+        raise ArgumentError("{pretrained} and {init} both say where to start from; give one")
+    if config.freeze_backbone and config.head_epochs:
+        raise ArgumentError("{freeze_backbone} trains the classifier alone in every epoch; {head_epochs} only "
+                            "in the first ones: give one")
     if config.val_fraction is not None:
         checks.fraction("val_fraction", config.val_fraction)
     checks.optional(lambda name, v: checks.one_of(name, v, KEEP), "keep", config.keep)
@@ -103,6 +126,13 @@ def check_config(config: TrainConfig) -> TrainConfig:
         raise ArgumentError("{resume} needs {out}, the run to continue")
     if config.init is not None:
         config = dataclasses.replace(config, init=str(Path(config.init).resolve()))
+    if config.csv is not None:
+        from ..data.csvfile import CsvLayout, layout_from_dict
+
+        layout = config.csv if isinstance(config.csv, CsvLayout) else layout_from_dict(config.csv)
+        config = dataclasses.replace(config, csv=json.loads(json.dumps(dataclasses.asdict(layout))))
+    if config.pretrained is not None and Path(config.pretrained).exists():  # a bare name stays a name
+        config = dataclasses.replace(config, pretrained=str(Path(config.pretrained).resolve()))
     return config
 
 
@@ -134,13 +164,19 @@ def natural_size(model: str, dataset: str) -> int | None:
     return None if dataset in FIXED_SIZE else variant.input_size[-1]
 
 
-def _defaults(config: TrainConfig, device_type: str) -> dict:
+def _defaults(config: TrainConfig, device_type: str, model_name: str | None = None) -> dict:
     base = dict(model=default_model(device_type), model_args={}, dataset=DEFAULT_DATASET, data_dir=None,
                 image_size=None, recipe=DEFAULT_RECIPE, seed=0, train_limit=None, deterministic=False,
                 save_every=DEFAULT_SAVE_EVERY, init=None, val_fraction=DEFAULT_VAL_FRACTION, keep="best",
-                patience=None, workers=None, skip_bad_images=False)
-    if config.init is not None:
+                patience=None, workers=None, skip_bad_images=False, **LATER)
+    if model_name is not None:  # a model given in Python
+        base.update(model=model_name)
+    elif config.init is not None:
         base.update(init_defaults(config.init, config.dataset, config.data_dir))
+    elif config.pretrained is not None:
+        from .finetune import pretrained_defaults
+
+        base.update(pretrained_defaults(config.pretrained))
     elif config.model is None and device_type == "cpu" and config.epochs is None:
         base["epochs"] = CPU_EPOCHS
         log.info("no model given: training %s for %d epochs, sized for a CPU (give a model and epochs to choose)",
@@ -148,10 +184,11 @@ def _defaults(config: TrainConfig, device_type: str) -> dict:
     return base
 
 
-def resolve(config: TrainConfig, stored: dict | None, device_type: str = "cpu") -> dict:
+def resolve(config: TrainConfig, stored: dict | None, device_type: str = "cpu", model_name: str | None = None) -> dict:
     """The complete config: given values, else the stored run's, else the defaults (some by
-    the device: a smaller model and fewer epochs on a CPU)."""
-    base = dict(stored) if stored is not None else _defaults(config, device_type)
+    the device: a smaller model and fewer epochs on a CPU). ``model_name`` names a model
+    given in Python, which the config then trains (and which its data is checked against)."""
+    base = dict(LATER, **stored) if stored is not None else _defaults(config, device_type, model_name)
     given = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(config, f.name) is not None}
     cfg = {**base, **{k: v for k, v in given.items() if k in base or k in IDENTITY}}
@@ -166,7 +203,8 @@ def resolve(config: TrainConfig, stored: dict | None, device_type: str = "cpu") 
         cfg["image_size"] = natural_size(cfg["model"], cfg["dataset"])
     # as JSON will read it back, so that a stored run compares equal: (1, 1) -> [1, 1]
     cfg["model_args"] = json.loads(json.dumps(cfg.get("model_args") or {}))
-    _check_fits_model(cfg)
+    if model_name is None:
+        _check_fits_model(cfg)
     return cfg
 
 
@@ -192,13 +230,21 @@ def differences(a: dict, b: dict) -> list[str]:
 
 def default_out(config: TrainConfig, device_type: str = "cpu") -> Path:
     """runs/<dataset>-<model>-<time>, named by what the run will train (``init``'s if not given)."""
-    names = init_defaults(config.init, config.dataset) if config.init is not None else {}
+    if config.init is not None:
+        names = init_defaults(config.init, config.dataset)
+    elif config.pretrained is not None:
+        from .finetune import pretrained_defaults
+
+        names = pretrained_defaults(config.pretrained)
+    else:
+        names = {}
     dataset = config.dataset or names.get("dataset", DEFAULT_DATASET)
     model = config.model or names.get("model", default_model(device_type))
     return Path("runs") / f"{dataset}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def open_config(run: RunDir, config: TrainConfig, device_type: str = "cpu") -> tuple[dict, dict | None]:
+def open_config(run: RunDir, config: TrainConfig, device_type: str = "cpu",
+                model_name: str | None = None) -> tuple[dict, dict | None]:
     """Decide between a fresh run in ``run`` and a resumed one; returns (complete config,
     resume metadata or None). Refuses a folder that holds anything but this run."""
     if run.path.exists() and not run.path.is_dir():
@@ -206,7 +252,7 @@ def open_config(run: RunDir, config: TrainConfig, device_type: str = "cpu") -> t
     if run.is_empty():
         if config.resume:
             raise ArgumentError(f"{{resume}}: {checks.text(run)} holds no run to resume")
-        cfg = resolve(config, None, device_type)
+        cfg = resolve(config, None, device_type, model_name)
         if cfg["data_dir"] is not None:  # the same folder whichever directory the run is resumed from
             cfg["data_dir"] = str(Path(cfg["data_dir"]).resolve())
         return cfg, None
@@ -216,7 +262,7 @@ def open_config(run: RunDir, config: TrainConfig, device_type: str = "cpu") -> t
                             "choose another {out} (densekit never overwrites files)")
     meta = run.read_resume_meta()
     stored = meta["config"]
-    cfg = resolve(config, stored if config.resume else None, device_type)
+    cfg = resolve(config, stored if config.resume else None, device_type, model_name)
     diff = checks.text("; ".join(differences(cfg, stored)))
     if diff:
         if config.resume:

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import DeviceLoader, Split
-from ..distributed import sum_across_ranks
+from ..distributed import gather_objects, sum_across_ranks
 from ..errors import UserError
+from .multilabel import MultiLabelLoss, MultiLabelResult
 from .runtime import Runtime
 from .step import TrainStep
 
@@ -131,15 +132,19 @@ def train_one_epoch(
     save_every: int | None = None,
     save: Callable[[int, int], None] | None = None,
     report: Callable[[StepReport], None] | None = None,
+    eval_modules: nn.Module | None = None,
 ) -> tuple[int, int]:
     """Train ``epoch`` from batch ``start_step`` on; returns (steps done in the epoch, global step).
 
     Stops early once ``global_step`` reaches ``max_steps``. Every ``save_every`` global
     steps inside the epoch it calls ``save(step_in_epoch, global_step)``; the epoch's end
-    is left to the caller. Raises :class:`Diverged` on a non-finite loss.
+    is left to the caller. ``eval_modules`` stay in eval mode (a frozen backbone's batch
+    norms). Raises :class:`Diverged` on a non-finite loss.
     """
     optimizer = train_step.optimizer
     train_step.model.train()
+    if eval_modules is not None:
+        eval_modules.eval()
     n = len(loader)
     window = _Window(stats, loader.shard is not None, epoch, n)
     step = start_step
@@ -200,6 +205,11 @@ class EvalResult:
         return self.correct / self.total if self.total else math.nan
 
     @property
+    def score(self) -> float:
+        """What model selection maximizes: the accuracy."""
+        return self.accuracy
+
+    @property
     def per_class(self) -> list[float | None]:
         """Accuracy on each true class; None for a class with no test images."""
         return [float(h / c) if c else None for h, c in zip(self.hits, self.counts)]
@@ -221,9 +231,12 @@ def predict_logits(model: nn.Module, x: torch.Tensor, runtime: Runtime) -> torch
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, runtime: Runtime, num_classes: int,
-             report: Callable[[int], None] | None = None) -> EvalResult:
+             report: Callable[[int], None] | None = None, multi_label: bool = False) -> EvalResult | MultiLabelResult:
     """Loss and confusion matrix of ``model`` in eval mode over ``loader`` (a ``DeviceLoader``
-    or a ``StreamingLoader``); ``report(batches done)`` every few batches."""
+    or a ``StreamingLoader``); ``report(batches done)`` every few batches. A ``multi_label``
+    model's result holds every image's probabilities instead (``multilabel``)."""
+    if multi_label:
+        return _evaluate_multi_label(model, loader, runtime, report)
     was_training = model.training
     model.eval()
     # Autotuned kernels may differ between two processes; the default heuristics pick the
@@ -256,6 +269,40 @@ def evaluate(model: nn.Module, loader, runtime: Runtime, num_classes: int,
             result = EvalResult(math.nan, tally[:num_classes].numpy(), tally[num_classes:].numpy())
         result.loss = float(loss_sum) / result.total if result.total else math.nan
         return result
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def _evaluate_multi_label(model: nn.Module, loader, runtime: Runtime,
+                          report: Callable[[int], None] | None) -> MultiLabelResult:
+    was_training = model.training
+    model.eval()
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    criterion = MultiLabelLoss()
+    try:
+        loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+        known = torch.zeros((), dtype=torch.float64, device=runtime.device)
+        probs, targets = [], []
+        for i, (x, y) in enumerate(loader, 1):
+            logits = predict_logits(model, x, runtime)
+            n = (~torch.isnan(y)).sum()
+            loss_sum += criterion(logits, y).double() * n
+            known += n
+            probs.append(torch.sigmoid(logits).cpu())
+            targets.append(y.cpu())
+            if report is not None and (i % SYNC_EVERY == 0 or i == len(loader)):
+                report(i)
+        width = model.num_classes if hasattr(model, "num_classes") else 0
+        p = torch.cat(probs).numpy() if probs else np.zeros((0, width), np.float32)
+        t = torch.cat(targets).numpy() if targets else np.zeros((0, width), np.float32)
+        if loader.shard is not None:  # AUROC and AP do not depend on the images' order
+            loss_sum, known = sum_across_ranks(loss_sum), sum_across_ranks(known)
+            parts = gather_objects((p, t))
+            p, t = np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
+        return MultiLabelResult(float(loss_sum / known) if float(known) else math.nan, p, t)
     finally:
         torch.backends.cudnn.benchmark = benchmark
         model.train(was_training)

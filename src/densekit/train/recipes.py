@@ -2,7 +2,7 @@
 
 ``paper`` is the CIFAR recipe of Huang et al. 2017 (section 4.2), as published.
 ``fast`` is densekit's default: a short run that gets most of the accuracy in a few
-epochs. ``sprint`` and ``long`` are the GPU presets for Fashion-MNIST with the default
+epochs. ``finetune`` starts from pretrained weights (``--pretrained``). ``sprint`` and ``long`` are the GPU presets for Fashion-MNIST with the default
 model, DenseNet-BC-100 k=12 (0.77M parameters at one input channel): ``sprint`` aims at
 >= 95.0% test accuracy within 60 s of training on one H100, ``long`` at more than 95.4%
 (the best DenseNet, a 768K DenseNet-BC, in the Fashion-MNIST benchmark table). Both are
@@ -27,6 +27,7 @@ from ..data import Augment
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("step", "warmup_cosine")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +49,14 @@ class Recipe:
     gamma: float = 0.1                   # "step": the divisor's inverse
     warmup_fraction: float = 0.0         # "warmup_cosine": share of the steps spent warming up linearly
     final_lr_fraction: float = 0.0       # "warmup_cosine": lr at the last step, as a fraction of the peak
+    optimizer: str = "sgd"               # "sgd" (momentum, nesterov, coupled weight decay) or "adamw" (decoupled)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # streamed images: the area range of the random resized crop
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
 
@@ -125,7 +130,31 @@ LONG = dataclasses.replace(
                               # 4.01% to 3.65%: Zhong et al. 2017, arXiv:1708.04896)
 )
 
-RECIPES = {r.name: r for r in (FAST, PAPER, SPRINT, LONG)}
+# Fine-tuning pretrained weights on a user's own, usually small, data set: the weights already
+# hold good features, and the job is to fit a new head and move the rest a little.
+FINETUNE = Recipe(
+    name="finetune",
+    epochs=10,                # pretrained features converge in a few epochs; --patience can stop sooner
+    batch_size=32,            # small data sets give few steps; 32 keeps them many and fits 224 px on a CPU
+    lr=1e-3,                  # AdamW's usual rate at batch 32 (CheXNet fine-tuned DenseNet-121 with Adam at 1e-3);
+                              # much lower than from scratch, where SGD runs at 0.1-0.2
+    momentum=0.9,             # AdamW's beta1
+    nesterov=False,           # (SGD only)
+    weight_decay=0.01,        # AdamW's default, decoupled from the gradient; a light pull towards zero
+    decay_norm_and_bias=False,  # as fast: decaying BN scales and biases only fights the normalization
+    label_smoothing=0.1,      # single-label heads only (multi-label targets stay 0/1)
+    crop_padding=2,           # in-memory images: small shifts, as fast
+    hflip=True,               # light augmentation: the pretrained features carry the invariances they learnt
+    schedule="warmup_cosine",
+    warmup_fraction=0.05,     # a new head's first gradients are large and random: ramp up so they do not
+                              # wreck the pretrained weights before the head has learnt anything
+    final_lr_fraction=0.0,
+    optimizer="adamw",        # per-parameter step sizes: no lr search per data set, and robust at small batches
+    crop_scale=(0.35, 1.0),   # streamed images: crops of at least 35% of the area (0.08, ImageNet training's,
+                              # throws away too much of a small data set's images)
+)
+
+RECIPES = {r.name: r for r in (FAST, PAPER, SPRINT, LONG, FINETUNE)}
 
 # Datasets whose classes change under a left-right mirror: a flipped 2 or 7 is no digit.
 NO_FLIP = ("mnist",)
@@ -142,7 +171,7 @@ def augment_for(recipe: Recipe, dataset: str) -> Augment:
     hflip = recipe.hflip and dataset not in NO_FLIP
     if recipe.hflip and not hflip:
         log.info("%s: horizontal flips off (its classes are not mirror-symmetric)", dataset)
-    return Augment(crop_padding=recipe.crop_padding, hflip=hflip, erase=recipe.erase)
+    return Augment(crop_padding=recipe.crop_padding, hflip=hflip, erase=recipe.erase, crop_scale=recipe.crop_scale)
 
 
 def lr_factor(recipe: Recipe, step: int, steps_per_epoch: int, total_steps: int) -> float:
@@ -162,22 +191,33 @@ def lr_factor(recipe: Recipe, step: int, steps_per_epoch: int, total_steps: int)
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
-    """Parameters split into decayed and not decayed (BN scales and shifts, biases)."""
-    if recipe.decay_norm_and_bias or recipe.weight_decay == 0:
-        return [dict(params=[p for p in model.parameters() if p.requires_grad], weight_decay=recipe.weight_decay)]
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, recipe: Recipe, head: set | None = None,
+                 backbone_lr_scale: float = 1.0) -> list[dict]:
+    """Parameters split into decayed and not decayed (BN scales and shifts, biases) and, when
+    ``head`` (the ids of the classifier's parameters) is given, into head and backbone, the backbone's groups at
+    ``backbone_lr_scale`` times the learning rate (``lr_scale``, applied by ``build_optimizer``).
+    Frozen parameters are included: they get no gradient, which every optimizer skips."""
+    groups = {}
+    split_decay = not recipe.decay_norm_and_bias and recipe.weight_decay > 0
     for p in model.parameters():
-        if p.requires_grad:
-            # conv and linear weights have >= 2 dims; BN weights/biases and biases have one
-            (decay if p.dim() > 1 else no_decay).append(p)
-    return [dict(params=decay, weight_decay=recipe.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        backbone = head is not None and id(p) not in head
+        decay = not split_decay or p.dim() > 1  # conv and linear weights have >= 2 dims
+        groups.setdefault((backbone, decay), []).append(p)
+    return [dict(params=params, weight_decay=recipe.weight_decay if decay else 0.0,
+                 lr_scale=backbone_lr_scale if backbone else 1.0)
+            for (backbone, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe, lr: float, fused: bool = False) -> torch.optim.Optimizer:
-    """SGD as the recipe says; ``fused`` (CUDA) picks the one-kernel update a CUDA graph can replay."""
-    return torch.optim.SGD(param_groups(model, recipe), lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
-                           fused=fused or None)
+def build_optimizer(model: nn.Module, recipe: Recipe, lr: float, fused: bool = False, head: set | None = None,
+                    backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """The recipe's optimizer; ``fused`` (CUDA) picks the one-kernel SGD update a CUDA graph can
+    replay. ``head`` and ``backbone_lr_scale``: see ``param_groups``."""
+    groups = param_groups(model, recipe, head, backbone_lr_scale)
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(recipe.momentum, 0.999), weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov, fused=fused or None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int,

@@ -28,13 +28,21 @@ import logging
 import torch
 from torch import nn
 
+from .multilabel import exact_hits
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
+def hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The batch's correctly predicted images: the class (int labels), or every known label
+    at probability 0.5 (multi-label float targets, ``multilabel.exact_hits``)."""
+    return exact_hits(logits, y) if y.dim() == 2 else (logits.argmax(1) == y).sum()
+
+
 class TrainStep:
-    """``step(x, y)`` trains ``model`` on one batch and returns (loss, correct) as device tensors.
+    """``step(x, y)`` trains ``model`` on one batch and returns (loss, correct) as device tensors;
+    ``y`` is class indices (B,), or multi-label targets (B, L) for a ``MultiLabelLoss``.
 
     ``cuda_graph`` replays steps from a CUDA graph after ``warmup_steps`` eager ones; it
     needs a CUDA runtime and a fused SGD optimizer (``torch.optim.SGD(..., fused=True)``),
@@ -97,7 +105,7 @@ class TrainStep:
             loss = self.criterion(logits, y)
         loss.backward()
         self.optimizer.step()
-        return loss.detach(), (logits.detach().argmax(1) == y).sum()
+        return loss.detach(), hits(logits.detach(), y)
 
     def _eager(self, x, y):
         self.optimizer.zero_grad(set_to_none=True)

@@ -32,8 +32,10 @@ from ..results import Result
 from ..rundir import ModelInfo, Preprocessing, RunDir, pruned_structure
 from ..models.size import estimate
 from ..plots import curves_png
-from .config import TrainConfig, check_config, default_out, open_config
+from .config import CUSTOM_MODEL, TrainConfig, check_config, default_out, open_config
 from .engine import Diverged, EpochStats, EvalResult, StepReport, eval_batch_size, evaluate, train_one_epoch
+from .finetune import Freezer, pretrained_model, with_pretrained_stats
+from .multilabel import MultiLabelLoss, MultiLabelResult, auto_pos_weight
 from .recipes import Recipe, augment_for, build_optimizer, build_scheduler, get_recipe
 from .runtime import Runtime, RuntimeFacts, rng_state, seed_everything, select_runtime, set_rng_state
 from .step import TrainStep
@@ -70,7 +72,9 @@ class EpochEnd:
     val_acc: float
     lr: float
     seconds: float
-    best: bool             # the best validation accuracy so far: the weights kept with keep="best"
+    best: bool             # the best validation score so far: the weights kept with keep="best"
+    val_auroc: float | None = None  # multi-label: mean AUROC over the labels (the validation score)
+    val_ap: float | None = None     # multi-label: mean average precision
 
 
 @dataclasses.dataclass
@@ -95,6 +99,8 @@ class TrainSummary(Result, RuntimeFacts):
     model: str
     model_args: dict
     init: str | None             # the run directory the weights started from
+    pretrained: dict | None      # the weights fine-tuned from: source, kind, and the tensors loaded, new, adapted
+    multi_label: bool            # sigmoid outputs, one per label; selection by mean validation AUROC
     dataset: str
     num_classes: int
     input_size: list[int]        # (channels, height, width)
@@ -117,15 +123,19 @@ class TrainSummary(Result, RuntimeFacts):
     train_acc: float
     val_split: str               # how the validation split was made
     val_images: int
-    kept: str                    # "best" (by validation accuracy) or "last": the weights the run keeps
+    kept: str                    # "best" (by validation score: accuracy, or mean AUROC) or "last"
     kept_epoch: int              # the epoch those weights are of (0: none finished)
     val_accuracy: float | None   # of the kept weights
     val_loss: float | None
+    val_auroc: float | None      # multi-label: the kept weights' mean AUROC on the validation split
     stopped_early: bool          # by patience: that many epochs without a better validation accuracy
-    test_accuracy: float | None  # the kept weights on the full test split, scored once at the end (None:
-    test_loss: float | None      # the dataset has no test split); `densekit eval` reproduces it
+    test_accuracy: float | None  # the kept weights on the full test split, scored once at the end (None: the
+    test_loss: float | None      # dataset has no test split, or the run has not ended); `densekit eval` reproduces it
     test_correct: int | None
     test_images: int
+    test_auroc: float | None     # multi-label: mean AUROC over the labels that have one, and average precision
+    test_ap: float | None
+    test_auroc_per_label: dict | None  # label -> AUROC (None: one class only among its test images)
     cuda_graph_captured: bool
     world_size: int
     torch: str
@@ -149,9 +159,12 @@ class _Progress:
     stopped_early: bool = False
 
 
-def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) -> TrainSummary:
+def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None, data: Dataset | None = None,
+          model: DenseNet | None = None) -> TrainSummary:
     """Run (or continue) training as ``config`` says; returns the summary also written to
-    ``summary.json``. Reports progress through ``on_event`` (never prints).
+    ``summary.json``. Reports progress through ``on_event`` (never prints). ``data`` and
+    ``model``, given (``densekit.fit``), are trained on and trained in place of the dataset
+    and model the config would name.
 
     Under torchrun or ``densekit train --nproc N``, this process is one rank of a
     data-parallel job (``densekit.distributed``): it joins the group here and leaves it when
@@ -163,18 +176,21 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
     device = distributed.rank_device(select_runtime(config.device).device, job)
     emit = on_event if job.is_main and on_event else (lambda event: None)
     with distributed.member(job, device):
-        return _train(config, emit, job, device)
+        return _train(config, emit, job, device, data, model)
 
 
-def _train(config: TrainConfig, emit: Callable[[Event], None], job: distributed.Dist,
-           device: torch.device) -> TrainSummary:
-    run, cfg, meta = _open_run(config, job, device)
+def _train(config: TrainConfig, emit: Callable[[Event], None], job: distributed.Dist, device: torch.device,
+           given_data: Dataset | None = None, given_model: DenseNet | None = None) -> TrainSummary:
+    # a model given in Python is named by its registered architecture, where it has one
+    name = None if given_model is None else \
+        (getattr(given_model, "pretrained_cfg", None) or {}).get("architecture") or CUSTOM_MODEL
+    run, cfg, meta = _open_run(config, job, device, name)
     runtime = select_runtime(str(device), config.channels_last, bool(cfg["deterministic"]),
                              False if job.active else config.cuda_graph)
-    data = _load_data(cfg, meta, run)
+    data = _load_data(cfg, meta, run, given_data)
     with runtime.activated():
         seed_everything(cfg["seed"])
-        session = _Session(run, cfg, data, runtime, job, resumed=meta is not None)
+        session = _Session(run, cfg, data, runtime, job, resumed=meta is not None, given_model=given_model)
         session.start(meta)
         emit(session.start_event(config.max_steps))
         session.loop(config.max_steps, emit)
@@ -185,12 +201,12 @@ def _train(config: TrainConfig, emit: Callable[[Event], None], job: distributed.
     return summary
 
 
-def _open_run(config: TrainConfig, job: distributed.Dist,
-              device: torch.device) -> tuple[RunDir, dict, dict | None]:
+def _open_run(config: TrainConfig, job: distributed.Dist, device: torch.device,
+              model_name: str | None = None) -> tuple[RunDir, dict, dict | None]:
     """The run directory (one name for every rank), its complete config, its resume state."""
     out = distributed.broadcast_object(Path(config.out) if config.out else default_out(config, device.type))
     run = RunDir(out)
-    cfg, meta = open_config(run, config, device.type)
+    cfg, meta = open_config(run, config, device.type, model_name)
     distributed.check_batch_split(cfg["batch_size"], job.world_size)
     if meta is not None and meta.get("world_size", 1) != job.world_size:
         log.warning("continuing a run of %d process(es) with %d: the batches are the same, but batch norm "
@@ -206,10 +222,14 @@ def _data_facts(data: Dataset) -> dict:
                 image_size=list(data.image_size), in_chans=data.in_chans)
 
 
-def _load_data(cfg: dict, meta: dict | None, run: RunDir) -> Dataset:
-    data = load_dataset(cfg["dataset"], cfg["data_dir"], cfg["train_limit"], cfg["image_size"],
-                        val_fraction=cfg["val_fraction"], seed=cfg["seed"], workers=cfg["workers"],
-                        skip_bad_images=cfg["skip_bad_images"])
+def _load_data(cfg: dict, meta: dict | None, run: RunDir, given: Dataset | None = None) -> Dataset:
+    if given is not None:
+        data = given
+    else:
+        data = load_dataset(cfg["dataset"], cfg["data_dir"], cfg["train_limit"], cfg["image_size"],
+                            val_fraction=cfg["val_fraction"], seed=cfg["seed"], workers=cfg["workers"],
+                            skip_bad_images=cfg["skip_bad_images"], csv=cfg["csv"])
+        data = with_pretrained_stats(data, cfg, run, resumed=meta is not None)
     if len(data.val) == 0:
         raise ArgumentError("the validation split is empty: give a {val_fraction} above 0, or a val/ folder")
     log.info("%s: validating on %s (%d images)%s", data.name, data.val_source, len(data.val),
@@ -261,15 +281,38 @@ def _init_model(init: str, data: Dataset) -> tuple[DenseNet, dict]:
     return model.train(), source.read_info().model_kwargs
 
 
-def _model(cfg: dict, data: Dataset, run: RunDir, resumed: bool) -> tuple[DenseNet, dict]:
-    """The model to train and the DenseNet arguments that rebuild it. A resumed run started
-    from ``init`` is rebuilt from its own model.json (pruned structure included): its weights
-    come from its resume state, so the init run may be gone by now."""
-    if cfg["init"] is None:
+def _given_model(model: DenseNet, data: Dataset) -> tuple[DenseNet, dict]:
+    """A model given in Python, checked against the data; with the arguments that rebuild it."""
+    if not isinstance(model, DenseNet):
+        raise ArgumentError(f"{{model}} must be a densekit DenseNet (densekit.create_model), got "
+                            f"{type(model).__name__}")
+    if (model.num_classes, model.in_chans) != (data.num_classes, data.in_chans):
+        raise ArgumentError(f"{{model}} takes {model.in_chans} channel(s) and predicts {model.num_classes} "
+                            f"classes; the data has {data.in_chans} and {data.num_classes}: create it with "
+                            f"in_chans={data.in_chans}, num_classes={data.num_classes}, or call "
+                            f"model.reset_classifier({data.num_classes})")
+    return model.train(), dict(model.init_kwargs)
+
+
+def _model(cfg: dict, data: Dataset, run: RunDir, resumed: bool,
+           given: DenseNet | None = None) -> tuple[DenseNet, dict, dict | None]:
+    """The model to train, the DenseNet arguments that rebuild it and, for pretrained weights,
+    what was loaded. A resumed run started from ``init`` or ``pretrained`` is rebuilt from its
+    own model.json (pruned structure included): its weights come from its resume state, so the
+    run or file it started from may be gone by now."""
+    loaded = None
+    started_from = cfg["init"] or cfg["pretrained"]
+    if given is not None:  # trained in place; a resumed run's weights come from its resume state
+        model, kwargs = _given_model(given, data)
+    elif started_from is None:
         model, kwargs = _registered_model(cfg, data, run if resumed else None)
     elif resumed and run.has_model():
         info = run.read_info()
         model, kwargs = run.build_model(info), info.model_kwargs
+        loaded = dict(source=cfg["pretrained"], kind="resumed", loaded=[], new=[], adapted=[]) \
+            if cfg["pretrained"] else None
+    elif cfg["pretrained"] is not None:
+        model, kwargs, loaded = pretrained_model(cfg, data)
     else:
         model, kwargs = _init_model(cfg["init"], data)
     blocked = {name: block.fused_status() for name, block in model.named_modules()
@@ -280,7 +323,7 @@ def _model(cfg: dict, data: Dataset, run: RunDir, resumed: bool) -> tuple[DenseN
         name, reason = next(iter(blocked.items()))
         log.info("%d dense block(s) take the reference path with gradient checkpointing (%s: %s)",
                  len(blocked), name, reason)
-    return model, kwargs
+    return model, kwargs, loaded
 
 
 def _all_finite(model: nn.Module) -> bool:
@@ -292,11 +335,11 @@ class _Session:
     with the operations the algorithm takes (start, loop, checkpoint, finish)."""
 
     def __init__(self, run: RunDir, cfg: dict, data: Dataset, runtime: Runtime, job: distributed.Dist,
-                 resumed: bool) -> None:
+                 resumed: bool, given_model: DenseNet | None = None) -> None:
         self.run, self.cfg, self.data, self.runtime, self.job = run, cfg, data, runtime, job
         self.main = job.is_main  # the rank that writes the run directory
         self.recipe: Recipe = get_recipe(cfg["recipe"])
-        self.model, self.kwargs = _model(cfg, data, run, resumed)
+        self.model, self.kwargs, self.pretrained = _model(cfg, data, run, resumed, given_model)
         runtime.prepare(self.model)
         self.augment = augment_for(self.recipe, data.name)
         self.train_loader = self._loader(data.train, cfg["batch_size"], train=True)
@@ -306,15 +349,28 @@ class _Session:
                                 "training images; lower it")
         self.total_steps = cfg["epochs"] * self.steps_per_epoch
         self.eval_batch = eval_batch_size(estimate(self.kwargs, data.image_size).activations)
-        self.optimizer = build_optimizer(self.model, self.recipe, cfg["lr"], fused=runtime.cuda_graph)
+        self.freezer = Freezer(self.model, cfg)
+        # a CUDA graph replays fused SGD on a fixed set of gradients: not AdamW, not a changing freeze
+        graph = runtime.cuda_graph and self.recipe.optimizer == "sgd" and not self.freezer.used
+        head = {id(p) for p in self.model.get_classifier().parameters()} if cfg["backbone_lr_scale"] != 1 else None
+        self.optimizer = build_optimizer(self.model, self.recipe, cfg["lr"], fused=graph, head=head,
+                                         backbone_lr_scale=cfg["backbone_lr_scale"])
         self.scheduler = build_scheduler(self.optimizer, self.recipe, self.steps_per_epoch, self.total_steps)
-        criterion = nn.CrossEntropyLoss(label_smoothing=self.recipe.label_smoothing)
-        self.step = TrainStep(distributed.wrap(self.model, runtime.device), self.optimizer, criterion, runtime,
-                              cuda_graph=runtime.cuda_graph)
+        self.step = TrainStep(distributed.wrap(self.model, runtime.device), self.optimizer, self._criterion(),
+                              runtime, cuda_graph=graph)
         self.progress = _Progress()
         self.reports = 0  # step reports this process has passed on
         self.kept_eval: EvalResult | None = None   # the kept weights on the validation split
         self.test_eval: EvalResult | None = None
+
+    def _criterion(self) -> nn.Module:
+        if not self.data.multi_label:
+            return nn.CrossEntropyLoss(label_smoothing=self.recipe.label_smoothing)
+        weight = auto_pos_weight(self.data.train.labels) if self.cfg["pos_weight"] == "auto" else None
+        if weight is not None:
+            log.info("positive weights (negatives / positives): %s", ", ".join(
+                f"{c} {w:.2f}" for c, w in zip(self.data.classes, weight.tolist())))
+        return MultiLabelLoss(None if weight is None else weight.to(self.runtime.device))
 
     def _loader(self, split, batch_size: int, train: bool):
         job, cfg = self.job, self.cfg
@@ -324,10 +380,11 @@ class _Session:
                           augment=self.augment, workers=cfg["workers"],
                           skip_bad_images=cfg["skip_bad_images"])
 
-    def _evaluate(self, split, name: str, emit: Callable[[Event], None]) -> EvalResult:
+    def _evaluate(self, split, name: str, emit: Callable[[Event], None]) -> EvalResult | MultiLabelResult:
         loader = self._loader(split, self.eval_batch, train=False)
         return evaluate(self.model, loader, self.runtime, self.data.num_classes,
-                        report=lambda done: emit(Evaluating(name, done, len(loader))))
+                        report=lambda done: emit(Evaluating(name, done, len(loader))),
+                        multi_label=self.data.multi_label)
 
     # -- the run directory
 
@@ -350,7 +407,8 @@ class _Session:
         return ModelInfo(cfg["model"], cfg["model_args"], self.kwargs, d.name, data_dir, tuple(d.classes),
                          Preprocessing(d.in_chans, tuple(d.image_size), tuple(d.mean), tuple(d.std),
                                        crop_pct=d.crop_pct),
-                         pruned_structure(self.model), val_fraction=cfg["val_fraction"], seed=cfg["seed"])
+                         pruned_structure(self.model), val_fraction=cfg["val_fraction"], seed=cfg["seed"],
+                         multi_label=d.multi_label, csv=cfg["csv"], streamed=d.streaming)
 
     def start(self, meta: dict | None) -> None:
         """A fresh run's first checkpoint, or a resumed run's state restored."""
@@ -395,18 +453,20 @@ class _Session:
     def train_epoch(self, max_steps: int | None, emit: Callable[[Event], None]) -> bool:
         """Train the current epoch from where it stands; True if it ran to its end."""
         p = self.progress
+        self.step.model = self.freezer.apply(self.freezer.frozen(p.epoch), self.step.model, self.runtime.device)
         p.step_in_epoch, p.global_step = train_one_epoch(
             self.step, self.train_loader, self.scheduler, epoch=p.epoch, start_step=p.step_in_epoch,
             global_step=p.global_step, stats=p.stats, max_steps=max_steps, save_every=self.cfg["save_every"],
-            save=self._save_within_epoch, report=lambda r: self._report(r, max_steps, emit))
+            save=self._save_within_epoch, report=lambda r: self._report(r, max_steps, emit),
+            eval_modules=self.freezer.eval_modules())
         return p.step_in_epoch == self.steps_per_epoch
 
     def _report(self, report: StepReport, max_steps: int | None, emit: Callable[[Event], None]) -> None:
         """Pass the report on; at the second of this process (the first has the warm-up in it),
         log how long the rest of the training steps will take at this speed."""
         self.reports += 1
-        if self.reports == 2 and self.main:
-            left = min(self.total_steps, max_steps or self.total_steps) - report.global_step
+        left = min(self.total_steps, max_steps or self.total_steps) - report.global_step
+        if self.reports == 2 and self.main and left > 0:
             seconds = left * self.cfg["batch_size"] / max(report.images_per_s, 1e-9)
             took = f"{seconds:.0f} s" if seconds < 120 else (f"{seconds / 60:.0f} min" if seconds < 7200
                                                                 else f"{seconds / 3600:.1f} h")
@@ -420,10 +480,14 @@ class _Session:
         p = self.progress
         distributed.share_buffers(self.model)  # every rank scores rank 0's model, the one saved
         result = self._evaluate(self.data.val, "val", emit)
-        best_acc = max((r["val_acc"] for r in p.history), default=-math.inf)
-        best = not p.history or result.accuracy > best_acc  # ties keep the earlier epoch
+        key = "val_auroc" if self.data.multi_label else "val_acc"  # the score the kept weights are chosen by
+        best_score = max((r[key] for r in p.history if r[key] is not None and not math.isnan(r[key])),
+                         default=-math.inf)
+        best = not p.history or result.score > best_score  # ties keep the earlier epoch
         record = dict(epoch=p.epoch + 1, train_loss=p.stats.loss, train_acc=p.stats.acc, val_loss=result.loss,
                       val_acc=result.accuracy, lr=p.stats.lr, seconds=p.stats.seconds)
+        if self.data.multi_label:
+            record.update(val_auroc=result.mean_auroc, val_ap=result.mean_average_precision)
         p.history.append(record)
         p.train_seconds += p.stats.seconds
         p.data_seconds += p.stats.data_seconds
@@ -439,7 +503,7 @@ class _Session:
             self.run.write_metrics(p.history)
         emit(EpochEnd(epochs=self.cfg["epochs"], best=best, **record))
         if p.stopped_early:
-            log.info("stopping early: %d epoch(s) without a better validation accuracy than epoch %d's",
+            log.info("stopping early: %d epoch(s) without a better validation score than epoch %d's",
                      patience, p.best_epoch)
 
     def loop(self, max_steps: int | None, emit: Callable[[Event], None]) -> None:
@@ -473,30 +537,44 @@ class _Session:
         distributed.check_in_sync(self.model)
         self.kept_epoch = kept
         self.kept_eval = self._evaluate(self.data.val, "val", emit) if kept else None
-        if self.data.test is not None:
+        if self.data.test is not None and self.finished:
+            # once, at the end: a run stopped on the way is not scored on it, so that where to
+            # stop is never chosen by looking at the test split
             self.test_eval = self._evaluate(self.data.test, "test", emit)
         if self.main and self.progress.history:  # drawn once at the end: a figure costs more than a small epoch
             self.run.write_curves(curves_png(self.progress.history, f"{self.cfg['model']} on {self.data.name}"))
+
+    @property
+    def finished(self) -> bool:
+        p = self.progress
+        return p.global_step >= self.total_steps or p.stopped_early
 
     def summary(self) -> TrainSummary:
         p, cfg, d = self.progress, self.cfg, self.data
         seconds = p.train_seconds + p.stats.seconds
         last = p.history[-1] if p.history else dict(train_loss=p.stats.loss, train_acc=p.stats.acc)
         v, t = self.kept_eval, self.test_eval
+        multi = d.multi_label
         return TrainSummary(
-            model=cfg["model"], model_args=cfg["model_args"], init=cfg["init"], dataset=d.name,
+            model=cfg["model"], model_args=cfg["model_args"], init=cfg["init"], pretrained=self.pretrained,
+            multi_label=multi, dataset=d.name,
             num_classes=d.num_classes, input_size=[d.in_chans, *d.image_size], params=self.params, macs=self.macs,
             epochs=cfg["epochs"], epochs_completed=len(p.history), steps=p.global_step, total_steps=self.total_steps,
-            finished=p.global_step >= self.total_steps or p.stopped_early, batch_size=cfg["batch_size"],
+            finished=self.finished, batch_size=cfg["batch_size"],
             lr=cfg["lr"], seed=cfg["seed"], train_limit=cfg["train_limit"], train_images=len(d.train),
             train_seconds=seconds, data_wait_fraction=(p.data_seconds + p.stats.data_seconds) / max(seconds, 1e-9),
             images_per_second=p.global_step * cfg["batch_size"] / max(seconds, 1e-9),
             train_loss=last["train_loss"], train_acc=last["train_acc"], val_split=d.val_source,
             val_images=len(d.val), kept=cfg["keep"], kept_epoch=self.kept_epoch,
             val_accuracy=None if v is None else v.accuracy, val_loss=None if v is None else v.loss,
+            val_auroc=v.mean_auroc if multi and v is not None else None,
             stopped_early=p.stopped_early, test_accuracy=None if t is None else t.accuracy,
             test_loss=None if t is None else t.loss, test_correct=None if t is None else t.correct,
-            test_images=0 if d.test is None else len(d.test), **self.runtime.describe(),
+            test_images=0 if d.test is None else len(d.test),
+            test_auroc=t.mean_auroc if multi and t is not None else None,
+            test_ap=t.mean_average_precision if multi and t is not None else None,
+            test_auroc_per_label=dict(zip(d.classes, t.auroc)) if multi and t is not None else None,
+            **self.runtime.describe(),
             cuda_graph_captured=self.step.captured, world_size=self.job.world_size, torch=torch.__version__,
             densekit=__version__, recipe=dict(self.recipe.to_dict(), epochs=cfg["epochs"],
                                               batch_size=cfg["batch_size"], lr=cfg["lr"]),
