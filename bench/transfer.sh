@@ -43,7 +43,7 @@ echo "== 12,000 mosaics: pretrained" >&2
 "${DK[@]}" train --pretrained "$W/source" --data-dir "$W/mos12k" "${CSV[@]}" --out "$W/mos12k-pretrained" >&2 || exit 1
 echo "== linear probe: classes 0-4, then a frozen backbone on 500 images of 5-9" >&2
 "${DK[@]}" train --dataset imagefolder --data-dir "$W/c04" --model densenet_bc_40_k12_s2 --image-size 28 --epochs 3 --out "$W/c04-run" --no-progress >&2 || exit 1
-"${DK[@]}" train --pretrained "$W/c04-run" --dataset imagefolder --data-dir "$W/c59" --freeze-backbone --epochs 30 --lr 0.01 --out "$W/c59-probe" --no-progress >&2 || exit 1
+"${DK[@]}" train --pretrained "$W/c04-run" --dataset imagefolder --data-dir "$W/c59" --freeze-backbone --out "$W/c59-probe" --no-progress >&2 || exit 1
 echo "== a torchvision densenet121 file, 7 classes, 224 px" >&2
 "$PY" -c 'import torch, torchvision, sys; torch.manual_seed(0); torch.save(torchvision.models.densenet121().state_dict(), sys.argv[1])' "$W/densenet121-seeded.pth" || exit 1
 /usr/bin/time -v -o "$W/time-tv" "${DK[@]}" train --pretrained "$W/densenet121-seeded.pth" --dataset imagefolder --data-dir "$W/photos" --epochs 1 --batch-size 8 --out "$W/tv121" --no-progress >&2 || exit 1
@@ -71,7 +71,7 @@ WALL="$(grep 'Elapsed (wall' "$W/time-tv" | awk '{print $NF}')"
   echo "| the same from scratch (--recipe finetune) | mean test AUROC $S1 (kept epoch $S1E, ${S1S%.*} s) | |"
   echo "| 12,000 mosaics, 3 epochs: --pretrained source | mean test AUROC $P12 (kept epoch $P12E, ${P12S%.*} s) | >= 0.97 |"
   echo "| classes 0-4 only, 3 epochs (the probe's source) | test accuracy $C04 on classes 0-4 | |"
-  echo "| its frozen backbone, new head on 500 images of classes 5-9 (30 epochs, lr 0.01) | test accuracy $PROBE on classes 5-9 (kept epoch $PROBEE) | >= 0.90 |"
+  echo "| its frozen backbone, new head on 500 images of classes 5-9 (--freeze-backbone: the probe recipe) | test accuracy $PROBE on classes 5-9 (kept epoch $PROBEE) | >= 0.90 |"
   echo "| seeded torchvision densenet121 file, 7 classes, 224 px, 1 epoch | $TVN tensors loaded, new: $TVNEW; whole command ${WALL} | runs, predicts |"
   echo
   echo "predict on $(basename "$JPEG"): \`$PRED\`"

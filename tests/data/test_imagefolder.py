@@ -14,6 +14,7 @@ from densekit.data import DataError, load_dataset, load_images
 from densekit.data import files
 from densekit.data.batches import loader_for
 from densekit.data.core import FileSplit
+from densekit.data.loader import Augment
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
@@ -308,3 +309,22 @@ def test_no_readable_training_image_is_one_line(tmp_path, write_image, solid_ima
 def test_the_choice_of_path_can_be_forced(photos):
     assert load_dataset("imagefolder", photos, image_size=16, workers=0, stream=True).streaming
     assert not load_dataset("imagefolder", photos, image_size=16, workers=0, stream=False).streaming
+
+
+def test_unaugmented_streamed_training_frames_images_as_evaluation_does(photos, monkeypatch):
+    # a linear probe's recipe: no random crop (crop_scale None) and no flips, so a training
+    # batch holds each image exactly as evaluation sees it; flips alone mirror some of them
+    monkeypatch.setattr(files, "SMALL_IMAGES", 5)
+    ds = load_dataset("imagefolder", photos, image_size=16, workers=0, val_fraction=0.0)
+    plain = Augment(hflip=False, crop_scale=None)
+    x, y = next(iter(loader_for(ds, ds.train, 12, train=True, device=torch.device("cpu"), workers=0, augment=plain,
+                                seed=4)))
+    evaluated = torch.cat([b for b, _ in loader_for(ds, ds.train, 12, train=False, device=torch.device("cpu"),
+                                                    workers=0)])
+    keys = loader_for(ds, ds.train, 12, train=True, device=torch.device("cpu"), workers=0, seed=4)._keys(0, 0)[0]
+    torch.testing.assert_close(x, evaluated[[i for i, _ in keys]])
+    flipped, _ = next(iter(loader_for(ds, ds.train, 12, train=True, device=torch.device("cpu"), workers=0,
+                                      augment=Augment(hflip=True, crop_scale=None), seed=4)))
+    mirrored = [torch.equal(a, b.flip(-1)) and not torch.equal(a, b) for a, b in zip(flipped, x)]
+    same = [torch.equal(a, b) for a, b in zip(flipped, x)]
+    assert all(m or s for m, s in zip(mirrored, same)) and any(mirrored) and any(same)

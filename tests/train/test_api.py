@@ -29,7 +29,7 @@ def tiny(num_classes: int = 3, in_chans: int = 3) -> densekit.DenseNet:
 OPTIONS = dict(classes=["a", "b", "c"], epochs=2, batch_size=8, workers=1, deterministic=True)
 
 
-def test_fit_trains_in_place_and_resumes_bit_identically(tmp_path):
+def test_fit_trains_in_place_and_resumes_bit_identically(tmp_path, cli):
     model = tiny()
     before = model.classifier.weight.detach().clone()
     s = densekit.fit(model, fake(64, 0), test_data=fake(16, 100, flip=False), out=tmp_path / "ref", **OPTIONS)
@@ -51,6 +51,8 @@ def test_fit_trains_in_place_and_resumes_bit_identically(tmp_path):
     assert done.finished and done.test_accuracy == s.test_accuracy
     again = safetensors.torch.load_file(tmp_path / "run" / "model.safetensors")
     assert all(torch.equal(saved[k], again[k]) for k in saved)  # the flips are seeded per item: bit for bit
+    rc, _, err = cli("eval", tmp_path / "run")
+    assert rc == 2 and "trained on datasets given in Python" in err and "--dataset" in err
 
 
 class Halves(torch.utils.data.Dataset):

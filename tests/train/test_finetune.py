@@ -126,6 +126,10 @@ def test_frozen_backbone_trains_the_classifier_alone(cli, source, writers, tmp_p
             assert not torch.equal(v, after[k]), k  # the same 10 classes: kept, then trained
         else:
             assert torch.equal(v, after[k]), k  # weights and batch-norm statistics alike
+    s = json.loads((run / "summary.json").read_text())
+    # a linear probe by default: unaugmented images, a large rate, the converged (last) head
+    assert s["recipe"]["name"] == "probe" and s["lr"] == 0.1 and s["kept"] == "last" and s["kept_epoch"] == 1
+    assert (s["recipe"]["crop_padding"], s["recipe"]["hflip"], s["recipe"]["crop_scale"]) == (0, False, None)
 
 
 def test_head_epochs_then_everything(cli, source, writers, tmp_path):

@@ -167,3 +167,16 @@ def test_resume_keeps_this_process_choice_of_sgd_kernel(tmp_path):
     assert all(g["fused"] for g in fused.param_groups)
     assert all(torch.equal(fused.state[p]["momentum_buffer"], eager.state[p]["momentum_buffer"])
                for p in model.parameters())
+
+
+def test_the_kept_epoch_is_the_best_score_with_ties_to_the_lower_loss():
+    from densekit.train.trainer import improves
+
+    best = dict(val_acc=0.9, val_loss=0.5)
+    assert improves(0.92, 0.9, best, "val_acc")            # a higher accuracy wins whatever the loss
+    assert not improves(0.88, 0.1, best, "val_acc")
+    assert improves(0.9, 0.4, best, "val_acc")             # a tie goes to the lower loss ...
+    assert not improves(0.9, 0.5, best, "val_acc")         # ... and to the earlier epoch when that ties too
+    assert not improves(math.nan, 0.1, best, "val_acc")    # no score never wins
+    assert improves(0.5, 1.0, dict(val_auroc=math.nan, val_loss=0.1), "val_auroc")  # over no score
+    assert improves(0.5, 1.0, None, "val_acc")

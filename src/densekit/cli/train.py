@@ -33,7 +33,8 @@ def add_arguments(p) -> None:
                         "the classes differ; the model, image size, normalization and the finetune recipe follow "
                         "the weights unless given. Nothing is downloaded")
     p.add_argument("--freeze-backbone", action="store_true", default=None,
-                   help="with --pretrained: train the classifier alone (the backbone and its batch norms fixed)")
+                   help="with --pretrained: train the classifier alone (the backbone and its batch norms fixed), "
+                        "by default with the probe recipe: a linear probe of the pretrained features")
     p.add_argument("--head-epochs", type=non_negative_int, metavar="N",
                    help="train the classifier alone for the first N epochs, then everything (default: 0)")
     p.add_argument("--backbone-lr-scale", type=positive_number, metavar="X",
@@ -73,7 +74,8 @@ def add_arguments(p) -> None:
                         "where the dataset has no val/ of its own (default: 0.1)")
     p.add_argument("--keep", choices=("best", "last"),
                    help="the weights the run keeps and scores on the test split: the epoch of the best "
-                        "validation score (accuracy; multi-label: mean AUROC) (default), or the last")
+                        "validation score (accuracy, ties to the lower loss; multi-label: mean AUROC), or the "
+                        "last (default: the recipe's: best; last for probe)")
     p.add_argument("--patience", type=positive_int, metavar="N",
                    help="stop after N epochs without a better validation score (default: never)")
     p.add_argument("--workers", type=non_negative_int, metavar="N",

@@ -31,8 +31,9 @@ class Augment:
     # uniformly drawn pixel and clipped at the border, set to the dataset mean (0 after
     # normalization) in every image; 0: off
     erase: int = 0
-    # streamed image files: the range of the area a random resized crop takes (torchvision's default)
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    # streamed image files: the range of the area a random resized crop takes (torchvision's
+    # default); None: no random crop, the evaluation's resize and center crop
+    crop_scale: tuple[float, float] | None = (0.08, 1.0)
 
     def __post_init__(self) -> None:
         for name in ("crop_padding", "erase"):
@@ -40,6 +41,7 @@ class Augment:
 
     @property
     def active(self) -> bool:
+        """Whether in-memory batches change (streamed ones also follow ``crop_scale``)."""
         return self.crop_padding > 0 or self.hflip or self.erase > 0
 
 

@@ -57,23 +57,22 @@ def default_workers(processes: int = 1) -> int:
 
 class ImageFiles(torch.utils.data.Dataset):
     """Item ``(i, seed)``: file i decoded to ``in_chans`` channels and transformed to
-    ``size`` x ``size`` (training: random resized crop of ``crop_scale`` of the area and flip,
-    seeded by ``seed``; evaluation: resize and center crop), as (uint8 image, label, error
-    message or "").
+    ``size`` x ``size`` (training: random resized crop of ``crop_scale`` of the area, and a
+    flip with ``hflip``, seeded by ``seed``; evaluation, and training with ``crop_scale`` None:
+    resize and center crop), as (uint8 image, label, error message or "").
 
     ``substitute``: a file that does not decode is replaced by the next one that does (its
     image and label), with the error as a warning in the message ("replaced: ..."), so that a
     training batch keeps its size and every data-parallel rank takes every step."""
 
     def __init__(self, split: FileSplit, in_chans: int, size: int, train: bool, crop_pct: float = CROP_PCT,
-                 crop_scale: tuple[float, float] = (0.08, 1.0), substitute: bool = False) -> None:
+                 crop_scale: tuple[float, float] | None = (0.08, 1.0), substitute: bool = False,
+                 hflip: bool = True) -> None:
         self.split, self.in_chans, self.size, self.train = split, in_chans, size, train
         self.substitute = substitute
-        if train:
-            self.transform = v2.Compose([v2.RandomResizedCrop(size, scale=crop_scale, antialias=True),
-                                         v2.RandomHorizontalFlip()])
-        else:
-            self.transform = v2.Compose([v2.Resize(int(size / crop_pct), antialias=True), v2.CenterCrop(size)])
+        steps = [v2.RandomResizedCrop(size, scale=crop_scale, antialias=True)] if train and crop_scale else [
+            v2.Resize(int(size / crop_pct), antialias=True), v2.CenterCrop(size)]
+        self.transform = v2.Compose(steps + ([v2.RandomHorizontalFlip()] if train and hflip else []))
 
     def __len__(self) -> int:
         return len(self.split)
@@ -123,12 +122,12 @@ class StreamingLoader:
                  std: Sequence[float], device: str | torch.device = "cpu", train: bool = False, shuffle: bool = False,
                  drop_last: bool = False, seed: int = 0, channels_last: bool = False, shard=None,
                  workers: int | None = None, skip_bad_images: bool = False, crop_pct: float = CROP_PCT,
-                 crop_scale: tuple[float, float] = (0.08, 1.0)) -> None:
+                 crop_scale: tuple[float, float] | None = (0.08, 1.0), hflip: bool = True) -> None:
         self.batch_size = checks.positive_int("batch_size", batch_size)
         if isinstance(split, FileSplit):
             # training replaces a file that does not decode (a batch keeps its size); evaluation drops it
             self.files = ImageFiles(split, in_chans, size, train, crop_pct, crop_scale,
-                                    substitute=train and skip_bad_images)
+                                    substitute=train and skip_bad_images, hflip=hflip)
         else:  # a user's own dataset (torchdata.TorchSplit): its transforms are its own
             from .torchdata import UserItems
 

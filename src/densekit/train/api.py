@@ -31,6 +31,13 @@ from .trainer import Event, TrainSummary, train
 STATS_SAMPLE = 500  # training items whose pixels give the mean and std when none are given
 
 
+def _dataset(data) -> torch.utils.data.Dataset:
+    """A dataset, or a DataLoader's: densekit draws its own batches (seeded, resumable)."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        return data.dataset
+    return data
+
+
 def _split(dataset, workers: int) -> TorchSplit:
     return TorchSplit(dataset, torch.arange(len(dataset)), read_targets(dataset, workers))
 
@@ -47,7 +54,8 @@ def fit(model: DenseNet, train_data: torch.utils.data.Dataset, val_data: torch.u
         std: Sequence[float] | None = None, val_fraction: float = 0.1, resume: bool = False,
         on_event: Callable[[Event], None] | None = None, **options) -> TrainSummary:
     """Train ``model`` in place on ``train_data`` into the run directory ``out``; returns the
-    summary (also in ``out/summary.json``).
+    summary (also in ``out/summary.json``). The data are map-style datasets (a DataLoader
+    stands for its dataset: densekit draws the batches, seeded so that a run can resume).
 
     ``val_data`` is scored every epoch and picks the kept weights (default: a seeded
     ``val_fraction`` of ``train_data``, stratified by class); ``test_data`` is scored once,
@@ -64,6 +72,7 @@ def fit(model: DenseNet, train_data: torch.utils.data.Dataset, val_data: torch.u
                                  "out", "resume", "csv", "train_limit"})
     if bad:
         raise ArgumentError(f"fit takes the model and the data as objects: drop {{{bad[0]}}}")
+    train_data, val_data, test_data = (None if d is None else _dataset(d) for d in (train_data, val_data, test_data))
     seed = options.get("seed") or 0
     workers = options.get("workers")
     workers = default_workers() if workers is None else workers

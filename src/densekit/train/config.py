@@ -76,6 +76,7 @@ class TrainConfig:
     val_fraction: float | None = None   # of the training images held out for validation, where the dataset
                                         # has no validation split of its own (default 0.1)
     keep: str | None = None             # the weights a run keeps: "best" (by validation accuracy) or "last"
+                                        # (default: the recipe's)
     patience: int | None = None         # stop after this many epochs without a better validation accuracy
     workers: int | None = None          # processes decoding streamed images (default: one per core, at most 8)
     skip_bad_images: bool | None = None  # skip files that do not decode, with a warning, instead of stopping
@@ -167,7 +168,7 @@ def natural_size(model: str, dataset: str) -> int | None:
 def _defaults(config: TrainConfig, device_type: str, model_name: str | None = None) -> dict:
     base = dict(model=default_model(device_type), model_args={}, dataset=DEFAULT_DATASET, data_dir=None,
                 image_size=None, recipe=DEFAULT_RECIPE, seed=0, train_limit=None, deterministic=False,
-                save_every=DEFAULT_SAVE_EVERY, init=None, val_fraction=DEFAULT_VAL_FRACTION, keep="best",
+                save_every=DEFAULT_SAVE_EVERY, init=None, val_fraction=DEFAULT_VAL_FRACTION, keep=None,
                 patience=None, workers=None, skip_bad_images=False, **LATER)
     if model_name is not None:  # a model given in Python
         base.update(model=model_name)
@@ -176,7 +177,10 @@ def _defaults(config: TrainConfig, device_type: str, model_name: str | None = No
     elif config.pretrained is not None:
         from .finetune import pretrained_defaults
 
-        base.update(pretrained_defaults(config.pretrained))
+        base.update(pretrained_defaults(config.pretrained, bool(config.freeze_backbone)))
+        if config.recipe is None:
+            log.info("the %s recipe: %s (give a recipe to choose)", base["recipe"],
+                     "a linear probe of the frozen backbone" if config.freeze_backbone else "fine-tuning")
     elif config.model is None and device_type == "cpu" and config.epochs is None:
         base["epochs"] = CPU_EPOCHS
         log.info("no model given: training %s for %d epochs, sized for a CPU (give a model and epochs to choose)",
@@ -196,7 +200,7 @@ def resolve(config: TrainConfig, stored: dict | None, device_type: str = "cpu", 
         recipe = get_recipe(cfg["recipe"])
     except ValueError as e:
         raise ArgumentError(checks.text(e)) from None
-    for key in ("epochs", "batch_size", "lr"):
+    for key in ("epochs", "batch_size", "lr", "keep"):
         if cfg.get(key) is None:
             cfg[key] = getattr(recipe, key)
     if cfg.get("image_size") is None and stored is None:

@@ -41,11 +41,12 @@ def read_weights(source: str) -> weights_io.Weights:
     return weights_io.read_weights(source)
 
 
-def pretrained_defaults(source: str) -> dict:
+def pretrained_defaults(source: str, frozen: bool = False) -> dict:
     """What a run started from ``source`` takes from it unless told otherwise: the model the
-    weights fit, the fine-tuning recipe and the image size the weights were trained at."""
+    weights fit, the fine-tuning recipe (a linear probe's for a ``frozen`` backbone) and the
+    image size the weights were trained at."""
     w = read_weights(source)
-    return dict(model=w.model, model_args=_source_args(w), recipe="finetune",
+    return dict(model=w.model, model_args=_source_args(w), recipe="probe" if frozen else "finetune",
                 image_size=int(w.preprocessing["image_size"][0]))
 
 

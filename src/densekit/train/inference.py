@@ -128,6 +128,9 @@ def _eval_data(info: ModelInfo, run: RunDir, dataset: str | None, data_dir, skip
     where the run read it), checked against what the model was trained on."""
     pre = info.preprocessing
     name = dataset or info.dataset
+    if name == "python":
+        raise ArgumentError(f"{checks.text(run)} was trained on datasets given in Python (densekit.fit), which it "
+                            "cannot read again: give {dataset} and {data_dir} to score it on files")
     if data_dir is None:
         data_dir = run.data_dir(info, name)
     h, w = pre.image_size

@@ -50,13 +50,17 @@ class Recipe:
     warmup_fraction: float = 0.0         # "warmup_cosine": share of the steps spent warming up linearly
     final_lr_fraction: float = 0.0       # "warmup_cosine": lr at the last step, as a fraction of the peak
     optimizer: str = "sgd"               # "sgd" (momentum, nesterov, coupled weight decay) or "adamw" (decoupled)
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # streamed images: the area range of the random resized crop
+    crop_scale: tuple[float, float] | None = (0.08, 1.0)  # streamed images: the area range of the random
+                                                          # resized crop (None: resize and center crop)
+    keep: str = "best"                   # the weights a run keeps unless --keep says: "best" or "last"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.keep not in ("best", "last"):
+            raise ValueError(f"keep must be best or last, got {self.keep!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
 
@@ -154,7 +158,26 @@ FINETUNE = Recipe(
                               # throws away too much of a small data set's images)
 )
 
-RECIPES = {r.name: r for r in (FAST, PAPER, SPRINT, LONG, FINETUNE)}
+# A linear probe: the classifier alone on a frozen backbone (--freeze-backbone takes this recipe
+# unless told otherwise), the protocol of Kornblith et al. 2019 ("Do Better ImageNet Models
+# Transfer Better?": features of unaugmented images, an L2-regularized logistic regression).
+# On 450 Fashion-MNIST images of unseen classes it scored 91.6% against 85.1% with finetune's
+# settings at lr 0.01 (docs/performance.md#transfer-learning).
+PROBE = dataclasses.replace(
+    FINETUNE,
+    name="probe",
+    epochs=30,                # a linear layer on fixed features converges in a few hundred steps
+    lr=0.1,                   # one layer on fixed features is a convex problem: large steps are safe and needed
+                              # (finetune's 1e-3 reached 70.8% in its 10 epochs on the data set above)
+    label_smoothing=0.0,      # the plain logistic loss of the protocol
+    crop_padding=0,           # no augmentation: a frozen backbone's features of shifted or mirrored images
+    hflip=False,              # are other features, not the same ones with noise (91.6% without, 89.8% with)
+    crop_scale=None,          # streamed images: the evaluation's resize and center crop
+    keep="last",              # the converged head: on a small validation split the best epoch is mostly noise
+                              # (the best of 30 epochs on 50 images: 89.8-90.1%; the last: 91.6-92.0%)
+)
+
+RECIPES = {r.name: r for r in (FAST, PAPER, SPRINT, LONG, FINETUNE, PROBE)}
 
 # Datasets whose classes change under a left-right mirror: a flipped 2 or 7 is no digit.
 NO_FLIP = ("mnist",)

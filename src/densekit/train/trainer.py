@@ -144,6 +144,18 @@ class TrainSummary(Result, RuntimeFacts):
     out: str
 
 
+def improves(score: float, loss: float, best: dict | None, key: str) -> bool:
+    """Whether an epoch's validation ``score`` (accuracy; multi-label: mean AUROC) and ``loss``
+    beat ``best``, the best epoch's record so far (its ``key`` and ``val_loss``): a higher
+    score, or the same with a lower loss (accuracy on a small validation split often ties, and
+    the loss tells those epochs apart). A score that is not a number never wins."""
+    if score is None or math.isnan(score):
+        return False
+    if best is None or best[key] is None or math.isnan(best[key]):
+        return True
+    return score > best[key] or (score == best[key] and loss < best["val_loss"])
+
+
 @dataclasses.dataclass
 class _Progress:
     """Where the run stands; all of it goes into the resume state."""
@@ -481,9 +493,8 @@ class _Session:
         distributed.share_buffers(self.model)  # every rank scores rank 0's model, the one saved
         result = self._evaluate(self.data.val, "val", emit)
         key = "val_auroc" if self.data.multi_label else "val_acc"  # the score the kept weights are chosen by
-        best_score = max((r[key] for r in p.history if r[key] is not None and not math.isnan(r[key])),
-                         default=-math.inf)
-        best = not p.history or result.score > best_score  # ties keep the earlier epoch
+        best = not p.history or improves(result.score, result.loss,
+                                         next((r for r in p.history if r["epoch"] == p.best_epoch), None), key)
         record = dict(epoch=p.epoch + 1, train_loss=p.stats.loss, train_acc=p.stats.acc, val_loss=result.loss,
                       val_acc=result.accuracy, lr=p.stats.lr, seconds=p.stats.seconds)
         if self.data.multi_label:
