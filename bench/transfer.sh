@@ -17,14 +17,10 @@
 # Writes bench/results/transfer-<cpu|card>.md. About 20 minutes on 2 cores.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
-PY="${PYTHON:-python}"
+source bench/common.sh
 if [ -n "${1:-}" ]; then W="$1"; mkdir -p "$W"; else W="$(mktemp -d)"; trap 'rm -rf "$W"' EXIT; fi
-DK=("$PY" -m densekit)
 CSV=(--dataset csv --train-csv train.csv --val-csv val.csv --test-csv test.csv --path-column "Image Index"
      --label-column "Finding Labels" --label-sep "|" --multi-label --image-size 56 --epochs 3 --no-progress)
-summary() { "$PY" -c 'import json,sys; s=json.load(open(sys.argv[1])); print(" ".join(str(s.get(k)) for k in sys.argv[2:]))' "$@"; }
 start=$SECONDS
 
 echo "== data" >&2
@@ -50,8 +46,8 @@ echo "== a torchvision densenet121 file, 7 classes, 224 px" >&2
 JPEG="$(find "$W/photos/test" -name '*.jpg' | sort | head -1)"
 PRED="$("${DK[@]}" predict "$W/tv121" "$JPEG")" || exit 1
 
-ENV_LINE="$("$PY" -c 'from densekit.bench.env import environment; from densekit.bench.report import environment_line; print(environment_line(environment()))')"
-SLUG="$("$PY" -c 'from densekit.bench.env import environment, card_slug; import torch; print(card_slug(environment(), ["cuda"] if torch.cuda.is_available() else ["cpu"]))')"
+ENV_LINE="$(env_line)"
+SLUG="$(result_slug)"
 MD="bench/results/transfer-$SLUG.md"
 read -r SRC_ACC < <(summary "$W/source/summary.json" test_accuracy)
 read -r P1 P1E P1S < <(summary "$W/mos1k-pretrained/summary.json" test_auroc kept_epoch train_seconds)

@@ -22,8 +22,11 @@ only such channels leaves the function unchanged (the tests pin it).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -33,7 +36,7 @@ from . import __version__
 from .checks import fraction
 from .data import load_dataset
 from .errors import UserError
-from .models import DenseLayer
+from .models.layers import prunable_norms
 from .models.profile import count_macs, count_params
 from .results import Result
 from .rundir import ModelInfo, RunDir, pruned_structure, refuse_nonempty
@@ -77,7 +80,11 @@ class PruneReport(Result):
     params_ratio: float
     macs_ratio: float
     pruned_layers: int
-    reference_path_blocks: int     # dense blocks that cannot run fused once pruned (their layers read subsets)
+    reference_path_blocks: int     # dense blocks that cannot run fused once pruned
+    speed_batch: int               # inference speed: images per forward pass, random inputs, this process
+    images_per_second_before: float
+    images_per_second_after: float
+    speedup: float                 # median over rounds of the parent's time over the pruned model's
     device: str
     torch: str
     densekit: str
@@ -85,17 +92,6 @@ class PruneReport(Result):
 
 def _check_amount(amount) -> float:
     return fraction("amount", amount)
-
-
-def prunable_norms(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
-    """(layer name, kind, batch norm) for every group of prunable channels, in module order."""
-    groups = []
-    for name, m in model.named_modules():
-        if isinstance(m, DenseLayer):
-            groups.append((name, "inputs", m.norm1))
-            if m.has_bottleneck:
-                groups.append((name, "width", m.norm2))
-    return groups
 
 
 def slimming_plan(model: nn.Module, amount: float) -> dict[str, dict[str, torch.Tensor | None]]:
@@ -144,6 +140,35 @@ def _channel_count(model: nn.Module) -> int:
     return sum(bn.num_features for _, _, bn in prunable_norms(model))
 
 
+SPEED_BATCH = 64
+SPEED_ROUNDS = 5
+
+
+def inference_speed(before: nn.Module, after: nn.Module, size: tuple[int, ...], device: torch.device,
+                    batch: int = SPEED_BATCH, rounds: int = SPEED_ROUNDS) -> tuple[float, float, float]:
+    """(images/s before, images/s after, speedup) of two models in eval mode on one random
+    batch: one forward pass of each per round, alternating so that both see the same machine
+    state, after one warm-up pass each; the speedup is the median of the rounds' ratios, the
+    rates the medians of each model's times."""
+    x = torch.randn(batch, *size, device=device)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    models = (before.eval(), after.eval())
+    with torch.no_grad():
+        for m in models:
+            m(x)
+        for _ in range(rounds):
+            for i, m in enumerate(models):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                m(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[i].append(time.perf_counter() - t0)
+    ratio = statistics.median(a / b for a, b in zip(times[0], times[1]))
+    return batch / statistics.median(times[0]), batch / statistics.median(times[1]), ratio
+
+
 def _accuracy(model: nn.Module, info: ModelInfo, data, split, runtime) -> float:
     """Accuracy on a whole split, fed as the run was trained (its own mean and std)."""
     pre = info.preprocessing
@@ -180,8 +205,12 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
         raise UserError(f"{info.dataset} as found now does not fit the model of {source}")
     size = (pre.in_chans, h, w)
     params, macs, acc = count_params(model), count_macs(model, size), _accuracy(model, info, data, split, runtime)
+    parent = copy.deepcopy(model)
     channels = prune_model(model, amount)
     structure = pruned_structure(model)
+    with runtime.activated():
+        speed = inference_speed(parent, model, size, runtime.device)
+    del parent
     report = PruneReport(
         source=str(source), out=str(out), model=info.model, dataset=info.dataset, method=METHOD, amount=amount,
         channels=channels, input_size=list(size), split="test" if data.test is not None else "val",
@@ -191,6 +220,8 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
         params_ratio=count_params(model) / params, macs_ratio=count_macs(model, size) / macs,
         pruned_layers=len(structure),
         reference_path_blocks=sum(1 for m in model.modules() if hasattr(m, "fused_status") and m.fused_status()),
+        speed_batch=SPEED_BATCH, images_per_second_before=speed[0], images_per_second_after=speed[1],
+        speedup=speed[2],
         device=str(runtime.device), torch=torch.__version__, densekit=__version__)
     # the pruned run records where its data are, from wherever it is: absolute
     folder = None if data_dir is None else str(Path(data_dir).resolve())

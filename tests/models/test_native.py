@@ -72,6 +72,30 @@ def test_relu_bn_sums_match_the_separate_ops(rows, cols, ld):
     assert torch.equal(g3, d) and torch.equal(again_d, sum_d) and torch.equal(again_dx, sum_dx)
 
 
+@pytest.mark.parametrize("rows,cols,ld", SHAPES)
+def test_column_gather_scatter_and_gathered_bn_relu_match_torch(rows, cols, ld):
+    # a pruned layer reads a subset of a column slice of the block's buffer
+    torch.manual_seed(4)
+    buf = torch.randn(rows, ld + 3)
+    x = buf[:, 2:ld + 2]
+    index = torch.randperm(ld)[:cols].sort().values
+    out = torch.full((rows, cols), 7.0)
+    torch.testing.assert_close(native.gather_cols(x, index, out), x[:, index], rtol=0, atol=0)
+    scale, shift = torch.randn(cols), torch.randn(cols)
+    want = torch.relu(x[:, index] * scale + shift)
+    torch.testing.assert_close(native.gather_cols(x, index, out, scale, shift), want, rtol=1e-6, atol=1e-6)
+    src = torch.randn(rows, cols)
+    before = buf.clone()
+    native.scatter_add_cols(src, index, x)
+    want = before.clone()
+    want[:, 2:ld + 2].index_add_(1, index, src)
+    torch.testing.assert_close(buf, want, rtol=0, atol=0)  # the columns outside the slice untouched
+    with pytest.raises(ValueError, match="column indices"):
+        native.gather_cols(x, torch.tensor([0, ld]), torch.empty(rows, 2))
+    with pytest.raises(ValueError, match="column indices"):
+        native.scatter_add_cols(torch.empty(rows, 1), torch.tensor([-1]), x)
+
+
 def test_wrappers_refuse_what_the_c_code_would_misread():
     g, a = torch.randn(40, 5), torch.relu(torch.randn(40, 5))
     with pytest.raises(ValueError, match="shape"):

@@ -51,6 +51,10 @@ def test_prune_writes_a_run_with_its_figures(pruned):
     assert c["prunable"] == 4 + 8 + 6 + 10 + 4 * 16 == 92 and c["removed"] == 28 and c["kept"] == 64
     assert summary["params_after"] < summary["params_before"] and summary["macs_after"] < summary["macs_before"]
     assert 0 <= summary["test_accuracy_after"] <= 1 and summary["amount"] == 0.3
+    # measured, not a constant: both rates positive and the speedup between them (a median of ratios)
+    assert summary["speed_batch"] == 64 and summary["reference_path_blocks"] == 0
+    before, after = summary["images_per_second_before"], summary["images_per_second_after"]
+    assert before > 0 and after > 0 and 0.05 < summary["speedup"] < 20
     info = json.loads((out / "model.json").read_text())
     assert info["pruned"] and summary["pruned_layers"] == len(info["pruned"])
     source = json.loads((run / "model.json").read_text())

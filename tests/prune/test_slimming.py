@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 import densekit
+from densekit.models import native
 from densekit.models.fused import supports_fused
 from densekit.models.profile import count_params
 from densekit.prune import prunable_norms, prune_model, slimming_plan
@@ -140,42 +142,52 @@ def test_pruning_twice_composes_input_index():
             assert set(now.tolist()) <= set(index.tolist())  # a subset of the block's channels it read
 
 
-def test_fused_path_refused_for_pruned_layers_and_equal_to_reference():
-    """The default (fused) model takes the reference path in every pruned block:
-    outputs, gradients and running statistics in train mode equal the plain model's."""
-    fast = small(fused=True)
-    blocks = [m for m in fast.modules() if isinstance(m, densekit.DenseBlock)]
-    assert all(supports_fused(b) for b in blocks)
-    prune_model(fast, 0.4)
-    assert not any(supports_fused(b) for b in blocks)
-    ref = copy.deepcopy(fast)
-    for block in ref.modules():  # the blocks' reference path; the transitions as they are in both
-        if isinstance(block, densekit.DenseBlock):
-            block.fused = False
-    x = inputs()
+def _fused_against_reference(fast: densekit.DenseNet, dtype: torch.dtype, tol: float) -> None:
+    """Outputs, input and parameter gradients and running statistics of ``fast`` (fused
+    blocks) in train mode, then its eval outputs, against a copy on the reference path."""
+    fast = fast.to(dtype)
+    ref = copy.deepcopy(fast).set_fused(False)
+    x = inputs().to(dtype)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = fast(xa), ref(xb)
     g = torch.randn_like(ya)
     (ya * g).sum().backward()
     (yb * g).sum().backward()
-    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0)
+    torch.testing.assert_close(ya, yb, rtol=tol, atol=tol)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=tol, atol=tol)
     for (n, p), (_, q) in zip(fast.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
+        torch.testing.assert_close(p.grad, q.grad, rtol=tol, atol=tol, msg=n)
     for (n, p), (_, q) in zip(fast.named_buffers(), ref.named_buffers()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(x), ref.eval()(x), rtol=tol, atol=tol)
 
 
-def test_width_only_pruning_is_refused_by_the_fused_path_too():
-    """A bottleneck narrower than bn_size * k (the fused workspaces' width) takes the reference."""
+@pytest.mark.parametrize("bn_size", [4, 0])
+@pytest.mark.parametrize("dtype,tol,kernels", [(torch.float64, 1e-10, "torch"), (torch.float32, 1e-4, "torch"),
+                                               (torch.float32, 1e-4, "native")])
+def test_pruned_blocks_run_fused_with_the_reference_function(bn_size, dtype, tol, kernels):
+    """Layers that read a subset of their block's channels, and bottlenecks narrower than
+    bn_size * k, run on the fused path: the same function and gradients as the reference,
+    with the native column gather and scatter or with torch's."""
+    fast = small(bn_size=bn_size, fused=True)
+    blocks = [m for m in fast.modules() if isinstance(m, densekit.DenseBlock)]
+    prune_model(fast, 0.4)
+    assert any(layer.input_index is not None for b in blocks for layer in b.values())
+    assert all(supports_fused(b) for b in blocks)
+    if kernels == "native" and not native.available():
+        pytest.skip("no C compiler: the native kernels are not built")
+    with native.disabled() if kernels == "torch" else contextlib.nullcontext():
+        _fused_against_reference(fast, dtype, tol)
+
+
+def test_width_only_pruning_runs_fused_too():
+    """A bottleneck narrower than bn_size * k beside whole ones: the workspaces take the widest."""
     model = small(fused=True)
     block = model.features.denseblock1
     block.denselayer2.prune_(width=torch.arange(10))
-    assert not supports_fused(block) and supports_fused(model.features.denseblock2)
-    x = inputs()
-    y = model(x)
-    y.sum().backward()
-    assert y.shape == (6, 5) and block.denselayer2.conv2.weight.grad.shape == (4, 10, 3, 3)
+    assert supports_fused(block)
+    _fused_against_reference(model, torch.float64, 1e-10)
 
 
 def test_a_batch_of_one_through_a_pruned_model():

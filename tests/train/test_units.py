@@ -180,3 +180,5 @@ def test_the_kept_epoch_is_the_best_score_with_ties_to_the_lower_loss():
     assert not improves(math.nan, 0.1, best, "val_acc")    # no score never wins
     assert improves(0.5, 1.0, dict(val_auroc=math.nan, val_loss=0.1), "val_auroc")  # over no score
     assert improves(0.5, 1.0, None, "val_acc")
+    assert improves(0.9, 0.4, dict(val_acc=0.9, val_loss=None), "val_acc")  # a loss stored as null (NaN)
+    assert not improves(0.9, math.nan, best, "val_acc")

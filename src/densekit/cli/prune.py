@@ -27,10 +27,12 @@ def summary_lines(s) -> list[str]:
         f"MACs {s.macs_before / 1e6:.1f} M -> {s.macs_after / 1e6:.1f} M ({s.macs_ratio:.3f}x)",
         f"{s.dataset} {s.split} accuracy ({s.test_images} images) {100 * s.test_accuracy_before:.2f}% -> "
         f"{100 * s.test_accuracy_after:.2f}%",
+        f"inference on {s.device}, batch {s.speed_batch}: {s.images_per_second_before:,.0f} -> "
+        f"{s.images_per_second_after:,.0f} images/s ({s.speedup:.2f}x, median of alternating rounds)",
     ]
     if s.reference_path_blocks:
-        lines.append(f"{s.reference_path_blocks} pruned dense block(s) run the reference path: the fused block "
-                     "takes only layers that read all of the block's channels")
+        lines.append(f"{s.reference_path_blocks} pruned dense block(s) run the reference path: they hold a module "
+                     "the fused block does not take")
     lines.append(f"saved in {s.out}; fine-tune with: densekit train --init {s.out} --epochs 1 --out DIR")
     return lines
 

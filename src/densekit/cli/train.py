@@ -87,6 +87,10 @@ def add_arguments(p) -> None:
                    help="fast (default), paper (Huang et al. 2017), finetune (default with --pretrained: AdamW, "
                         "a low lr, light augmentation), or the GPU presets sprint and long (Fashion-MNIST, "
                         "densenet_bc_100_k12); every number with its reason: densekit.train.recipes")
+    p.add_argument("--sparsity", type=fraction, metavar="L",
+                   help="train to be pruned: an L1 penalty of L times the absolute batch-norm scales that "
+                        "`densekit prune` ranks channels by (network slimming, Liu et al. 2017: 1e-5 to 1e-4; "
+                        "default: 0)")
     p.add_argument("--epochs", type=positive_int, help=f"default: the recipe's ({_defaults('epochs')})")
     p.add_argument("--batch-size", type=positive_int, help=f"default: the recipe's ({_defaults('batch_size')})")
     p.add_argument("--lr", type=positive_number, help=f"peak learning rate (default: the recipe's; {_defaults('lr')})")
@@ -202,7 +206,8 @@ def _config(args):
         save_every=args.save_every, val_fraction=args.val_fraction, keep=args.keep, patience=args.patience,
         workers=args.workers, skip_bad_images=args.skip_bad_images, pretrained=args.pretrained,
         freeze_backbone=args.freeze_backbone, head_epochs=args.head_epochs,
-        backbone_lr_scale=args.backbone_lr_scale, pos_weight=args.pos_weight, csv=_csv_layout(args))
+        backbone_lr_scale=args.backbone_lr_scale, pos_weight=args.pos_weight, csv=_csv_layout(args),
+        sparsity=args.sparsity)
 
 
 _CSV_FLAGS = ("train_csv", "val_csv", "test_csv", "path_column", "label_column", "label_sep", "no_label",

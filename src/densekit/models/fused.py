@@ -62,12 +62,6 @@ def unsupported_reason(block) -> str | None:
     training = block.training
     for name, layer in block.items():
         m = layer._modules
-        if layer.input_index is not None:
-            return f"{name} reads {layer.input_index.numel()} of its {layer.in_channels} input channels (pruned)"
-        if layer.bn_size and m["conv1"].weight.shape[0] != layer.bn_size * layer.growth_rate:
-            # the workspaces are sized for bn_size * k
-            return (f"{name}'s bottleneck is {m['conv1'].weight.shape[0]} channels wide, not "
-                    f"bn_size * growth_rate = {layer.bn_size * layer.growth_rate} (pruned)")
         if layer.training != training:
             return f"{name} is in {'training' if layer.training else 'eval'} mode inside a block that is not"
         if not _stock_half(m["norm1"], m["relu1"], m["conv1"], training) or \
@@ -89,16 +83,49 @@ class _Unit:
     of MB costs more in page faults than the arithmetic done in it.
     """
 
-    __slots__ = ("bn", "gamma", "beta", "weight", "master", "padding")
+    __slots__ = ("bn", "gamma", "beta", "weight", "master", "padding", "index")
 
-    def __init__(self, bn: nn.Module, conv: nn.Module, dtype: torch.dtype):
+    def __init__(self, bn: nn.Module, conv: nn.Module, dtype: torch.dtype, index: torch.Tensor | None = None):
         self.bn = bn
+        self.index = index  # the buffer channels a pruned layer reads (None: all before it)
         self.gamma, self.beta = bn.weight, bn.bias
         # Under autocast the convolutions run in the autocast dtype; the cast happens
         # outside the op, so autograd carries the gradient back to the fp32 weight.
         self.weight = conv.weight if conv.weight.dtype == dtype else conv.weight.to(dtype)
         self.master = conv.weight  # fp32, for folding a scale in before one rounding
         self.padding = list(conv.padding)
+
+    def select(self, t: torch.Tensor) -> torch.Tensor:
+        """The entries of a per-channel vector of the buffer's first channels that this unit reads."""
+        return t if self.index is None else t.index_select(0, self.index)
+
+    def read(self, rows: torch.Tensor, scratch: "_Scratch") -> torch.Tensor:
+        """The (rows, channels) input this unit reads from ``rows``, the buffer's first channels:
+        a view of them, or for a pruned layer its channels gathered into the "g" workspace."""
+        if self.index is None:
+            return rows
+        out = scratch("g", self.index.numel())
+        if native.usable(rows, out):
+            return native.gather_cols(rows, self.index, out)
+        # torch.gather with a broadcast index: several times faster than index_select on columns
+        return torch.gather(rows, 1, self.index.expand(rows.shape[0], -1), out=out)
+
+    def read_act(self, rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, scratch: "_Scratch"):
+        """ReLU(BN(x)) of what :meth:`read` returns, with ``mean`` and ``var`` already this unit's;
+        a pruned layer's gather and BN-ReLU in one native pass where it can."""
+        if self.index is not None:
+            out = scratch("a", self.index.numel())
+            if native.usable(rows, out):
+                return native.gather_cols(rows, self.index, out, *self.scale_shift(mean, var))
+        inp = self.read(rows, scratch)
+        return self.act(inp, mean, var, scratch("a", inp.shape[1]))
+
+    def add_back(self, grad: torch.Tensor, rows_grad: torch.Tensor) -> None:
+        """Adds ``grad``, the gradient of what :meth:`read` returned, to the buffer's ``rows_grad``."""
+        if native.usable(grad, rows_grad):
+            native.scatter_add_cols(grad, self.index, rows_grad)
+        else:
+            rows_grad.index_add_(1, self.index, grad)
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.gamma, self.beta, self.weight
@@ -335,7 +362,7 @@ def _grid(rows: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
 def _units(block, dtype: torch.dtype) -> list[list[_Unit]]:
     out = []
     for layer in block.values():
-        units = [_Unit(layer.norm1, layer.conv1, dtype)]
+        units = [_Unit(layer.norm1, layer.conv1, dtype, layer.input_index)]
         if layer.has_bottleneck:
             units.append(_Unit(layer.norm2, layer.conv2, dtype))
         out.append(units)
@@ -373,8 +400,9 @@ _NATIVE_STATS_MIN_COLS = 32
 
 
 def _bottleneck_width(units: list[list[_Unit]]) -> int:
-    """Channels between the two convolutions of a bottleneck layer (bn_size*k), else 0."""
-    return units[0][0].weight.shape[0] if len(units[0]) == 2 else 0
+    """The most channels between the two convolutions of a bottleneck layer (bn_size*k, fewer
+    where pruning narrowed it), else 0."""
+    return max(us[0].weight.shape[0] for us in units) if len(units[0]) == 2 else 0
 
 
 def _running(unit: _Unit):
@@ -415,7 +443,7 @@ def _forward(block, units, x: torch.Tensor, save: bool):
     store[..., :c0].copy_(x.movedim(1, -1))
     count = rows.shape[0]
     width = _bottleneck_width(units)
-    scratch = _Scratch(count, {"a": max(c - k, k), "a2": width}, x)
+    scratch = _Scratch(count, {"a": max(c - k, k), "a2": width, "g": c - k}, x)
     saved: list[torch.Tensor] = []
     mean = var = None
     if training:
@@ -425,12 +453,12 @@ def _forward(block, units, x: torch.Tensor, save: bool):
     with torch.no_grad():
         for i, (layer, us) in enumerate(zip(layers, units)):
             ci = c0 + i * k
-            inp = rows[:, :ci]
             if training:
-                us[0].update_running(mean[:ci], var[:ci], count)
-                a = us[0].act(inp, mean[:ci], var[:ci], scratch("a", ci))
+                m1, v1 = us[0].select(mean[:ci]), us[0].select(var[:ci])
+                us[0].update_running(m1, v1, count)
             else:
-                a = us[0].act(inp, *_running(us[0]), scratch("a", ci))
+                m1, v1 = _running(us[0])
+            a = us[0].read_act(rows[:, :ci], m1, v1, scratch)
             if len(us) == 2 and not training and not save and us[0].pointwise:
                 # inference: the second batch norm folds into the 1x1 convolution
                 a2 = us[0].conv_folded_relu(a, us[1], spatial)
@@ -438,7 +466,7 @@ def _forward(block, units, x: torch.Tensor, save: bool):
             elif len(us) == 2:
                 h = _rows(us[0].conv(a, spatial))
                 if training:
-                    m2, v2 = _stats(h, scratch("a2", width))
+                    m2, v2 = _stats(h, scratch("a2", h.shape[1]))
                     us[1].update_running(m2, v2, count)
                     if save:
                         saved += [h, m2, v2]
@@ -446,7 +474,7 @@ def _forward(block, units, x: torch.Tensor, save: bool):
                     m2, v2 = _running(us[1])
                     if save:
                         saved.append(h)
-                out = us[1].conv(us[1].act(h, m2, v2, scratch("a2", width)), spatial)
+                out = us[1].conv(us[1].act(h, m2, v2, scratch("a2", h.shape[1])), spatial)
             else:
                 out = us[0].conv(a, spatial)
             if training and layer.drop_rate > 0:
@@ -485,7 +513,7 @@ class _FusedDenseBlock(torch.autograd.Function):
         rows = buf.movedim(1, -1).view(-1, c)
         width = _bottleneck_width(units)
         scratch = _Scratch(rows.shape[0], {"a": max(c - k, k), "d": c - k, "a2": width, "d2": width,
-                                           "p": width}, rows)
+                                           "p": width, "g": c - k, "acc": c - k}, rows)
         grads: list[list] = [[None] * (3 * len(us)) for us in units]
         # The output is the buffer itself: its gradient accumulates what every later layer
         # sends back to the channels it read. The BN terms linear in x are summed per
@@ -515,8 +543,8 @@ class _FusedDenseBlock(torch.autograd.Function):
                 pos -= 1
                 g = g * saved[pos]
             u1 = us[0]
-            inp = rows[:, :ci]
-            m1, v1 = (mean[:ci], var[:ci]) if training else _running(u1)
+            inp = u1.read(rows[:, :ci], scratch)
+            m1, v1 = (u1.select(mean[:ci]), u1.select(var[:ci])) if training else _running(u1)
             if len(us) == 2:
                 u2 = us[1]
                 if training:
@@ -527,16 +555,24 @@ class _FusedDenseBlock(torch.autograd.Function):
                     h, (m2, v2) = saved[pos], _running(u2)
                 a2 = u2.act(h, m2, v2, scratch("a2", h.shape[1]))
                 d2, gl[5] = u2.conv_backward(g, a2, spatial, scratch("d2", h.shape[1]), u2.weight.requires_grad)
-                gl[3], gl[4] = u2.input_grad_(d2, a2, h, m2, v2, training, scratch("p", width),
+                gl[3], gl[4] = u2.input_grad_(d2, a2, h, m2, v2, training, scratch("p", h.shape[1]),
                                               u2.sum_grad_times_input(gl[5], a2))
                 g = _grid(d2, spatial)
-            a = u1.act(inp, m1, v1, scratch("a", ci))
-            d, gl[2] = u1.conv_backward(g, a, spatial, scratch("d", ci), u1.weight.requires_grad)
-            b1, c1, gl[0], gl[1] = u1.accumulate_input_grad(d, a, inp, m1, v1, training, grad_rows[:, :ci],
+            n1 = inp.shape[1]
+            a = u1.act(inp, m1, v1, scratch("a", n1))
+            d, gl[2] = u1.conv_backward(g, a, spatial, scratch("d", n1), u1.weight.requires_grad)
+            # a pruned layer's input gradient goes to a workspace, then to the channels it read
+            acc = grad_rows[:, :ci] if u1.index is None else scratch("acc", n1).zero_()
+            b1, c1, gl[0], gl[1] = u1.accumulate_input_grad(d, a, inp, m1, v1, training, acc,
                                                             u1.sum_grad_times_input(gl[2], a))
-            if training:
+            if u1.index is not None:
+                u1.add_back(acc, grad_rows[:, :ci])
+            if training and u1.index is None:
                 b_sum[:ci] += b1
                 c_sum[:ci] += c1
+            elif training:
+                b_sum.index_add_(0, u1.index, b1.to(b_sum.dtype))
+                c_sum.index_add_(0, u1.index, c1.to(c_sum.dtype))
         complete(0, c0)
         grad_x = grad_store[..., :c0].movedim(-1, 1)
         return (None, None, grad_x, *[g for gl in grads for g in gl])

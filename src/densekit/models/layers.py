@@ -249,6 +249,18 @@ class DenseLayer(nn.Module):
         return f"in_channels={self.in_channels}, growth_rate={self.growth_rate}, bn_size={self.bn_size}"
 
 
+def prunable_norms(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """(layer name, kind, batch norm) for every group of channels that network slimming may
+    remove, in module order: each dense layer's inputs (norm1) and bottleneck width (norm2)."""
+    groups = []
+    for name, m in model.named_modules():
+        if isinstance(m, DenseLayer):
+            groups.append((name, "inputs", m.norm1))
+            if m.has_bottleneck:
+                groups.append((name, "width", m.norm2))
+    return groups
+
+
 def _check_block_input(x: Tensor, in_channels: int) -> None:
     if x.shape[1] != in_channels:
         raise ValueError(f"DenseBlock expected {in_channels} input channels, got {x.shape[1]}")

@@ -54,6 +54,61 @@ int dk_bn_relu(const float *x, i64 ldx, float *out, i64 ldo, i64 rows, i64 cols,
     return 0;
 }
 
+/* out[r, j] = x[r, idx[j]], or with scale (and shift) relu(x[r, idx[j]] * scale[j] + shift[j]):
+ * the columns a pruned layer reads, gathered row by row (torch's index_select along columns
+ * runs about ten times slower on these tall matrices), with its BN-ReLU in the same pass.
+ * 32-bit indices let the loop vectorize into gather instructions (0.6x the time of the
+ * scalar loop at 12,544 x 69 on AVX-512). */
+int dk_gather_cols(const float *restrict x, i64 ldx, const i64 *idx, float *restrict out, i64 ldo, i64 rows,
+                   i64 cols, const float *scale, const float *shift, int threads)
+{
+    int *ix = malloc((size_t)cols * sizeof(int));
+    if (!ix)
+        return 1;
+    for (i64 j = 0; j < cols; j++)
+        ix[j] = (int)idx[j];
+#pragma omp parallel num_threads(team(rows, cols, threads))
+    {
+        i64 lo, hi;
+        row_range(rows, &lo, &hi);
+        for (i64 r = lo; r < hi; r++) {
+            const float *restrict xr = x + r * ldx;
+            float *restrict o = out + r * ldo;
+            if (scale) {
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++) {
+                    float v = xr[ix[j]] * scale[j] + shift[j];
+                    o[j] = v < 0.f ? 0.f : v;
+                }
+            } else {
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++)
+                    o[j] = xr[ix[j]];
+            }
+        }
+    }
+    free(ix);
+    return 0;
+}
+
+/* dst[r, idx[j]] += src[r, j]: the gradient of dk_gather_cols, for increasing idx (no column twice). */
+int dk_scatter_add_cols(const float *src, i64 lds, const i64 *idx, float *dst, i64 ldd, i64 rows, i64 cols,
+                        int threads)
+{
+#pragma omp parallel num_threads(team(rows, cols, threads))
+    {
+        i64 lo, hi;
+        row_range(rows, &lo, &hi);
+        for (i64 r = lo; r < hi; r++) {
+            const float *s = src + r * lds;
+            float *d = dst + r * ldd;
+            for (i64 j = 0; j < cols; j++)
+                d[idx[j]] += s[j];
+        }
+    }
+    return 0;
+}
+
 /* Per-thread partial sums, cols doubles per part, zeroed. */
 static double *parts(int threads, i64 cols, int nparts)
 {

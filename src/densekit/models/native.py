@@ -42,6 +42,8 @@ _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "dk_bn_relu": [_P, _I, _P, _I, _I, _I, _P, _P, _C],
+    "dk_gather_cols": [_P, _I, _P, _P, _I, _I, _I, _P, _P, _C],
+    "dk_scatter_add_cols": [_P, _I, _P, _P, _I, _I, _I, _C],
     "dk_relu_bn_sums": [_P, _I, _P, _I, _I, _I, _P, _I, _P, _I, _P, _P, _I, _P, _P, _P, _C],
     "dk_bn_grad_apply": [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _C],
     "dk_col_stats": [_P, _I, _I, _I, _P, _P, _C],
@@ -174,6 +176,41 @@ def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torc
     _check(_library().dk_bn_relu(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0],
                                  x.shape[1], scale.data_ptr(), shift.data_ptr(), torch.get_num_threads()))
     return out
+
+
+def _columns(index: torch.Tensor, width: int) -> torch.Tensor:
+    """A column index as the C code reads it: increasing int64 values in [0, width), contiguous
+    (increasing as a pruned layer's ``input_index`` is checked to be; its ends are checked here)."""
+    if index.device.type != "cpu" or index.dtype != torch.int64 or index.dim() != 1 or not index.numel() or \
+            index[0] < 0 or index[-1] >= width:
+        raise ValueError(f"native kernels need increasing int64 CPU column indices in [0, {width})")
+    return index.contiguous()
+
+
+def gather_cols(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None = None,
+                shift: torch.Tensor | None = None) -> torch.Tensor:
+    """out[:, j] = x[:, index[j]] (``index`` increasing); with ``scale`` and ``shift``,
+    relu(x[:, index[j]] * scale[j] + shift[j]) in the same pass."""
+    index = _columns(index, x.shape[1])
+    cols = index.numel()
+    _mats(x.shape, x)
+    _mats(torch.Size((x.shape[0], cols)), out)
+    if (scale is None) != (shift is None):
+        raise ValueError("native gather_cols: scale and shift go together")
+    scale, shift = _vec(scale, cols), _vec(shift, cols)
+    _check(_library().dk_gather_cols(x.data_ptr(), x.stride(0), index.data_ptr(), out.data_ptr(), out.stride(0),
+                                     x.shape[0], cols, _ptr(scale), _ptr(shift), torch.get_num_threads()))
+    return out
+
+
+def scatter_add_cols(src: torch.Tensor, index: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """dst[:, index[j]] += src[:, j] (``index`` increasing), in place."""
+    index = _columns(index, dst.shape[1])
+    _mats(dst.shape, dst)
+    _mats(torch.Size((dst.shape[0], index.numel())), src)
+    _check(_library().dk_scatter_add_cols(src.data_ptr(), src.stride(0), index.data_ptr(), dst.data_ptr(),
+                                          dst.stride(0), dst.shape[0], index.numel(), torch.get_num_threads()))
+    return dst
 
 
 def relu_bn_sums(g: torch.Tensor, a: torch.Tensor, *, dout: torch.Tensor | None = None,

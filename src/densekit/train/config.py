@@ -39,7 +39,7 @@ KEEP = ("best", "last")
 # The fields that define a run: a directory can only be resumed with the same values.
 IDENTITY = ("model", "model_args", "dataset", "image_size", "recipe", "epochs", "batch_size", "lr",
             "seed", "train_limit", "init", "val_fraction", "keep", "patience", "pretrained", "freeze_backbone",
-            "head_epochs", "backbone_lr_scale", "pos_weight", "csv")
+            "head_epochs", "backbone_lr_scale", "pos_weight", "csv", "sparsity")
 # Fields added since runs were first stored: a stored config without them had these values.
 LATER = LATER_CONFIG
 POS_WEIGHT = ("auto",)
@@ -87,6 +87,7 @@ class TrainConfig:
     backbone_lr_scale: float | None = None  # the backbone's learning rate as a fraction of the classifier's
     pos_weight: str | None = None       # multi-label: "auto" weighs each label's positives by negatives/positives
     csv: dict | None = None             # the csv dataset: its CSV files and columns (data.csvfile.CsvLayout's fields)
+    sparsity: float | None = None       # L1 weight on the prunable batch-norm scales (network slimming's lambda)
 
 
 def check_config(config: TrainConfig) -> TrainConfig:
@@ -101,6 +102,7 @@ def check_config(config: TrainConfig) -> TrainConfig:
     checks.optional(checks.non_negative_int, "workers", config.workers)
     checks.optional(checks.non_negative_int, "head_epochs", config.head_epochs)
     checks.optional(checks.positive_number, "backbone_lr_scale", config.backbone_lr_scale)
+    checks.optional(checks.fraction, "sparsity", config.sparsity)
     checks.optional(lambda name, v: checks.one_of(name, v, POS_WEIGHT), "pos_weight", config.pos_weight)
     if config.pretrained is not None and config.init is not None:
         raise ArgumentError("{pretrained} and {init} both say where to start from; give one")

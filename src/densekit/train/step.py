@@ -47,10 +47,15 @@ class TrainStep:
     ``cuda_graph`` replays steps from a CUDA graph after ``warmup_steps`` eager ones; it
     needs a CUDA runtime and a fused SGD optimizer (``torch.optim.SGD(..., fused=True)``),
     whose kernel takes its learning rate from device memory.
+
+    ``sparsity`` (``(scales, lam)``) adds lam * |scale| summed over ``scales`` to the loss, by
+    its subgradient lam * sign(scale) added to their gradients after backward (network
+    slimming's sparsity training; the reported loss is the criterion's alone).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
-                 runtime: Runtime, cuda_graph: bool = False, warmup_steps: int = 3) -> None:
+                 runtime: Runtime, cuda_graph: bool = False, warmup_steps: int = 3,
+                 sparsity: tuple[list[torch.Tensor], float] | None = None) -> None:
         if cuda_graph:
             if warmup_steps < 1:
                 # the fused SGD kernel creates its momentum buffers on its first step; captured
@@ -63,6 +68,7 @@ class TrainStep:
                                  "learning rate from device memory at every replay")
         self.model, self.optimizer, self.criterion, self.runtime = model, optimizer, criterion, runtime
         self.cuda_graph = cuda_graph
+        self.sparsity = sparsity if sparsity is not None and sparsity[1] > 0 and sparsity[0] else None
         self.warmup_steps = warmup_steps
         self._warm = 0
         self._graph = None
@@ -104,6 +110,11 @@ class TrainStep:
             logits = self.model(x)
             loss = self.criterion(logits, y)
         loss.backward()
+        if self.sparsity is not None:
+            scales, lam = self.sparsity
+            scales = [p for p in scales if p.grad is not None]  # a frozen backbone's have none
+            if scales:
+                torch._foreach_add_([p.grad for p in scales], torch._foreach_sign(scales), alpha=lam)
         self.optimizer.step()
         return loss.detach(), hits(logits.detach(), y)
 

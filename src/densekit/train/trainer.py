@@ -27,6 +27,7 @@ from ..data import Dataset, load_dataset
 from ..data.batches import loader_for
 from ..errors import UserError
 from ..models import DenseNet, create_model, model_kwargs
+from ..models.layers import prunable_norms
 from ..models.profile import count_macs, count_params
 from ..results import Result
 from ..rundir import ModelInfo, Preprocessing, RunDir, pruned_structure
@@ -113,6 +114,7 @@ class TrainSummary(Result, RuntimeFacts):
     finished: bool
     batch_size: int
     lr: float
+    sparsity: float              # the L1 weight on the prunable batch-norm scales (0: none)
     seed: int
     train_limit: int | None
     train_images: int
@@ -153,7 +155,10 @@ def improves(score: float, loss: float, best: dict | None, key: str) -> bool:
         return False
     if best is None or best[key] is None or math.isnan(best[key]):
         return True
-    return score > best[key] or (score == best[key] and loss < best["val_loss"])
+    if score != best[key]:
+        return score > best[key]
+    before = best["val_loss"]  # None where a loss that was not a number was stored
+    return loss is not None and not math.isnan(loss) and (before is None or math.isnan(before) or loss < before)
 
 
 @dataclasses.dataclass
@@ -369,11 +374,21 @@ class _Session:
                                          backbone_lr_scale=cfg["backbone_lr_scale"])
         self.scheduler = build_scheduler(self.optimizer, self.recipe, self.steps_per_epoch, self.total_steps)
         self.step = TrainStep(distributed.wrap(self.model, runtime.device), self.optimizer, self._criterion(),
-                              runtime, cuda_graph=graph)
+                              runtime, cuda_graph=graph, sparsity=self._sparsity())
         self.progress = _Progress()
         self.reports = 0  # step reports this process has passed on
         self.kept_eval: EvalResult | None = None   # the kept weights on the validation split
         self.test_eval: EvalResult | None = None
+
+    def _sparsity(self) -> tuple[list[torch.Tensor], float] | None:
+        """The batch-norm scales network slimming ranks channels by, and the L1 weight on them."""
+        lam = self.cfg["sparsity"]
+        if not lam:
+            return None
+        scales = [bn.weight for _, _, bn in prunable_norms(self.model)]
+        log.info("sparsity training: L1 penalty %g on %d batch-norm scales (network slimming)", lam,
+                 sum(p.numel() for p in scales))
+        return scales, lam
 
     def _criterion(self) -> nn.Module:
         if not self.data.multi_label:
@@ -572,7 +587,8 @@ class _Session:
             num_classes=d.num_classes, input_size=[d.in_chans, *d.image_size], params=self.params, macs=self.macs,
             epochs=cfg["epochs"], epochs_completed=len(p.history), steps=p.global_step, total_steps=self.total_steps,
             finished=self.finished, batch_size=cfg["batch_size"],
-            lr=cfg["lr"], seed=cfg["seed"], train_limit=cfg["train_limit"], train_images=len(d.train),
+            lr=cfg["lr"], sparsity=cfg["sparsity"], seed=cfg["seed"], train_limit=cfg["train_limit"],
+            train_images=len(d.train),
             train_seconds=seconds, data_wait_fraction=(p.data_seconds + p.stats.data_seconds) / max(seconds, 1e-9),
             images_per_second=p.global_step * cfg["batch_size"] / max(seconds, 1e-9),
             train_loss=last["train_loss"], train_acc=last["train_acc"], val_split=d.val_source,

@@ -1,0 +1,76 @@
+"""Inference speed of a pruned run against its parent: PyTorch and onnxruntime, same process.
+
+    python bench/prune_speed.py PARENT PRUNED [--batch 64] [--rounds 9]
+
+Both run directories are loaded with ``densekit.load`` (fused blocks, as they run by default)
+and exported to ONNX (``densekit.export.export_onnx``, checked against PyTorch on export).
+Each engine then runs the two models in alternating rounds on one random batch, after one
+warm-up call each; a round times one call of each model, and the speedup is the median of
+the rounds' ratios (parent time over pruned time). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def alternate(calls, rounds: int) -> tuple[list[float], float]:
+    """Median seconds of each call and the median ratio of the first's time to the second's."""
+    for call in calls:
+        call()
+    times = [[] for _ in calls]
+    for _ in range(rounds):
+        for i, call in enumerate(calls):
+            t0 = time.perf_counter()
+            call()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times], statistics.median(a / b for a, b in zip(*times))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("parent")
+    p.add_argument("pruned")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=9)
+    args = p.parse_args(argv)
+
+    import densekit
+    import onnxruntime as ort
+    from densekit.export import export_onnx
+    from densekit.models.profile import count_macs, count_params
+
+    models = [densekit.load(d).eval() for d in (args.parent, args.pruned)]
+    size = tuple(models[0].pretrained_cfg["input_size"])
+    x = torch.randn(args.batch, *size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        (t_parent, t_pruned), torch_speedup = alternate([lambda m=m: m(x) for m in models], args.rounds)
+    out = dict(batch=args.batch, rounds=args.rounds, threads=torch.get_num_threads(),
+               params=[count_params(m) for m in models], macs=[count_macs(m, size) for m in models],
+               torch_images_per_second=[args.batch / t_parent, args.batch / t_pruned], torch_speedup=torch_speedup)
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = []
+        for name, d in zip(("parent", "pruned"), (args.parent, args.pruned)):
+            path = Path(tmp) / f"{name}.onnx"
+            export_onnx(d, path, batch_size=args.batch)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = torch.get_num_threads()
+            sessions.append(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]))
+        feed = x.numpy()
+        calls = [lambda s=s: s.run(None, {s.get_inputs()[0].name: feed}) for s in sessions]
+        (o_parent, o_pruned), onnx_speedup = alternate(calls, args.rounds)
+    out.update(onnx_images_per_second=[args.batch / o_parent, args.batch / o_pruned], onnx_speedup=onnx_speedup)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
