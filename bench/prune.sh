@@ -24,7 +24,7 @@ start=$SECONDS
 
 for kind in plain sparse; do
   extra=(); [ "$kind" = sparse ] && extra=(--sparsity "$LAMBDA")
-  [ -f "$W/$kind/summary.json" ] || "${DK[@]}" train --model densenet_bc_40_k12_s2 --epochs 3 "${extra[@]}" \
+  [ -f "$W/$kind/summary.json" ] || "${DK[@]}" train --model densenet_bc_40_k12_s2 --epochs 3 ${extra[@]+"${extra[@]}"} \
       --out "$W/$kind" --no-progress >&2 || exit 1
   [ -f "$W/$kind-p/summary.json" ] || "${DK[@]}" prune "$W/$kind" --amount "$AMOUNT" --out "$W/$kind-p" >&2 || exit 1
   [ -f "$W/$kind-ft/summary.json" ] || "${DK[@]}" train --init "$W/$kind-p" --epochs "$FT_EPOCHS" --lr "$FT_LR" \
@@ -39,7 +39,7 @@ MD="bench/results/prune-$SLUG.md"
   echo "Measured on: $ENV_LINE"
   echo
   echo "densenet_bc_40_k12_s2, Fashion-MNIST, 3 epochs of the fast recipe; pruned by $AMOUNT of the prunable channels;"
-  echo "fine-tuned $FT_EPOCHS epochs at lr $FT_LR. Speed: batch 64, 2 threads, median of alternating rounds."
+  echo "fine-tuned $FT_EPOCHS epochs at lr $FT_LR. Speed: batch 64, $(summary "$W/plain-speed.json" threads) threads, median of alternating rounds."
   echo
   echo "| training | test acc. unpruned | params | MACs | test acc. pruned, before fine-tuning | after fine-tuning | PyTorch speedup | onnxruntime speedup |"
   echo "|---|---|---|---|---|---|---|---|"

@@ -81,10 +81,10 @@ class PruneReport(Result):
     macs_ratio: float
     pruned_layers: int
     reference_path_blocks: int     # dense blocks that cannot run fused once pruned
-    speed_batch: int               # inference speed: images per forward pass, random inputs, this process
-    images_per_second_before: float
-    images_per_second_after: float
-    speedup: float                 # median over rounds of the parent's time over the pruned model's
+    speed_batch: int | None        # inference speed (None: not measured): images per forward pass,
+    images_per_second_before: float | None  # random inputs, in this process, as the runtime runs
+    images_per_second_after: float | None   # them (autocast and memory format)
+    speedup: float | None          # median over rounds of the parent's time over the pruned model's
     device: str
     torch: str
     densekit: str
@@ -145,12 +145,13 @@ SPEED_ROUNDS = 5
 
 
 def inference_speed(before: nn.Module, after: nn.Module, size: tuple[int, ...], device: torch.device,
-                    batch: int = SPEED_BATCH, rounds: int = SPEED_ROUNDS) -> tuple[float, float, float]:
+                    batch: int = SPEED_BATCH, rounds: int = SPEED_ROUNDS,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> tuple[float, float, float]:
     """(images/s before, images/s after, speedup) of two models in eval mode on one random
     batch: one forward pass of each per round, alternating so that both see the same machine
     state, after one warm-up pass each; the speedup is the median of the rounds' ratios, the
     rates the medians of each model's times."""
-    x = torch.randn(batch, *size, device=device)
+    x = torch.randn(batch, *size, device=device).contiguous(memory_format=memory_format)
     times: dict[int, list[float]] = {0: [], 1: []}
     models = (before.eval(), after.eval())
     with torch.no_grad():
@@ -180,13 +181,14 @@ def _accuracy(model: nn.Module, info: ModelInfo, data, split, runtime) -> float:
 
 
 def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float, device: str = "auto",
-              data_dir: str | os.PathLike | None = None) -> PruneReport:
+              data_dir: str | os.PathLike | None = None, speed: bool = True) -> PruneReport:
     """Prune the model of ``run_dir`` by ``amount`` into a new run directory ``out``.
 
     ``out`` gets the weights, model.json (with the pruned structure, so that ``densekit.load``,
     ``eval``, ``predict`` and ``train --init`` take it) and summary.json: channels, parameters,
     MACs and full-test-set accuracy before and after, on the run's test split (read from
-    ``data_dir``, default where the run read it). Returns the summary.
+    ``data_dir``, default where the run read it), and with ``speed`` the inference speed of
+    both models (:func:`inference_speed`). Returns the summary.
     """
     amount = _check_amount(amount)
     refuse_nonempty(out)
@@ -205,12 +207,14 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
         raise UserError(f"{info.dataset} as found now does not fit the model of {source}")
     size = (pre.in_chans, h, w)
     params, macs, acc = count_params(model), count_macs(model, size), _accuracy(model, info, data, split, runtime)
-    parent = copy.deepcopy(model)
+    parent = copy.deepcopy(model) if speed else None
     channels = prune_model(model, amount)
     structure = pruned_structure(model)
-    with runtime.activated():
-        speed = inference_speed(parent, model, size, runtime.device)
-    del parent
+    rates = (None, None, None)
+    if parent is not None:
+        with runtime.activated(), runtime.autocast():
+            rates = inference_speed(parent, model, size, runtime.device, memory_format=runtime.memory_format)
+        del parent
     report = PruneReport(
         source=str(source), out=str(out), model=info.model, dataset=info.dataset, method=METHOD, amount=amount,
         channels=channels, input_size=list(size), split="test" if data.test is not None else "val",
@@ -220,8 +224,8 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
         params_ratio=count_params(model) / params, macs_ratio=count_macs(model, size) / macs,
         pruned_layers=len(structure),
         reference_path_blocks=sum(1 for m in model.modules() if hasattr(m, "fused_status") and m.fused_status()),
-        speed_batch=SPEED_BATCH, images_per_second_before=speed[0], images_per_second_after=speed[1],
-        speedup=speed[2],
+        speed_batch=SPEED_BATCH if speed else None, images_per_second_before=rates[0],
+        images_per_second_after=rates[1], speedup=rates[2],
         device=str(runtime.device), torch=torch.__version__, densekit=__version__)
     # the pruned run records where its data are, from wherever it is: absolute
     folder = None if data_dir is None else str(Path(data_dir).resolve())

@@ -92,6 +92,8 @@ def test_column_gather_scatter_and_gathered_bn_relu_match_torch(rows, cols, ld):
     torch.testing.assert_close(buf, want, rtol=0, atol=0)  # the columns outside the slice untouched
     with pytest.raises(ValueError, match="column indices"):
         native.gather_cols(x, torch.tensor([0, ld]), torch.empty(rows, 2))
+    with pytest.raises(ValueError, match="column indices"):  # out of range anywhere, not only at the ends
+        native.gather_cols(x, torch.tensor([0, ld + 5, 1]), torch.empty(rows, 3))
     with pytest.raises(ValueError, match="column indices"):
         native.scatter_add_cols(torch.empty(rows, 1), torch.tensor([-1]), x)
 

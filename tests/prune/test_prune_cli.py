@@ -51,10 +51,8 @@ def test_prune_writes_a_run_with_its_figures(pruned):
     assert c["prunable"] == 4 + 8 + 6 + 10 + 4 * 16 == 92 and c["removed"] == 28 and c["kept"] == 64
     assert summary["params_after"] < summary["params_before"] and summary["macs_after"] < summary["macs_before"]
     assert 0 <= summary["test_accuracy_after"] <= 1 and summary["amount"] == 0.3
-    # measured, not a constant: both rates positive and the speedup between them (a median of ratios)
     assert summary["speed_batch"] == 64 and summary["reference_path_blocks"] == 0
-    before, after = summary["images_per_second_before"], summary["images_per_second_after"]
-    assert before > 0 and after > 0 and 0.05 < summary["speedup"] < 20
+    assert summary["images_per_second_before"] > 0 and summary["images_per_second_after"] > 0
     info = json.loads((out / "model.json").read_text())
     assert info["pruned"] and summary["pruned_layers"] == len(info["pruned"])
     source = json.loads((run / "model.json").read_text())
@@ -228,3 +226,34 @@ def test_a_damaged_input_index_in_a_resume_state_is_refused(pruned, cli, tmp_pat
     safetensors.torch.save_file(state, resume, metadata=meta)
     rc, _, err = cli("train", "--out", part, "--resume", "--no-progress")
     assert rc == 2 and "input_index must be increasing" in err and len(err.strip().splitlines()) == 1
+
+
+def test_inference_speed_times_each_model_alternately():
+    """Two stand-ins that take 30 and 10 ms a call: a 3x speedup, within the sleep's jitter."""
+    import time
+
+    from densekit.prune import inference_speed
+
+    class Sleeper(torch.nn.Module):
+        def __init__(self, seconds):
+            super().__init__()
+            self.seconds, self.calls = seconds, 0
+
+        def forward(self, x):
+            self.calls += 1
+            time.sleep(self.seconds)
+            return x
+
+    slow, fast = Sleeper(0.03), Sleeper(0.01)
+    before, after, speedup = inference_speed(slow, fast, (1, 4, 4), torch.device("cpu"), batch=8, rounds=3)
+    assert slow.calls == fast.calls == 4  # a warm-up and one call a round each
+    # sleeps overshoot (a loaded machine), never undershoot: loose below, tight above
+    assert 1.5 < speedup < 4.5 and 100 < before <= 267 and 250 < after <= 800
+
+
+def test_no_speed_skips_the_measurement(trained, tmp_path):
+    from densekit.prune import prune_run
+
+    data, run = trained
+    report = prune_run(run, tmp_path / "p", 0.3, device="cpu", speed=False)
+    assert report.speedup is None and report.speed_batch is None and report.images_per_second_after is None

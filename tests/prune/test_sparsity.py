@@ -47,6 +47,7 @@ def test_the_step_adds_lambda_times_the_sign_of_each_prunable_scale():
     for n, p in model.named_parameters():
         expected = before[n] - 0.125 * torch.sign(before[n]) if id(p) in ids else before[n]
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=0, msg=n)
+        assert not p.grad.requires_grad and p.grad.grad_fn is None, n  # no autograd history builds up
 
 
 def test_train_with_sparsity_shrinks_the_scales_and_records_lambda(cli, writers_data, tmp_path, caplog):
@@ -66,6 +67,22 @@ def test_train_with_sparsity_shrinks_the_scales_and_records_lambda(cli, writers_
     rc, _, err = cli("train", *TINY, *RUN, "--data-dir", data, "--out", tmp_path / "s0.01", "--sparsity", "0.02",
                      "--resume")
     assert rc == 2 and "sparsity" in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--recipe", "finetune"], "needs an SGD recipe"),  # AdamW would scale the penalty away
+    (["--pretrained", "RUN", "--freeze-backbone"], "--freeze-backbone"),
+])
+def test_sparsity_where_it_cannot_act_is_refused(cli, writers_data, tmp_path, extra, message):
+    source = tmp_path / "src"
+    if "RUN" in extra:
+        rc, _, err = cli("train", *TINY, *RUN, "--data-dir", writers_data, "--out", source, "--epochs", "1")
+        assert rc == 0, err
+    extra = [str(source) if a == "RUN" else a for a in extra]
+    rc, _, err = cli("train", *TINY, *RUN, "--data-dir", writers_data, "--out", tmp_path / "r", "--sparsity",
+                     "1e-4", *extra)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("lam", ["1", "-0.1", "nan"])

@@ -13,6 +13,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", metavar="OUT", required=True, help="new run directory (must not exist or be empty)")
     p.add_argument("--data-dir", help="folder with the run's dataset, to measure the accuracy before and after "
                                       "(default: where the run read it)")
+    p.add_argument("--no-speed", action="store_true",
+                   help="do not measure the inference speed of both models (12 forward passes of a batch of 64)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_device_argument(p)
 
@@ -27,9 +29,10 @@ def summary_lines(s) -> list[str]:
         f"MACs {s.macs_before / 1e6:.1f} M -> {s.macs_after / 1e6:.1f} M ({s.macs_ratio:.3f}x)",
         f"{s.dataset} {s.split} accuracy ({s.test_images} images) {100 * s.test_accuracy_before:.2f}% -> "
         f"{100 * s.test_accuracy_after:.2f}%",
-        f"inference on {s.device}, batch {s.speed_batch}: {s.images_per_second_before:,.0f} -> "
-        f"{s.images_per_second_after:,.0f} images/s ({s.speedup:.2f}x, median of alternating rounds)",
     ]
+    if s.speedup is not None:
+        lines.append(f"inference on {s.device}, batch {s.speed_batch}: {s.images_per_second_before:,.0f} -> "
+                     f"{s.images_per_second_after:,.0f} images/s ({s.speedup:.2f}x, median of alternating rounds)")
     if s.reference_path_blocks:
         lines.append(f"{s.reference_path_blocks} pruned dense block(s) run the reference path: they hold a module "
                      "the fused block does not take")
@@ -40,6 +43,7 @@ def summary_lines(s) -> list[str]:
 def run(args) -> int:
     from ..prune import prune_run
 
-    summary = prune_run(args.run_dir, args.out, args.amount, device=args.device, data_dir=args.data_dir)
+    summary = prune_run(args.run_dir, args.out, args.amount, device=args.device, data_dir=args.data_dir,
+                        speed=not args.no_speed)
     print(summary.to_json() if args.json else "\n".join(summary_lines(summary)))
     return 0

@@ -77,7 +77,8 @@ def add_arguments(p) -> None:
                         "validation score (accuracy, ties to the lower loss; multi-label: mean AUROC), or the "
                         "last (default: the recipe's: best; last for probe)")
     p.add_argument("--patience", type=positive_int, metavar="N",
-                   help="stop after N epochs without a better validation score (default: never)")
+                   help="stop after N epochs without a better validation score (higher, or the same at a lower "
+                        "loss) (default: never)")
     p.add_argument("--workers", type=non_negative_int, metavar="N",
                    help="processes decoding an image folder, for each training process (default: the cores "
                         "shared between the --nproc processes, at most 8; 0: in the training process)")

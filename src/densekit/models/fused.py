@@ -62,6 +62,10 @@ def unsupported_reason(block) -> str | None:
     training = block.training
     for name, layer in block.items():
         m = layer._modules
+        index = layer.input_index
+        if index is not None and (index.dtype != torch.int64 or index.dim() != 1
+                                  or index.numel() != m["norm1"].num_features):
+            return f"{name}'s input_index does not list its norm1's {m['norm1'].num_features} channels"
         if layer.training != training:
             return f"{name} is in {'training' if layer.training else 'eval'} mode inside a block that is not"
         if not _stock_half(m["norm1"], m["relu1"], m["conv1"], training) or \
@@ -405,6 +409,11 @@ def _bottleneck_width(units: list[list[_Unit]]) -> int:
     return max(us[0].weight.shape[0] for us in units) if len(units[0]) == 2 else 0
 
 
+def _gathered_width(units: list[list[_Unit]]) -> int:
+    """The most buffer channels a pruned layer of the block gathers (0: none is pruned)."""
+    return max((us[0].index.numel() for us in units if us[0].index is not None), default=0)
+
+
 def _running(unit: _Unit):
     return unit.bn.running_mean, unit.bn.running_var
 
@@ -443,7 +452,7 @@ def _forward(block, units, x: torch.Tensor, save: bool):
     store[..., :c0].copy_(x.movedim(1, -1))
     count = rows.shape[0]
     width = _bottleneck_width(units)
-    scratch = _Scratch(count, {"a": max(c - k, k), "a2": width, "g": c - k}, x)
+    scratch = _Scratch(count, {"a": max(c - k, k), "a2": width, "g": _gathered_width(units)}, x)
     saved: list[torch.Tensor] = []
     mean = var = None
     if training:
@@ -513,7 +522,8 @@ class _FusedDenseBlock(torch.autograd.Function):
         rows = buf.movedim(1, -1).view(-1, c)
         width = _bottleneck_width(units)
         scratch = _Scratch(rows.shape[0], {"a": max(c - k, k), "d": c - k, "a2": width, "d2": width,
-                                           "p": width, "g": c - k, "acc": c - k}, rows)
+                                           "p": width, "g": _gathered_width(units), "acc": _gathered_width(units)},
+                           rows)
         grads: list[list] = [[None] * (3 * len(us)) for us in units]
         # The output is the buffer itself: its gradient accumulates what every later layer
         # sends back to the channels it read. The BN terms linear in x are summed per

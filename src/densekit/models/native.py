@@ -164,9 +164,9 @@ def _ld(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.stride(0)
 
 
-def _check(code: int) -> None:
+def _check(code: int, what: str = "its per-thread sums") -> None:
     if code != 0:
-        raise MemoryError("densekit native kernel: out of memory for its per-thread sums")
+        raise MemoryError(f"densekit native kernel: out of memory for {what}")
 
 
 def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -179,11 +179,14 @@ def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torc
 
 
 def _columns(index: torch.Tensor, width: int) -> torch.Tensor:
-    """A column index as the C code reads it: increasing int64 values in [0, width), contiguous
-    (increasing as a pruned layer's ``input_index`` is checked to be; its ends are checked here)."""
-    if index.device.type != "cpu" or index.dtype != torch.int64 or index.dim() != 1 or not index.numel() or \
-            index[0] < 0 or index[-1] >= width:
-        raise ValueError(f"native kernels need increasing int64 CPU column indices in [0, {width})")
+    """A column index as the C code reads it: int64 values in [0, width), contiguous (a pruned
+    layer's ``input_index`` is also checked to be increasing where it is set and loaded; the
+    kernels only need the bounds to stay in memory)."""
+    if index.device.type != "cpu" or index.dtype != torch.int64 or index.dim() != 1 or not index.numel():
+        raise ValueError(f"native kernels need int64 CPU column indices in [0, {width})")
+    low, high = torch.aminmax(index)
+    if low < 0 or high >= width:
+        raise ValueError(f"native kernels need int64 CPU column indices in [0, {width})")
     return index.contiguous()
 
 
@@ -199,7 +202,8 @@ def gather_cols(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, scale: 
         raise ValueError("native gather_cols: scale and shift go together")
     scale, shift = _vec(scale, cols), _vec(shift, cols)
     _check(_library().dk_gather_cols(x.data_ptr(), x.stride(0), index.data_ptr(), out.data_ptr(), out.stride(0),
-                                     x.shape[0], cols, _ptr(scale), _ptr(shift), torch.get_num_threads()))
+                                     x.shape[0], cols, _ptr(scale), _ptr(shift), torch.get_num_threads()),
+           "its column index")
     return out
 
 

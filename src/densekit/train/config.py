@@ -106,6 +106,9 @@ def check_config(config: TrainConfig) -> TrainConfig:
     checks.optional(lambda name, v: checks.one_of(name, v, POS_WEIGHT), "pos_weight", config.pos_weight)
     if config.pretrained is not None and config.init is not None:
         raise ArgumentError("{pretrained} and {init} both say where to start from; give one")
+    if config.sparsity and config.freeze_backbone:
+        raise ArgumentError("{sparsity} acts on the backbone's batch-norm scales, which {freeze_backbone} keeps "
+                            "fixed: give one")
     if config.freeze_backbone and config.head_epochs:
         raise ArgumentError("{freeze_backbone} trains the classifier alone in every epoch; {head_epochs} only "
                             "in the first ones: give one")
@@ -205,6 +208,11 @@ def resolve(config: TrainConfig, stored: dict | None, device_type: str = "cpu", 
     for key in ("epochs", "batch_size", "lr", "keep"):
         if cfg.get(key) is None:
             cfg[key] = getattr(recipe, key)
+    if cfg.get("sparsity") and recipe.optimizer != "sgd":
+        # Adam divides each gradient by its running scale: lam * sign(gamma) would move a scale by
+        # about lr whatever lam is, so lam would mean nothing
+        raise ArgumentError(f"{{sparsity}} needs an SGD recipe (fast, paper, sprint, long), not {recipe.name}, "
+                            f"whose {recipe.optimizer} scales the penalty away")
     if cfg.get("image_size") is None and stored is None:
         cfg["image_size"] = natural_size(cfg["model"], cfg["dataset"])
     # as JSON will read it back, so that a stored run compares equal: (1, 1) -> [1, 1]

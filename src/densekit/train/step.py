@@ -112,9 +112,10 @@ class TrainStep:
         loss.backward()
         if self.sparsity is not None:
             scales, lam = self.sparsity
-            scales = [p for p in scales if p.grad is not None]  # a frozen backbone's have none
+            scales = [p for p in scales if p.grad is not None]
             if scales:
-                torch._foreach_add_([p.grad for p in scales], torch._foreach_sign(scales), alpha=lam)
+                with torch.no_grad():  # no autograd history on the gradients (DDP's are bucket views)
+                    torch._foreach_add_([p.grad for p in scales], torch._foreach_sign(scales), alpha=lam)
         self.optimizer.step()
         return loss.detach(), hits(logits.detach(), y)
 
