@@ -90,6 +90,16 @@ def test_column_gather_scatter_and_gathered_bn_relu_match_torch(rows, cols, ld):
     want = before.clone()
     want[:, 2:ld + 2].index_add_(1, index, src)
     torch.testing.assert_close(buf, want, rtol=0, atol=0)  # the columns outside the slice untouched
+    # columns far apart (a group of 16 spanning more than 32: the gather-instruction path) and
+    # in no order; a NaN passes the ReLU as in torch
+    wide = torch.arange(0, ld, 3).flip(0)
+    x[0, wide[0]] = float("nan")
+    scale, shift = torch.randn(wide.numel()), torch.randn(wide.numel())
+    got = native.gather_cols(x, wide, torch.empty(rows, wide.numel()), scale, shift)
+    torch.testing.assert_close(got, torch.relu(x[:, wide] * scale + shift), rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert got[0, 0].isnan()
+    torch.testing.assert_close(native.gather_cols(x, wide, torch.empty(rows, wide.numel())), x[:, wide],
+                               rtol=0, atol=0, equal_nan=True)
     with pytest.raises(ValueError, match="column indices"):
         native.gather_cols(x, torch.tensor([0, ld]), torch.empty(rows, 2))
     with pytest.raises(ValueError, match="column indices"):  # out of range anywhere, not only at the ends
