@@ -13,26 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-
-
-def alternate(calls, rounds: int) -> tuple[list[float], float]:
-    """Median seconds of each call and the median ratio of the first's time to the second's."""
-    for call in calls:
-        call()
-    times = [[] for _ in calls]
-    for _ in range(rounds):
-        for i, call in enumerate(calls):
-            t0 = time.perf_counter()
-            call()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times], statistics.median(a / b for a, b in zip(*times))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     from densekit.export import export_onnx
     from densekit.models.profile import count_macs, count_params
+    from densekit.prune import alternate
 
     models = [densekit.load(d).eval() for d in (args.parent, args.pruned)]
     size = tuple(models[0].pretrained_cfg["input_size"])

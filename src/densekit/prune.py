@@ -144,30 +144,37 @@ SPEED_BATCH = 64
 SPEED_ROUNDS = 5
 
 
+def alternate(calls, rounds: int, sync=None) -> tuple[list[float], float]:
+    """Median seconds of each of ``calls`` and the median over rounds of the first's time over
+    the second's: one warm-up call each, then ``rounds`` rounds of one call each in turn, so
+    that all see the same machine state. ``sync`` (e.g. a CUDA synchronize) runs before each
+    clock reading."""
+    sync = sync or (lambda: None)
+    for call in calls:
+        call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for i, call in enumerate(calls):
+            sync()
+            t0 = time.perf_counter()
+            call()
+            sync()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times], statistics.median(a / b for a, b in zip(times[0], times[1]))
+
+
 def inference_speed(before: nn.Module, after: nn.Module, size: tuple[int, ...], device: torch.device,
                     batch: int = SPEED_BATCH, rounds: int = SPEED_ROUNDS,
                     memory_format: torch.memory_format = torch.contiguous_format) -> tuple[float, float, float]:
     """(images/s before, images/s after, speedup) of two models in eval mode on one random
-    batch: one forward pass of each per round, alternating so that both see the same machine
-    state, after one warm-up pass each; the speedup is the median of the rounds' ratios, the
-    rates the medians of each model's times."""
+    batch, timed by :func:`alternate`: the rates from each model's median time, the speedup
+    the median of the rounds' ratios."""
     x = torch.randn(batch, *size, device=device).contiguous(memory_format=memory_format)
-    times: dict[int, list[float]] = {0: [], 1: []}
-    models = (before.eval(), after.eval())
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     with torch.no_grad():
-        for m in models:
-            m(x)
-        for _ in range(rounds):
-            for i, m in enumerate(models):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                m(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times[i].append(time.perf_counter() - t0)
-    ratio = statistics.median(a / b for a, b in zip(times[0], times[1]))
-    return batch / statistics.median(times[0]), batch / statistics.median(times[1]), ratio
+        (t_before, t_after), ratio = alternate([lambda m=m: m(x) for m in (before.eval(), after.eval())], rounds,
+                                               sync)
+    return batch / t_before, batch / t_after, ratio
 
 
 def _accuracy(model: nn.Module, info: ModelInfo, data, split, runtime) -> float:
@@ -215,13 +222,14 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
         with runtime.activated(), runtime.autocast():
             rates = inference_speed(parent, model, size, runtime.device, memory_format=runtime.memory_format)
         del parent
+    params_after, macs_after = count_params(model), count_macs(model, size)
     report = PruneReport(
         source=str(source), out=str(out), model=info.model, dataset=info.dataset, method=METHOD, amount=amount,
         channels=channels, input_size=list(size), split="test" if data.test is not None else "val",
         test_images=len(split), params_before=params,
-        macs_before=macs, test_accuracy_before=acc, params_after=count_params(model),
-        macs_after=count_macs(model, size), test_accuracy_after=_accuracy(model, info, data, split, runtime),
-        params_ratio=count_params(model) / params, macs_ratio=count_macs(model, size) / macs,
+        macs_before=macs, test_accuracy_before=acc, params_after=params_after,
+        macs_after=macs_after, test_accuracy_after=_accuracy(model, info, data, split, runtime),
+        params_ratio=params_after / params, macs_ratio=macs_after / macs,
         pruned_layers=len(structure),
         reference_path_blocks=sum(1 for m in model.modules() if hasattr(m, "fused_status") and m.fused_status()),
         speed_batch=SPEED_BATCH if speed else None, images_per_second_before=rates[0],
