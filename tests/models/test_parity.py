@@ -185,6 +185,66 @@ def test_fused_inference_with_folded_norm_same_function(spatial_dims, size):
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
+def test_fused_inference_follows_every_change_of_the_weights(cpu_kernels):
+    """Eval mode keeps each layer's folded weights and BN scales between calls; an in-place
+    change, a load_state_dict, a new parameter, a swapped module, a change of eps and a
+    training step in between must each show in the next output."""
+    torch.manual_seed(0)
+    plain = DenseBlock(6, 5, 3, bn_size=4)
+    _randomize_norms(plain)
+    plain.eval()
+    fast = copy.deepcopy(plain)
+    fast.fused = True
+    x = torch.randn(3, 6, 9, 7)
+
+    def same():
+        with torch.no_grad():
+            want = plain(x)
+            torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)  # again, from what it kept
+
+    def both(change):
+        for m in (plain, fast):
+            with torch.no_grad():
+                change(m)
+        same()
+
+    same()
+    both(lambda m: m["denselayer2"].norm1.weight.mul_(-2))
+    both(lambda m: m["denselayer1"].norm2.running_var.mul_(3))
+    both(lambda m: m["denselayer3"].conv1.weight.add_(0.5))
+    both(lambda m: m["denselayer3"].conv2.weight.mul_(2))
+    state = {k: v + 0.1 if v.is_floating_point() else v for k, v in plain.state_dict().items()}
+    both(lambda m: m.load_state_dict(state))
+    bias = torch.randn(6)
+    both(lambda m: setattr(m["denselayer1"].norm1, "bias", torch.nn.Parameter(bias.clone())))
+    swapped = torch.nn.BatchNorm2d(4 * 5).eval()
+    swapped.running_var.uniform_(0.5, 2.0)
+    both(lambda m: setattr(m["denselayer2"], "norm2", copy.deepcopy(swapped)))
+    both(lambda m: setattr(m["denselayer2"].norm2, "eps", 0.5))
+    for m in (plain, fast):  # a training step moves the running statistics
+        m.train()
+        m(x).sum().backward()
+        m.eval()
+    same()
+
+
+def test_fused_inference_of_a_model_made_in_inference_mode(cpu_kernels):
+    # tensors made in inference mode carry no version counter: nothing is kept, all is recomputed
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        plain = DenseBlock(6, 5, 3, bn_size=4)
+        _randomize_norms(plain)
+        plain.eval()
+        fast = copy.deepcopy(plain)
+        fast.fused = True
+        x = torch.randn(3, 6, 9, 7)
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+        fast["denselayer2"].norm1.weight.mul_(-2)
+        plain["denselayer2"].norm1.weight.mul_(-2)
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
 def test_fused_network_channels_last_and_several_steps():
     torch.manual_seed(0)
     plain = create_model("densenet_bc_100_k12", fused=False, block_config=(3, 3, 3))
@@ -393,6 +453,38 @@ def test_bf16_autocast_on_cpu_runs_the_fused_path():
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
     assert rel_max_diff(out.float(), want.float()) < 0.05
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_block_gradients_laid_out_as_their_parameters(memory_format, bf16):
+    # DistributedDataParallel copies each gradient into a bucket view with its parameter's
+    # strides, and warns at every step where they differ; oneDNN returns a weight gradient
+    # channels-last beside a channels-last input.
+    torch.manual_seed(0)
+    block = DenseBlock(8, 4, 3, fused=True).to(memory_format=memory_format)
+    strides = []
+    for name, p in block.named_parameters():
+        p.register_hook(lambda g, name=name, p=p: strides.append((name, g.stride(), p.stride())))
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=memory_format)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = block(x)
+    out.float().sum().backward()
+    assert len(strides) == len(list(block.parameters())) == 3 * 6
+    assert [name for name, got, want in strides if got != want] == []
+
+
+def test_whole_model_gradients_laid_out_as_their_parameters_under_bf16():
+    # the transitions too, which under autocast run torch's convolution on the pooled, channels-last maps
+    torch.manual_seed(0)
+    model = DenseNet(8, (2, 2), stem="cifar", num_classes=3, fused=True)
+    wrong = []
+    for name, p in model.named_parameters():
+        p.register_hook(lambda g, name=name, p=p: wrong.append(name) if g.stride() != p.stride() else None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 16, 16))
+    out.float().sum().backward()
+    assert wrong == [] and all(p.grad is not None for p in model.parameters())
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -27,6 +27,8 @@ than the reference rather than only leaner (docs/performance.md).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -87,10 +89,14 @@ class _Unit:
     of MB costs more in page faults than the arithmetic done in it.
     """
 
-    __slots__ = ("bn", "gamma", "beta", "weight", "master", "padding", "index")
+    __slots__ = ("bn", "gamma", "beta", "weight", "master", "padding", "index", "memo")
 
-    def __init__(self, bn: nn.Module, conv: nn.Module, dtype: torch.dtype, index: torch.Tensor | None = None):
+    def __init__(self, bn: nn.Module, conv: nn.Module, dtype: torch.dtype, index: torch.Tensor | None = None,
+                 memo: bool = False):
         self.bn = bn
+        # eval mode only: what depends on the weights and running statistics alone, kept
+        # between calls while they stay as they were (see _eval_units)
+        self.memo = {} if memo else None
         self.index = index  # the buffer channels a pruned layer reads (None: all before it)
         self.gamma, self.beta = bn.weight, bn.bias
         # Under autocast the convolutions run in the autocast dtype; the cast happens
@@ -114,15 +120,31 @@ class _Unit:
         # torch.gather with a broadcast index: several times faster than index_select on columns
         return torch.gather(rows, 1, self.index.expand(rows.shape[0], -1), out=out)
 
-    def read_act(self, rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, scratch: "_Scratch"):
-        """ReLU(BN(x)) of what :meth:`read` returns, with ``mean`` and ``var`` already this unit's;
-        a pruned layer's gather and BN-ReLU in one native pass where it can."""
+    def read_act(self, rows: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, scratch: "_Scratch"):
+        """ReLU(x * scale + shift) of what :meth:`read` returns (:meth:`scale_shift` of this unit's
+        statistics); a pruned layer's gather and BN-ReLU in one native pass where it can."""
         if self.index is not None:
             out = scratch("a", self.index.numel())
             if native.usable(rows, out):
-                return native.gather_cols(rows, self.index, out, *self.scale_shift(mean, var))
+                if self.memo is None:
+                    return native.gather_cols(rows, self.index, out, scale, shift)
+                index = self._memoized("index", lambda: native.checked_columns(self.index, rows.shape[1]))
+                return native.gather_cols(rows, index, out, scale, shift, checked=True)
         inp = self.read(rows, scratch)
-        return self.act(inp, mean, var, scratch("a", inp.shape[1]))
+        return _bn_relu(inp, scale, shift, scratch("a", inp.shape[1]))
+
+    def _memoized(self, name: str, compute):
+        """``compute()``, kept in ``memo`` where this unit has one."""
+        if self.memo is None:
+            return compute()
+        value = self.memo.get(name)
+        if value is None:
+            value = self.memo[name] = compute()
+        return value
+
+    def running_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`scale_shift` of the running statistics (eval mode)."""
+        return self._memoized("scale_shift", lambda: self.scale_shift(*_running(self)))
 
     def add_back(self, grad: torch.Tensor, rows_grad: torch.Tensor) -> None:
         """Adds ``grad``, the gradient of what :meth:`read` returned, to the buffer's ``rows_grad``."""
@@ -163,11 +185,7 @@ class _Unit:
 
     def act(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """ReLU(BN(x)) into ``out``: the same op in forward and in the recompute of backward."""
-        scale, shift = self.scale_shift(mean, var)
-        if native.usable(x, out):
-            return native.bn_relu(x, scale, shift, out)
-        torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype), out=out)
-        return out.relu_()
+        return _bn_relu(x, *self.scale_shift(mean, var), out)
 
     def conv(self, a: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
         """(rows, c_in) -> the conv output as (N, c_out, *spatial), channels-last when 1x1."""
@@ -175,8 +193,9 @@ class _Unit:
             out = a @ self.weight.flatten(1).t()
             return out.view(-1, *spatial, out.shape[1]).movedim(-1, 1)
         n = len(spatial)
-        return torch.convolution(_grid(a, spatial), self.weight, None, [1] * n, self.padding, [1] * n,
-                                 False, [0] * n, 1)
+        # oneDNN takes a channels-last input with a weight of the same layout: kept so, not copied at each call
+        weight = self._memoized("weight", lambda: self.weight.contiguous(memory_format=_channels_last(n)))
+        return torch.convolution(_grid(a, spatial), weight, None, [1] * n, self.padding, [1] * n, False, [0] * n, 1)
 
     def conv_folded_relu(self, a: torch.Tensor, following: "_Unit", spatial: tuple[int, ...]) -> torch.Tensor:
         """ReLU(BN(conv(a))) for a 1x1 conv whose output feeds ``following``'s batch norm in
@@ -184,11 +203,7 @@ class _Unit:
         (scaled rows) and a bias, and the convolution's bias add (and on CUDA the GEMM's ReLU
         epilogue) replaces a separate pass over the bottleneck output.
         (rows, c_in) -> (rows, c_out)."""
-        bn = following.bn
-        scale = following.gamma * torch.rsqrt(bn.running_var + bn.eps)
-        shift = following.beta - bn.running_mean * scale
-        weight = (self.master * scale.view(-1, *[1] * (self.master.dim() - 1))).to(a.dtype)
-        bias = shift.to(a.dtype)
+        weight, bias = self._memoized("folded", lambda: self._folded(following, a.dtype))
         if not self.as_matrix(a):
             n = self.weight.dim() - 2
             out = torch.convolution(_grid(a, spatial), weight, bias, [1] * n, [0] * n, [1] * n, False, [0] * n, 1)
@@ -196,6 +211,12 @@ class _Unit:
         if a.is_cuda and hasattr(torch, "_addmm_activation"):
             return torch._addmm_activation(bias, a, weight.flatten(1).t())
         return torch.addmm(bias, a, weight.flatten(1).t()).relu_()
+
+    def _folded(self, following: "_Unit", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This convolution's weight and a bias with ``following``'s eval-mode batch norm folded in."""
+        scale, shift = following.running_scale_shift()
+        weight = (self.master * scale.view(-1, *[1] * (self.master.dim() - 1))).to(dtype)
+        return weight, shift.to(dtype)
 
     def conv_backward(self, grad: torch.Tensor, a: torch.Tensor, spatial: tuple[int, ...],
                       out: torch.Tensor, need_weight: bool):
@@ -349,6 +370,39 @@ def _channels_last(spatial_dims: int) -> torch.memory_format:
     return {2: torch.channels_last, 3: torch.channels_last_3d}.get(spatial_dims, torch.contiguous_format)
 
 
+def _bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """ReLU(x * scale + shift) per column of a (rows, C) matrix, into ``out``."""
+    if native.usable(x, out):
+        return native.bn_relu(x, scale, shift, out)
+    torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype), out=out)
+    return out.relu_()
+
+
+def _laid_out_as(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor | None:
+    """``grad`` with the strides of ``param``, as the gradient layout contract asks: oneDNN
+    returns a convolution's weight gradient channels-last beside a channels-last input, and
+    under DistributedDataParallel's bucket views a gradient laid out otherwise costs a copy and
+    a warning at every step. A 1x1 weight's two layouts differ only in the strides of its
+    size-1 dims: a view then, else a copy."""
+    if grad is None or grad.stride() == param.stride():
+        return grad
+    if grad.is_contiguous() and param.is_contiguous():
+        return grad.as_strided(param.shape, param.stride())
+    return torch.empty_like(param, dtype=grad.dtype).copy_(grad)
+
+
+def conv_keeping_layout(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``, with the weight gradient laid out as the weight (:func:`_laid_out_as`) under
+    autocast too, where the weight's cast copy is what the convolution sees."""
+    device = x.device.type
+    weight = conv.weight
+    if not (torch.is_grad_enabled() and weight.requires_grad and torch.is_autocast_enabled(device)):
+        return conv(x)
+    cast = weight.to(torch.get_autocast_dtype(device))
+    cast.register_hook(lambda grad: _laid_out_as(grad, weight))
+    return conv._conv_forward(x, cast, conv.bias)
+
+
 def _relu_backward_(grad: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.threshold_backward.grad_input(grad, a, 0, grad_input=grad)
 
@@ -363,14 +417,38 @@ def _grid(rows: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     return rows.view(-1, *spatial, rows.shape[1]).movedim(-1, 1)
 
 
-def _units(block, dtype: torch.dtype) -> list[list[_Unit]]:
+def _units(block, dtype: torch.dtype, memo: bool = False) -> list[list[_Unit]]:
     out = []
     for layer in block.values():
-        units = [_Unit(layer.norm1, layer.conv1, dtype, layer.input_index)]
+        units = [_Unit(layer.norm1, layer.conv1, dtype, layer.input_index, memo)]
         if layer.has_bottleneck:
-            units.append(_Unit(layer.norm2, layer.conv2, dtype))
+            units.append(_Unit(layer.norm2, layer.conv2, dtype, memo=memo))
         out.append(units)
     return out
+
+
+# An eval-mode block's units with their memos, per block, while its tensors stay the same.
+_EVAL_UNITS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list[list[_Unit]]]]" = weakref.WeakKeyDictionary()
+
+
+def _eval_units(block, dtype: torch.dtype) -> list[list[_Unit]]:
+    """The units of an eval-mode ``block`` whose folded weights, BN scales and checked channel
+    indices are computed once and kept while every tensor of the block is the one it was, at the
+    version it was (an in-place change, as ``load_state_dict`` makes, bumps the version; a new
+    tensor has a new identity, and the kept units hold the old one, so its id is not reused).
+    At batch 64 on 2 CPU cores these per-layer constants cost several percent of a small
+    model's forward (docs/performance.md#pruning)."""
+    try:
+        key = (dtype, *[(id(t), t._version) for layer in block._modules.values()
+                        for m in (layer, *layer._modules.values())
+                        for ts in (m._parameters, m._buffers) for t in ts.values() if t is not None],
+               *[getattr(m, "eps", None) for layer in block._modules.values() for m in layer._modules.values()])
+    except RuntimeError:  # a tensor made in inference mode carries no version: no memo
+        return _units(block, dtype)
+    cached = _EVAL_UNITS.get(block)
+    if cached is None or cached[0] != key:
+        cached = _EVAL_UNITS[block] = (key, _units(block, dtype, memo=True))
+    return cached[1]
 
 
 def _stats(x: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -465,9 +543,10 @@ def _forward(block, units, x: torch.Tensor, save: bool):
             if training:
                 m1, v1 = us[0].select(mean[:ci]), us[0].select(var[:ci])
                 us[0].update_running(m1, v1, count)
+                scale_shift = us[0].scale_shift(m1, v1)
             else:
-                m1, v1 = _running(us[0])
-            a = us[0].read_act(rows[:, :ci], m1, v1, scratch)
+                scale_shift = us[0].running_scale_shift()
+            a = us[0].read_act(rows[:, :ci], *scale_shift, scratch)
             if len(us) == 2 and not training and not save and us[0].pointwise:
                 # inference: the second batch norm folds into the 1x1 convolution
                 a2 = us[0].conv_folded_relu(a, us[1], spatial)
@@ -585,7 +664,8 @@ class _FusedDenseBlock(torch.autograd.Function):
                 c_sum.index_add_(0, u1.index, c1.to(c_sum.dtype))
         complete(0, c0)
         grad_x = grad_store[..., :c0].movedim(-1, 1)
-        return (None, None, grad_x, *[g for gl in grads for g in gl])
+        params = [p for us in units for u in us for p in u.params()]
+        return (None, None, grad_x, *[_laid_out_as(g, p) for g, p in zip((g for gl in grads for g in gl), params)])
 
 
 def fused_dense_block(block, x: torch.Tensor) -> torch.Tensor:
@@ -600,11 +680,11 @@ def fused_dense_block(block, x: torch.Tensor) -> torch.Tensor:
 
 
 def _run(block, x: torch.Tensor) -> torch.Tensor:
-    units = _units(block, x.dtype)
-    params = [p for us in units for u in us for p in u.params()]
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return _FusedDenseBlock.apply(block, units, x, *params)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
+        units = _units(block, x.dtype)
+        return _FusedDenseBlock.apply(block, units, x, *[p for us in units for u in us for p in u.params()])
     with torch.no_grad():
+        units = _units(block, x.dtype) if block.training else _eval_units(block, x.dtype)
         return _forward(block, units, x, save=False)[0]
 
 
@@ -673,7 +753,7 @@ class _FusedTransition(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[2]:
             grad_x = _grid(native.unpool_bn_grad(grad_pooled, rows, spatial, scale, shift, k, mean, b, c), spatial)
-        return None, None, grad_x, dgamma, sum_dy, grad_w
+        return None, None, grad_x, dgamma, sum_dy, _laid_out_as(grad_w, unit.weight)
 
 
 def fused_transition(transition, x: torch.Tensor) -> torch.Tensor:

@@ -385,7 +385,7 @@ class Transition(nn.Sequential):
             return self.forward_plain(x)
         if _fused.supports_fused_transition(self, x):
             return _fused.fused_transition(self, x)
-        return self.conv(self.pool(self.relu(self.norm(x))))
+        return _fused.conv_keeping_layout(self.conv, self.pool(self.relu(self.norm(x))))
 
     def forward_plain(self, x: Tensor) -> Tensor:
         """The reference order, as torchvision runs it; the fast paths are tested against it."""
