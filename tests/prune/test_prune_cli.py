@@ -33,7 +33,7 @@ def pruned(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("pruned") / "p30"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["prune", str(run), "--amount", "0.3", "--out", str(out), "--json"]) == 0
+        assert main(["prune", str(run), "--amount", "0.3", "--round-to", "1", "--out", str(out), "--json"]) == 0
     return data, run, out, json.loads(buf.getvalue())
 
 
@@ -50,7 +50,7 @@ def test_prune_writes_a_run_with_its_figures(pruned):
     c = summary["channels"]
     assert c["prunable"] == 4 + 8 + 6 + 10 + 4 * 16 == 92 and c["removed"] == 28 and c["kept"] == 64
     assert summary["params_after"] < summary["params_before"] and summary["macs_after"] < summary["macs_before"]
-    assert 0 <= summary["test_accuracy_after"] <= 1 and summary["amount"] == 0.3
+    assert 0 <= summary["test_accuracy_after"] <= 1 and summary["amount"] == 0.3 and summary["round_to"] == 1
     assert summary["speed_batch"] == 64 and summary["reference_path_blocks"] == 0
     assert summary["images_per_second_before"] > 0 and summary["images_per_second_after"] > 0
     info = json.loads((out / "model.json").read_text())
@@ -257,3 +257,9 @@ def test_no_speed_skips_the_measurement(trained, tmp_path):
     data, run = trained
     report = prune_run(run, tmp_path / "p", 0.3, device="cpu", speed=False)
     assert report.speedup is None and report.speed_batch is None and report.images_per_second_after is None
+    # by default each batch norm keeps a multiple of 8 channels, or all of them
+    assert report.round_to == 8
+    for layer in densekit.load(tmp_path / "p").modules():
+        if isinstance(layer, densekit.DenseLayer):
+            for n, full in ((layer.norm1.num_features, layer.in_channels), (layer.norm2.num_features, 16)):
+                assert n % 8 == 0 or n == full
