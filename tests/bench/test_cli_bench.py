@@ -100,6 +100,7 @@ BAD = [
     (["--rounds", "x"], "invalid int value"),
     (["--append", "--out", "/nonexistent/r.json"], "no results at"),
     (["--append"], "--append needs --out"),
+    (["--impl", "torchvision-compile", "--warmup", "0"], "warmup must be >= 1 for a compiled implementation"),
     (["--render", "/nonexistent/r.json"], "cannot read benchmark results"),
 ]
 if not torch.cuda.is_available():

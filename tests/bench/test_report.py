@@ -2,7 +2,7 @@
 
 import pytest
 
-from densekit.bench import check_targets, depth_fits, linear_fit, summarize, to_markdown
+from densekit.bench import best_configurations, check_targets, depth_fits, linear_fit, summarize, to_markdown
 from densekit.bench.env import card_slug
 
 
@@ -134,3 +134,28 @@ def test_markdown_table():
 def test_card_slug(card, slug):
     assert card_slug(dict(card=card), ["cuda"]) == slug
     assert card_slug(dict(card=card), ["cpu"]) == "cpu"
+
+
+def test_best_configuration_of_each_side():
+    # densekit's fastest (bf16 channels-last eager) against torchvision's fastest (compiled fp32),
+    # whatever the dtype and layout; memory from those two rows
+    def row(impl, step, dtype="fp32", layout="nchw", mem=None, first=1.0, mode="train"):
+        r = run(impl, [step], mem=mem, warmup_s=first, mode=mode)
+        r["config"].update(dtype=dtype, layout=layout)
+        return r
+
+    runs = [row("densekit", 2.0, mem=300.0), row("densekit", 1.0, "bf16", "channels_last", mem=200.0),
+            row("densekit-compile", 4.0, mem=250.0, first=90.0), row("torchvision", 4.0, mem=1000.0),
+            row("torchvision", 3.0, "bf16", "channels_last", mem=900.0),
+            row("torchvision-compile", 2.0, mem=800.0, first=250.0), row("densekit-ref", 0.5, mem=5000.0),
+            row("densekit", 1.0, mode="infer")]  # no torchvision row for inference: no comparison
+    rows = summarize(runs)
+    best = best_configurations(rows)
+    assert len(best) == 1
+    b = best[0]
+    assert (b["densekit_impl"], b["densekit_dtype"], b["densekit_layout"]) == ("densekit", "bf16", "channels_last")
+    assert (b["torchvision_impl"], b["torchvision_dtype"]) == ("torchvision-compile", "fp32")
+    assert b["densekit_img_s_median"] == 64 and b["torchvision_img_s_median"] == 32
+    assert b["speed_ratio"] == 2.0 and b["mem_ratio"] == 0.25 and b["torchvision_first_step_s"] == 250.0
+    table = to_markdown(dict(env={}, commands=[], results=rows, depth_fits=[], targets=[]))
+    assert "| densekit bf16 channels_last | 64.0 | 1.00 | torchvision-compile fp32 nchw | 32.0 | 250 | 2.00x | 0.25x |" in table

@@ -92,3 +92,16 @@ def test_spec_expands_depths_and_groups_cases():
         ("densenet_bc_16_k12", "densekit"), ("densenet_bc_16_k12", "torchvision")]
     assert all(c.in_chans == 3 and c.steps == 20 for c in configs)
     assert "--models densenet_bc_10_k12 densenet_bc_16_k12" in spec.command()
+
+
+def test_compiled_implementations_build_the_eager_network():
+    # measure.py compiles; the network (and so its parameters) is the eager implementation's
+    from densekit.bench.spec import base_impl
+
+    for impl, eager in (("densekit-compile", "densekit"), ("torchvision-compile", "torchvision")):
+        assert base_impl(impl) == eager
+        config = Config("densenet_bc_16_k4", 2, 8, 3, "fp32", "nchw", "cpu", "train", impl, 1, 1)
+        twin = Config("densenet_bc_16_k4", 2, 8, 3, "fp32", "nchw", "cpu", "train", eager, 1, 1)
+        assert unavailable_reason(config) is None
+        assert type(build(config)) is type(build(twin))
+        assert sum(p.numel() for p in build(config).parameters()) == sum(p.numel() for p in build(twin).parameters())

@@ -10,10 +10,10 @@ median img/s with its range, peak memory and warm-up time, and its ratios to tor
 """
 
 from .impls import build, torchvision_reference, unavailable_reason
-from .report import TARGETS, check_targets, depth_fits, linear_fit, summarize, to_markdown
+from .report import TARGETS, best_configurations, check_targets, depth_fits, linear_fit, summarize, to_markdown
 from .spec import IMPLS, QUICK, BenchSpec, Config, model_spec
 from .suite import build_report, load_report, run_bench, write_report
 
-__all__ = ["BenchSpec", "Config", "IMPLS", "QUICK", "TARGETS", "build", "build_report", "check_targets",
+__all__ = ["BenchSpec", "Config", "IMPLS", "QUICK", "TARGETS", "best_configurations", "build", "build_report", "check_targets",
            "depth_fits", "linear_fit", "load_report", "model_spec", "run_bench", "summarize", "to_markdown",
            "torchvision_reference", "unavailable_reason", "write_report"]

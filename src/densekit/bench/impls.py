@@ -10,6 +10,8 @@
   the same function with the same parameters, without torchvision's norm0/relu0, which the
   paper's CIFAR networks do not have: densekit weights then load into it strictly.
 - ``timm``: ``timm.create_model(name)`` for the ImageNet names timm registers.
+- ``densekit-compile`` / ``torchvision-compile``: ``densekit`` / ``torchvision`` under
+  ``torch.compile`` (measure.py compiles; the network is the same).
 
 torchvision's DenseNet cannot express every variant: its dense layer always has the 1x1
 bottleneck, its transitions always halve, it takes one growth rate. For those variants the
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from ..models import DenseNet
-from .spec import Config, model_arguments
+from .spec import Config, base_impl, model_arguments
 
 
 def _torchvision_reason(kwargs: dict) -> str | None:
@@ -53,6 +55,8 @@ def unavailable_reason(config: Config) -> str | None:
     kwargs = model_arguments(config.model)
     if config.layout == "channels_last" and kwargs.get("spatial_dims", 2) != 2:
         return "channels_last is a 2D layout"
+    if config.impl != base_impl(config.impl) and not _compiles():
+        return f"torch.compile is not available with torch {torch.__version__} here"
     if config.impl.startswith("torchvision"):
         return _torchvision_reason(kwargs)
     if config.impl == "timm":
@@ -67,14 +71,23 @@ def unavailable_reason(config: Config) -> str | None:
     return None
 
 
+def _compiles() -> bool:
+    """Can torch.compile run here? Its CPU backend needs a C++ compiler."""
+    import shutil
+
+    return hasattr(torch, "compile") and any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
 def build(config: Config) -> nn.Module:
-    """The ``config.impl`` network for ``config.model``, on the CPU in fp32 and train mode."""
+    """The ``config.impl`` network for ``config.model``, on the CPU in fp32 and train mode
+    (a compiled implementation's eager network: measure.py compiles it)."""
     reason = unavailable_reason(config)
     if reason:
         raise ValueError(f"{config.impl} cannot build {config.model}: {reason}")
-    if config.impl in ("densekit", "densekit-eager", "densekit-ref"):
+    impl = base_impl(config.impl)
+    if impl in ("densekit", "densekit-eager", "densekit-ref"):
         overrides = dict(in_chans=config.in_chans)
-        if config.impl == "densekit-ref":
+        if impl == "densekit-ref":
             overrides["fused"] = False
         return DenseNet(**model_arguments(config.model, **overrides))
     if config.impl == "timm":
@@ -83,7 +96,7 @@ def build(config: Config) -> nn.Module:
         kwargs = model_arguments(config.model)
         return timm.create_model(_timm_name(config), pretrained=False, num_classes=kwargs["num_classes"],
                                  in_chans=config.in_chans)
-    return torchvision_reference(config.model, config.in_chans, memory_efficient=config.impl == "torchvision-me")
+    return torchvision_reference(config.model, config.in_chans, memory_efficient=impl == "torchvision-me")
 
 
 def torchvision_reference(name: str, in_chans: int = 3, memory_efficient: bool = False) -> nn.Module:

@@ -7,6 +7,8 @@ step ``densekit train`` runs: the same ops with fused SGD, replayed from a CUDA 
 two eager steps; its capture is part of the warm-up, which must be at least 3 steps.
 ``densekit-eager`` on CUDA is the same step and SGD without the graph.
 An inference step is a forward under ``torch.inference_mode`` on a model in eval mode.
+A compiled implementation (``-compile``) runs the same steps on ``torch.compile(model)``:
+its first warm-up step compiles, and ``first_step_s`` is the compile time (plus one step).
 
 Timing: on CUDA each step is bracketed by events and synchronized once at the end, so the
 host never stalls the queue between steps; on the CPU each step is bracketed by
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 
 from .env import models_digest
 from .impls import build, torch_dtype
-from .spec import Config
+from .spec import Config, base_impl
 
 MIB = 2 ** 20
 
@@ -143,6 +145,11 @@ def measure(config: Config, record_cpu_memory: bool = False) -> dict:
     num_classes = model_num_classes(model)
     memory_format = torch.channels_last if config.layout == "channels_last" else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
+    if config.impl != base_impl(config.impl):
+        # compiled at its first call, in the warm-up; a model's compiled code is its own,
+        # so the cache of an earlier configuration in this process must not serve it
+        torch._dynamo.reset()
+        model = torch.compile(model)
     shape = (config.batch_size, config.in_chans, config.input_size, config.input_size)
     x = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, num_classes, (config.batch_size,), device=device)

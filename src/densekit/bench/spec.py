@@ -21,9 +21,22 @@ DEVICES = ("cpu", "cuda", "auto")
 MODES = ("train", "infer")
 # densekit trains as `densekit train` does (on CUDA: steps replayed from a CUDA graph);
 # densekit-eager is the same without the graph, to see what the graph buys; densekit-ref is
-# create_model(..., fused=False), the plain path, to see what the fused block buys.
-IMPLS = ("densekit", "densekit-eager", "densekit-ref", "torchvision", "torchvision-me", "timm")
+# create_model(..., fused=False), the plain path, to see what the fused block buys. A
+# "-compile" implementation is the same model under torch.compile (default mode); its first
+# step, compilation included, is reported as the warm-up.
+IMPLS = ("densekit", "densekit-eager", "densekit-ref", "densekit-compile", "torchvision", "torchvision-me",
+         "torchvision-compile", "timm")
 REFERENCE = "torchvision"
+COMPILED = "-compile"
+# The two sides of the best-configuration comparison (report.best_configurations): each
+# side's fastest implementation, dtype and layout for a model, batch, input, device and mode.
+FAMILIES = {"densekit": ("densekit", "densekit-eager", "densekit-compile"),
+            "torchvision": ("torchvision", "torchvision-me", "torchvision-compile")}
+
+
+def base_impl(impl: str) -> str:
+    """The implementation that builds the network of ``impl`` (a compiled one: the eager one)."""
+    return impl.removesuffix(COMPILED)
 
 # Depth-L CIFAR networks the registry does not list (the depth sweep: L = 100, 190, 250)
 # are the registered L=100 variant with L's block config; the name says how they are built.
@@ -168,6 +181,9 @@ class BenchSpec:
         _positive("rounds", [self.rounds])
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise UserError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        if self.warmup < 1 and any(impl.endswith(COMPILED) for impl in self.impls):
+            raise UserError(f"warmup must be >= 1 for a compiled implementation (its first step compiles), "
+                            f"got {self.warmup}")
         if "cuda" in self.devices and "train" in self.modes and "densekit" in self.impls and self.warmup < 3:
             raise UserError(f"warmup must be >= 3 to train densekit on CUDA (two eager steps, then the CUDA "
                             f"graph's capture), got {self.warmup}")

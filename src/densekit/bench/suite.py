@@ -17,7 +17,7 @@ from ..errors import UserError
 from .env import environment
 from .impls import unavailable_reason
 from .measure import measure
-from .report import check_targets, depth_fits, summarize, to_markdown
+from .report import best_configurations, check_targets, depth_fits, summarize, to_markdown
 from .spec import BenchSpec, Config
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def build_report(runs: list[dict], env: dict, commands: list[str]) -> dict:
     results = summarize(runs)
     fits = depth_fits(results)
     return dict(schema=SCHEMA, env=env, commands=commands, results=results, depth_fits=fits,
-                targets=check_targets(results, fits), runs=runs)
+                best=best_configurations(results), targets=check_targets(results, fits), runs=runs)
 
 
 def load_report(path: str | Path) -> dict:

@@ -27,7 +27,8 @@ def add_arguments(p) -> None:
     p.add_argument("--device", nargs="+", choices=DEVICES, help="default: auto (cuda when present)")
     p.add_argument("--mode", nargs="+", choices=MODES, help="training steps and/or inference (default: both)")
     p.add_argument("--impl", nargs="+", choices=IMPLS,
-                   help="implementations to compare; ratios are against torchvision (default: densekit torchvision)")
+                   help="implementations to compare; ratios are against torchvision in the same dtype and layout, "
+                        "and each side's fastest configuration against the other's (default: densekit torchvision)")
     p.add_argument("--steps", type=int, help="timed steps per round (default: 20)")
     p.add_argument("--warmup", type=int, help="untimed steps before them (default: 3)")
     p.add_argument("--rounds", type=int, help="alternating rounds per case; their steps are pooled (default: 2)")
