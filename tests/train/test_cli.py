@@ -46,6 +46,7 @@ def test_train_idx_then_eval_and_load(cli, tiny, writers, mnist_dir, tmp_path):
     assert summary["params"] == sum(p.numel() for p in densekit.load(run).parameters())
     assert summary["macs"] > 0 and summary["device"] == "cpu" and summary["torch"] == torch.__version__
     assert summary["native_cpu_kernels"] is native.available()  # which kernels the fused block ran
+    assert summary["precision"] == "fp32" and summary["bf16_hardware"] in ("AMX-BF16", "AVX512-BF16", "none")
     assert summary["cuda_graph"] is False and summary["cuda_graph_captured"] is False  # configured, and what ran
     assert summary["recipe"]["name"] == "fast" and summary["recipe"]["label_smoothing"] == 0.1
     assert (run / "curves.png").read_bytes()[:8] == PNG_MAGIC
@@ -292,3 +293,35 @@ def test_eval_skips_the_files_training_skipped(cli, tiny, writers, tmp_path):
     rc, out, err = cli("eval", run, "--json", "--skip-bad-images")
     assert rc == 0, err
     assert json.loads(out)["accuracy"] == summary["test_accuracy"]
+
+
+def test_precision_bf16_trains_evaluates_and_predicts_on_the_cpu(cli, tiny, mnist_dir, tmp_path):
+    run = tmp_path / "run"
+    rc, out, err = cli("train", *tiny, "--dataset", "mnist", "--data-dir", mnist_dir, "--epochs", "1",
+                       "--batch-size", "16", "--precision", "bf16", "--out", run)
+    assert rc == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["precision"] == "bf16" and "bf16" in out
+    # the weights stay float32 under autocast
+    assert all(t.dtype == torch.float32 for t in safetensors.torch.load_file(run / "model.safetensors").values()
+               if t.is_floating_point())
+    rc, out, err = cli("eval", run, "--json", "--precision", "bf16")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["precision"] == "bf16" and 0 <= report["accuracy"] <= 1
+    rc, out, err = cli("eval", run, "--json", "--precision", "fp32")
+    assert rc == 0 and json.loads(out)["precision"] == "fp32"
+    rc, _, err = cli("train", *tiny, "--dataset", "mnist", "--data-dir", mnist_dir, "--precision", "fp16",
+                     "--out", tmp_path / "other")
+    assert rc == 2 and "--precision" in err
+
+
+def test_select_runtime_precision():
+    from densekit.errors import UserError
+    from densekit.train.runtime import select_runtime
+
+    assert select_runtime("cpu").amp_dtype is None  # auto: float32 on the CPU
+    assert select_runtime("cpu", precision="bf16").amp_dtype == torch.bfloat16
+    assert select_runtime("cpu", precision="fp32").precision == "fp32"
+    with pytest.raises(UserError, match="precision must be one of auto, fp32, bf16, got 'half'"):
+        select_runtime("cpu", precision="half")

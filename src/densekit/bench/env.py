@@ -70,6 +70,7 @@ def environment() -> dict:
     """Card, driver, CUDA, library versions, CPU, cores, threads, load and date."""
     import densekit
     from densekit.models import native
+    from densekit.train.runtime import bf16_hardware
 
     try:
         cores = len(os.sched_getaffinity(0))
@@ -81,7 +82,7 @@ def environment() -> dict:
         torch=torch.__version__, torchvision=_version("torchvision"), timm=_version("timm"),
         python=platform.python_version(), platform=platform.platform(),
         cpu=_cpu_model(), cores=cores, torch_threads=torch.get_num_threads(),
-        native_cpu_kernels=native.available(),
+        native_cpu_kernels=native.available(), cpu_bf16=bf16_hardware(torch.device("cpu")),
         load_avg=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         card=None, driver=None, cuda=torch.version.cuda, cudnn=None,
     )

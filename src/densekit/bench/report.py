@@ -217,6 +217,8 @@ def environment_line(env: dict) -> str:
         parts.append(f"card {env['card']} (driver {env.get('driver') or '?'}, CUDA {env.get('cuda')}, "
                      f"cuDNN {env.get('cudnn')})")
     cpu = f"CPU {env.get('cpu')}, {env.get('cores')} cores, {env.get('torch_threads')} torch threads"
+    if "cpu_bf16" in env:
+        cpu += f", bf16 instructions: {env['cpu_bf16']}"
     if "native_cpu_kernels" in env:
         cpu += f", native CPU kernels {'on' if env['native_cpu_kernels'] else 'off'}"
     parts.append(cpu)

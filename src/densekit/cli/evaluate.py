@@ -18,14 +18,15 @@ def add_arguments(p) -> None:
     p.add_argument("--skip-bad-images", action="store_true",
                    help="leave out image files that do not decode, with a warning, as training did with it")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    add_device_argument(p)
+    add_device_argument(p, precision=True)
 
 
 def run(args) -> int:
     from ..train import evaluate_run
 
     report = evaluate_run(args.run_dir, dataset=args.dataset, data_dir=args.data_dir, device=args.device,
-                          confusion_path=args.out, split=args.split, skip_bad_images=args.skip_bad_images)
+                          confusion_path=args.out, split=args.split, skip_bad_images=args.skip_bad_images,
+                          precision=args.precision)
     if args.json:
         print(report.to_json())
         return 0

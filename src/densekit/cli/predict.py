@@ -14,13 +14,13 @@ def add_arguments(p) -> None:
     p.add_argument("--threshold", type=probability, default=0.5, metavar="P",
                    help="multi-label runs: name the labels whose probability is at least P (default: 0.5); "
                         "every label's probability is printed")
-    add_device_argument(p)
+    add_device_argument(p, precision=True)
 
 
 def run(args) -> int:
     from ..train import predict
 
     for row in predict(args.run_dir, args.images, top_k=args.top_k, device=args.device,
-                       threshold=args.threshold):
+                       threshold=args.threshold, precision=args.precision):
         print(row.to_json(), flush=True)
     return 0

@@ -100,7 +100,7 @@ def add_arguments(p) -> None:
     p.add_argument("--train-limit", type=positive_int, metavar="N", help="train on the first N training images only")
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="deterministic algorithms only: bit-identical reruns and resumes on the same machine")
-    add_device_argument(p)
+    add_device_argument(p, precision=True)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on CUDA only)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
@@ -203,6 +203,7 @@ def _config(args):
         dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size, recipe=args.recipe,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, train_limit=args.train_limit,
         deterministic=args.deterministic, device=args.device, channels_last=args.channels_last,
+        precision=args.precision,
         cuda_graph=args.cuda_graph, out=args.out, resume=args.resume, max_steps=args.max_steps,
         save_every=args.save_every, val_fraction=args.val_fraction, keep=args.keep, patience=args.patience,
         workers=args.workers, skip_bad_images=args.skip_bad_images, pretrained=args.pretrained,

@@ -111,8 +111,8 @@ class Prediction(Result):
         return out
 
 
-def _load(run: RunDir, device: str) -> tuple[torch.nn.Module, ModelInfo, Runtime]:
-    runtime = select_runtime(device)
+def _load(run: RunDir, device: str, precision: str = "auto") -> tuple[torch.nn.Module, ModelInfo, Runtime]:
+    runtime = select_runtime(device, precision=precision)
     model = run.load_model(runtime.device)
     runtime.prepare(model)
     return model, run.read_info(), runtime
@@ -159,7 +159,7 @@ def _figure_path(run: RunDir, confusion_path, multi_label: bool = False) -> Path
 
 def evaluate_run(run_dir: str | os.PathLike, dataset: str | None = None, data_dir: str | os.PathLike | None = None,
                  device: str = "auto", confusion_path: str | os.PathLike | None = None,
-                 split: str | None = None, skip_bad_images: bool = False) -> EvalReport:
+                 split: str | None = None, skip_bad_images: bool = False, precision: str = "auto") -> EvalReport:
     """Accuracy, per-class accuracy and confusion matrix of the run's model on a split:
     ``split`` "test" (the default where the dataset has one) or "val" (the run's validation
     split, made again as the run made it).
@@ -167,11 +167,12 @@ def evaluate_run(run_dir: str | os.PathLike, dataset: str | None = None, data_di
     ``dataset`` defaults to the one the run trained on (and ``data_dir`` to where it was
     read from); the confusion matrix is drawn to ``confusion_path`` (default: the run
     directory's confusion.png). ``skip_bad_images``: image files that do not decode are left
-    out, with a warning, as training left them out.
+    out, with a warning, as training left them out. ``precision``: as ``densekit train``'s
+    (``select_runtime``).
     """
     checks.optional(lambda name, v: checks.one_of(name, v, ("test", "val")), "split", split)
     run = RunDir(run_dir)
-    model, info, runtime = _load(run, device)
+    model, info, runtime = _load(run, device, precision)
     png = _figure_path(run, confusion_path, info.multi_label)
     data = _eval_data(info, run, dataset, data_dir, skip_bad_images)
     split = split or ("test" if data.test is not None else "val")
@@ -212,7 +213,8 @@ def _multi_label_report(run: RunDir, info: ModelInfo, dataset: str, split: str, 
 
 
 def predict(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], top_k: int = 1,
-            device: str = "auto", threshold: float = 0.5) -> Iterator[Prediction | LabelsPrediction]:
+            device: str = "auto", threshold: float = 0.5,
+            precision: str = "auto") -> Iterator[Prediction | LabelsPrediction]:
     """One :class:`Prediction` per image file, in order; a multi-label model's is a
     :class:`LabelsPrediction` (every label's probability, those >= ``threshold`` named).
 
@@ -220,7 +222,7 @@ def predict(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], top_
     """
     positive_int("top_k", top_k)
     checks.fraction("threshold", threshold, high_included=True)
-    model, info, runtime = _load(RunDir(run_dir), device)
+    model, info, runtime = _load(RunDir(run_dir), device, precision)
     if top_k > info.num_classes:
         raise ArgumentError(f"{{top_k}} is {top_k} but the model knows only {info.num_classes} classes")
     for p in paths:

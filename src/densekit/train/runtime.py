@@ -3,6 +3,12 @@
 On CUDA: bf16 autocast (the weights, optimizer and loss stay float32) and channels-last
 memory, which is what cuDNN's fastest convolution kernels want; cuDNN autotuning unless
 the run must be deterministic; training steps replayed from a CUDA graph (``step.py``). On CPU: float32 and the default layout.
+
+``precision`` overrides the choice of dtype: "fp32", or "bf16" (autocast) on any device
+that runs it. On the CPU "auto" stays float32 for now, also where the CPU has bf16
+instructions (AVX512-BF16, AMX): the fused block's native CPU kernels are float32 only, and
+under bf16 its elementwise passes run as slower torch ops (docs/performance.md#cpu);
+``bf16_hardware`` in a run's summary says what the CPU offers.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from ..errors import UserError
 from ..models import native
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -36,6 +43,7 @@ class RuntimeFacts:
     deterministic: bool
     cuda_graph: bool
     native_cpu_kernels: bool     # the fused block's CPU passes ran as native kernels (speed, not results)
+    bf16_hardware: str           # the device's bf16 arithmetic: "AMX-BF16", "AVX512-BF16", "none" (CPU), "cuda"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +67,8 @@ class Runtime:
         return dict(device=str(self.device), device_name=name, precision=self.precision,
                     channels_last=self.channels_last, deterministic=self.deterministic,
                     cuda_graph=self.cuda_graph,
-                    native_cpu_kernels=self.device.type == "cpu" and native.available())
+                    native_cpu_kernels=self.device.type == "cpu" and native.available(),
+                    bf16_hardware=bf16_hardware(self.device))
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to the device, in the memory format the runtime uses."""
@@ -95,12 +104,28 @@ class Runtime:
             torch.backends.cudnn.deterministic = saved[4]
 
 
+def bf16_hardware(device: torch.device) -> str:
+    """What bf16 arithmetic ``device`` has: on the CPU its widest bf16 instructions (oneDNN's
+    bf16 convolutions use them; without them bf16 is emulated), "cuda" on a GPU that runs bf16."""
+    if device.type == "cuda":
+        return "cuda" if torch.cuda.is_bf16_supported() else "none"
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX-BF16"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    return "none"
+
+
 def select_runtime(device: str = "auto", channels_last: bool | None = None,
-                   deterministic: bool = False, cuda_graph: bool | None = None) -> Runtime:
-    """Choose the device ("auto", "cpu", "cuda" or "cuda:N") and with it the precision.
+                   deterministic: bool = False, cuda_graph: bool | None = None, precision: str = "auto") -> Runtime:
+    """Choose the device ("auto", "cpu", "cuda" or "cuda:N") and with it the precision
+    (``precision`` "auto": bf16 autocast on CUDA where it runs, else float32; or "fp32", "bf16").
 
     ``channels_last`` and ``cuda_graph`` None mean: on CUDA only.
     """
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if not isinstance(device, str) or not _DEVICE_RE.match(device):
         raise UserError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {device!r}")
     if device == "auto":
@@ -116,7 +141,12 @@ def select_runtime(device: str = "auto", channels_last: bool | None = None,
         if deterministic:
             # cuBLAS needs a fixed workspace to be reproducible; it must be set before its first use
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"precision bf16 asked for, but {torch.cuda.get_device_name(dev)} does not run bf16")
+    if precision == "auto":
+        amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    else:
+        amp = torch.bfloat16 if precision == "bf16" else None
     if channels_last is None:
         channels_last = dev.type == "cuda"
     if cuda_graph is None:
