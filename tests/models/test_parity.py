@@ -185,17 +185,22 @@ def test_fused_inference_with_folded_norm_same_function(spatial_dims, size):
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
-def test_fused_inference_follows_every_change_of_the_weights(cpu_kernels):
-    """Eval mode keeps each layer's folded weights and BN scales between calls; an in-place
-    change, a load_state_dict, a new parameter, a swapped module, a change of eps and a
-    training step in between must each show in the next output."""
+def _eval_pair():
+    """A small block in eval mode on the reference path, its fused twin, and an input."""
     torch.manual_seed(0)
     plain = DenseBlock(6, 5, 3, bn_size=4)
     _randomize_norms(plain)
     plain.eval()
     fast = copy.deepcopy(plain)
     fast.fused = True
-    x = torch.randn(3, 6, 9, 7)
+    return plain, fast, torch.randn(3, 6, 9, 7)
+
+
+def test_fused_inference_follows_every_change_of_the_weights(cpu_kernels):
+    """Eval mode keeps each layer's folded weights and BN scales between calls; an in-place
+    change, a load_state_dict, a new parameter, a swapped module, a change of eps and a
+    training step in between must each show in the next output."""
+    plain, fast, x = _eval_pair()
 
     def same():
         with torch.no_grad():
@@ -232,13 +237,7 @@ def test_fused_inference_follows_every_change_of_the_weights(cpu_kernels):
 def test_fused_inference_of_a_model_made_in_inference_mode(cpu_kernels):
     # tensors made in inference mode carry no version counter: nothing is kept, all is recomputed
     with torch.inference_mode():
-        torch.manual_seed(0)
-        plain = DenseBlock(6, 5, 3, bn_size=4)
-        _randomize_norms(plain)
-        plain.eval()
-        fast = copy.deepcopy(plain)
-        fast.fused = True
-        x = torch.randn(3, 6, 9, 7)
+        plain, fast, x = _eval_pair()
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
         fast["denselayer2"].norm1.weight.mul_(-2)
         plain["denselayer2"].norm1.weight.mul_(-2)
