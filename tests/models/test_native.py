@@ -1,5 +1,6 @@
 """The native CPU kernels (models/native.c) against the torch ops they replace."""
 
+import contextlib
 import copy
 import os
 import shutil
@@ -108,6 +109,62 @@ def test_column_gather_scatter_and_gathered_bn_relu_match_torch(rows, cols, ld):
         native.scatter_add_cols(torch.empty(rows, 1), torch.tensor([-1]), x)
 
 
+@pytest.mark.parametrize("rows,cols,ld", SHAPES)
+def test_bf16_kernels_compute_in_float32_and_round_once(rows, cols, ld):
+    """bfloat16 matrices (a block's buffer under bf16 autocast): the same arithmetic in float32
+    on the widened values, each stored value rounded once (within one bf16 step of the
+    float32 result rounded, as fused multiply-adds may round the float32 differently)."""
+    torch.manual_seed(5)
+    one_step = dict(rtol=2 ** -8, atol=1e-5)  # atol: where x * scale + shift cancels to near 0
+
+    def bf(*shape):
+        return torch.randn(*shape).bfloat16()
+
+    buf = bf(rows, ld + 2)
+    x = buf[:, :ld]
+    scale, shift = torch.randn(ld), torch.randn(ld)
+    out = torch.empty(rows, ld, dtype=torch.bfloat16)
+    native.bn_relu(x, scale, shift, out)
+    torch.testing.assert_close(out.float(), torch.relu(x.float() * scale + shift).bfloat16().float(), **one_step)
+    index = torch.randperm(ld)[:cols].sort().values
+    got = native.gather_cols(x, index, torch.empty(rows, cols, dtype=torch.bfloat16), scale[:cols], shift[:cols])
+    want = torch.relu(x.float()[:, index] * scale[:cols] + shift[:cols]).bfloat16()
+    torch.testing.assert_close(got.float(), want.float(), **one_step)
+    assert torch.equal(native.gather_cols(x, index, torch.empty(rows, cols, dtype=torch.bfloat16)), x[:, index])
+    # column statistics in float32 (float64 sums) of the bf16 values
+    mean, var = native.col_stats(x)
+    assert mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), x.double().mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), x.double().var(0, correction=0), rtol=1e-5, atol=1e-6)
+    # the ReLU-BN backward sums and the accumulation into a bf16 gradient
+    g, a = bf(rows, cols), torch.relu(bf(rows, cols))
+    k, m = torch.randn(cols), x.float()[:, :cols].mean(0)
+    acc = bf(rows, cols)
+    acc_before = acc.float()
+    sum_d, sum_dx = native.relu_bn_sums(g, a, x=x[:, :cols], mean=m, acc=acc, k=k)
+    d = torch.where(a.float() > 0, g.float(), 0.0)
+    torch.testing.assert_close(acc.float(), (acc_before + d * k).bfloat16().float(), **one_step)
+    torch.testing.assert_close(sum_d.double(), d.double().sum(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sum_dx.double(), (d.double() * (x.double()[:, :cols] - m.double())).sum(0),
+                               rtol=1e-5, atol=1e-3)
+    grad = bf(rows, cols)
+    b, c = torch.randn(cols), torch.randn(cols)
+    want = (grad.float() * k + (x.float()[:, :cols] - m) * b + c).bfloat16()
+    native.bn_grad_apply(grad, x[:, :cols], m, b, c, k)
+    torch.testing.assert_close(grad.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+    before = buf.float()
+    src = bf(rows, cols)
+    native.scatter_add_cols(src, index, x)
+    want = before.clone()
+    want[:, index] += src.float()
+    torch.testing.assert_close(buf.float(), want.bfloat16().float(), **one_step)
+    assert torch.equal(buf[:, ld:].float(), before[:, ld:])  # the columns outside the slice untouched
+    with pytest.raises(ValueError, match="one dtype"):  # matrices of one call share a dtype
+        native.bn_relu(x, scale, shift, torch.empty(rows, ld))
+    with pytest.raises(ValueError, match="one dtype"):  # the transition's kernels are float32 only
+        native.bn_relu_pool(torch.zeros(16, 3, dtype=torch.bfloat16), (2, 2), torch.ones(3), torch.zeros(3))
+
+
 def test_wrappers_refuse_what_the_c_code_would_misread():
     g, a = torch.randn(40, 5), torch.relu(torch.randn(40, 5))
     with pytest.raises(ValueError, match="shape"):
@@ -116,7 +173,7 @@ def test_wrappers_refuse_what_the_c_code_would_misread():
         native.relu_bn_sums(g, a, acc=torch.zeros(40, 5))
     with pytest.raises(ValueError, match="5 values"):
         native.bn_relu(g, torch.ones(4), torch.zeros(5), torch.empty(40, 5))
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
         native.col_stats(g.double())
 
 
@@ -251,6 +308,48 @@ def test_fused_block_native_and_torch_ops_agree_on_a_threaded_size(train):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
     for p, q in zip(block.buffers(), other.buffers()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_fused_block_under_bf16_autocast_native_as_close_to_fp32_as_torch_ops(train, pruned):
+    """Under bf16 autocast the block's buffer and gradients are bf16; the native kernels take
+    them and compute in float32. Against the float32 block, their outputs and gradients are
+    no further off than the torch ops' (which round scales and shifts to bf16 too)."""
+    from densekit.prune import prune_model
+
+    torch.manual_seed(6)
+    block = DenseBlock(16, 8, 3, bn_size=4).train(train)
+    for m in block.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    block.fused = True
+    if pruned:
+        prune_model(block, 0.3)
+    x = torch.randn(8, 16, 24, 24)
+    g = torch.randn(8, block.out_channels, 24, 24)
+
+    def run(model, bf16, kernels):
+        model = copy.deepcopy(model)
+        xi = x.clone().requires_grad_()
+        with contextlib.ExitStack() as stack:
+            if not kernels:
+                stack.enter_context(native.disabled())
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = model(xi)
+            y.float().backward(g)
+        return [y.float(), xi.grad.float(), *[p.grad for p in model.parameters()]]
+
+    exact = run(block, False, True)
+    with_native, with_ops = run(block, True, True), run(block, True, False)
+    errors = [[((got - want).norm() / want.norm()).item() for got in (a, b)]
+              for want, a, b in zip(exact, with_native, with_ops)]
+    # bf16 keeps 8 bits: the gradients of the norms' parameters, sums over 4,608 rows of
+    # products of rounded values, are off by up to about a tenth (in L2) either way, and which
+    # path is closer on one tensor is chance; over all of them the native kernels are not worse
+    native_err, ops_err = (sum(e[i] for e in errors) / len(errors) for i in (0, 1))
+    assert all(n < 0.2 for n, _ in errors) and native_err <= 1.1 * ops_err, errors
 
 
 def test_without_a_compiler_the_block_falls_back_to_torch_ops(tmp_path):

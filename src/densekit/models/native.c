@@ -8,9 +8,17 @@
  * Column sums are accumulated in double, per thread, and added in thread order: the
  * result does not depend on timing, only on the thread count.
  *
+ * The column kernels (BN-ReLU, gather, scatter-add, the ReLU-BN backward sums, the input
+ * gradient, column statistics) are compiled twice: for float32 matrices, and (names ending
+ * in _bf16) for bfloat16 matrices, as a dense block holds them under bf16 autocast. Either
+ * way the per-column vectors are float32 and all arithmetic is float32; a bf16 value is the
+ * top half of a float32, and stores round to nearest even. The file includes itself once
+ * for the second pass. The transition's pooling kernels are float32 only.
+ *
  * Built at first use by native.py with the system C compiler and -fopenmp; the OpenMP
  * runtime is then the one PyTorch already loaded (same soname), so both share one pool.
  */
+#ifndef DK_BF16
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -32,26 +40,26 @@ static void row_range(i64 rows, i64 *lo, i64 *hi)
     *lo = t * chunk < rows ? t * chunk : rows;
     *hi = *lo + chunk < rows ? *lo + chunk : rows;
 }
-
-/* out = relu(x * scale + shift): batch norm with folded statistics, then ReLU. */
-int dk_bn_relu(const float *x, i64 ldx, float *out, i64 ldo, i64 rows, i64 cols,
-               const float *scale, const float *shift, int threads)
+/* Per-thread partial sums, cols doubles per part, zeroed. */
+static double *parts(int threads, i64 cols, int nparts)
 {
-#pragma omp parallel num_threads(team(rows, cols, threads))
-    {
-        i64 lo, hi;
-        row_range(rows, &lo, &hi);
-        for (i64 r = lo; r < hi; r++) {
-            const float *xr = x + r * ldx;
-            float *o = out + r * ldo;
-#pragma omp simd
-            for (i64 j = 0; j < cols; j++) {
-                float v = xr[j] * scale[j] + shift[j];
-                o[j] = v < 0.f ? 0.f : v; /* NaN passes, as in torch.relu */
-            }
-        }
+    return calloc((size_t)threads * (size_t)nparts * (size_t)cols, sizeof(double));
+}
+
+static void reduce_parts(const double *p, int threads, i64 cols, i64 part, float *out)
+{
+    for (i64 j = 0; j < cols; j++) {
+        double s = 0.0;
+        for (int t = 0; t < threads; t++)
+            s += p[(size_t)t * part + j];
+        out[j] = (float)s;
     }
-    return 0;
+}
+
+/* ReLU's backward, as torch's threshold_backward: zero where the output a <= 0 (a NaN passes). */
+static inline float relu_grad(float g, float a)
+{
+    return a <= 0.f ? 0.f : g;
 }
 
 /* out[r, j] = x[r, idx[j]], or with scale (and shift) relu(x[r, idx[j]] * scale[j] + shift[j]):
@@ -63,7 +71,7 @@ int dk_bn_relu(const float *x, i64 ldx, float *out, i64 ldo, i64 rows, i64 cols,
  * loads and one two-register permute; other groups, and CPUs without AVX-512, take a loop
  * over 32-bit indices that the compiler turns into gather instructions, about three times
  * slower per element than the contiguous dk_bn_relu on AMD EPYC (docs/performance.md#pruning). */
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
 #include <immintrin.h>
 
 typedef struct {
@@ -127,15 +135,72 @@ static group_t *plan_groups(const i64 *idx, i64 cols, i64 *groups)
 }
 #endif
 
-int dk_gather_cols(const float *restrict x, i64 ldx, const i64 *idx, float *restrict out, i64 ldo, i64 rows,
-                   i64 cols, const float *scale, const float *shift, int threads)
+/* A bfloat16 is the top half of a float32: loads shift it up, stores round to nearest even
+ * (a NaN stays a quiet NaN). */
+static inline float ld_bf16(const uint16_t *p)
+{
+    union { uint32_t u; float f; } v = {(uint32_t)*p << 16};
+    return v.f;
+}
+
+static inline uint16_t to_bf16(float f)
+{
+    union { float f; uint32_t u; } v = {f};
+    uint32_t nan = (v.u & 0x7fffffffu) > 0x7f800000u;
+    return (uint16_t)(nan ? (v.u >> 16) | 0x40u : (v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static inline float ld_f32(const float *p) { return *p; }
+static inline float to_f32(float f) { return f; }
+#endif /* the helpers above: once */
+
+/* This pass's matrix element: LD reads one as a float, TO rounds a float to one. */
+#undef elem
+#undef LD
+#undef TO
+#undef NAME
+#ifdef DK_BF16
+#define elem uint16_t
+#define LD ld_bf16
+#define TO to_bf16
+#define NAME(f) f##_bf16
+#else
+#define elem float
+#define LD ld_f32
+#define TO to_f32
+#define NAME(f) f
+#endif
+
+/* out = relu(x * scale + shift): batch norm with folded statistics, then ReLU. */
+int NAME(dk_bn_relu)(const elem *x, i64 ldx, elem *out, i64 ldo, i64 rows, i64 cols,
+               const float *scale, const float *shift, int threads)
+{
+#pragma omp parallel num_threads(team(rows, cols, threads))
+    {
+        i64 lo, hi;
+        row_range(rows, &lo, &hi);
+        for (i64 r = lo; r < hi; r++) {
+            const elem *xr = x + r * ldx;
+            elem *o = out + r * ldo;
+#pragma omp simd
+            for (i64 j = 0; j < cols; j++) {
+                float v = LD(xr + j) * scale[j] + shift[j];
+                o[j] = TO(v < 0.f ? 0.f : v); /* NaN passes, as in torch.relu */
+            }
+        }
+    }
+    return 0;
+}
+
+int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, const i64 *idx, elem *restrict out, i64 ldo, i64 rows,
+                         i64 cols, const float *scale, const float *shift, int threads)
 {
     int *ix = malloc((size_t)cols * sizeof(int));
     if (!ix)
         return 1;
     for (i64 j = 0; j < cols; j++)
         ix[j] = (int)idx[j];
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && !defined(DK_BF16)
     i64 groups;
     group_t *g = plan_groups(idx, cols, &groups);
     if (!g) {
@@ -148,16 +213,16 @@ int dk_gather_cols(const float *restrict x, i64 ldx, const i64 *idx, float *rest
         i64 lo, hi;
         row_range(rows, &lo, &hi);
         for (i64 r = lo; r < hi; r++) {
-            const float *restrict xr = x + r * ldx;
-            float *restrict o = out + r * ldo;
-#ifdef __AVX512F__
+            const elem *restrict xr = x + r * ldx;
+            elem *restrict o = out + r * ldo;
+#if defined(__AVX512F__) && !defined(DK_BF16)
             gather_row_avx512(xr, ix, g, groups, cols, o, scale, shift);
 #else
             if (scale) {
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++) {
-                    float v = xr[ix[j]] * scale[j] + shift[j];
-                    o[j] = v < 0.f ? 0.f : v;
+                    float v = LD(xr + ix[j]) * scale[j] + shift[j];
+                    o[j] = TO(v < 0.f ? 0.f : v);
                 }
             } else {
 #pragma omp simd
@@ -167,7 +232,7 @@ int dk_gather_cols(const float *restrict x, i64 ldx, const i64 *idx, float *rest
 #endif
         }
     }
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && !defined(DK_BF16)
     free(g);
 #endif
     free(ix);
@@ -175,43 +240,21 @@ int dk_gather_cols(const float *restrict x, i64 ldx, const i64 *idx, float *rest
 }
 
 /* dst[r, idx[j]] += src[r, j]: the gradient of dk_gather_cols, for increasing idx (no column twice). */
-int dk_scatter_add_cols(const float *src, i64 lds, const i64 *idx, float *dst, i64 ldd, i64 rows, i64 cols,
-                        int threads)
+int NAME(dk_scatter_add_cols)(const elem *src, i64 lds, const i64 *idx, elem *dst, i64 ldd, i64 rows, i64 cols,
+                              int threads)
 {
 #pragma omp parallel num_threads(team(rows, cols, threads))
     {
         i64 lo, hi;
         row_range(rows, &lo, &hi);
         for (i64 r = lo; r < hi; r++) {
-            const float *s = src + r * lds;
-            float *d = dst + r * ldd;
+            const elem *s = src + r * lds;
+            elem *d = dst + r * ldd;
             for (i64 j = 0; j < cols; j++)
-                d[idx[j]] += s[j];
+                d[idx[j]] = TO(LD(d + idx[j]) + LD(s + j));
         }
     }
     return 0;
-}
-
-/* Per-thread partial sums, cols doubles per part, zeroed. */
-static double *parts(int threads, i64 cols, int nparts)
-{
-    return calloc((size_t)threads * (size_t)nparts * (size_t)cols, sizeof(double));
-}
-
-static void reduce_parts(const double *p, int threads, i64 cols, i64 part, float *out)
-{
-    for (i64 j = 0; j < cols; j++) {
-        double s = 0.0;
-        for (int t = 0; t < threads; t++)
-            s += p[(size_t)t * part + j];
-        out[j] = (float)s;
-    }
-}
-
-/* ReLU's backward, as torch's threshold_backward: zero where the output a <= 0 (a NaN passes). */
-static inline float relu_grad(float g, float a)
-{
-    return a <= 0.f ? 0.f : g;
 }
 
 /* The backward of ReLU and batch norm's sums, in one pass. With d = (a <= 0 ? 0 : g):
@@ -220,9 +263,9 @@ static inline float relu_grad(float g, float a)
  *   dout      = d                               when dout is given (may be g itself),
  *   acc      += d * k[j]                        when acc is given.
  * Returns -1 when out of memory, else 0. */
-int dk_relu_bn_sums(const float *g, i64 ldg, const float *a, i64 lda, i64 rows, i64 cols,
-                    float *dout, i64 lddo, const float *x, i64 ldx, const float *mean,
-                    float *acc, i64 ldacc, const float *k, float *sum_d, float *sum_dx, int threads)
+int NAME(dk_relu_bn_sums)(const elem *g, i64 ldg, const elem *a, i64 lda, i64 rows, i64 cols,
+                          elem *dout, i64 lddo, const elem *x, i64 ldx, const float *mean,
+                          elem *acc, i64 ldacc, const float *k, float *sum_d, float *sum_dx, int threads)
 {
     int n = team(rows, cols, threads);
     double *p = parts(n, cols, 2);
@@ -234,41 +277,41 @@ int dk_relu_bn_sums(const float *g, i64 ldg, const float *a, i64 lda, i64 rows, 
         row_range(rows, &lo, &hi);
         double *ps = p + (size_t)omp_get_thread_num() * 2 * cols, *px = ps + cols;
         for (i64 r = lo; r < hi; r++) {
-            const float *gr = g + r * ldg, *ar = a + r * lda;
-            const float *xr = x ? x + r * ldx : 0;
-            float *cr = acc ? acc + r * ldacc : 0, *dr = dout ? dout + r * lddo : 0;
+            const elem *gr = g + r * ldg, *ar = a + r * lda;
+            const elem *xr = x ? x + r * ldx : 0;
+            elem *cr = acc ? acc + r * ldacc : 0, *dr = dout ? dout + r * lddo : 0;
             /* one loop per case: a branch inside would keep the loop from vectorizing */
             if (xr && cr) {
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++) {
-                    float d = relu_grad(gr[j], ar[j]);
+                    float d = relu_grad(LD(gr + j), LD(ar + j));
                     ps[j] += d;
-                    px[j] += d * (xr[j] - mean[j]);
-                    cr[j] += d * k[j];
+                    px[j] += d * (LD(xr + j) - mean[j]);
+                    cr[j] = TO(LD(cr + j) + d * k[j]);
                 }
             } else if (xr) {
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++) {
-                    float d = relu_grad(gr[j], ar[j]);
+                    float d = relu_grad(LD(gr + j), LD(ar + j));
                     ps[j] += d;
-                    px[j] += d * (xr[j] - mean[j]);
+                    px[j] += d * (LD(xr + j) - mean[j]);
                 }
             } else if (cr) {
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++) {
-                    float d = relu_grad(gr[j], ar[j]);
+                    float d = relu_grad(LD(gr + j), LD(ar + j));
                     ps[j] += d;
-                    cr[j] += d * k[j];
+                    cr[j] = TO(LD(cr + j) + d * k[j]);
                 }
             } else {
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++)
-                    ps[j] += relu_grad(gr[j], ar[j]);
+                    ps[j] += relu_grad(LD(gr + j), LD(ar + j));
             }
             if (dr) {
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++)
-                    dr[j] = relu_grad(gr[j], ar[j]);
+                    dr[j] = TO(relu_grad(LD(gr + j), LD(ar + j)));
             }
         }
     }
@@ -282,24 +325,24 @@ int dk_relu_bn_sums(const float *g, i64 ldg, const float *a, i64 lda, i64 rows, 
 /* The rest of batch norm's input gradient, in place:
  *   grad = grad * k[j] + (x - mean[j]) * b[j] + c[j]
  * with k = 1 when k is NULL. */
-int dk_bn_grad_apply(float *grad, i64 ldgrad, const float *x, i64 ldx, i64 rows, i64 cols,
-                     const float *k, const float *mean, const float *b, const float *c, int threads)
+int NAME(dk_bn_grad_apply)(elem *grad, i64 ldgrad, const elem *x, i64 ldx, i64 rows, i64 cols,
+                           const float *k, const float *mean, const float *b, const float *c, int threads)
 {
 #pragma omp parallel num_threads(team(rows, cols, threads))
     {
         i64 lo, hi;
         row_range(rows, &lo, &hi);
         for (i64 r = lo; r < hi; r++) {
-            float *gr = grad + r * ldgrad;
-            const float *xr = x + r * ldx;
+            elem *gr = grad + r * ldgrad;
+            const elem *xr = x + r * ldx;
             if (k) {
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++)
-                    gr[j] = gr[j] * k[j] + ((xr[j] - mean[j]) * b[j] + c[j]);
+                    gr[j] = TO(LD(gr + j) * k[j] + ((LD(xr + j) - mean[j]) * b[j] + c[j]));
             } else {
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++)
-                    gr[j] += (xr[j] - mean[j]) * b[j] + c[j];
+                    gr[j] = TO(LD(gr + j) + ((LD(xr + j) - mean[j]) * b[j] + c[j]));
             }
         }
     }
@@ -307,7 +350,7 @@ int dk_bn_grad_apply(float *grad, i64 ldgrad, const float *x, i64 ldx, i64 rows,
 }
 
 /* Column mean and biased variance, two passes (no E[x^2] - E[x]^2 cancellation). */
-int dk_col_stats(const float *x, i64 ldx, i64 rows, i64 cols, float *mean, float *var, int threads)
+int NAME(dk_col_stats)(const elem *x, i64 ldx, i64 rows, i64 cols, float *mean, float *var, int threads)
 {
     int n = team(rows, cols, threads);
     double *p = parts(n, cols, 1);
@@ -322,10 +365,10 @@ int dk_col_stats(const float *x, i64 ldx, i64 rows, i64 cols, float *mean, float
         row_range(rows, &lo, &hi);
         double *ps = p + (size_t)omp_get_thread_num() * cols;
         for (i64 r = lo; r < hi; r++) {
-            const float *xr = x + r * ldx;
+            const elem *xr = x + r * ldx;
 #pragma omp simd
             for (i64 j = 0; j < cols; j++)
-                ps[j] += xr[j];
+                ps[j] += LD(xr + j);
         }
 #pragma omp barrier
 #pragma omp single
@@ -339,10 +382,10 @@ int dk_col_stats(const float *x, i64 ldx, i64 rows, i64 cols, float *mean, float
         }
         /* the implied barrier of single: every thread sees the mean and zeroed parts */
         for (i64 r = lo; r < hi; r++) {
-            const float *xr = x + r * ldx;
+            const elem *xr = x + r * ldx;
 #pragma omp simd
             for (i64 j = 0; j < cols; j++) {
-                float dv = xr[j] - mf[j];
+                float dv = LD(xr + j) - mf[j];
                 ps[j] += dv * dv;
             }
         }
@@ -358,6 +401,7 @@ int dk_col_stats(const float *x, i64 ldx, i64 rows, i64 cols, float *mean, float
     return 0;
 }
 
+#ifndef DK_BF16 /* the transition's kernels: float32 only */
 /* A transition's BN-ReLU and 2x average pooling (the pooling comes before its 1x1
  * convolution: both are linear, so they commute, and the convolution then runs on a
  * quarter of the positions).
@@ -528,3 +572,10 @@ int dk_unpool_bn_grad(const float *g, i64 ldg, const float *x, i64 ldx, i64 n, i
     }
     return 0;
 }
+#endif
+
+/* The second pass: the column kernels again, for bfloat16 matrices. */
+#ifndef DK_BF16
+#define DK_BF16
+#include "native.c"
+#endif

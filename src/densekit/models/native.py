@@ -9,8 +9,11 @@ group in one pass. The library is compiled once per machine with the system C co
 the build fails, or with ``DENSEKIT_NATIVE=0``, the block runs the same steps as torch
 ops, and :func:`available` says which.
 
-Each wrapper takes (rows, cols) float32 CPU matrices whose columns are contiguous (any row
-stride, so a column slice of the buffer is read in place) and per-column vectors.
+Each wrapper takes (rows, cols) CPU matrices whose columns are contiguous (any row stride,
+so a column slice of the buffer is read in place) and per-column vectors. The column
+kernels take float32 or bfloat16 matrices (all of one call in the same dtype: a dense block
+under bf16 autocast holds its buffer and gradients in bf16) and compute in float32; the
+transition's pooling kernels take float32.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ _SIGNATURES = {
     "dk_unpool_relu_bn_sums": [_P, _I, _P, _I] + [_I] * 8 + [_P] * 5 + [_C],
     "dk_unpool_bn_grad": [_P, _I, _P, _I] + [_I] * 8 + [_P] * 6 + [_P, _I, _C],
 }
+# the column kernels also exist for bfloat16 matrices, as <name>_bf16 (native.c's second pass)
+_BF16 = ("dk_bn_relu", "dk_gather_cols", "dk_scatter_add_cols", "dk_relu_bn_sums", "dk_bn_grad_apply", "dk_col_stats")
+_SIGNATURES.update({f"{name}_bf16": _SIGNATURES[name] for name in _BF16})
+_DTYPES = (torch.float32, torch.bfloat16)
 _enabled = os.environ.get("DENSEKIT_NATIVE", "1") != "0"
 
 
@@ -134,10 +141,17 @@ def disabled():
 
 
 def usable(*mats: torch.Tensor) -> bool:
-    """Can the native kernels take these (rows, cols) matrices?"""
-    return (_enabled and all(m.device.type == "cpu" and m.dtype == torch.float32 and m.dim() == 2 and m.numel()
-                             and (m.stride(1) == 1 or m.shape[1] == 1) for m in mats)
+    """Can the native kernels take these (rows, cols) matrices (all float32, or all bfloat16)?"""
+    dtype = mats[0].dtype if mats else torch.float32
+    return (_enabled and dtype in _DTYPES
+            and all(m.device.type == "cpu" and m.dtype == dtype and m.dim() == 2 and m.numel()
+                    and (m.stride(1) == 1 or m.shape[1] == 1) for m in mats)
             and _library() is not None)
+
+
+def _kernel(name: str, mat: torch.Tensor):
+    """The native function ``name`` for matrices of ``mat``'s dtype."""
+    return getattr(_library(), f"{name}_bf16" if mat.dtype == torch.bfloat16 else name)
 
 
 def _vec(v: torch.Tensor | None, cols: int) -> torch.Tensor | None:
@@ -149,11 +163,15 @@ def _vec(v: torch.Tensor | None, cols: int) -> torch.Tensor | None:
     return v.detach().to(torch.float32).contiguous()
 
 
-def _mats(shape: torch.Size, *mats: torch.Tensor | None) -> None:
+def _mats(shape: torch.Size, *mats: torch.Tensor | None, dtype: torch.dtype | None = None) -> None:
+    """Every matrix given has ``shape``, contiguous columns, and ``dtype`` (default: the first's)."""
     for m in mats:
-        if m is not None and (m.shape != shape or not usable(m)):
-            raise ValueError(f"native kernels need float32 CPU matrices of shape {tuple(shape)} with contiguous "
-                             f"columns, got {tuple(m.shape)} {m.dtype} on {m.device}")
+        if m is None:
+            continue
+        dtype = dtype or m.dtype
+        if m.shape != shape or m.dtype != dtype or not usable(m):
+            raise ValueError(f"native kernels need float32 or bfloat16 CPU matrices of one dtype, of shape "
+                             f"{tuple(shape)} with contiguous columns, got {tuple(m.shape)} {m.dtype} on {m.device}")
 
 
 def _ptr(t: torch.Tensor | None):
@@ -173,7 +191,7 @@ def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torc
     """out = relu(x * scale + shift), per column."""
     _mats(x.shape, x, out)
     scale, shift = _vec(scale, x.shape[1]), _vec(shift, x.shape[1])
-    _check(_library().dk_bn_relu(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0],
+    _check(_kernel("dk_bn_relu", x)(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0],
                                  x.shape[1], scale.data_ptr(), shift.data_ptr(), torch.get_num_threads()))
     return out
 
@@ -200,11 +218,11 @@ def gather_cols(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, scale: 
         index = checked_columns(index, x.shape[1])
     cols = index.numel()
     _mats(x.shape, x)
-    _mats(torch.Size((x.shape[0], cols)), out)
+    _mats(torch.Size((x.shape[0], cols)), out, dtype=x.dtype)
     if (scale is None) != (shift is None):
         raise ValueError("native gather_cols: scale and shift go together")
     scale, shift = _vec(scale, cols), _vec(shift, cols)
-    _check(_library().dk_gather_cols(x.data_ptr(), x.stride(0), index.data_ptr(), out.data_ptr(), out.stride(0),
+    _check(_kernel("dk_gather_cols", x)(x.data_ptr(), x.stride(0), index.data_ptr(), out.data_ptr(), out.stride(0),
                                      x.shape[0], cols, _ptr(scale), _ptr(shift), torch.get_num_threads()),
            "its column index")
     return out
@@ -214,8 +232,8 @@ def scatter_add_cols(src: torch.Tensor, index: torch.Tensor, dst: torch.Tensor) 
     """dst[:, index[j]] += src[:, j] (``index`` increasing), in place."""
     index = checked_columns(index, dst.shape[1])
     _mats(dst.shape, dst)
-    _mats(torch.Size((dst.shape[0], index.numel())), src)
-    _check(_library().dk_scatter_add_cols(src.data_ptr(), src.stride(0), index.data_ptr(), dst.data_ptr(),
+    _mats(torch.Size((dst.shape[0], index.numel())), src, dtype=dst.dtype)
+    _check(_kernel("dk_scatter_add_cols", src)(src.data_ptr(), src.stride(0), index.data_ptr(), dst.data_ptr(),
                                           dst.stride(0), dst.shape[0], index.numel(), torch.get_num_threads()))
     return dst
 
@@ -232,7 +250,7 @@ def relu_bn_sums(g: torch.Tensor, a: torch.Tensor, *, dout: torch.Tensor | None 
     sum_d = torch.empty(cols, dtype=torch.float32)
     sum_dx = torch.empty(cols, dtype=torch.float32) if x is not None else None
     mean, k = _vec(mean, cols), _vec(k, cols)
-    _check(_library().dk_relu_bn_sums(g.data_ptr(), g.stride(0), a.data_ptr(), a.stride(0), rows, cols,
+    _check(_kernel("dk_relu_bn_sums", g)(g.data_ptr(), g.stride(0), a.data_ptr(), a.stride(0), rows, cols,
                                       _ptr(dout), _ld(dout), _ptr(x), _ld(x), _ptr(mean), _ptr(acc), _ld(acc),
                                       _ptr(k), sum_d.data_ptr(), _ptr(sum_dx), torch.get_num_threads()))
     return sum_d, sum_dx
@@ -245,7 +263,7 @@ def bn_grad_apply(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, b: to
     k, mean, b, c = (_vec(v, grad.shape[1]) for v in (k, mean, b, c))
     if mean is None or b is None or c is None:
         raise ValueError("native bn_grad_apply needs mean, b and c")
-    _check(_library().dk_bn_grad_apply(grad.data_ptr(), grad.stride(0), x.data_ptr(), x.stride(0), grad.shape[0],
+    _check(_kernel("dk_bn_grad_apply", grad)(grad.data_ptr(), grad.stride(0), x.data_ptr(), x.stride(0), grad.shape[0],
                                        grad.shape[1], _ptr(k), mean.data_ptr(), b.data_ptr(), c.data_ptr(),
                                        torch.get_num_threads()))
     return grad
@@ -256,7 +274,7 @@ def col_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _mats(x.shape, x)
     mean = torch.empty(x.shape[1], dtype=torch.float32)
     var = torch.empty_like(mean)
-    _check(_library().dk_col_stats(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], mean.data_ptr(),
+    _check(_kernel("dk_col_stats", x)(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], mean.data_ptr(),
                                    var.data_ptr(), torch.get_num_threads()))
     return mean, var
 
@@ -265,7 +283,7 @@ def _pool_geometry(x: torch.Tensor, spatial: tuple[int, ...], grad: torch.Tensor
     """Checks ``x`` (the input rows) and ``grad`` (the pooled rows' gradient) for 2x pooling
     of every dim in ``spatial`` (1 to 3 dims); returns the kernels' (n, d, h, w, kd, kh, kw)
     and the pooled rows' shape."""
-    _mats(x.shape, x)
+    _mats(x.shape, x, dtype=torch.float32)
     if not 1 <= len(spatial) <= 3 or any(s < 2 for s in spatial):
         raise ValueError(f"native pooling needs 1 to 3 spatial dims of size >= 2, got {spatial}")
     size = pooled = 1
@@ -275,7 +293,7 @@ def _pool_geometry(x: torch.Tensor, spatial: tuple[int, ...], grad: torch.Tensor
     if rows % size:
         raise ValueError(f"native pooling: {rows} rows are not a whole number of {spatial} grids")
     pooled_shape = torch.Size((rows // size * pooled, x.shape[1]))
-    _mats(pooled_shape, grad)
+    _mats(pooled_shape, grad, dtype=torch.float32)
     pad = 3 - len(spatial)
     return [rows // size, *[1] * pad, *spatial, *[1] * pad, *[2] * len(spatial)], pooled_shape
 
