@@ -1,6 +1,6 @@
 """Inference speed of a pruned run against its parent: PyTorch and onnxruntime, same process.
 
-    python bench/prune_speed.py PARENT PRUNED [--batch 64] [--rounds 9]
+    python bench/prune_speed.py PARENT PRUNED [--batch 64] [--rounds 51]
 
 Both run directories are loaded with ``densekit.load`` (fused blocks, as they run by default)
 and exported to ONNX (``densekit.export.export_onnx``, checked against PyTorch on export).
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("parent")
     p.add_argument("pruned")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--rounds", type=int, default=51)
     args = p.parse_args(argv)
 
     import densekit
