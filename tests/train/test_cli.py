@@ -46,7 +46,9 @@ def test_train_idx_then_eval_and_load(cli, tiny, writers, mnist_dir, tmp_path):
     assert summary["params"] == sum(p.numel() for p in densekit.load(run).parameters())
     assert summary["macs"] > 0 and summary["device"] == "cpu" and summary["torch"] == torch.__version__
     assert summary["native_cpu_kernels"] is native.available()  # which kernels the fused block ran
-    assert summary["precision"] == "fp32" and summary["bf16_hardware"] in ("AMX-BF16", "AVX512-BF16", "none")
+    # by default bf16 autocast where the CPU has bf16 instructions, else float32
+    assert summary["bf16_hardware"] in ("AMX-BF16", "AVX512-BF16", "none")
+    assert summary["precision"] == ("fp32" if summary["bf16_hardware"] == "none" else "bf16")
     assert summary["cuda_graph"] is False and summary["cuda_graph_captured"] is False  # configured, and what ran
     assert summary["recipe"]["name"] == "fast" and summary["recipe"]["label_smoothing"] == 0.1
     assert (run / "curves.png").read_bytes()[:8] == PNG_MAGIC
@@ -136,7 +138,7 @@ def test_imagefolder_and_predict(cli, tiny, writers, tmp_path):
         im = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), "L" if mode == "P" else None)
         (im.convert("P") if mode == "P" else im).save(imgs / name)
         files.append(imgs / name)
-    rc, out, err = cli("predict", run, *files, "--top-k", "3")
+    rc, out, err = cli("predict", run, *files, "--top-k", "3", "--precision", "fp32")  # as the check below
     assert rc == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["path"] for r in rows] == [str(f) for f in files]
@@ -320,7 +322,11 @@ def test_select_runtime_precision():
     from densekit.errors import UserError
     from densekit.train.runtime import select_runtime
 
-    assert select_runtime("cpu").amp_dtype is None  # auto: float32 on the CPU
+    from densekit.train.runtime import bf16_hardware
+
+    # auto: bf16 autocast where the CPU has bf16 instructions, else float32
+    want = None if bf16_hardware(torch.device("cpu")) == "none" else torch.bfloat16
+    assert select_runtime("cpu").amp_dtype == want
     assert select_runtime("cpu", precision="bf16").amp_dtype == torch.bfloat16
     assert select_runtime("cpu", precision="fp32").precision == "fp32"
     with pytest.raises(UserError, match="precision must be one of auto, fp32, bf16, got 'half'"):

@@ -32,7 +32,7 @@ def _batches(n, batch=8, size=12, device="cpu", seed=0, chans=1):
 
 def test_eager_step_is_the_textbook_loop():
     torch.manual_seed(0)
-    rt = select_runtime("cpu")
+    rt = select_runtime("cpu", precision="fp32")  # the loop below runs in float32
     a, b = _model(), _model()
     b.load_state_dict(a.state_dict())
     opt_a, opt_b = build_optimizer(a, FAST, 0.1), build_optimizer(b, FAST, 0.1)

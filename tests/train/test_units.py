@@ -51,7 +51,9 @@ def test_no_flips_for_digits():
 
 def test_runtime_choice():
     rt = select_runtime("cpu")
-    assert rt.device == torch.device("cpu") and rt.precision == "fp32" and not rt.channels_last
+    assert rt.device == torch.device("cpu") and not rt.channels_last
+    assert rt.precision == ("fp32" if rt.describe()["bf16_hardware"] == "none" else "bf16")
+    assert select_runtime("cpu", precision="fp32").precision == "fp32"
     assert select_runtime("cpu", channels_last=True).channels_last
     with pytest.raises(UserError, match="device must be one of auto, cpu, cuda"):
         select_runtime("gpu")
@@ -81,7 +83,7 @@ def test_evaluate_counts_and_per_class():
     model = DenseNet(growth_rate=4, block_config=(1, 1), stem="cifar", num_classes=3, in_chans=1).train()
     split = Split(images=torch.randint(0, 256, (23, 1, 8, 8), dtype=torch.uint8),
                   labels=torch.tensor([0] * 10 + [1] * 13))
-    rt = select_runtime("cpu")
+    rt = select_runtime("cpu", precision="fp32")  # as the logits below
     result = evaluate(model, eval_loader(split, (0.5,), (0.25,), rt, batch_size=5), rt, 3)
     assert model.training  # restored
     model.eval()

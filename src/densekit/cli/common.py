@@ -60,8 +60,8 @@ def add_device_argument(p, precision: bool = False) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default: auto)")
     if precision:
         p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                       help="bf16: autocast (weights and optimizer stay float32); auto: bf16 on CUDA, float32 on "
-                            "the CPU, whose bf16 path is not yet faster (default: auto)")
+                       help="bf16: autocast (weights and optimizer stay float32); auto: bf16 where the device "
+                            "has bf16 arithmetic (CUDA; CPUs with AMX-BF16 or AVX512-BF16), else fp32 (default: auto)")
 
 
 def flag_spelling(parser: argparse.ArgumentParser, aliases: dict[str, str] | None = None) -> dict[str, str]:

@@ -68,7 +68,7 @@ class TrainConfig:
     deterministic: bool | None = None
     device: str = "auto"
     channels_last: bool | None = None   # None: the runtime decides (on CUDA only)
-    precision: str = "auto"             # "fp32", "bf16" (autocast) or "auto": bf16 on CUDA, fp32 on the CPU
+    precision: str = "auto"             # "fp32", "bf16" (autocast) or "auto": bf16 where the device has bf16 arithmetic
     cuda_graph: bool | None = None      # None: the runtime decides (on CUDA only)
     out: str | None = None              # None: runs/<dataset>-<model>-<time>
     resume: bool = False                # the directory must hold a run to continue
