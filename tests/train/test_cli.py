@@ -313,6 +313,17 @@ def test_precision_bf16_trains_evaluates_and_predicts_on_the_cpu(cli, tiny, mnis
     assert report["precision"] == "bf16" and 0 <= report["accuracy"] <= 1
     rc, out, err = cli("eval", run, "--json", "--precision", "fp32")
     assert rc == 0 and json.loads(out)["precision"] == "fp32"
+    # auto scores a run as it was trained where the device can: bf16 here only with bf16 instructions
+    rc, out, err = cli("eval", run, "--json")
+    assert rc == 0 and json.loads(out)["precision"] == ("fp32" if summary["bf16_hardware"] == "none" else "bf16")
+    fp32_run = tmp_path / "fp32"
+    rc, _, err = cli("train", *tiny, "--dataset", "mnist", "--data-dir", mnist_dir, "--epochs", "1",
+                     "--batch-size", "16", "--precision", "fp32", "--out", fp32_run)
+    assert rc == 0, err
+    rc, out, err = cli("eval", fp32_run, "--json")
+    report = json.loads(out)
+    assert rc == 0 and report["precision"] == "fp32"
+    assert report["accuracy"] == json.loads((fp32_run / "summary.json").read_text())["test_accuracy"]
     rc, _, err = cli("train", *tiny, "--dataset", "mnist", "--data-dir", mnist_dir, "--precision", "fp16",
                      "--out", tmp_path / "other")
     assert rc == 2 and "--precision" in err

@@ -112,10 +112,23 @@ class Prediction(Result):
 
 
 def _load(run: RunDir, device: str, precision: str = "auto") -> tuple[torch.nn.Module, ModelInfo, Runtime]:
+    if precision == "auto" and _trained_precision(run) == "fp32":
+        # a run trained in float32 (by request, or before bf16 was the default here) is scored
+        # as it was trained, so that eval repeats its summary's figures
+        precision = "fp32"
     runtime = select_runtime(device, precision=precision)
     model = run.load_model(runtime.device)
     runtime.prepare(model)
     return model, run.read_info(), runtime
+
+
+def _trained_precision(run: RunDir) -> str | None:
+    """The precision the run trained in, as its summary.json records it (None: not recorded)."""
+    try:
+        precision = run.read_summary().get("precision")
+    except UserError:  # no summary (a run stopped early, a stranger's directory): the device decides
+        return None
+    return precision if precision in ("fp32", "bf16") else None
 
 
 def _batch(info: ModelInfo) -> int:
@@ -168,7 +181,7 @@ def evaluate_run(run_dir: str | os.PathLike, dataset: str | None = None, data_di
     read from); the confusion matrix is drawn to ``confusion_path`` (default: the run
     directory's confusion.png). ``skip_bad_images``: image files that do not decode are left
     out, with a warning, as training left them out. ``precision``: as ``densekit train``'s
-    (``select_runtime``).
+    (``select_runtime``), except that "auto" scores a run trained in fp32 in fp32.
     """
     checks.optional(lambda name, v: checks.one_of(name, v, ("test", "val")), "split", split)
     run = RunDir(run_dir)
