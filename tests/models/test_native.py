@@ -161,8 +161,9 @@ def test_bf16_kernels_compute_in_float32_and_round_once(rows, cols, ld):
     assert torch.equal(buf[:, ld:].float(), before[:, ld:])  # the columns outside the slice untouched
     with pytest.raises(ValueError, match="one dtype"):  # matrices of one call share a dtype
         native.bn_relu(x, scale, shift, torch.empty(rows, ld))
-    with pytest.raises(ValueError, match="one dtype"):  # the transition's kernels are float32 only
-        native.bn_relu_pool(torch.zeros(16, 3, dtype=torch.bfloat16), (2, 2), torch.ones(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="one dtype"):
+        native.unpool_relu_bn_sums(torch.zeros(4, 3), torch.zeros(16, 3, dtype=torch.bfloat16), (2, 2),
+                                   torch.ones(3), torch.zeros(3), torch.zeros(3))
 
 
 def test_wrappers_refuse_what_the_c_code_would_misread():
@@ -259,6 +260,29 @@ def test_unpool_kernels_match_autograd_through_relu_and_pool(shape, cols, train)
     out = native.unpool_bn_grad(g_rows, x, spatial, scale, shift, k, mean, b, c)
     want = d.float() * k + ((x - mean) * b + c if train else 0.0)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,cols", POOL_GRIDS)
+def test_bf16_pooling_kernels_compute_in_float32_and_round_once(shape, cols):
+    # a transition under bf16 autocast: bf16 rows in and out, float32 arithmetic, one rounding
+    x, spatial, scale, shift = _pool_case(shape, cols, 8)
+    xb = x.bfloat16()
+    n = shape[0]
+    out = native.bn_relu_pool(xb, spatial, scale, shift)
+    want = _avg_pool(_grid_of(torch.relu(xb.float() * scale + shift), n, spatial))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(_grid_of(out.float(), n, want.shape[2:]), want.bfloat16().float(),
+                               rtol=2 ** -8, atol=1e-5)
+    g_rows = torch.randn(out.shape).bfloat16()
+    mean, k, b, c = xb.float().mean(0), torch.randn(cols), torch.randn(cols), torch.randn(cols)
+    got = native.unpool_bn_grad(g_rows, xb, spatial, scale, shift, k, mean, b, c)
+    want = native.unpool_bn_grad(g_rows.float(), xb.float(), spatial, scale, shift, k, mean, b, c)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.bfloat16().float(), rtol=2 ** -7, atol=1e-5)
+    sums = native.unpool_relu_bn_sums(g_rows, xb, spatial, scale, shift, mean)
+    for got_sum, want_sum in zip(sums, native.unpool_relu_bn_sums(g_rows.float(), xb.float(), spatial, scale,
+                                                                  shift, mean)):
+        torch.testing.assert_close(got_sum, want_sum, rtol=1e-5, atol=1e-5)
 
 
 def test_pool_wrappers_refuse_what_the_c_code_would_misread():

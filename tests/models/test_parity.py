@@ -473,6 +473,37 @@ def test_fused_block_gradients_laid_out_as_their_parameters(memory_format, bf16)
     assert [name for name, got, want in strides if got != want] == []
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_transition_under_bf16_autocast_matches_the_reference(train, cpu_kernels):
+    # with the kernels: BN-ReLU-pool as one native bf16 pass, pooling before the convolution
+    from densekit.models.fused import supports_fused_transition
+
+    torch.manual_seed(0)
+    plain = Transition(12, 6).train(train)
+    _randomize_norms(plain)
+    fast = copy.deepcopy(plain)
+    fast.fused = True
+    x = torch.randn(4, 12, 8, 8).contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert supports_fused_transition(fast, x) == (cpu_kernels == "native")
+        y1, y2 = fast(x1), plain(x2)
+    assert y1.dtype == y2.dtype == torch.bfloat16
+    g = torch.randn(y1.shape)
+    y1.float().backward(g)
+    y2.float().backward(g)
+    # relative L2 errors: where bf16 rounding moves a BN output across 0, the ReLU's mask and so
+    # that element's gradient differ between the two roundings, whatever the tolerance
+    def rel_l2(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    assert rel_l2(y1, y2) < 0.01 and rel_l2(x1.grad, x2.grad) < 0.02
+    for p, q in zip(fast.parameters(), plain.parameters()):
+        assert p.grad.dtype == torch.float32 and rel_l2(p.grad, q.grad) < 0.03
+    for b, c in zip(fast.buffers(), plain.buffers()):
+        torch.testing.assert_close(b.float(), c.float(), rtol=1e-2, atol=1e-3)
+
+
 def test_whole_model_gradients_laid_out_as_their_parameters_under_bf16():
     # the transitions too, which under autocast run torch's convolution on the pooled, channels-last maps
     torch.manual_seed(0)

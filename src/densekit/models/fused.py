@@ -692,9 +692,14 @@ def _run(block, x: torch.Tensor) -> torch.Tensor:
 
 def supports_fused_transition(transition, x: torch.Tensor) -> bool:
     """True when the native kernels can run ``transition`` (BN-ReLU-Conv1x1-AvgPool(2)), whose
-    pooling commutes with its convolution (``Transition.pools_first``), on ``x``: float32 on
-    the CPU, outside autocast, with a stock batch norm and ReLU, every spatial side >= 2."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    pooling commutes with its convolution (``Transition.pools_first``), on ``x``: on the CPU,
+    float32 outside autocast or float32/bf16 under bf16 autocast, with a stock batch norm and
+    ReLU, every spatial side >= 2."""
+    if torch.is_autocast_enabled("cpu"):
+        dtype_ok = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+    else:
+        dtype_ok = x.dtype == torch.float32
+    return (x.device.type == "cpu" and dtype_ok
             and x.dim() == transition.conv.weight.dim() and x.numel() > 0 and min(x.shape[2:]) >= 2
             and _plain_bn(transition.norm) and type(transition.relu) is nn.ReLU and _plain_conv(transition.conv)
             and _rows_have_columns(x) and native.available())
@@ -758,7 +763,15 @@ class _FusedTransition(torch.autograd.Function):
 
 def fused_transition(transition, x: torch.Tensor) -> torch.Tensor:
     """Run ``transition`` on ``x`` with the native kernels (see :func:`supports_fused_transition`):
-    the same function as ``transition.forward_plain(x)``, gradients included."""
+    the same function as ``transition.forward_plain(x)``, gradients included; under bf16
+    autocast in bf16, as the dense block runs (statistics and BN parameters in float32)."""
+    if torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return _run_transition(transition, x.to(torch.bfloat16))
+    return _run_transition(transition, x)
+
+
+def _run_transition(transition, x: torch.Tensor) -> torch.Tensor:
     unit = _Unit(transition.norm, transition.conv, x.dtype)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in unit.params())):
         return _FusedTransition.apply(transition, unit, x, *unit.params())

@@ -9,11 +9,11 @@
  * result does not depend on timing, only on the thread count.
  *
  * The column kernels (BN-ReLU, gather, scatter-add, the ReLU-BN backward sums, the input
- * gradient, column statistics) are compiled twice: for float32 matrices, and (names ending
- * in _bf16) for bfloat16 matrices, as a dense block holds them under bf16 autocast. Either
- * way the per-column vectors are float32 and all arithmetic is float32; a bf16 value is the
- * top half of a float32, and stores round to nearest even. The file includes itself once
- * for the second pass. The transition's pooling kernels are float32 only.
+ * gradient, column statistics) and the transition's pooling kernels are compiled twice: for
+ * float32 matrices, and (names ending in _bf16) for bfloat16 matrices, as a dense block and a
+ * transition hold them under bf16 autocast. Either way the per-column vectors are float32
+ * and all arithmetic is float32; a bf16 value is the top half of a float32, and stores round
+ * to nearest even. The file includes itself once for the second pass.
  *
  * Built at first use by native.py with the system C compiler and -fopenmp; the OpenMP
  * runtime is then the one PyTorch already loaded (same soname), so both share one pool.
@@ -152,6 +152,56 @@ static inline uint16_t to_bf16(float f)
 
 static inline float ld_f32(const float *p) { return *p; }
 static inline float to_f32(float f) { return f; }
+/* A transition's BN-ReLU and 2x average pooling (the pooling comes before its 1x1
+ * convolution: both are linear, so they commute, and the convolution then runs on a
+ * quarter of the positions).
+ *
+ * Rows are positions (b, z, y, x) of an (n, d, h, w) grid, w fastest; windows are
+ * kd x kh x kw (each 1 or 2) with stride equal to their size and no padding, and a last
+ * odd plane, row or column falls outside every window, as in torch's avg_pool. Pooled
+ * rows are the (n, d/kd, h/kh, w/kw) grid in the same order. */
+typedef struct {
+    i64 n, d, h, w, kd, kh, kw, pd, ph, pw;
+} grid;
+
+static grid make_grid(i64 n, i64 d, i64 h, i64 w, i64 kd, i64 kh, i64 kw)
+{
+    grid g = {n, d, h, w, kd, kh, kw, d / kd, h / kh, w / kw};
+    return g;
+}
+
+static i64 pooled_rows(const grid *g)
+{
+    return g->n * g->pd * g->ph * g->pw;
+}
+
+/* The input rows of pooled row o's window, into win (at most 2 x 2 x 2); returns their count. */
+static int window_rows(const grid *g, i64 o, i64 win[8])
+{
+    i64 ox = o % g->pw, t = o / g->pw, oy = t % g->ph;
+    t /= g->ph;
+    i64 oz = t % g->pd, b = t / g->pd;
+    i64 r0 = ((b * g->d + oz * g->kd) * g->h + oy * g->kh) * g->w + ox * g->kw;
+    int count = 0;
+    for (i64 dz = 0; dz < g->kd; dz++)
+        for (i64 dy = 0; dy < g->kh; dy++)
+            for (i64 dx = 0; dx < g->kw; dx++)
+                win[count++] = r0 + (dz * g->h + dy) * g->w + dx;
+    return count;
+}
+
+/* The pooled row whose window holds input row r, or -1 where r is outside every window. */
+static i64 window_of(const grid *g, i64 r)
+{
+    i64 x = r % g->w, t = r / g->w, y = t % g->h;
+    t /= g->h;
+    i64 z = t % g->d, b = t / g->d;
+    x /= g->kw, y /= g->kh, z /= g->kd;
+    if (x >= g->pw || y >= g->ph || z >= g->pd)
+        return -1;
+    return ((b * g->pd + z) * g->ph + y) * g->pw + x;
+}
+
 #endif /* the helpers above: once */
 
 /* This pass's matrix element: LD reads one as a float, TO rounds a float to one. */
@@ -401,89 +451,46 @@ int NAME(dk_col_stats)(const elem *x, i64 ldx, i64 rows, i64 cols, float *mean, 
     return 0;
 }
 
-#ifndef DK_BF16 /* the transition's kernels: float32 only */
-/* A transition's BN-ReLU and 2x average pooling (the pooling comes before its 1x1
- * convolution: both are linear, so they commute, and the convolution then runs on a
- * quarter of the positions).
- *
- * Rows are positions (b, z, y, x) of an (n, d, h, w) grid, w fastest; windows are
- * kd x kh x kw (each 1 or 2) with stride equal to their size and no padding, and a last
- * odd plane, row or column falls outside every window, as in torch's avg_pool. Pooled
- * rows are the (n, d/kd, h/kh, w/kw) grid in the same order. */
-typedef struct {
-    i64 n, d, h, w, kd, kh, kw, pd, ph, pw;
-} grid;
-
-static grid make_grid(i64 n, i64 d, i64 h, i64 w, i64 kd, i64 kh, i64 kw)
-{
-    grid g = {n, d, h, w, kd, kh, kw, d / kd, h / kh, w / kw};
-    return g;
-}
-
-static i64 pooled_rows(const grid *g)
-{
-    return g->n * g->pd * g->ph * g->pw;
-}
-
-/* The input rows of pooled row o's window, into win (at most 2 x 2 x 2); returns their count. */
-static int window_rows(const grid *g, i64 o, i64 win[8])
-{
-    i64 ox = o % g->pw, t = o / g->pw, oy = t % g->ph;
-    t /= g->ph;
-    i64 oz = t % g->pd, b = t / g->pd;
-    i64 r0 = ((b * g->d + oz * g->kd) * g->h + oy * g->kh) * g->w + ox * g->kw;
-    int count = 0;
-    for (i64 dz = 0; dz < g->kd; dz++)
-        for (i64 dy = 0; dy < g->kh; dy++)
-            for (i64 dx = 0; dx < g->kw; dx++)
-                win[count++] = r0 + (dz * g->h + dy) * g->w + dx;
-    return count;
-}
-
-/* The pooled row whose window holds input row r, or -1 where r is outside every window. */
-static i64 window_of(const grid *g, i64 r)
-{
-    i64 x = r % g->w, t = r / g->w, y = t % g->h;
-    t /= g->h;
-    i64 z = t % g->d, b = t / g->d;
-    x /= g->kw, y /= g->kh, z /= g->kd;
-    if (x >= g->pw || y >= g->ph || z >= g->pd)
-        return -1;
-    return ((b * g->pd + z) * g->ph + y) * g->pw + x;
-}
-
 /* out = avg_pool(relu(x * scale + shift)), out being the pooled rows. */
-int dk_bn_relu_pool(const float *x, i64 ldx, float *out, i64 ldo, i64 n, i64 d, i64 h, i64 w,
+int NAME(dk_bn_relu_pool)(const elem *x, i64 ldx, elem *out, i64 ldo, i64 n, i64 d, i64 h, i64 w,
                     i64 kd, i64 kh, i64 kw, i64 cols, const float *scale, const float *shift, int threads)
 {
     grid g = make_grid(n, d, h, w, kd, kh, kw);
     i64 orows = pooled_rows(&g);
     float inv = 1.f / (float)(kd * kh * kw);
+    int failed = 0;
 #pragma omp parallel num_threads(team(n * d * h * w, cols, threads))
     {
         i64 lo, hi;
         row_range(orows, &lo, &hi);
+        float *acc = malloc((size_t)cols * sizeof(float)); /* this thread's window sums */
+        if (!acc) {
+#pragma omp atomic write
+            failed = 1;
+            lo = hi;
+        }
         for (i64 o = lo; o < hi; o++) {
-            float *orow = out + o * ldo;
+            elem *orow = out + o * ldo;
             i64 win[8];
             int count = window_rows(&g, o, win);
 #pragma omp simd
             for (i64 j = 0; j < cols; j++)
-                orow[j] = 0.f;
+                acc[j] = 0.f;
             for (int t = 0; t < count; t++) {
-                const float *xr = x + win[t] * ldx;
+                const elem *xr = x + win[t] * ldx;
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++) {
-                    float v = xr[j] * scale[j] + shift[j];
-                    orow[j] += v < 0.f ? 0.f : v;
+                    float v = LD(xr + j) * scale[j] + shift[j];
+                    acc[j] += v < 0.f ? 0.f : v;
                 }
             }
 #pragma omp simd
             for (i64 j = 0; j < cols; j++)
-                orow[j] *= inv;
+                orow[j] = TO(acc[j] * inv); /* the window's sum in float, rounded once */
         }
+        free(acc);
     }
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* The backward of dk_bn_relu_pool's pooling and ReLU, summed for batch norm. With g the
@@ -491,7 +498,7 @@ int dk_bn_relu_pool(const float *x, i64 ldx, float *out, i64 ldo, i64 n, i64 d, 
  * d = g[o] / (kd*kh*kw) where x * scale + shift > 0, else 0 (and d = 0 outside every window):
  *   sum_d[j] = sum_r d,   sum_dx[j] = sum_r d * (x - mean[j]).
  * Returns -1 when out of memory, else 0. */
-int dk_unpool_relu_bn_sums(const float *g, i64 ldg, const float *x, i64 ldx, i64 n, i64 d, i64 h, i64 w,
+int NAME(dk_unpool_relu_bn_sums)(const elem *g, i64 ldg, const elem *x, i64 ldx, i64 n, i64 d, i64 h, i64 w,
                            i64 kd, i64 kh, i64 kw, i64 cols, const float *scale, const float *shift,
                            const float *mean, float *sum_d, float *sum_dx, int threads)
 {
@@ -508,16 +515,17 @@ int dk_unpool_relu_bn_sums(const float *g, i64 ldg, const float *x, i64 ldx, i64
         row_range(orows, &lo, &hi);
         double *ps = p + (size_t)omp_get_thread_num() * 2 * cols, *px = ps + cols;
         for (i64 o = lo; o < hi; o++) {
-            const float *grow = g + o * ldg;
+            const elem *grow = g + o * ldg;
             i64 win[8];
             int count = window_rows(&gr, o, win);
             for (int t = 0; t < count; t++) {
-                const float *xr = x + win[t] * ldx;
+                const elem *xr = x + win[t] * ldx;
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++) {
-                    float dv = relu_grad(grow[j] * inv, xr[j] * scale[j] + shift[j]);
+                    float xv = LD(xr + j);
+                    float dv = relu_grad(LD(grow + j) * inv, xv * scale[j] + shift[j]);
                     ps[j] += dv;
-                    px[j] += dv * (xr[j] - mean[j]);
+                    px[j] += dv * (xv - mean[j]);
                 }
             }
         }
@@ -531,10 +539,10 @@ int dk_unpool_relu_bn_sums(const float *g, i64 ldg, const float *x, i64 ldx, i64
 /* Batch norm's input gradient behind dk_bn_relu_pool, into out (input rows), with d as in
  * dk_unpool_relu_bn_sums:
  *   out = d * k[j] + (x - mean[j]) * b[j] + c[j],   or d * k[j] when b is NULL (eval mode). */
-int dk_unpool_bn_grad(const float *g, i64 ldg, const float *x, i64 ldx, i64 n, i64 d, i64 h, i64 w,
+int NAME(dk_unpool_bn_grad)(const elem *g, i64 ldg, const elem *x, i64 ldx, i64 n, i64 d, i64 h, i64 w,
                       i64 kd, i64 kh, i64 kw, i64 cols, const float *scale, const float *shift,
                       const float *k, const float *mean, const float *b, const float *c,
-                      float *out, i64 ldo, int threads)
+                      elem *out, i64 ldo, int threads)
 {
     grid gr = make_grid(n, d, h, w, kd, kh, kw);
     i64 rows = n * d * h * w;
@@ -544,37 +552,37 @@ int dk_unpool_bn_grad(const float *g, i64 ldg, const float *x, i64 ldx, i64 n, i
         i64 lo, hi;
         row_range(rows, &lo, &hi);
         for (i64 r = lo; r < hi; r++) {
-            const float *xr = x + r * ldx;
-            float *orow = out + r * ldo;
+            const elem *xr = x + r * ldx;
+            elem *orow = out + r * ldo;
             i64 o = window_of(&gr, r);
             if (o < 0 && b) {
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++)
-                    orow[j] = (xr[j] - mean[j]) * b[j] + c[j];
+                    orow[j] = TO((LD(xr + j) - mean[j]) * b[j] + c[j]);
             } else if (o < 0) {
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++)
-                    orow[j] = 0.f;
+                    orow[j] = TO(0.f);
             } else if (b) {
-                const float *grow = g + o * ldg;
+                const elem *grow = g + o * ldg;
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++) {
-                    float dv = relu_grad(grow[j] * inv, xr[j] * scale[j] + shift[j]);
-                    orow[j] = dv * k[j] + ((xr[j] - mean[j]) * b[j] + c[j]);
+                    float xv = LD(xr + j);
+                    float dv = relu_grad(LD(grow + j) * inv, xv * scale[j] + shift[j]);
+                    orow[j] = TO(dv * k[j] + ((xv - mean[j]) * b[j] + c[j]));
                 }
             } else {
-                const float *grow = g + o * ldg;
+                const elem *grow = g + o * ldg;
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++)
-                    orow[j] = relu_grad(grow[j] * inv, xr[j] * scale[j] + shift[j]) * k[j];
+                    orow[j] = TO(relu_grad(LD(grow + j) * inv, LD(xr + j) * scale[j] + shift[j]) * k[j]);
             }
         }
     }
     return 0;
 }
-#endif
 
-/* The second pass: the column kernels again, for bfloat16 matrices. */
+/* The second pass: the kernels again, for bfloat16 matrices. */
 #ifndef DK_BF16
 #define DK_BF16
 #include "native.c"

@@ -10,10 +10,10 @@ the build fails, or with ``DENSEKIT_NATIVE=0``, the block runs the same steps as
 ops, and :func:`available` says which.
 
 Each wrapper takes (rows, cols) CPU matrices whose columns are contiguous (any row stride,
-so a column slice of the buffer is read in place) and per-column vectors. The column
-kernels take float32 or bfloat16 matrices (all of one call in the same dtype: a dense block
-under bf16 autocast holds its buffer and gradients in bf16) and compute in float32; the
-transition's pooling kernels take float32.
+so a column slice of the buffer is read in place) and per-column vectors. The kernels
+take float32 or bfloat16 matrices (all of one call in the same dtype: a dense block or a
+transition under bf16 autocast holds its activations and gradients in bf16) and compute in
+float32.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ _SIGNATURES = {
     "dk_unpool_relu_bn_sums": [_P, _I, _P, _I] + [_I] * 8 + [_P] * 5 + [_C],
     "dk_unpool_bn_grad": [_P, _I, _P, _I] + [_I] * 8 + [_P] * 6 + [_P, _I, _C],
 }
-# the column kernels also exist for bfloat16 matrices, as <name>_bf16 (native.c's second pass)
-_BF16 = ("dk_bn_relu", "dk_gather_cols", "dk_scatter_add_cols", "dk_relu_bn_sums", "dk_bn_grad_apply", "dk_col_stats")
+# every kernel also exists for bfloat16 matrices, as <name>_bf16 (native.c's second pass)
+_BF16 = tuple(_SIGNATURES)
 _SIGNATURES.update({f"{name}_bf16": _SIGNATURES[name] for name in _BF16})
 _DTYPES = (torch.float32, torch.bfloat16)
 _enabled = os.environ.get("DENSEKIT_NATIVE", "1") != "0"
@@ -283,7 +283,7 @@ def _pool_geometry(x: torch.Tensor, spatial: tuple[int, ...], grad: torch.Tensor
     """Checks ``x`` (the input rows) and ``grad`` (the pooled rows' gradient) for 2x pooling
     of every dim in ``spatial`` (1 to 3 dims); returns the kernels' (n, d, h, w, kd, kh, kw)
     and the pooled rows' shape."""
-    _mats(x.shape, x, dtype=torch.float32)
+    _mats(x.shape, x)
     if not 1 <= len(spatial) <= 3 or any(s < 2 for s in spatial):
         raise ValueError(f"native pooling needs 1 to 3 spatial dims of size >= 2, got {spatial}")
     size = pooled = 1
@@ -293,7 +293,7 @@ def _pool_geometry(x: torch.Tensor, spatial: tuple[int, ...], grad: torch.Tensor
     if rows % size:
         raise ValueError(f"native pooling: {rows} rows are not a whole number of {spatial} grids")
     pooled_shape = torch.Size((rows // size * pooled, x.shape[1]))
-    _mats(pooled_shape, grad, dtype=torch.float32)
+    _mats(pooled_shape, grad, dtype=x.dtype)
     pad = 3 - len(spatial)
     return [rows // size, *[1] * pad, *spatial, *[1] * pad, *[2] * len(spatial)], pooled_shape
 
@@ -302,9 +302,9 @@ def bn_relu_pool(x: torch.Tensor, spatial: tuple[int, ...], scale: torch.Tensor,
     """avg_pool(relu(x * scale + shift)) with windows of 2 in every spatial dim: ``x`` holds
     the channels-last positions of an (N, *spatial) grid as rows; returns the pooled rows."""
     geometry, pooled_shape = _pool_geometry(x, spatial)
-    out = torch.empty(pooled_shape, dtype=torch.float32)
+    out = torch.empty(pooled_shape, dtype=x.dtype)
     scale, shift = _vec(scale, x.shape[1]), _vec(shift, x.shape[1])
-    _check(_library().dk_bn_relu_pool(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), *geometry,
+    _check(_kernel("dk_bn_relu_pool", x)(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), *geometry,
                                       x.shape[1], scale.data_ptr(), shift.data_ptr(), torch.get_num_threads()))
     return out
 
@@ -317,7 +317,7 @@ def unpool_relu_bn_sums(g: torch.Tensor, x: torch.Tensor, spatial: tuple[int, ..
     cols = x.shape[1]
     scale, shift, mean = (_vec(v, cols) for v in (scale, shift, mean))
     sum_d, sum_dx = torch.empty(cols, dtype=torch.float32), torch.empty(cols, dtype=torch.float32)
-    _check(_library().dk_unpool_relu_bn_sums(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), *geometry, cols,
+    _check(_kernel("dk_unpool_relu_bn_sums", x)(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), *geometry, cols,
                                              scale.data_ptr(), shift.data_ptr(), mean.data_ptr(), sum_d.data_ptr(),
                                              sum_dx.data_ptr(), torch.get_num_threads()))
     return sum_d, sum_dx
@@ -334,8 +334,8 @@ def unpool_bn_grad(g: torch.Tensor, x: torch.Tensor, spatial: tuple[int, ...], s
         raise ValueError("native unpool_bn_grad needs both b and c, or neither")
     cols = x.shape[1]
     scale, shift, k, mean, b, c = (_vec(v, cols) for v in (scale, shift, k, mean, b, c))
-    out = torch.empty(x.shape, dtype=torch.float32)
-    _check(_library().dk_unpool_bn_grad(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), *geometry, cols,
+    out = torch.empty(x.shape, dtype=x.dtype)
+    _check(_kernel("dk_unpool_bn_grad", x)(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), *geometry, cols,
                                         scale.data_ptr(), shift.data_ptr(), k.data_ptr(), mean.data_ptr(), _ptr(b),
                                         _ptr(c), out.data_ptr(), out.stride(0), torch.get_num_threads()))
     return out
