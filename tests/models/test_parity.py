@@ -197,9 +197,11 @@ def _eval_pair():
 
 
 def test_fused_inference_follows_every_change_of_the_weights(cpu_kernels):
-    """Eval mode keeps each layer's folded weights and BN scales between calls; an in-place
-    change, a load_state_dict, a new parameter, a swapped module, a change of eps and a
-    training step in between must each show in the next output."""
+    """Eval mode folds each layer's second batch norm into its convolution at every call: an
+    in-place change (also through ``.data``, which no version counter sees), a load_state_dict,
+    a new parameter, a swapped module, a change of eps, buffers passed to functional_call and
+    a training step in between must each show in the next output (a cache of folded weights
+    must not serve stale ones)."""
     plain, fast, x = _eval_pair()
 
     def same():
@@ -227,6 +229,14 @@ def test_fused_inference_follows_every_change_of_the_weights(cpu_kernels):
     swapped.running_var.uniform_(0.5, 2.0)
     both(lambda m: setattr(m["denselayer2"], "norm2", copy.deepcopy(swapped)))
     both(lambda m: setattr(m["denselayer2"].norm2, "eps", 0.5))
+    both(lambda m: m["denselayer1"].conv1.weight.data.mul_(-1))
+    both(lambda m: m["denselayer3"].norm1.weight.data.mul_(3))
+    # buffers given for one call, freed after it: a fresh tensor may take a freed one's address
+    with torch.no_grad():
+        for i in range(3):
+            stats = {"denselayer2.norm2.running_mean": torch.full((20,), float(i))}
+            torch.testing.assert_close(torch.func.functional_call(fast, stats, (x,)),
+                                       torch.func.functional_call(plain, stats, (x,)), rtol=1e-5, atol=1e-5)
     for m in (plain, fast):  # a training step moves the running statistics
         m.train()
         m(x).sum().backward()
@@ -504,8 +514,9 @@ def test_transition_under_bf16_autocast_matches_the_reference(train, cpu_kernels
         torch.testing.assert_close(b.float(), c.float(), rtol=1e-2, atol=1e-3)
 
 
-def test_whole_model_gradients_laid_out_as_their_parameters_under_bf16():
-    # the transitions too, which under autocast run torch's convolution on the pooled, channels-last maps
+def test_whole_model_gradients_laid_out_as_their_parameters_under_bf16(cpu_kernels):
+    # the transitions too: with the kernels their native bf16 path, without them torch's
+    # convolution on the pooled, channels-last maps
     torch.manual_seed(0)
     model = DenseNet(8, (2, 2), stem="cifar", num_classes=3, fused=True)
     wrong = []

@@ -178,3 +178,19 @@ def test_streamed_folder_resumes_mid_epoch_bit_identical(cli, tiny, writers, tmp
     assert rc == 0, err
     assert "streamed from disk" in caplog.text and "resuming" in caplog.text
     assert_same_run(run, tmp_path / "ref")
+
+
+def test_a_resumed_run_keeps_the_precision_it_started_with(cli, tiny, reference, tmp_path):
+    # started in fp32 on purpose: resumed without --precision it goes on in fp32, bit-identical to
+    # an uninterrupted fp32 run, whatever the device's default
+    data, _ = reference
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    base = ["train", *tiny, *RUN, "--data-dir", data, "--precision", "fp32"]
+    assert cli(*base, "--out", ref)[0] == 0
+    rc, _, err = cli(*base, "--out", run, "--max-steps", "3")
+    assert rc == 0, err
+    assert RunDir(run).read_resume_meta()["config"]["precision"] == "fp32"
+    rc, _, err = cli("train", "--out", run, "--resume")
+    assert rc == 0, err
+    assert json.loads((run / "summary.json").read_text())["precision"] == "fp32"
+    assert_same_run(run, ref)

@@ -59,9 +59,10 @@ def model_arg(text: str) -> tuple[str, object]:
 def add_device_argument(p, precision: bool = False) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default: auto)")
     if precision:
-        p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+        p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                        help="bf16: autocast (weights and optimizer stay float32); auto: bf16 where the device "
-                            "has bf16 arithmetic (CUDA; CPUs with AMX-BF16 or AVX512-BF16), else fp32 (default: auto)")
+                            "has bf16 arithmetic (CUDA; CPUs with AMX-BF16 or AVX512-BF16), else fp32 (default: "
+                            "auto; a resumed run keeps its own; eval and predict score a run trained in fp32 in fp32)")
 
 
 def flag_spelling(parser: argparse.ArgumentParser, aliases: dict[str, str] | None = None) -> dict[str, str]:

@@ -26,7 +26,7 @@ def run(args) -> int:
 
     report = evaluate_run(args.run_dir, dataset=args.dataset, data_dir=args.data_dir, device=args.device,
                           confusion_path=args.out, split=args.split, skip_bad_images=args.skip_bad_images,
-                          precision=args.precision)
+                          precision=args.precision or "auto")
     if args.json:
         print(report.to_json())
         return 0

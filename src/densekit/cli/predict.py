@@ -21,6 +21,6 @@ def run(args) -> int:
     from ..train import predict
 
     for row in predict(args.run_dir, args.images, top_k=args.top_k, device=args.device,
-                       threshold=args.threshold, precision=args.precision):
+                       threshold=args.threshold, precision=args.precision or "auto"):
         print(row.to_json(), flush=True)
     return 0

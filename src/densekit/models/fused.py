@@ -27,8 +27,6 @@ than the reference rather than only leaner (docs/performance.md).
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -89,14 +87,10 @@ class _Unit:
     of MB costs more in page faults than the arithmetic done in it.
     """
 
-    __slots__ = ("bn", "gamma", "beta", "weight", "master", "padding", "index", "memo")
+    __slots__ = ("bn", "gamma", "beta", "weight", "master", "padding", "index")
 
-    def __init__(self, bn: nn.Module, conv: nn.Module, dtype: torch.dtype, index: torch.Tensor | None = None,
-                 memo: bool = False):
+    def __init__(self, bn: nn.Module, conv: nn.Module, dtype: torch.dtype, index: torch.Tensor | None = None):
         self.bn = bn
-        # eval mode only: what depends on the weights and running statistics alone, kept
-        # between calls while they stay as they were (see _eval_units)
-        self.memo = {} if memo else None
         self.index = index  # the buffer channels a pruned layer reads (None: all before it)
         self.gamma, self.beta = bn.weight, bn.bias
         # Under autocast the convolutions run in the autocast dtype; the cast happens
@@ -126,25 +120,13 @@ class _Unit:
         if self.index is not None:
             out = scratch("a", self.index.numel())
             if native.usable(rows, out):
-                if self.memo is None:
-                    return native.gather_cols(rows, self.index, out, scale, shift)
-                index = self._memoized("index", lambda: native.checked_columns(self.index, rows.shape[1]))
-                return native.gather_cols(rows, index, out, scale, shift, checked=True)
+                return native.gather_cols(rows, self.index, out, scale, shift)
         inp = self.read(rows, scratch)
         return _bn_relu(inp, scale, shift, scratch("a", inp.shape[1]))
 
-    def _memoized(self, name: str, compute):
-        """``compute()``, kept in ``memo`` where this unit has one."""
-        if self.memo is None:
-            return compute()
-        value = self.memo.get(name)
-        if value is None:
-            value = self.memo[name] = compute()
-        return value
-
     def running_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`scale_shift` of the running statistics (eval mode)."""
-        return self._memoized("scale_shift", lambda: self.scale_shift(*_running(self)))
+        return self.scale_shift(*_running(self))
 
     def add_back(self, grad: torch.Tensor, rows_grad: torch.Tensor) -> None:
         """Adds ``grad``, the gradient of what :meth:`read` returned, to the buffer's ``rows_grad``."""
@@ -193,9 +175,8 @@ class _Unit:
             out = a @ self.weight.flatten(1).t()
             return out.view(-1, *spatial, out.shape[1]).movedim(-1, 1)
         n = len(spatial)
-        # oneDNN takes a channels-last input with a weight of the same layout: kept so, not copied at each call
-        weight = self._memoized("weight", lambda: self.weight.contiguous(memory_format=_channels_last(n)))
-        return torch.convolution(_grid(a, spatial), weight, None, [1] * n, self.padding, [1] * n, False, [0] * n, 1)
+        return torch.convolution(_grid(a, spatial), self.weight, None, [1] * n, self.padding, [1] * n,
+                                 False, [0] * n, 1)
 
     def conv_folded_relu(self, a: torch.Tensor, following: "_Unit", spatial: tuple[int, ...]) -> torch.Tensor:
         """ReLU(BN(conv(a))) for a 1x1 conv whose output feeds ``following``'s batch norm in
@@ -203,7 +184,7 @@ class _Unit:
         (scaled rows) and a bias, and the convolution's bias add (and on CUDA the GEMM's ReLU
         epilogue) replaces a separate pass over the bottleneck output.
         (rows, c_in) -> (rows, c_out)."""
-        weight, bias = self._memoized("folded", lambda: self._folded(following, a.dtype))
+        weight, bias = self._folded(following, a.dtype)
         if not self.as_matrix(a):
             n = self.weight.dim() - 2
             out = torch.convolution(_grid(a, spatial), weight, bias, [1] * n, [0] * n, [1] * n, False, [0] * n, 1)
@@ -396,8 +377,9 @@ def conv_keeping_layout(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     autocast too, where the weight's cast copy is what the convolution sees."""
     device = x.device.type
     weight = conv.weight
-    if not (torch.is_grad_enabled() and weight.requires_grad and torch.is_autocast_enabled(device)):
-        return conv(x)
+    if not (torch.is_grad_enabled() and weight.requires_grad and torch.is_autocast_enabled(device)) \
+            or weight.dtype == torch.get_autocast_dtype(device) or conv._forward_hooks or conv._forward_pre_hooks:
+        return conv(x)  # no cast copy to hook (a hook on the parameter would pile up), or hooks to honour
     cast = weight.to(torch.get_autocast_dtype(device))
     cast.register_hook(lambda grad: _laid_out_as(grad, weight))
     return conv._conv_forward(x, cast, conv.bias)
@@ -417,38 +399,14 @@ def _grid(rows: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     return rows.view(-1, *spatial, rows.shape[1]).movedim(-1, 1)
 
 
-def _units(block, dtype: torch.dtype, memo: bool = False) -> list[list[_Unit]]:
+def _units(block, dtype: torch.dtype) -> list[list[_Unit]]:
     out = []
     for layer in block.values():
-        units = [_Unit(layer.norm1, layer.conv1, dtype, layer.input_index, memo)]
+        units = [_Unit(layer.norm1, layer.conv1, dtype, layer.input_index)]
         if layer.has_bottleneck:
-            units.append(_Unit(layer.norm2, layer.conv2, dtype, memo=memo))
+            units.append(_Unit(layer.norm2, layer.conv2, dtype))
         out.append(units)
     return out
-
-
-# An eval-mode block's units with their memos, per block, while its tensors stay the same.
-_EVAL_UNITS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list[list[_Unit]]]]" = weakref.WeakKeyDictionary()
-
-
-def _eval_units(block, dtype: torch.dtype) -> list[list[_Unit]]:
-    """The units of an eval-mode ``block`` whose folded weights, BN scales and checked channel
-    indices are computed once and kept while every tensor of the block is the one it was, at the
-    version it was (an in-place change, as ``load_state_dict`` makes, bumps the version; a new
-    tensor has a new identity, and the kept units hold the old one, so its id is not reused).
-    At batch 64 on 2 CPU cores these per-layer constants cost several percent of a small
-    model's forward (docs/performance.md#pruning)."""
-    try:
-        key = (dtype, *[(id(t), t._version) for layer in block._modules.values()
-                        for m in (layer, *layer._modules.values())
-                        for ts in (m._parameters, m._buffers) for t in ts.values() if t is not None],
-               *[getattr(m, "eps", None) for layer in block._modules.values() for m in layer._modules.values()])
-    except RuntimeError:  # a tensor made in inference mode carries no version: no memo
-        return _units(block, dtype)
-    cached = _EVAL_UNITS.get(block)
-    if cached is None or cached[0] != key:
-        cached = _EVAL_UNITS[block] = (key, _units(block, dtype, memo=True))
-    return cached[1]
 
 
 def _stats(x: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -684,8 +642,7 @@ def _run(block, x: torch.Tensor) -> torch.Tensor:
         units = _units(block, x.dtype)
         return _FusedDenseBlock.apply(block, units, x, *[p for us in units for u in us for p in u.params()])
     with torch.no_grad():
-        units = _units(block, x.dtype) if block.training else _eval_units(block, x.dtype)
-        return _forward(block, units, x, save=False)[0]
+        return _forward(block, _units(block, x.dtype), x, save=False)[0]
 
 
 # -- the transition ----------------------------------------------------------------------

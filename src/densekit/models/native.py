@@ -196,7 +196,7 @@ def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torc
     return out
 
 
-def checked_columns(index: torch.Tensor, width: int) -> torch.Tensor:
+def _columns(index: torch.Tensor, width: int) -> torch.Tensor:
     """A column index as the C code reads it: int64 values in [0, width), contiguous (a pruned
     layer's ``input_index`` is also checked to be increasing where it is set and loaded; the
     kernels only need the bounds to stay in memory)."""
@@ -209,13 +209,10 @@ def checked_columns(index: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def gather_cols(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None = None,
-                shift: torch.Tensor | None = None, checked: bool = False) -> torch.Tensor:
+                shift: torch.Tensor | None = None) -> torch.Tensor:
     """out[:, j] = x[:, index[j]] (``index`` increasing); with ``scale`` and ``shift``,
-    relu(x[:, index[j]] * scale[j] + shift[j]) in the same pass. ``checked``: ``index`` is
-    what :func:`checked_columns` returned for x's width (its bounds pass costs a few
-    microseconds, which a layer that gathers at every call keeps from paying again)."""
-    if not checked:
-        index = checked_columns(index, x.shape[1])
+    relu(x[:, index[j]] * scale[j] + shift[j]) in the same pass."""
+    index = _columns(index, x.shape[1])
     cols = index.numel()
     _mats(x.shape, x)
     _mats(torch.Size((x.shape[0], cols)), out, dtype=x.dtype)
@@ -230,7 +227,7 @@ def gather_cols(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, scale: 
 
 def scatter_add_cols(src: torch.Tensor, index: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """dst[:, index[j]] += src[:, j] (``index`` increasing), in place."""
-    index = checked_columns(index, dst.shape[1])
+    index = _columns(index, dst.shape[1])
     _mats(dst.shape, dst)
     _mats(torch.Size((dst.shape[0], index.numel())), src, dtype=dst.dtype)
     _check(_kernel("dk_scatter_add_cols", src)(src.data_ptr(), src.stride(0), index.data_ptr(), dst.data_ptr(),

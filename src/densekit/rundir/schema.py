@@ -215,10 +215,11 @@ CONFIG = {
     "pretrained": is_optional(is_name), "freeze_backbone": lambda v: isinstance(v, bool),
     "head_epochs": lambda v: is_int(v, 0, MAX_EPOCHS), "backbone_lr_scale": lambda v: is_number(v) and v > 0,
     "pos_weight": lambda v: v in (None, "auto"), "sparsity": lambda v: is_number(v, 0) and v < 1, "csv": is_optional(lambda v: isinstance(v, dict) and len(v) <= 16),
+    "precision": lambda v: v in ("auto", "fp32", "bf16"),
 }
 # Config fields a resume state written before they existed lacks: their value then.
 LATER_CONFIG = {"pretrained": None, "freeze_backbone": False, "head_epochs": 0, "backbone_lr_scale": 1.0,
-                "pos_weight": None, "csv": None, "sparsity": 0.0}
+                "pos_weight": None, "csv": None, "sparsity": 0.0, "precision": "auto"}
 _RECORD = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 _STATS = {"loss_sum": is_number, "correct": is_int, "seen": is_int,
           "seconds": lambda v: is_number(v, 0), "lr": lambda v: is_number(v, 0),

@@ -44,7 +44,7 @@ IDENTITY = ("model", "model_args", "dataset", "image_size", "recipe", "epochs", 
 LATER = LATER_CONFIG
 POS_WEIGHT = ("auto",)
 # What a resumed run keeps of its stored config besides its identity (unless given again).
-KEPT = ("data_dir", "deterministic", "save_every", "workers", "skip_bad_images")
+KEPT = ("data_dir", "deterministic", "save_every", "workers", "skip_bad_images", "precision")
 
 
 @dataclasses.dataclass
@@ -68,7 +68,8 @@ class TrainConfig:
     deterministic: bool | None = None
     device: str = "auto"
     channels_last: bool | None = None   # None: the runtime decides (on CUDA only)
-    precision: str = "auto"             # "fp32", "bf16" (autocast) or "auto": bf16 where the device has bf16 arithmetic
+    precision: str | None = None        # "fp32", "bf16" (autocast) or "auto": bf16 where the device has bf16
+                                        # arithmetic (None: auto, or what a resumed run was started with)
     cuda_graph: bool | None = None      # None: the runtime decides (on CUDA only)
     out: str | None = None              # None: runs/<dataset>-<model>-<time>
     resume: bool = False                # the directory must hold a run to continue

@@ -112,7 +112,7 @@ class Prediction(Result):
 
 
 def _load(run: RunDir, device: str, precision: str = "auto") -> tuple[torch.nn.Module, ModelInfo, Runtime]:
-    if precision == "auto" and _trained_precision(run) == "fp32":
+    if precision == "auto" and trained_precision(run) == "fp32":
         # a run trained in float32 (by request, or before bf16 was the default here) is scored
         # as it was trained, so that eval repeats its summary's figures
         precision = "fp32"
@@ -122,7 +122,7 @@ def _load(run: RunDir, device: str, precision: str = "auto") -> tuple[torch.nn.M
     return model, run.read_info(), runtime
 
 
-def _trained_precision(run: RunDir) -> str | None:
+def trained_precision(run: RunDir) -> str | None:
     """The precision the run trained in, as its summary.json records it (None: not recorded)."""
     try:
         precision = run.read_summary().get("precision")

@@ -203,7 +203,7 @@ def _train(config: TrainConfig, emit: Callable[[Event], None], job: distributed.
         (getattr(given_model, "pretrained_cfg", None) or {}).get("architecture") or CUSTOM_MODEL
     run, cfg, meta = _open_run(config, job, device, name)
     runtime = select_runtime(str(device), config.channels_last, bool(cfg["deterministic"]),
-                             False if job.active else config.cuda_graph, config.precision)
+                             False if job.active else config.cuda_graph, cfg["precision"])
     data = _load_data(cfg, meta, run, given_data)
     with runtime.activated():
         seed_everything(cfg["seed"])
