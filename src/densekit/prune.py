@@ -43,8 +43,7 @@ from .rundir import ModelInfo, RunDir, pruned_structure, refuse_nonempty
 from .models.size import estimate
 from .data.batches import loader_for
 from .train.engine import eval_batch_size, evaluate
-from .train.inference import trained_precision
-from .train.runtime import select_runtime
+from .train.inference import runtime_for
 
 METHOD = "network slimming: |gamma| of the batch norm that reads each channel, one global threshold"
 KINDS = ("inputs", "width")  # the keywords of DenseLayer.prune_
@@ -221,8 +220,7 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
     round_to = positive_int("round_to", round_to)
     refuse_nonempty(out)
     source = RunDir(run_dir)
-    # a run trained in float32 is scored (and timed) in float32, as `densekit eval` scores it
-    runtime = select_runtime(device, precision="fp32" if trained_precision(source) == "fp32" else "auto")
+    runtime = runtime_for(source, device)  # as `densekit eval` scores the run (and timed so)
     info = source.read_info()
     model = source.load_model(runtime.device)
     runtime.prepare(model)

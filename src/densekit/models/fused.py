@@ -629,12 +629,19 @@ class _FusedDenseBlock(torch.autograd.Function):
 def fused_dense_block(block, x: torch.Tensor) -> torch.Tensor:
     """Run ``block`` (a :class:`DenseBlock`) on ``x`` as one fused op: the same function as
     ``block.forward_plain(x)``, gradients included; the output is channels-last in memory."""
+    return _in_autocast_dtype(_run, block, x)
+
+
+def _in_autocast_dtype(run, module, x: torch.Tensor) -> torch.Tensor:
+    """``run(module, x)``, under autocast with ``x`` in the autocast dtype and autocast off
+    inside: the fused ops pick each op's dtype themselves (statistics and BN parameters in
+    float32), and the cast happens outside them so that autograd carries it back."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return _run(block, x.to(dtype))
-    return _run(block, x)
+            return run(module, x.to(dtype))
+    return run(module, x)
 
 
 def _run(block, x: torch.Tensor) -> torch.Tensor:
@@ -722,10 +729,7 @@ def fused_transition(transition, x: torch.Tensor) -> torch.Tensor:
     """Run ``transition`` on ``x`` with the native kernels (see :func:`supports_fused_transition`):
     the same function as ``transition.forward_plain(x)``, gradients included; under bf16
     autocast in bf16, as the dense block runs (statistics and BN parameters in float32)."""
-    if torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):
-            return _run_transition(transition, x.to(torch.bfloat16))
-    return _run_transition(transition, x)
+    return _in_autocast_dtype(_run_transition, transition, x)
 
 
 def _run_transition(transition, x: torch.Tensor) -> torch.Tensor:

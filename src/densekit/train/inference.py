@@ -112,17 +112,22 @@ class Prediction(Result):
 
 
 def _load(run: RunDir, device: str, precision: str = "auto") -> tuple[torch.nn.Module, ModelInfo, Runtime]:
-    if precision == "auto" and trained_precision(run) == "fp32":
-        # a run trained in float32 (by request, or before bf16 was the default here) is scored
-        # as it was trained, so that eval repeats its summary's figures
-        precision = "fp32"
-    runtime = select_runtime(device, precision=precision)
+    runtime = runtime_for(run, device, precision)
     model = run.load_model(runtime.device)
     runtime.prepare(model)
     return model, run.read_info(), runtime
 
 
-def trained_precision(run: RunDir) -> str | None:
+def runtime_for(run: RunDir, device: str, precision: str = "auto") -> Runtime:
+    """The runtime that scores ``run``'s model: ``select_runtime``'s, except that "auto" scores
+    a run trained in float32 (by request, or before bf16 was the default here) in float32, as
+    it was trained, so that eval, predict and prune repeat its summary's figures."""
+    if precision == "auto" and _trained_precision(run) == "fp32":
+        precision = "fp32"
+    return select_runtime(device, precision=precision)
+
+
+def _trained_precision(run: RunDir) -> str | None:
     """The precision the run trained in, as its summary.json records it (None: not recorded)."""
     try:
         precision = run.read_summary().get("precision")

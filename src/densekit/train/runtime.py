@@ -5,7 +5,7 @@ memory, which is what cuDNN's fastest convolution kernels want; cuDNN autotuning
 the run must be deterministic; training steps replayed from a CUDA graph (``step.py``).
 On a CPU with bf16 instructions (AMX-BF16 or AVX512-BF16): bf16 autocast, whose
 convolutions oneDNN runs on them, with the fused block's native kernels taking bf16 too:
-`make run` trained 1.4x as fast to the same accuracy on a 2-core AVX512-BF16 EPYC
+`make run` trained 1.35x as fast to the same accuracy on a 2-core AVX512-BF16 EPYC
 (docs/performance.md#make-run). On other CPUs: float32. The default layout on the CPU.
 
 ``precision`` overrides the choice of dtype: "fp32", or "bf16" (autocast) on any device
