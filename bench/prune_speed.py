@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
             export_onnx(d, path, batch_size=args.batch)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = torch.get_num_threads()
+            # onnxruntime's pool threads spin between ops by default; beside PyTorch's OpenMP
+            # threads in this process that halves its speed on a 2-core machine (34 against
+            # 17 ms a batch for the parent, docs/performance.md#pruning)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             sessions.append(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]))
         feed = x.numpy()
         calls = [lambda s=s: s.run(None, {s.get_inputs()[0].name: feed}) for s in sessions]

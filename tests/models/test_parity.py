@@ -5,9 +5,12 @@ import copy
 import pytest
 import torch
 import torchvision
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from densekit import DenseBlock, DenseLayer, DenseNet, Transition, create_model
 from densekit.models import native
+from densekit.prune import prune_model
 
 
 @pytest.fixture(params=["native", "torch-ops"])
@@ -528,23 +531,62 @@ def test_whole_model_gradients_laid_out_as_their_parameters_under_bf16(cpu_kerne
     assert wrong == [] and all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_torch_compile_traces_whole_model_and_matches(train):
-    # fullgraph=True fails on any graph break; aot_eager traces forward and backward the way
-    # inductor would, without its minutes of C++ compilation on 2 cores.
-    torch.manual_seed(0)
-    model = create_model("densenet_bc_100_k12", block_config=(2, 2), num_classes=5).train(train)
+def _compiled_against_reference(model, x, train: bool, tol: float = 1e-5):
+    """Compile ``model`` whole (fullgraph=True fails on any graph break; aot_eager traces
+    forward and backward the way inductor would, without its minutes of C++ compilation on 2
+    cores) and check its output, gradients and running statistics against the reference
+    path; returns the forward graph's code."""
+    model.train(train)
     reference = copy.deepcopy(model).set_fused(False)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    x = torch.randn(3, 3, 12, 12)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
     y, y_ref = compiled(x), reference(x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
     y.square().sum().backward()
     y_ref.square().sum().backward()
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
     for b, c in zip(model.buffers(), reference.buffers()):
         torch.testing.assert_close(b, c)
+    assert counter.frame_count == 1
+    return counter.graphs[0].code
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_torch_compile_keeps_the_fused_block_as_one_operator(train):
+    torch.manual_seed(0)
+    model = create_model("densenet_bc_100_k12", block_config=(2, 2), num_classes=5)
+    code = _compiled_against_reference(model, torch.randn(3, 3, 12, 12), train)
+    assert code.count("densekit.dense_block") == 2  # the blocks, not their layers' concatenations
+    assert "torch.cat" not in code
+
+
+@pytest.mark.parametrize("spatial_dims, size", [(1, (16,)), (3, (6, 6, 6))])
+def test_torch_compile_fused_block_in_1d_and_3d_with_cumulative_momentum(spatial_dims, size):
+    # momentum None: the running statistics are a cumulative average, updated in tensors
+    torch.manual_seed(1)
+    model = DenseNet(8, (2, 3), stem="cifar", num_classes=3, fused=True, spatial_dims=spatial_dims)
+    for m in model.features.denseblock2.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    for train in (True, False):
+        code = _compiled_against_reference(copy.deepcopy(model), torch.randn(2, 3, *size), train)
+        assert "densekit.dense_block" in code
+
+
+def test_torch_compile_pruned_block_and_dropout():
+    torch.manual_seed(2)
+    model = DenseNet(8, (3, 3), stem="cifar", num_classes=3, fused=True)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.0, 1.0)
+    prune_model(model, 0.4)
+    assert any(layer.input_index is not None for layer in model.features.denseblock2.values())
+    _compiled_against_reference(model, torch.randn(3, 3, 12, 12), True, tol=1e-4)
+    # dropout draws its masks inside the operator: only that it trains, with every gradient
+    dropping = DenseNet(8, (2, 2), stem="cifar", num_classes=3, fused=True, drop_rate=0.3).train()
+    torch.compile(dropping, backend="aot_eager", fullgraph=True)(torch.randn(4, 3, 12, 12)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dropping.parameters())
 
 
 def test_fused_direct_dgamma_accurate_where_mean_dwarfs_spread(cpu_kernels):

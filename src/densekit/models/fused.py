@@ -87,17 +87,31 @@ class _Unit:
     of MB costs more in page faults than the arithmetic done in it.
     """
 
-    __slots__ = ("bn", "gamma", "beta", "weight", "master", "padding", "index")
+    __slots__ = ("eps", "momentum", "gamma", "beta", "running_mean", "running_var", "batches", "weight",
+                 "master", "padding", "index")
 
     def __init__(self, bn: nn.Module, conv: nn.Module, dtype: torch.dtype, index: torch.Tensor | None = None):
-        self.bn = bn
+        self._set(bn.eps, bn.momentum, list(conv.padding), (bn.weight, bn.bias, conv.weight),
+                  (bn.running_mean, bn.running_var, bn.num_batches_tracked), dtype, index)
+
+    @classmethod
+    def of(cls, eps: float, momentum: float | None, padding: list[int], params, buffers, dtype: torch.dtype,
+           index: torch.Tensor | None) -> "_Unit":
+        """A unit from the batch norm's eps and momentum, the convolution's padding, (gamma,
+        beta, conv weight) and (running mean, running var, batches tracked): the custom
+        operator's arguments (``fused_op.py``)."""
+        unit = cls.__new__(cls)
+        unit._set(eps, momentum, padding, params, buffers, dtype, index)
+        return unit
+
+    def _set(self, eps, momentum, padding, params, buffers, dtype, index) -> None:
+        self.eps, self.momentum, self.padding = eps, momentum, padding
         self.index = index  # the buffer channels a pruned layer reads (None: all before it)
-        self.gamma, self.beta = bn.weight, bn.bias
+        (self.gamma, self.beta, master), (self.running_mean, self.running_var, self.batches) = params, buffers
         # Under autocast the convolutions run in the autocast dtype; the cast happens
         # outside the op, so autograd carries the gradient back to the fp32 weight.
-        self.weight = conv.weight if conv.weight.dtype == dtype else conv.weight.to(dtype)
-        self.master = conv.weight  # fp32, for folding a scale in before one rounding
-        self.padding = list(conv.padding)
+        self.weight = master if master.dtype == dtype else master.to(dtype)
+        self.master = master  # fp32, for folding a scale in before one rounding
 
     def select(self, t: torch.Tensor) -> torch.Tensor:
         """The entries of a per-channel vector of the buffer's first channels that this unit reads."""
@@ -154,15 +168,20 @@ class _Unit:
 
     def update_running(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
         # nn.BatchNorm's rule: a fixed momentum, or a cumulative average when it is None.
-        bn = self.bn
-        bn.num_batches_tracked.add_(1)
-        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        bn.running_mean.mul_(1 - m).add_(mean, alpha=m)
-        bn.running_var.mul_(1 - m).add_(var, alpha=m * count / max(count - 1, 1))
+        self.batches.add_(1)
+        unbiased = count / max(count - 1, 1)
+        if self.momentum is None:  # in tensors: no host sync, which torch.compile's full graph cannot hold
+            m = 1.0 / self.batches
+            self.running_mean.mul_(1 - m).add_(mean * m)
+            self.running_var.mul_(1 - m).add_(var * (m * unbiased))
+            return
+        m = self.momentum
+        self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+        self.running_var.mul_(1 - m).add_(var, alpha=m * unbiased)
 
     def scale_shift(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """BN(x) = x * scale + shift per channel, for the given statistics."""
-        scale = self.gamma * torch.rsqrt(var + self.bn.eps)
+        scale = self.gamma * torch.rsqrt(var + self.eps)
         return scale, self.beta - mean * scale
 
     def act(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -248,7 +267,7 @@ class _Unit:
         rather than as x*b + c', which cancels to a small difference of large terms when a
         channel's mean is far larger than its spread.
         """
-        invstd = torch.rsqrt(var + self.bn.eps)
+        invstd = torch.rsqrt(var + self.eps)
         sum_dy = dy.sum(0, dtype=_acc(dy.dtype))
         if sum_dy_a is None:
             sum_dy_x = torch.mul(dy, x, out=scratch).sum(0, dtype=_acc(dy.dtype))
@@ -269,7 +288,7 @@ class _Unit:
         """Backward of a = ReLU(BN(x)) on rows: ``d``, the gradient of a, becomes the gradient
         of x, in place; ``a`` is overwritten. Returns (dgamma, dbeta)."""
         if native.usable(d, a, x):
-            invstd = torch.rsqrt(var + self.bn.eps)
+            invstd = torch.rsqrt(var + self.eps)
             sum_dy, sum_dyx = native.relu_bn_sums(d, a, dout=d, x=x if sum_dy_a is None else None, mean=mean)
             k, b, c, dgamma = self._native_coefficients(d, a, x, mean, invstd, training, sum_dy, sum_dyx, sum_dy_a)
             if training:
@@ -290,7 +309,7 @@ class _Unit:
         the dy*k part of x's gradient to ``acc`` (``d`` and ``a`` may be overwritten) and returns
         (b, c, dgamma, dbeta); the caller applies the (x - mean)*b + c part once per channel."""
         if native.usable(d, a, x, acc):
-            invstd = torch.rsqrt(var + self.bn.eps)
+            invstd = torch.rsqrt(var + self.eps)
             sum_dy, sum_dyx = native.relu_bn_sums(d, a, x=x if sum_dy_a is None else None, mean=mean, acc=acc,
                                                   k=self.gamma * invstd)
             _, b, c, dgamma = self._native_coefficients(d, a, x, mean, invstd, training, sum_dy, sum_dyx, sum_dy_a)
@@ -451,7 +470,7 @@ def _gathered_width(units: list[list[_Unit]]) -> int:
 
 
 def _running(unit: _Unit):
-    return unit.bn.running_mean, unit.bn.running_var
+    return unit.running_mean, unit.running_var
 
 
 class _Scratch:
@@ -472,11 +491,13 @@ class _Scratch:
         return flat[: self.rows * cols].view(self.rows, cols)
 
 
-def _forward(block, units, x: torch.Tensor, save: bool):
+def _forward(block, units, x: torch.Tensor, save: bool, update: bool = True):
     """Run the block into one channels-last buffer; with ``save``, keep what backward needs.
 
     Returns the buffer as (N, C, *spatial), the statistics of every buffer channel
-    (training only) and the per-layer tensors backward needs.
+    (training only) and the per-layer tensors backward needs. In training mode the running
+    statistics are updated unless ``update`` is False (the custom operator, which leaves
+    it to its caller: ``fused_op.py``).
     """
     layers = list(block.values())
     training = block.training
@@ -500,7 +521,8 @@ def _forward(block, units, x: torch.Tensor, save: bool):
             ci = c0 + i * k
             if training:
                 m1, v1 = us[0].select(mean[:ci]), us[0].select(var[:ci])
-                us[0].update_running(m1, v1, count)
+                if update:
+                    us[0].update_running(m1, v1, count)
                 scale_shift = us[0].scale_shift(m1, v1)
             else:
                 scale_shift = us[0].running_scale_shift()
@@ -513,7 +535,8 @@ def _forward(block, units, x: torch.Tensor, save: bool):
                 h = _rows(us[0].conv(a, spatial))
                 if training:
                     m2, v2 = _stats(h, scratch("a2", h.shape[1]))
-                    us[1].update_running(m2, v2, count)
+                    if update:
+                        us[1].update_running(m2, v2, count)
                     if save:
                         saved += [h, m2, v2]
                 else:
@@ -542,7 +565,6 @@ class _FusedDenseBlock(torch.autograd.Function):
         buf, (mean, var), saved = _forward(block, units, x, save=True)
         ctx.block, ctx.units, ctx.c0 = block, units, x.shape[1]
         ctx.training = block.training
-        ctx.spatial = tuple(x.shape[2:])
         stats = [mean, var] if ctx.training else []
         ctx.save_for_backward(buf, *stats, *saved)
         return buf
@@ -550,80 +572,88 @@ class _FusedDenseBlock(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # backward runs in-place kernels autograd cannot differentiate
     def backward(ctx, grad_out):
-        block, units, training, spatial = ctx.block, ctx.units, ctx.training, ctx.spatial
         buf, *rest = ctx.saved_tensors
-        mean, var = (rest[0], rest[1]) if training else (None, None)
-        saved = rest[2:] if training else rest
-        layers = list(block.values())
-        k, c, c0 = block.growth_rate, block.out_channels, ctx.c0
-        rows = buf.movedim(1, -1).view(-1, c)
-        width = _bottleneck_width(units)
-        scratch = _Scratch(rows.shape[0], {"a": max(c - k, k), "d": c - k, "a2": width, "d2": width,
-                                           "p": width, "g": _gathered_width(units), "acc": _gathered_width(units)},
-                           rows)
-        grads: list[list] = [[None] * (3 * len(us)) for us in units]
-        # The output is the buffer itself: its gradient accumulates what every later layer
-        # sends back to the channels it read. The BN terms linear in x are summed per
-        # channel in b_sum, c_sum and applied once, when a channel's gradient is complete.
-        grad_store = grad_out.movedim(1, -1).clone(memory_format=torch.contiguous_format)
-        grad_rows = grad_store.view(-1, c)
-        b_sum = torch.zeros(c, dtype=_acc(buf.dtype), device=buf.device)
-        c_sum = torch.zeros_like(b_sum)
+        mean, var = (rest[0], rest[1]) if ctx.training else (None, None)
+        saved = rest[2:] if ctx.training else rest
+        grad_x, grads = _backward(ctx.block, ctx.units, ctx.training, ctx.c0, buf, mean, var, saved, grad_out)
+        params = [p for us in ctx.units for u in us for p in u.params()]
+        return (None, None, grad_x, *[_laid_out_as(g, p) for g, p in zip(grads, params)])
 
-        def complete(lo: int, hi: int) -> None:
-            if training and native.usable(grad_rows, rows):
-                native.bn_grad_apply(grad_rows[:, lo:hi], rows[:, lo:hi], mean[lo:hi], b_sum[lo:hi], c_sum[lo:hi])
-            elif training:
-                dtype = rows.dtype
-                # x - mean is formed in fp32 (mean stays fp32 under bf16) and rounded once to the
-                # buffer's dtype, the scratch's
-                centered = torch.sub(rows[:, lo:hi], mean[lo:hi], out=scratch("a", hi - lo))
-                grad_rows[:, lo:hi].addcmul_(centered, b_sum[lo:hi].to(dtype)).add_(c_sum[lo:hi].to(dtype))
 
-        pos = len(saved)
-        for i in reversed(range(len(layers))):
-            us, gl = units[i], grads[i]
-            ci = c0 + i * k
-            complete(ci, ci + k)
-            g = grad_store[..., ci:ci + k].movedim(-1, 1)
-            if training and layers[i].drop_rate > 0:
+def _backward(block, units, training: bool, c0: int, buf, mean, var, saved, grad_out, all_weights: bool = False):
+    """The gradients of the block's input and of every unit's (gamma, beta, weight), from what
+    :func:`_forward` saved in the mode ``training``; a weight's only where it requires grad,
+    or every one with ``all_weights``."""
+    spatial = tuple(buf.shape[2:])
+    layers = list(block.values())
+    k, c = block.growth_rate, block.out_channels
+    rows = buf.movedim(1, -1).view(-1, c)
+    width = _bottleneck_width(units)
+    scratch = _Scratch(rows.shape[0], {"a": max(c - k, k), "d": c - k, "a2": width, "d2": width,
+                                       "p": width, "g": _gathered_width(units), "acc": _gathered_width(units)},
+                       rows)
+    grads: list[list] = [[None] * (3 * len(us)) for us in units]
+    # The output is the buffer itself: its gradient accumulates what every later layer
+    # sends back to the channels it read. The BN terms linear in x are summed per
+    # channel in b_sum, c_sum and applied once, when a channel's gradient is complete.
+    grad_store = grad_out.movedim(1, -1).clone(memory_format=torch.contiguous_format)
+    grad_rows = grad_store.view(-1, c)
+    b_sum = torch.zeros(c, dtype=_acc(buf.dtype), device=buf.device)
+    c_sum = torch.zeros_like(b_sum)
+
+    def complete(lo: int, hi: int) -> None:
+        if training and native.usable(grad_rows, rows):
+            native.bn_grad_apply(grad_rows[:, lo:hi], rows[:, lo:hi], mean[lo:hi], b_sum[lo:hi], c_sum[lo:hi])
+        elif training:
+            dtype = rows.dtype
+            # x - mean is formed in fp32 (mean stays fp32 under bf16) and rounded once to the
+            # buffer's dtype, the scratch's
+            centered = torch.sub(rows[:, lo:hi], mean[lo:hi], out=scratch("a", hi - lo))
+            grad_rows[:, lo:hi].addcmul_(centered, b_sum[lo:hi].to(dtype)).add_(c_sum[lo:hi].to(dtype))
+
+    pos = len(saved)
+    for i in reversed(range(len(layers))):
+        us, gl = units[i], grads[i]
+        ci = c0 + i * k
+        complete(ci, ci + k)
+        g = grad_store[..., ci:ci + k].movedim(-1, 1)
+        if training and layers[i].drop_rate > 0:
+            pos -= 1
+            g = g * saved[pos]
+        u1 = us[0]
+        inp = u1.read(rows[:, :ci], scratch)
+        m1, v1 = (u1.select(mean[:ci]), u1.select(var[:ci])) if training else _running(u1)
+        if len(us) == 2:
+            u2 = us[1]
+            if training:
+                pos -= 3
+                h, m2, v2 = saved[pos:pos + 3]
+            else:
                 pos -= 1
-                g = g * saved[pos]
-            u1 = us[0]
-            inp = u1.read(rows[:, :ci], scratch)
-            m1, v1 = (u1.select(mean[:ci]), u1.select(var[:ci])) if training else _running(u1)
-            if len(us) == 2:
-                u2 = us[1]
-                if training:
-                    pos -= 3
-                    h, m2, v2 = saved[pos:pos + 3]
-                else:
-                    pos -= 1
-                    h, (m2, v2) = saved[pos], _running(u2)
-                a2 = u2.act(h, m2, v2, scratch("a2", h.shape[1]))
-                d2, gl[5] = u2.conv_backward(g, a2, spatial, scratch("d2", h.shape[1]), u2.weight.requires_grad)
-                gl[3], gl[4] = u2.input_grad_(d2, a2, h, m2, v2, training, scratch("p", h.shape[1]),
-                                              u2.sum_grad_times_input(gl[5], a2))
-                g = _grid(d2, spatial)
-            n1 = inp.shape[1]
-            a = u1.act(inp, m1, v1, scratch("a", n1))
-            d, gl[2] = u1.conv_backward(g, a, spatial, scratch("d", n1), u1.weight.requires_grad)
-            # a pruned layer's input gradient goes to a workspace, then to the channels it read
-            acc = grad_rows[:, :ci] if u1.index is None else scratch("acc", n1).zero_()
-            b1, c1, gl[0], gl[1] = u1.accumulate_input_grad(d, a, inp, m1, v1, training, acc,
-                                                            u1.sum_grad_times_input(gl[2], a))
-            if u1.index is not None:
-                u1.add_back(acc, grad_rows[:, :ci])
-            if training and u1.index is None:
-                b_sum[:ci] += b1
-                c_sum[:ci] += c1
-            elif training:
-                b_sum.index_add_(0, u1.index, b1.to(b_sum.dtype))
-                c_sum.index_add_(0, u1.index, c1.to(c_sum.dtype))
-        complete(0, c0)
-        grad_x = grad_store[..., :c0].movedim(-1, 1)
-        params = [p for us in units for u in us for p in u.params()]
-        return (None, None, grad_x, *[_laid_out_as(g, p) for g, p in zip((g for gl in grads for g in gl), params)])
+                h, (m2, v2) = saved[pos], _running(u2)
+            a2 = u2.act(h, m2, v2, scratch("a2", h.shape[1]))
+            d2, gl[5] = u2.conv_backward(g, a2, spatial, scratch("d2", h.shape[1]),
+                                         all_weights or u2.weight.requires_grad)
+            gl[3], gl[4] = u2.input_grad_(d2, a2, h, m2, v2, training, scratch("p", h.shape[1]),
+                                          u2.sum_grad_times_input(gl[5], a2))
+            g = _grid(d2, spatial)
+        n1 = inp.shape[1]
+        a = u1.act(inp, m1, v1, scratch("a", n1))
+        d, gl[2] = u1.conv_backward(g, a, spatial, scratch("d", n1), all_weights or u1.weight.requires_grad)
+        # a pruned layer's input gradient goes to a workspace, then to the channels it read
+        acc = grad_rows[:, :ci] if u1.index is None else scratch("acc", n1).zero_()
+        b1, c1, gl[0], gl[1] = u1.accumulate_input_grad(d, a, inp, m1, v1, training, acc,
+                                                        u1.sum_grad_times_input(gl[2], a))
+        if u1.index is not None:
+            u1.add_back(acc, grad_rows[:, :ci])
+        if training and u1.index is None:
+            b_sum[:ci] += b1
+            c_sum[:ci] += c1
+        elif training:
+            b_sum.index_add_(0, u1.index, b1.to(b_sum.dtype))
+            c_sum.index_add_(0, u1.index, c1.to(c_sum.dtype))
+    complete(0, c0)
+    return grad_store[..., :c0].movedim(-1, 1), [g for gl in grads for g in gl]
 
 
 def fused_dense_block(block, x: torch.Tensor) -> torch.Tensor:
@@ -714,7 +744,7 @@ class _FusedTransition(torch.autograd.Function):
         rows, mean, var, pooled = ctx.saved_tensors
         grad_pooled, grad_w = unit.conv_backward(grad_out, pooled, tuple(s // 2 for s in spatial),
                                                  torch.empty_like(pooled), unit.weight.requires_grad)
-        invstd = torch.rsqrt(var + unit.bn.eps)
+        invstd = torch.rsqrt(var + unit.eps)
         scale, shift = unit.scale_shift(mean, var)
         sum_dy, sum_dyx = native.unpool_relu_bn_sums(grad_pooled, rows, spatial, scale, shift, mean)
         dgamma = sum_dyx * invstd

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .. import checks
 from . import fused as _fused
+from . import fused_op as _fused_op
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -49,10 +50,10 @@ def is_fx_tracing() -> bool:
 
 
 def _plain_only() -> bool:
-    """Must the fast paths stand aside? Under torch.compile the compiler fuses the plain path's
-    concatenations and BN-ReLU itself, and the fused op's bookkeeping (channel groups picked at
-    run time) would break its graph; a torch.jit trace or an fx trace cannot see native kernels."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or is_fx_tracing()
+    """Must the fast paths stand aside? An exported program (torch.export) is meant to run
+    without densekit, and a torch.jit trace or an fx trace cannot see native kernels. Under
+    torch.compile the fused block runs as a custom operator (``fused_op.py``)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or is_fx_tracing()
 
 
 def _each(value, n: int) -> bool:
@@ -327,6 +328,8 @@ class DenseBlock(nn.ModuleDict):
     @torch.jit.unused
     def _forward_fused(self, x: Tensor) -> Tensor:
         if _fused.unsupported_reason(self) is None:
+            if torch.compiler.is_compiling():
+                return _fused._in_autocast_dtype(_fused_op.run, self, x)
             return _fused.fused_dense_block(self, x)
         return self.forward_plain(x)
 
@@ -383,6 +386,8 @@ class Transition(nn.Sequential):
     def _forward_fused(self, x: Tensor) -> Tensor:
         if not self.pools_first:
             return self.forward_plain(x)
+        if torch.compiler.is_compiling():  # the compiler fuses BN-ReLU-pool itself
+            return self.conv(self.pool(self.relu(self.norm(x))))
         if _fused.supports_fused_transition(self, x):
             return _fused.fused_transition(self, x)
         return _fused.conv_keeping_layout(self.conv, self.pool(self.relu(self.norm(x))))

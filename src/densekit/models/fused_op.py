@@ -1,0 +1,181 @@
+"""The fused dense block as a custom operator (``torch.library``), for ``torch.compile``.
+
+The fused block (``fused.py``) runs native kernels, reads data pointers and keeps host-side
+bookkeeping that TorchDynamo cannot trace. Traced as the reference path, a compiled
+DenseNet loses the block's speed and its memory linear in depth: on 2 CPU cores
+``torch.compile`` of a densekit model trained slower than the same model in eager mode
+(docs/performance.md). As two opaque operators, ``densekit::dense_block`` and
+``densekit::dense_block_backward``, the block stays one call in the compiled graph,
+``fullgraph=True`` included, and the compiler fuses what lies between the blocks.
+
+An operator's arguments can only be tensors and plain values, so each is a pure function of
+them: the block's structure (growth rate, which layers have a bottleneck, dropout rates,
+batch-norm eps and momentum, paddings, a pruned layer's input channels) and the tensors it
+reads and updates (batch-norm scales and shifts, convolution weights, running statistics),
+so that the compiler's functionalization sees the running statistics' update.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+from torch import Tensor
+
+from . import fused
+
+_CUMULATIVE = -1.0  # stands for a batch norm's momentum None (a cumulative moving average)
+
+
+def _halves(layer) -> list[tuple]:
+    """(norm, conv) of each BN-ReLU-Conv half of a dense layer."""
+    return [(layer.norm1, layer.conv1)] + ([(layer.norm2, layer.conv2)] if layer.has_bottleneck else [])
+
+
+def arguments(block) -> dict:
+    """The operator's arguments for ``block`` (a DenseBlock), but its input and ``save``."""
+    params, buffers, eps, momentum, paddings = [], [], [], [], []
+    for layer in block.values():
+        for bn, conv in _halves(layer):
+            params += [bn.weight, bn.bias, conv.weight]
+            buffers += [bn.running_mean, bn.running_var, bn.num_batches_tracked]
+            eps.append(float(bn.eps))
+            momentum.append(_CUMULATIVE if bn.momentum is None else float(bn.momentum))
+            paddings += list(conv.padding)
+    layers = list(block.values())
+    return dict(params=params, buffers=buffers, indices=[layer.input_index for layer in layers],
+                bottleneck=[layer.has_bottleneck for layer in layers],
+                drop_rates=[float(layer.drop_rate) for layer in layers], eps=eps, momentum=momentum,
+                paddings=paddings, growth_rate=block.growth_rate, training=block.training)
+
+
+def _structure(x: Tensor, drop_rates: list[float], growth_rate: int, training: bool):
+    """What ``fused._forward`` and ``fused._backward`` read of a DenseBlock module."""
+    layers = [types.SimpleNamespace(drop_rate=r) for r in drop_rates]
+    return types.SimpleNamespace(values=lambda: layers, growth_rate=growth_rate, training=training,
+                                 out_channels=x.shape[1] + len(layers) * growth_rate)
+
+
+def _units(dtype, params, buffers, indices, bottleneck, eps, momentum, paddings) -> list[list]:
+    out, u, dims = [], 0, len(paddings) // len(eps)
+    for index, has_bottleneck in zip(indices, bottleneck):
+        units = []
+        for half in range(1 + has_bottleneck):
+            m = None if momentum[u] == _CUMULATIVE else momentum[u]
+            units.append(fused._Unit.of(eps[u], m, paddings[u * dims:(u + 1) * dims], params[3 * u:3 * u + 3],
+                                        buffers[3 * u:3 * u + 3] or (None,) * 3, dtype, index if half == 0 else None))
+            u += 1
+        out.append(units)
+    return out
+
+
+@torch.library.custom_op("densekit::dense_block", mutates_args=())
+def dense_block(x: Tensor, params: list[Tensor], buffers: list[Tensor], indices: list[Tensor | None],
+                bottleneck: list[bool], drop_rates: list[float], eps: list[float], momentum: list[float],
+                paddings: list[int], growth_rate: int, training: bool, save: bool) -> list[Tensor]:
+    """The block's output buffer, then its batch statistics (empty in eval mode) and what
+    backward reads (with ``save``, and always in training mode: the bottlenecks' batch
+    statistics are among them). The running statistics are the caller's to update
+    (:func:`update_running`): an operator with an autograd formula mutates none of its inputs."""
+    block = _structure(x, drop_rates, growth_rate, training)
+    units = _units(x.dtype, params, buffers, indices, bottleneck, eps, momentum, paddings)
+    with torch.no_grad():
+        buf, (mean, var), saved = fused._forward(block, units, x, save=save or training, update=False)
+    if mean is None:
+        mean, var = x.new_empty(0, dtype=fused._acc(x.dtype)), x.new_empty(0, dtype=fused._acc(x.dtype))
+    return [buf, mean, var, *[t.contiguous() for t in saved]]
+
+
+@dense_block.register_fake
+def _(x, params, buffers, indices, bottleneck, drop_rates, eps, momentum, paddings, growth_rate, training, save):
+    n, c0, *spatial = x.shape
+    acc = fused._acc(x.dtype)
+    c = c0 + len(bottleneck) * growth_rate
+    stats = c if training else 0
+    out = [x.new_empty((n, *spatial, c)).movedim(-1, 1), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)]
+    if save or training:
+        rows, u = n * math.prod(spatial), 0
+        for has_bottleneck, rate in zip(bottleneck, drop_rates):
+            if has_bottleneck:
+                width = params[3 * u + 2].shape[0]  # conv1's output channels
+                out.append(x.new_empty((rows, width)))
+                if training:
+                    out += [x.new_empty(width, dtype=acc), x.new_empty(width, dtype=acc)]
+            if training and rate > 0:
+                out.append(x.new_empty((n, growth_rate, *spatial)))
+            u += 1 + has_bottleneck
+    return out
+
+
+@torch.library.custom_op("densekit::dense_block_backward", mutates_args=())
+def dense_block_backward(grad: Tensor, outputs: list[Tensor], params: list[Tensor], buffers: list[Tensor],
+                         indices: list[Tensor | None], bottleneck: list[bool], drop_rates: list[float],
+                         eps: list[float], momentum: list[float], paddings: list[int], growth_rate: int,
+                         training: bool, in_channels: int) -> list[Tensor]:
+    """The gradient of the block's input (of ``in_channels`` channels), then of every
+    parameter, from :func:`dense_block`'s ``outputs``."""
+    buf, mean, var, *saved = outputs
+    block = _structure(buf[:, :in_channels], drop_rates, growth_rate, training)
+    units = _units(buf.dtype, params, buffers, indices, bottleneck, eps, momentum, paddings)
+    stats = (mean, var) if training else (None, None)
+    grad_x, grads = fused._backward(block, units, training, in_channels, buf, *stats, saved, grad, all_weights=True)
+    return [grad_x, *[fused._laid_out_as(g, p).to(p.dtype) for g, p in zip(grads, params)]]
+
+
+@dense_block_backward.register_fake
+def _(grad, outputs, params, buffers, indices, bottleneck, drop_rates, eps, momentum, paddings, growth_rate,
+      training, in_channels):
+    n, c, *spatial = outputs[0].shape
+    grad_x = grad.new_empty((n, *spatial, c))[..., :in_channels].movedim(-1, 1)
+    return [grad_x, *[torch.empty_like(p) for p in params]]
+
+
+def _setup_context(ctx, inputs, output):
+    x, params, buffers, *structure, save = inputs
+    ctx.structure, ctx.in_channels = structure, x.shape[1]
+    # torch.library matches the gradients to the inputs as a tree: a list all of tensors is a
+    # list of gradients, anything else one (here None)
+    ctx.tree = [len(v) if isinstance(v, list) and all(isinstance(e, Tensor) for e in v) else None
+                for v in inputs[2:]]
+    ctx.counts = len(output), len(params)
+    # the running statistics only in eval mode, where backward reads them and nothing updates them
+    ctx.save_for_backward(*output, *params, *([] if structure[-1] else buffers))
+
+
+def _backward(ctx, grads):
+    saved = ctx.saved_tensors
+    n_out, n_params = ctx.counts
+    outputs, params, buffers = saved[:n_out], saved[n_out:n_out + n_params], saved[n_out + n_params:]
+    result = dense_block_backward(grads[0], list(outputs), list(params), list(buffers), *ctx.structure,
+                                  ctx.in_channels)
+    return (result[0], list(result[1:]), *[None if n is None else [None] * n for n in ctx.tree])
+
+
+dense_block.register_autograd(_backward, setup_context=_setup_context)
+
+
+def update_running(block, x: Tensor, outputs: list[Tensor]) -> None:
+    """Update the running statistics of ``block`` in training mode from :func:`dense_block`'s
+    ``outputs`` on ``x``, as the fused block does (nn.BatchNorm's rule): in-place ops on the
+    module's buffers, which the compiler traces."""
+    _, mean, var, *saved = outputs
+    count, k, pos = x.numel() // x.shape[1], block.growth_rate, 0
+    for i, units in enumerate(fused._units(block, x.dtype)):
+        ci = x.shape[1] + i * k
+        units[0].update_running(units[0].select(mean[:ci]), units[0].select(var[:ci]), count)
+        if len(units) == 2:
+            units[1].update_running(saved[pos + 1], saved[pos + 2], count)
+            pos += 3
+        pos += list(block.values())[i].drop_rate > 0
+
+
+def run(block, x: Tensor) -> Tensor:
+    """``fused.fused_dense_block(block, x)`` through the operators (under torch.compile)."""
+    args = arguments(block)
+    save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in args["params"]))
+    outputs = dense_block(x, **args, save=save)
+    if block.training:
+        with torch.no_grad():
+            update_running(block, x, outputs)
+    return outputs[0]
