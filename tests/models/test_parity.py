@@ -536,6 +536,7 @@ def _compiled_against_reference(model, x, train: bool, tol: float = 1e-5):
     forward and backward the way inductor would, without its minutes of C++ compilation on 2
     cores) and check its output, gradients and running statistics against the reference
     path; returns the forward graph's code."""
+    torch._dynamo.reset()  # each test's models are new: no recompile limit across tests
     model.train(train)
     reference = copy.deepcopy(model).set_fused(False)
     counter = CompileCounterWithBackend("aot_eager")
@@ -558,7 +559,25 @@ def test_torch_compile_keeps_the_fused_block_as_one_operator(train):
     model = create_model("densenet_bc_100_k12", block_config=(2, 2), num_classes=5)
     code = _compiled_against_reference(model, torch.randn(3, 3, 12, 12), train)
     assert code.count("densekit.dense_block") == 2  # the blocks, not their layers' concatenations
-    assert "torch.cat" not in code
+    assert code.count("densekit.transition") == 1 and "torch.cat" not in code
+
+
+def test_torch_compile_under_bf16_autocast_runs_what_eager_runs():
+    torch.manual_seed(3)
+    model = create_model("densenet_bc_100_k12", block_config=(2, 2), num_classes=5).train()
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 3, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_eager = compiled(x), eager(x)
+    assert y.dtype == y_eager.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_eager, rtol=0.02, atol=0.02)
+    y.float().square().sum().backward()
+    y_eager.float().square().sum().backward()
+    for p, q in zip(model.parameters(), eager.parameters()):
+        assert p.grad.dtype == torch.float32 and p.grad.stride() == p.stride()
+        assert (p.grad - q.grad).norm() <= 0.05 * q.grad.norm() + 1e-6
 
 
 @pytest.mark.parametrize("spatial_dims, size", [(1, (16,)), (3, (6, 6, 6))])
@@ -585,6 +604,7 @@ def test_torch_compile_pruned_block_and_dropout():
     _compiled_against_reference(model, torch.randn(3, 3, 12, 12), True, tol=1e-4)
     # dropout draws its masks inside the operator: only that it trains, with every gradient
     dropping = DenseNet(8, (2, 2), stem="cifar", num_classes=3, fused=True, drop_rate=0.3).train()
+    torch._dynamo.reset()
     torch.compile(dropping, backend="aot_eager", fullgraph=True)(torch.randn(4, 3, 12, 12)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dropping.parameters())
 

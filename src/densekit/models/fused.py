@@ -709,14 +709,16 @@ def _rows_have_columns(x: torch.Tensor) -> bool:
         return True
 
 
-def _transition_forward(unit: _Unit, x: torch.Tensor, training: bool):
+def _transition_forward(unit: _Unit, x: torch.Tensor, training: bool, update: bool = True):
     """(output, rows of x, mean, var, pooled rows): BN-ReLU and pooling in one native pass,
-    then the 1x1 convolution on a quarter of the positions."""
+    then the 1x1 convolution on a quarter of the positions. In training mode the running
+    statistics are updated unless ``update`` is False (as in :func:`_forward`)."""
     spatial = tuple(x.shape[2:])
     rows = _rows(x)  # a view where x is channels-last, as a fused block's output is
     if training:
         mean, var = _stats(rows)
-        unit.update_running(mean, var, rows.shape[0])
+        if update:
+            unit.update_running(mean, var, rows.shape[0])
     else:
         mean, var = _running(unit)
     pooled = native.bn_relu_pool(rows, spatial, *unit.scale_shift(mean, var))
@@ -740,19 +742,27 @@ class _FusedTransition(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        unit, training, spatial = ctx.unit, ctx.training, ctx.spatial
         rows, mean, var, pooled = ctx.saved_tensors
-        grad_pooled, grad_w = unit.conv_backward(grad_out, pooled, tuple(s // 2 for s in spatial),
-                                                 torch.empty_like(pooled), unit.weight.requires_grad)
-        invstd = torch.rsqrt(var + unit.eps)
-        scale, shift = unit.scale_shift(mean, var)
-        sum_dy, sum_dyx = native.unpool_relu_bn_sums(grad_pooled, rows, spatial, scale, shift, mean)
-        dgamma = sum_dyx * invstd
-        k, b, c = unit._coefficients(invstd, dgamma, sum_dy, rows.shape[0], training)
-        grad_x = None
-        if ctx.needs_input_grad[2]:
-            grad_x = _grid(native.unpool_bn_grad(grad_pooled, rows, spatial, scale, shift, k, mean, b, c), spatial)
-        return None, None, grad_x, dgamma, sum_dy, _laid_out_as(grad_w, unit.weight)
+        grads = _transition_backward(ctx.unit, ctx.training, ctx.spatial, rows, mean, var, pooled, grad_out,
+                                     ctx.needs_input_grad[2], ctx.unit.weight.requires_grad)
+        return None, None, *grads
+
+
+def _transition_backward(unit: _Unit, training: bool, spatial, rows, mean, var, pooled, grad_out,
+                         need_x: bool, need_weight: bool):
+    """(grad of x or None, dgamma, dbeta, grad of the weight or None) from what
+    :func:`_transition_forward` returned."""
+    grad_pooled, grad_w = unit.conv_backward(grad_out, pooled, tuple(s // 2 for s in spatial),
+                                             torch.empty_like(pooled), need_weight)
+    invstd = torch.rsqrt(var + unit.eps)
+    scale, shift = unit.scale_shift(mean, var)
+    sum_dy, sum_dyx = native.unpool_relu_bn_sums(grad_pooled, rows, spatial, scale, shift, mean)
+    dgamma = sum_dyx * invstd
+    k, b, c = unit._coefficients(invstd, dgamma, sum_dy, rows.shape[0], training)
+    grad_x = None
+    if need_x:
+        grad_x = _grid(native.unpool_bn_grad(grad_pooled, rows, spatial, scale, shift, k, mean, b, c), spatial)
+    return grad_x, dgamma, sum_dy, _laid_out_as(grad_w, unit.weight)
 
 
 def fused_transition(transition, x: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,15 @@
 """The fused dense block as a custom operator (``torch.library``), for ``torch.compile``.
 
-The fused block (``fused.py``) runs native kernels, reads data pointers and keeps host-side
+The fused block and transition (``fused.py``) run native kernels, reads data pointers and keeps host-side
 bookkeeping that TorchDynamo cannot trace. Traced as the reference path, a compiled
 DenseNet loses the block's speed and its memory linear in depth: on 2 CPU cores
 ``torch.compile`` of a densekit model trained slower than the same model in eager mode
-(docs/performance.md). As two opaque operators, ``densekit::dense_block`` and
-``densekit::dense_block_backward``, the block stays one call in the compiled graph,
-``fullgraph=True`` included, and the compiler fuses what lies between the blocks.
+(docs/performance.md). As opaque operators (``densekit::dense_block``,
+``densekit::transition`` and their backwards), each stays one call in the compiled graph,
+``fullgraph=True`` included, and the compiler fuses what lies between them.
 
 An operator's arguments can only be tensors and plain values, so each is a pure function of
-them: the block's structure (growth rate, which layers have a bottleneck, dropout rates,
+them: the module's structure (growth rate, which layers have a bottleneck, dropout rates,
 batch-norm eps and momentum, paddings, a pruned layer's input channels) and the tensors it
 reads and updates (batch-norm scales and shifts, convolution weights, running statistics),
 so that the compiler's functionalization sees the running statistics' update.
@@ -178,4 +178,87 @@ def run(block, x: Tensor) -> Tensor:
     if block.training:
         with torch.no_grad():
             update_running(block, x, outputs)
+    return outputs[0]
+
+
+# -- the transition ----------------------------------------------------------------------
+
+def _transition_unit(x: Tensor, params, buffers, eps: float, momentum: float) -> "fused._Unit":
+    return fused._Unit.of(eps, None if momentum == _CUMULATIVE else momentum, [0] * (x.dim() - 2), params,
+                          buffers or (None,) * 3, x.dtype, None)
+
+
+@torch.library.custom_op("densekit::transition", mutates_args=())
+def transition(x: Tensor, params: list[Tensor], buffers: list[Tensor], eps: float, momentum: float,
+               training: bool) -> list[Tensor]:
+    """The transition's output, its batch statistics (empty in eval mode) and the pooled
+    BN-ReLU, which backward reads; the running statistics are the caller's to update."""
+    unit = _transition_unit(x, params, buffers, eps, momentum)
+    with torch.no_grad():
+        out, _, mean, var, pooled = fused._transition_forward(unit, x, training, update=False)
+    if not training:  # the running statistics: inputs, which an output may not be
+        mean, var = x.new_empty(0, dtype=fused._acc(x.dtype)), x.new_empty(0, dtype=fused._acc(x.dtype))
+    return [fused._grid(fused._rows(out).contiguous(), tuple(out.shape[2:])), mean, var, pooled]
+
+
+def _pooled_spatial(x: Tensor) -> list[int]:
+    return [s // 2 for s in x.shape[2:]]
+
+
+@transition.register_fake
+def _(x, params, buffers, eps, momentum, training):
+    n, c, *spatial = x.shape
+    half = _pooled_spatial(x)
+    acc, stats = fused._acc(x.dtype), c if training else 0
+    return [x.new_empty((n, *half, params[2].shape[0])).movedim(-1, 1), x.new_empty(stats, dtype=acc),
+            x.new_empty(stats, dtype=acc), x.new_empty((n * math.prod(half), c))]
+
+
+@torch.library.custom_op("densekit::transition_backward", mutates_args=())
+def transition_backward(grad: Tensor, x: Tensor, stats: list[Tensor], params: list[Tensor], buffers: list[Tensor],
+                        eps: float, momentum: float, training: bool) -> list[Tensor]:
+    """The gradients of the transition's input and of (gamma, beta, conv weight), from its
+    input, :func:`transition`'s batch statistics (the running ones in eval mode) and pooled
+    BN-ReLU."""
+    mean, var, pooled = stats
+    unit = _transition_unit(x, params, buffers, eps, momentum)
+    if not training:
+        mean, var = unit.running_mean, unit.running_var
+    grads = fused._transition_backward(unit, training, tuple(x.shape[2:]), fused._rows(x), mean, var, pooled, grad,
+                                       True, True)
+    return [g.to(p.dtype) for g, p in zip(grads, [x, *params])]
+
+
+@transition_backward.register_fake
+def _(grad, x, stats, params, buffers, eps, momentum, training):
+    n, c, *spatial = x.shape
+    return [x.new_empty((n, *spatial, c)).movedim(-1, 1), *[torch.empty_like(p) for p in params]]
+
+
+def _setup_transition(ctx, inputs, output):
+    x, params, buffers, eps, momentum, training = inputs
+    ctx.structure = eps, momentum, training
+    ctx.save_for_backward(x, *output[1:], *params, *([] if training else buffers))
+
+
+def _transition_grads(ctx, grads):
+    x, mean, var, pooled, *rest = ctx.saved_tensors
+    result = transition_backward(grads[0], x, [mean, var, pooled], rest[:3], rest[3:], *ctx.structure)
+    return result[0], result[1:], [None] * 3, None, None, None
+
+
+transition.register_autograd(_transition_grads, setup_context=_setup_transition)
+
+
+def run_transition(module, x: Tensor) -> Tensor:
+    """``fused.fused_transition(module, x)`` through the operators (under torch.compile)."""
+    norm, conv = module.norm, module.conv
+    training = norm.training  # its own mode, as in the fused transition
+    momentum = _CUMULATIVE if norm.momentum is None else float(norm.momentum)
+    outputs = transition(x, [norm.weight, norm.bias, conv.weight],
+                         [norm.running_mean, norm.running_var, norm.num_batches_tracked], float(norm.eps), momentum,
+                         training)
+    if training:
+        with torch.no_grad():
+            fused._Unit(norm, conv, x.dtype).update_running(outputs[1], outputs[2], x.numel() // x.shape[1])
     return outputs[0]

@@ -197,7 +197,9 @@ class DenseLayer(nn.Module):
     @torch.jit.unused
     def _checkpoints(self, x: Union[Tensor, List[Tensor]]) -> bool:
         parts = [x] if isinstance(x, Tensor) else x
-        return not _plain_only() and torch.is_grad_enabled() and any(p.requires_grad for p in parts)
+        # not under torch.compile either, whose compiled graph frees what it can by itself
+        return not (_plain_only() or torch.compiler.is_compiling()) and torch.is_grad_enabled() \
+            and any(p.requires_grad for p in parts)
 
     def forward(self, x: Union[Tensor, List[Tensor]]) -> Tensor:
         checkpoint = False
@@ -386,9 +388,9 @@ class Transition(nn.Sequential):
     def _forward_fused(self, x: Tensor) -> Tensor:
         if not self.pools_first:
             return self.forward_plain(x)
-        if torch.compiler.is_compiling():  # the compiler fuses BN-ReLU-pool itself
-            return self.conv(self.pool(self.relu(self.norm(x))))
         if _fused.supports_fused_transition(self, x):
+            if torch.compiler.is_compiling():
+                return _fused._in_autocast_dtype(_fused_op.run_transition, self, x)
             return _fused.fused_transition(self, x)
         return _fused.conv_keeping_layout(self.conv, self.pool(self.relu(self.norm(x))))
 

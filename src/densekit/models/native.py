@@ -124,6 +124,7 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: called, not traced (it may build the library)
 def available() -> bool:
     """True when the fused block's CPU passes run as native kernels."""
     return _enabled and _library() is not None
