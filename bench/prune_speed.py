@@ -1,12 +1,14 @@
 """Inference speed of a pruned run against its parent: PyTorch and onnxruntime, same process.
 
-    python bench/prune_speed.py PARENT PRUNED [--batch 64] [--rounds 51]
+    python bench/prune_speed.py PARENT PRUNED [--batch 64] [--rounds 51] [--ort-spinning]
 
 Both run directories are loaded with ``densekit.load`` (fused blocks, as they run by default)
 and exported to ONNX (``densekit.export.export_onnx``, checked against PyTorch on export).
 Each engine then runs the two models in alternating rounds on one random batch, after one
 warm-up call each; a round times one call of each model, and the speedup is the median of
-the rounds' ratios (parent time over pruned time). Prints one JSON object.
+the rounds' ratios (parent time over pruned time). onnxruntime runs with its pool threads'
+spinning off unless ``--ort-spinning``: on 2 cores, beside PyTorch's OpenMP threads in this
+process, spinning made it 1.6-1.8x slower. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pruned")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=51)
+    p.add_argument("--ort-spinning", action="store_true",
+                   help="let onnxruntime's threads spin between ops (its default; off here, see below)")
     args = p.parse_args(argv)
 
     import densekit
@@ -49,15 +53,15 @@ def main(argv: list[str] | None = None) -> int:
             export_onnx(d, path, batch_size=args.batch)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = torch.get_num_threads()
-            # onnxruntime's pool threads spin between ops by default; beside PyTorch's OpenMP
-            # threads in this process that halves its speed on a 2-core machine (34 against
-            # 17 ms a batch for the parent, docs/performance.md#pruning)
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            # onnxruntime's pool threads spin between ops by default (see the docstring)
+            if not args.ort_spinning:
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             sessions.append(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]))
         feed = x.numpy()
         calls = [lambda s=s: s.run(None, {s.get_inputs()[0].name: feed}) for s in sessions]
         (o_parent, o_pruned), onnx_speedup = alternate(calls, args.rounds)
-    out.update(onnx_images_per_second=[args.batch / o_parent, args.batch / o_pruned], onnx_speedup=onnx_speedup)
+    out.update(onnx_images_per_second=[args.batch / o_parent, args.batch / o_pruned], onnx_speedup=onnx_speedup,
+               onnx_spinning=args.ort_spinning)
     print(json.dumps(out))
     return 0
 

@@ -562,6 +562,17 @@ def test_torch_compile_keeps_the_fused_block_as_one_operator(train):
     assert code.count("densekit.transition") == 1 and "torch.cat" not in code
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_records_the_reference_path(strict):
+    # an exported program must run without densekit: no custom operator in it
+    model = create_model("densenet_bc_100_k12", block_config=(2, 2), num_classes=5).eval()
+    x = torch.randn(2, 3, 12, 12)
+    program = torch.export.export(model, (x,), strict=strict)
+    code = program.graph_module.code
+    assert "densekit" not in code and "aten.cat" in code
+    torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_torch_compile_under_bf16_autocast_runs_what_eager_runs():
     torch.manual_seed(3)
     model = create_model("densenet_bc_100_k12", block_config=(2, 2), num_classes=5).train()
