@@ -159,6 +159,9 @@ def test_bf16_kernels_compute_in_float32_and_round_once(rows, cols, ld):
     want[:, index] += src.float()
     torch.testing.assert_close(buf.float(), want.bfloat16().float(), **one_step)
     assert torch.equal(buf[:, ld:].float(), before[:, ld:])  # the columns outside the slice untouched
+    others = torch.ones(ld + 2, dtype=torch.bool)
+    others[index] = False
+    assert torch.equal(buf[:, others].float(), before[:, others])  # and those the index does not name
     with pytest.raises(ValueError, match="one dtype"):  # matrices of one call share a dtype
         native.bn_relu(x, scale, shift, torch.empty(rows, ld))
     with pytest.raises(ValueError, match="one dtype"):

@@ -573,6 +573,35 @@ def test_torch_export_records_the_reference_path(strict):
     torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_full_graph_under_autocast_without_native_kernels():
+    # the transition then takes its torch-ops path, whose eager form hooks the weight's cast
+    torch.manual_seed(4)
+    model = create_model("densenet_bc_100_k12", block_config=(2, 2), num_classes=5).train()
+    torch._dynamo.reset()
+    with native.disabled():
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = compiled(torch.randn(4, 3, 12, 12))
+        y.float().sum().backward()
+    torch._dynamo.reset()  # the compiled graph assumed the kernels off
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_fused_running_statistics_with_cumulative_momentum_exact_in_float64():
+    torch.manual_seed(5)
+    fast = DenseBlock(6, 4, 3, bn_size=2).double().train()
+    for m in fast.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    plain = copy.deepcopy(fast)
+    fast.fused = True
+    for _ in range(3):
+        x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+        fast(x), plain.forward_plain(x)
+    for b, c in zip(fast.buffers(), plain.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-12)
+
+
 def test_torch_compile_under_bf16_autocast_runs_what_eager_runs():
     torch.manual_seed(3)
     model = create_model("densenet_bc_100_k12", block_config=(2, 2), num_classes=5).train()

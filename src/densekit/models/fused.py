@@ -170,12 +170,13 @@ class _Unit:
         # nn.BatchNorm's rule: a fixed momentum, or a cumulative average when it is None.
         self.batches.add_(1)
         unbiased = count / max(count - 1, 1)
-        if self.momentum is None:  # in tensors: no host sync, which torch.compile's full graph cannot hold
-            m = 1.0 / self.batches
+        if self.momentum is None and torch.compiler.is_compiling():
+            # in tensors: a host sync would break torch.compile's graph
+            m = 1.0 / self.batches.to(self.running_mean.dtype)
             self.running_mean.mul_(1 - m).add_(mean * m)
             self.running_var.mul_(1 - m).add_(var * (m * unbiased))
             return
-        m = self.momentum
+        m = self.momentum if self.momentum is not None else 1.0 / float(self.batches)
         self.running_mean.mul_(1 - m).add_(mean, alpha=m)
         self.running_var.mul_(1 - m).add_(var, alpha=m * unbiased)
 

@@ -248,9 +248,12 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, const i64 *idx, elem *
     int *ix = malloc((size_t)cols * sizeof(int));
     if (!ix)
         return 1;
-    for (i64 j = 0; j < cols; j++)
+    i64 width = 0; /* the row prefix that holds every gathered column */
+    for (i64 j = 0; j < cols; j++) {
         ix[j] = (int)idx[j];
-#if defined(__AVX512F__) && !defined(DK_BF16)
+        width = idx[j] + 1 > width ? idx[j] + 1 : width;
+    }
+#if defined(__AVX512F__)
     i64 groups;
     group_t *g = plan_groups(idx, cols, &groups);
     if (!g) {
@@ -258,14 +261,46 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, const i64 *idx, elem *
         return 1;
     }
 #endif
+    int failed = 0;
 #pragma omp parallel num_threads(team(rows, cols, threads))
     {
         i64 lo, hi;
         row_range(rows, &lo, &hi);
+#ifdef DK_BF16
+        /* Gathering 16-bit values and converting them in one loop runs scalar (there is no
+         * 16-bit gather): 12x slower than float32 on AVX-512. Each thread converts the row
+         * prefix to float32 once, contiguously, gathers floats from it and rounds the result. */
+        float *row = malloc((size_t)(width + cols) * sizeof(float)), *tmp = row + width;
+        if (!row) {
+#pragma omp atomic write
+            failed = 1;
+            hi = lo;
+        }
+#endif
         for (i64 r = lo; r < hi; r++) {
             const elem *restrict xr = x + r * ldx;
             elem *restrict o = out + r * ldo;
-#if defined(__AVX512F__) && !defined(DK_BF16)
+#ifdef DK_BF16
+            if (!scale) { /* a plain copy of 16-bit values: faster without the detour */
+                for (i64 j = 0; j < cols; j++)
+                    o[j] = xr[ix[j]];
+                continue;
+            }
+#pragma omp simd
+            for (i64 c = 0; c < width; c++)
+                row[c] = LD(xr + c);
+#if defined(__AVX512F__)
+            gather_row_avx512(row, ix, g, groups, cols, tmp, scale, shift);
+#else
+            for (i64 j = 0; j < cols; j++) {
+                float v = row[ix[j]] * scale[j] + shift[j];
+                tmp[j] = v < 0.f ? 0.f : v;
+            }
+#endif
+#pragma omp simd
+            for (i64 j = 0; j < cols; j++)
+                o[j] = TO(tmp[j]);
+#elif defined(__AVX512F__)
             gather_row_avx512(xr, ix, g, groups, cols, o, scale, shift);
 #else
             if (scale) {
@@ -281,30 +316,64 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, const i64 *idx, elem *
             }
 #endif
         }
+#ifdef DK_BF16
+        free(row);
+#endif
     }
-#if defined(__AVX512F__) && !defined(DK_BF16)
+#if defined(__AVX512F__)
     free(g);
 #endif
     free(ix);
-    return 0;
+    return failed;
 }
 
 /* dst[r, idx[j]] += src[r, j]: the gradient of dk_gather_cols, for increasing idx (no column twice). */
 int NAME(dk_scatter_add_cols)(const elem *src, i64 lds, const i64 *idx, elem *dst, i64 ldd, i64 rows, i64 cols,
                               int threads)
 {
+    int failed = 0;
+#ifdef DK_BF16
+    i64 width = 0; /* the row prefix that holds every target column */
+    for (i64 j = 0; j < cols; j++)
+        width = idx[j] + 1 > width ? idx[j] + 1 : width;
+#endif
 #pragma omp parallel num_threads(team(rows, cols, threads))
     {
         i64 lo, hi;
         row_range(rows, &lo, &hi);
+#ifdef DK_BF16
+        /* as in dk_gather_cols: 16-bit loads and stores at scattered columns run scalar, twice
+         * as slow as float32; each thread widens the row prefix to float32, adds there and
+         * rounds the prefix back (a column no index names comes back unchanged) */
+        float *row = malloc((size_t)width * sizeof(float));
+        if (!row) {
+#pragma omp atomic write
+            failed = 1;
+            hi = lo;
+        }
+#endif
         for (i64 r = lo; r < hi; r++) {
             const elem *s = src + r * lds;
             elem *d = dst + r * ldd;
+#ifdef DK_BF16
+#pragma omp simd
+            for (i64 c = 0; c < width; c++)
+                row[c] = LD(d + c);
+            for (i64 j = 0; j < cols; j++)
+                row[idx[j]] += LD(s + j);
+#pragma omp simd
+            for (i64 c = 0; c < width; c++)
+                d[c] = TO(row[c]);
+#else
             for (i64 j = 0; j < cols; j++)
                 d[idx[j]] = TO(LD(d + idx[j]) + LD(s + j));
+#endif
         }
+#ifdef DK_BF16
+        free(row);
+#endif
     }
-    return 0;
+    return failed;
 }
 
 /* The backward of ReLU and batch norm's sums, in one pass. With d = (a <= 0 ? 0 : g):
