@@ -1,6 +1,6 @@
 """Inference speed of a pruned run against its parent: PyTorch and onnxruntime, same process.
 
-    python bench/prune_speed.py PARENT PRUNED [--batch 64] [--rounds 51] [--ort-spinning]
+    python bench/prune_speed.py PARENT PRUNED [--batch 64] [--rounds 51] [--precision fp32|bf16] [--ort-spinning]
 
 Both run directories are loaded with ``densekit.load`` (fused blocks, as they run by default)
 and exported to ONNX (``densekit.export.export_onnx``, checked against PyTorch on export).
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pruned")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=51)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="PyTorch under bf16 autocast, as densekit predict runs on CPUs with bf16 instructions "
+                        "(onnxruntime runs the fp32 export either way)")
     p.add_argument("--ort-spinning", action="store_true",
                    help="let onnxruntime's threads spin between ops (its default; off here, see below)")
     args = p.parse_args(argv)
@@ -41,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     models = [densekit.load(d).eval() for d in (args.parent, args.pruned)]
     size = tuple(models[0].pretrained_cfg["input_size"])
     x = torch.randn(args.batch, *size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         (t_parent, t_pruned), torch_speedup = alternate([lambda m=m: m(x) for m in models], args.rounds)
-    out = dict(batch=args.batch, rounds=args.rounds, threads=torch.get_num_threads(),
+    out = dict(batch=args.batch, rounds=args.rounds, threads=torch.get_num_threads(), precision=args.precision,
                params=[count_params(m) for m in models], macs=[count_macs(m, size) for m in models],
                torch_images_per_second=[args.batch / t_parent, args.batch / t_pruned], torch_speedup=torch_speedup)
     with tempfile.TemporaryDirectory() as tmp:
