@@ -152,6 +152,52 @@ static inline uint16_t to_bf16(float f)
 
 static inline float ld_f32(const float *p) { return *p; }
 static inline float to_f32(float f) { return f; }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define DK_GATHER_BF16_AVX512 1
+/* to_bf16 on 16 lanes */
+static inline __m256i to_bf16_x16(__m512 v)
+{
+    const __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+/* 16 bfloat16 values (masked) widened to float32 */
+static inline __m512 ld_bf16_x16(__mmask16 m, const uint16_t *p)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+/* gather_row_avx512 for a bfloat16 row with BN-ReLU (scale and shift given): the same
+ * groups, each widened to float32 in registers, the result rounded once. */
+static void gather_row_bf16_avx512(const uint16_t *restrict xr, const int *ix, const group_t *g, i64 groups,
+                                   uint16_t *restrict o, const float *scale, const float *shift)
+{
+    const __m512 zero = _mm512_setzero_ps();
+    for (i64 b = 0; b < groups; b++) {
+        i64 j0 = b * 16;
+        __m512 v;
+        if (g[b].ok) {
+            __m512 lo = ld_bf16_x16(g[b].lo, xr + g[b].base), hi = ld_bf16_x16(g[b].hi, xr + g[b].base + 16);
+            v = _mm512_permutex2var_ps(lo, _mm512_loadu_si512(g[b].perm), hi);
+        } else {
+            float tmp[16] = {0};
+            for (int l = 0; l < 16; l++)
+                if (g[b].out >> l & 1)
+                    tmp[l] = ld_bf16(xr + ix[j0 + l]);
+            v = _mm512_loadu_ps(tmp);
+        }
+        v = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(g[b].out, scale + j0), _mm512_maskz_loadu_ps(g[b].out, shift + j0));
+        v = _mm512_max_ps(zero, v); /* a NaN passes */
+        _mm256_mask_storeu_epi16(o + j0, g[b].out, to_bf16_x16(v));
+    }
+}
+#endif
 /* A transition's BN-ReLU and 2x average pooling (the pooling comes before its 1x1
  * convolution: both are linear, so they commute, and the convolution then runs on a
  * quarter of the positions).
@@ -286,6 +332,10 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, const i64 *idx, elem *
                     o[j] = xr[ix[j]];
                 continue;
             }
+#if defined(DK_GATHER_BF16_AVX512)
+            gather_row_bf16_avx512(xr, ix, g, groups, o, scale, shift);
+            continue;
+#endif
 #pragma omp simd
             for (i64 c = 0; c < width; c++)
                 row[c] = LD(xr + c);
