@@ -198,13 +198,15 @@ class _Unit:
         return torch.convolution(_grid(a, spatial), self.weight, None, [1] * n, self.padding, [1] * n,
                                  False, [0] * n, 1)
 
-    def conv_folded_relu(self, a: torch.Tensor, following: "_Unit", spatial: tuple[int, ...]) -> torch.Tensor:
+    def conv_folded_relu(self, a: torch.Tensor, following: "_Unit", spatial: tuple[int, ...],
+                         scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """ReLU(BN(conv(a))) for a 1x1 conv whose output feeds ``following``'s batch norm in
         eval mode: the BN is an affine map per output channel, so it folds into the weight
         (scaled rows) and a bias, and the convolution's bias add (and on CUDA the GEMM's ReLU
-        epilogue) replaces a separate pass over the bottleneck output.
+        epilogue) replaces a separate pass over the bottleneck output. ``scale_shift``:
+        ``following``'s :meth:`running_scale_shift`, where the caller has it.
         (rows, c_in) -> (rows, c_out)."""
-        weight, bias = self._folded(following, a.dtype)
+        weight, bias = self._folded(scale_shift or following.running_scale_shift(), a.dtype)
         if not self.as_matrix(a):
             n = self.weight.dim() - 2
             out = torch.convolution(_grid(a, spatial), weight, bias, [1] * n, [0] * n, [1] * n, False, [0] * n, 1)
@@ -213,9 +215,10 @@ class _Unit:
             return torch._addmm_activation(bias, a, weight.flatten(1).t())
         return torch.addmm(bias, a, weight.flatten(1).t()).relu_()
 
-    def _folded(self, following: "_Unit", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """This convolution's weight and a bias with ``following``'s eval-mode batch norm folded in."""
-        scale, shift = following.running_scale_shift()
+    def _folded(self, scale_shift, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This convolution's weight and a bias with an eval-mode batch norm after it folded in
+        (its scale and shift)."""
+        scale, shift = scale_shift
         weight = (self.master * scale.view(-1, *[1] * (self.master.dim() - 1))).to(dtype)
         return weight, shift.to(dtype)
 
@@ -474,6 +477,16 @@ def _running(unit: _Unit):
     return unit.running_mean, unit.running_var
 
 
+def _running_scale_shifts(units: list[_Unit]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[u.running_scale_shift() for u in units] as the same arithmetic in five list ops: a
+    small batch's inference spends more in the dispatch of per-layer vector ops than in them."""
+    scale = torch._foreach_add([u.running_var for u in units], [u.eps for u in units])
+    torch._foreach_rsqrt_(scale)
+    torch._foreach_mul_(scale, [u.gamma for u in units])
+    shift = torch._foreach_sub([u.beta for u in units], torch._foreach_mul([u.running_mean for u in units], scale))
+    return list(zip(scale, shift))
+
+
 class _Scratch:
     """Workspaces for one block call, each a flat tensor viewed as (rows, cols) matrices,
     allocated at its first use (on the CPU in 2D the 3x3 convolutions' input gradients
@@ -518,6 +531,10 @@ def _forward(block, units, x: torch.Tensor, save: bool, update: bool = True):
         var = torch.empty_like(mean)
         mean[:c0], var[:c0] = _stats(rows[:, :c0], scratch("a", c0))
     with torch.no_grad():
+        # eval mode: every batch norm's scale and shift at once (a few ops per block, not per layer)
+        first = None if training else _running_scale_shifts([us[0] for us in units])
+        second = _running_scale_shifts([us[1] for us in units if len(us) == 2]) \
+            if not training and not save and len(units[0]) == 2 else None
         for i, (layer, us) in enumerate(zip(layers, units)):
             ci = c0 + i * k
             if training:
@@ -526,11 +543,11 @@ def _forward(block, units, x: torch.Tensor, save: bool, update: bool = True):
                     us[0].update_running(m1, v1, count)
                 scale_shift = us[0].scale_shift(m1, v1)
             else:
-                scale_shift = us[0].running_scale_shift()
+                scale_shift = first[i]
             a = us[0].read_act(rows[:, :ci], *scale_shift, scratch)
-            if len(us) == 2 and not training and not save and us[0].pointwise:
+            if second is not None and us[0].pointwise:
                 # inference: the second batch norm folds into the 1x1 convolution
-                a2 = us[0].conv_folded_relu(a, us[1], spatial)
+                a2 = us[0].conv_folded_relu(a, us[1], spatial, second[i])
                 out = us[1].conv(a2, spatial)
             elif len(us) == 2:
                 h = _rows(us[0].conv(a, spatial))

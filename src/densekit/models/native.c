@@ -135,6 +135,15 @@ static group_t *plan_groups(const i64 *idx, i64 cols, i64 *groups)
 }
 #endif
 
+/* Does every index lie in [0, width)? The gather and scatter kernels return 2 where not. */
+static int columns_in(const i64 *idx, i64 n, i64 width)
+{
+    for (i64 j = 0; j < n; j++)
+        if (idx[j] < 0 || idx[j] >= width)
+            return 0;
+    return 1;
+}
+
 /* A bfloat16 is the top half of a float32: loads shift it up, stores round to nearest even
  * (a NaN stays a quiet NaN). */
 static inline float ld_bf16(const uint16_t *p)
@@ -288,9 +297,11 @@ int NAME(dk_bn_relu)(const elem *x, i64 ldx, elem *out, i64 ldo, i64 rows, i64 c
     return 0;
 }
 
-int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, const i64 *idx, elem *restrict out, i64 ldo, i64 rows,
-                         i64 cols, const float *scale, const float *shift, int threads)
+int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *idx, elem *restrict out, i64 ldo,
+                         i64 rows, i64 cols, const float *scale, const float *shift, int threads)
 {
+    if (!columns_in(idx, cols, xcols))
+        return 2;
     int *ix = malloc((size_t)cols * sizeof(int));
     if (!ix)
         return 1;
@@ -378,9 +389,11 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, const i64 *idx, elem *
 }
 
 /* dst[r, idx[j]] += src[r, j]: the gradient of dk_gather_cols, for increasing idx (no column twice). */
-int NAME(dk_scatter_add_cols)(const elem *src, i64 lds, const i64 *idx, elem *dst, i64 ldd, i64 rows, i64 cols,
-                              int threads)
+int NAME(dk_scatter_add_cols)(const elem *src, i64 lds, const i64 *idx, elem *dst, i64 ldd, i64 dcols, i64 rows,
+                              i64 cols, int threads)
 {
+    if (!columns_in(idx, cols, dcols))
+        return 2;
     int failed = 0;
 #ifdef DK_BF16
     i64 width = 0; /* the row prefix that holds every target column */

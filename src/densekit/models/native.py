@@ -45,8 +45,8 @@ _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "dk_bn_relu": [_P, _I, _P, _I, _I, _I, _P, _P, _C],
-    "dk_gather_cols": [_P, _I, _P, _P, _I, _I, _I, _P, _P, _C],
-    "dk_scatter_add_cols": [_P, _I, _P, _P, _I, _I, _I, _C],
+    "dk_gather_cols": [_P, _I, _I, _P, _P, _I, _I, _I, _P, _P, _C],
+    "dk_scatter_add_cols": [_P, _I, _P, _P, _I, _I, _I, _I, _C],
     "dk_relu_bn_sums": [_P, _I, _P, _I, _I, _I, _P, _I, _P, _I, _P, _P, _I, _P, _P, _P, _C],
     "dk_bn_grad_apply": [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _C],
     "dk_col_stats": [_P, _I, _I, _I, _P, _P, _C],
@@ -198,15 +198,19 @@ def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torc
 
 
 def _columns(index: torch.Tensor, width: int) -> torch.Tensor:
-    """A column index as the C code reads it: int64 values in [0, width), contiguous (a pruned
-    layer's ``input_index`` is also checked to be increasing where it is set and loaded; the
-    kernels only need the bounds to stay in memory)."""
+    """A column index as the C code reads it: int64 values, contiguous (a pruned layer's
+    ``input_index`` is also checked to be increasing where it is set and loaded). The
+    kernels check that they lie in [0, width) before touching a matrix (:func:`_check_columns`):
+    here that would cost more than the gather of a small batch."""
     if index.device.type != "cpu" or index.dtype != torch.int64 or index.dim() != 1 or not index.numel():
         raise ValueError(f"native kernels need int64 CPU column indices in [0, {width})")
-    low, high = torch.aminmax(index)
-    if low < 0 or high >= width:
-        raise ValueError(f"native kernels need int64 CPU column indices in [0, {width})")
     return index.contiguous()
+
+
+def _check_columns(code: int, width: int) -> None:
+    if code == 2:
+        raise ValueError(f"native kernels need int64 CPU column indices in [0, {width})")
+    _check(code, "its column index")
 
 
 def gather_cols(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None = None,
@@ -220,9 +224,9 @@ def gather_cols(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, scale: 
     if (scale is None) != (shift is None):
         raise ValueError("native gather_cols: scale and shift go together")
     scale, shift = _vec(scale, cols), _vec(shift, cols)
-    _check(_kernel("dk_gather_cols", x)(x.data_ptr(), x.stride(0), index.data_ptr(), out.data_ptr(), out.stride(0),
-                                     x.shape[0], cols, _ptr(scale), _ptr(shift), torch.get_num_threads()),
-           "its column index")
+    _check_columns(_kernel("dk_gather_cols", x)(x.data_ptr(), x.stride(0), x.shape[1], index.data_ptr(),
+                                             out.data_ptr(), out.stride(0), x.shape[0], cols, _ptr(scale),
+                                             _ptr(shift), torch.get_num_threads()), x.shape[1])
     return out
 
 
@@ -231,8 +235,9 @@ def scatter_add_cols(src: torch.Tensor, index: torch.Tensor, dst: torch.Tensor) 
     index = _columns(index, dst.shape[1])
     _mats(dst.shape, dst)
     _mats(torch.Size((dst.shape[0], index.numel())), src, dtype=dst.dtype)
-    _check(_kernel("dk_scatter_add_cols", src)(src.data_ptr(), src.stride(0), index.data_ptr(), dst.data_ptr(),
-                                          dst.stride(0), dst.shape[0], index.numel(), torch.get_num_threads()))
+    _check_columns(_kernel("dk_scatter_add_cols", src)(src.data_ptr(), src.stride(0), index.data_ptr(),
+                                                    dst.data_ptr(), dst.stride(0), dst.shape[1], dst.shape[0],
+                                                    index.numel(), torch.get_num_threads()), dst.shape[1])
     return dst
 
 
