@@ -143,11 +143,16 @@ def disabled():
 
 def usable(*mats: torch.Tensor) -> bool:
     """Can the native kernels take these (rows, cols) matrices (all float32, or all bfloat16)?"""
+    if not _enabled:
+        return False
     dtype = mats[0].dtype if mats else torch.float32
-    return (_enabled and dtype in _DTYPES
-            and all(m.device.type == "cpu" and m.dtype == dtype and m.dim() == 2 and m.numel()
-                    and (m.stride(1) == 1 or m.shape[1] == 1) for m in mats)
-            and _library() is not None)
+    if dtype not in _DTYPES:
+        return False
+    for m in mats:  # a loop, not all() over a generator: called several times per layer
+        if m.device.type != "cpu" or m.dtype != dtype or m.dim() != 2 or not m.numel() \
+                or (m.stride(1) != 1 and m.shape[1] != 1):
+            return False
+    return _library() is not None
 
 
 def _kernel(name: str, mat: torch.Tensor):
@@ -161,6 +166,8 @@ def _vec(v: torch.Tensor | None, cols: int) -> torch.Tensor | None:
         return None
     if v.device.type != "cpu" or v.numel() != cols:
         raise ValueError(f"native kernels need a CPU vector of {cols} values, got {tuple(v.shape)} on {v.device}")
+    if v.dtype == torch.float32 and v.is_contiguous():
+        return v  # as it is: only its memory is read
     return v.detach().to(torch.float32).contiguous()
 
 
