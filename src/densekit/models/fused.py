@@ -401,8 +401,11 @@ def conv_keeping_layout(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     device = x.device.type
     weight = conv.weight
     if not (torch.is_grad_enabled() and weight.requires_grad and torch.is_autocast_enabled(device)) \
-            or weight.dtype == torch.get_autocast_dtype(device) or conv._forward_hooks or conv._forward_pre_hooks:
-        return conv(x)  # no cast copy to hook (a hook on the parameter would pile up), or hooks to honour
+            or weight.dtype == torch.get_autocast_dtype(device) or conv._forward_hooks or conv._forward_pre_hooks \
+            or torch.compiler.is_compiling():
+        # no cast copy to hook (a hook on the parameter would pile up), hooks to honour, or a
+        # compiler, which lays the gradient out itself and cannot trace the hook
+        return conv(x)
     cast = weight.to(torch.get_autocast_dtype(device))
     cast.register_hook(lambda grad: _laid_out_as(grad, weight))
     return conv._conv_forward(x, cast, conv.bias)

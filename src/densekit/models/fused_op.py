@@ -1,7 +1,7 @@
-"""The fused dense block as a custom operator (``torch.library``), for ``torch.compile``.
+"""The fused dense block and transition as custom operators (``torch.library``), for ``torch.compile``.
 
-The fused block and transition (``fused.py``) run native kernels, reads data pointers and keeps host-side
-bookkeeping that TorchDynamo cannot trace. Traced as the reference path, a compiled
+The fused block and transition (``fused.py``) run native kernels, read data pointers and keep
+host-side bookkeeping that TorchDynamo cannot trace. Traced as the reference path, a compiled
 DenseNet loses the block's speed and its memory linear in depth: on 2 CPU cores
 ``torch.compile`` of a densekit model trained slower than the same model in eager mode
 (docs/performance.md). As opaque operators (``densekit::dense_block``,
@@ -28,26 +28,25 @@ from . import fused
 _CUMULATIVE = -1.0  # stands for a batch norm's momentum None (a cumulative moving average)
 
 
-def _halves(layer) -> list[tuple]:
-    """(norm, conv) of each BN-ReLU-Conv half of a dense layer."""
-    return [(layer.norm1, layer.conv1)] + ([(layer.norm2, layer.conv2)] if layer.has_bottleneck else [])
+def _momentum(unit) -> float:
+    return _CUMULATIVE if unit.momentum is None else float(unit.momentum)
 
 
-def arguments(block) -> dict:
-    """The operator's arguments for ``block`` (a DenseBlock), but its input and ``save``."""
-    params, buffers, eps, momentum, paddings = [], [], [], [], []
-    for layer in block.values():
-        for bn, conv in _halves(layer):
-            params += [bn.weight, bn.bias, conv.weight]
-            buffers += [bn.running_mean, bn.running_var, bn.num_batches_tracked]
-            eps.append(float(bn.eps))
-            momentum.append(_CUMULATIVE if bn.momentum is None else float(bn.momentum))
-            paddings += list(conv.padding)
+def _from_momentum(momentum: float) -> float | None:
+    return None if momentum == _CUMULATIVE else momentum
+
+
+def arguments(block, units: list[list]) -> dict:
+    """The operator's arguments for ``block`` (a DenseBlock) and its ``fused._units``, but its
+    input and ``save``."""
+    halves = [u for us in units for u in us]
     layers = list(block.values())
-    return dict(params=params, buffers=buffers, indices=[layer.input_index for layer in layers],
-                bottleneck=[layer.has_bottleneck for layer in layers],
-                drop_rates=[float(layer.drop_rate) for layer in layers], eps=eps, momentum=momentum,
-                paddings=paddings, growth_rate=block.growth_rate, training=block.training)
+    return dict(params=[t for u in halves for t in (u.gamma, u.beta, u.master)],
+                buffers=[t for u in halves for t in (u.running_mean, u.running_var, u.batches)],
+                indices=[us[0].index for us in units], bottleneck=[len(us) == 2 for us in units],
+                drop_rates=[float(layer.drop_rate) for layer in layers], eps=[float(u.eps) for u in halves],
+                momentum=[_momentum(u) for u in halves], paddings=[p for u in halves for p in u.padding],
+                growth_rate=block.growth_rate, training=block.training)
 
 
 def _structure(x: Tensor, drop_rates: list[float], growth_rate: int, training: bool):
@@ -62,8 +61,8 @@ def _units(dtype, params, buffers, indices, bottleneck, eps, momentum, paddings)
     for index, has_bottleneck in zip(indices, bottleneck):
         units = []
         for half in range(1 + has_bottleneck):
-            m = None if momentum[u] == _CUMULATIVE else momentum[u]
-            units.append(fused._Unit.of(eps[u], m, paddings[u * dims:(u + 1) * dims], params[3 * u:3 * u + 3],
+            units.append(fused._Unit.of(eps[u], _from_momentum(momentum[u]), paddings[u * dims:(u + 1) * dims],
+                                        params[3 * u:3 * u + 3],
                                         buffers[3 * u:3 * u + 3] or (None,) * 3, dtype, index if half == 0 else None))
             u += 1
         out.append(units)
@@ -155,36 +154,37 @@ def _backward(ctx, grads):
 dense_block.register_autograd(_backward, setup_context=_setup_context)
 
 
-def update_running(block, x: Tensor, outputs: list[Tensor]) -> None:
-    """Update the running statistics of ``block`` in training mode from :func:`dense_block`'s
-    ``outputs`` on ``x``, as the fused block does (nn.BatchNorm's rule): in-place ops on the
-    module's buffers, which the compiler traces."""
+def update_running(block, units: list[list], x: Tensor, outputs: list[Tensor]) -> None:
+    """Update the running statistics of ``block`` (its ``fused._units``) in training mode from
+    :func:`dense_block`'s ``outputs`` on ``x``, as the fused block does (nn.BatchNorm's rule):
+    in-place ops on the module's buffers, which the compiler traces."""
     _, mean, var, *saved = outputs
     count, k, pos = x.numel() // x.shape[1], block.growth_rate, 0
-    for i, units in enumerate(fused._units(block, x.dtype)):
+    for i, (layer, us) in enumerate(zip(block.values(), units)):
         ci = x.shape[1] + i * k
-        units[0].update_running(units[0].select(mean[:ci]), units[0].select(var[:ci]), count)
-        if len(units) == 2:
-            units[1].update_running(saved[pos + 1], saved[pos + 2], count)
+        us[0].update_running(us[0].select(mean[:ci]), us[0].select(var[:ci]), count)
+        if len(us) == 2:
+            us[1].update_running(saved[pos + 1], saved[pos + 2], count)
             pos += 3
-        pos += list(block.values())[i].drop_rate > 0
+        pos += layer.drop_rate > 0
 
 
 def run(block, x: Tensor) -> Tensor:
     """``fused.fused_dense_block(block, x)`` through the operators (under torch.compile)."""
-    args = arguments(block)
+    units = fused._units(block, x.dtype)
+    args = arguments(block, units)
     save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in args["params"]))
     outputs = dense_block(x, **args, save=save)
     if block.training:
         with torch.no_grad():
-            update_running(block, x, outputs)
+            update_running(block, units, x, outputs)
     return outputs[0]
 
 
 # -- the transition ----------------------------------------------------------------------
 
 def _transition_unit(x: Tensor, params, buffers, eps: float, momentum: float) -> "fused._Unit":
-    return fused._Unit.of(eps, None if momentum == _CUMULATIVE else momentum, [0] * (x.dim() - 2), params,
+    return fused._Unit.of(eps, _from_momentum(momentum), [0] * (x.dim() - 2), params,
                           buffers or (None,) * 3, x.dtype, None)
 
 
@@ -252,13 +252,11 @@ transition.register_autograd(_transition_grads, setup_context=_setup_transition)
 
 def run_transition(module, x: Tensor) -> Tensor:
     """``fused.fused_transition(module, x)`` through the operators (under torch.compile)."""
-    norm, conv = module.norm, module.conv
-    training = norm.training  # its own mode, as in the fused transition
-    momentum = _CUMULATIVE if norm.momentum is None else float(norm.momentum)
-    outputs = transition(x, [norm.weight, norm.bias, conv.weight],
-                         [norm.running_mean, norm.running_var, norm.num_batches_tracked], float(norm.eps), momentum,
-                         training)
+    unit = fused._Unit(module.norm, module.conv, x.dtype)
+    training = module.norm.training  # its own mode, as in the fused transition
+    outputs = transition(x, [unit.gamma, unit.beta, unit.master], [unit.running_mean, unit.running_var, unit.batches],
+                         float(unit.eps), _momentum(unit), training)
     if training:
         with torch.no_grad():
-            fused._Unit(norm, conv, x.dtype).update_running(outputs[1], outputs[2], x.numel() // x.shape[1])
+            unit.update_running(outputs[1], outputs[2], x.numel() // x.shape[1])
     return outputs[0]

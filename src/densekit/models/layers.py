@@ -388,13 +388,10 @@ class Transition(nn.Sequential):
     def _forward_fused(self, x: Tensor) -> Tensor:
         if not self.pools_first:
             return self.forward_plain(x)
-        compiling = torch.compiler.is_compiling()
         if _fused.supports_fused_transition(self, x):
-            if compiling:
+            if torch.compiler.is_compiling():
                 return _fused._in_autocast_dtype(_fused_op.run_transition, self, x)
             return _fused.fused_transition(self, x)
-        if compiling:  # the compiler lays out the weight's gradient itself (no hook to trace)
-            return self.conv(self.pool(self.relu(self.norm(x))))
         return _fused.conv_keeping_layout(self.conv, self.pool(self.relu(self.norm(x))))
 
     def forward_plain(self, x: Tensor) -> Tensor:

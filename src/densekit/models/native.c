@@ -82,29 +82,33 @@ typedef struct {
     int perm[16];       /* source column - base, for each output column */
 } group_t;
 
-static void gather_row_avx512(const float *restrict xr, const int *ix, const group_t *g, i64 groups, i64 cols,
+/* relu(v * scale + shift) on a group's 16 output columns from j0 */
+static inline __m512 bn_relu_x16(__m512 v, __mmask16 m, const float *scale, const float *shift, i64 j0)
+{
+    v = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, scale + j0), _mm512_maskz_loadu_ps(m, shift + j0));
+    return _mm512_max_ps(_mm512_setzero_ps(), v); /* 0 > v ? 0 : v: a NaN passes, as in torch.relu */
+}
+
+/* the 16 source values of group b of a float32 row */
+static inline __m512 group_f32(const float *restrict xr, const int *ix, const group_t *gb, i64 j0)
+{
+    if (gb->ok) {
+        __m512 lo = _mm512_maskz_loadu_ps(gb->lo, xr + gb->base), hi = _mm512_maskz_loadu_ps(gb->hi, xr + gb->base + 16);
+        return _mm512_permutex2var_ps(lo, _mm512_loadu_si512(gb->perm), hi);
+    }
+    __m512i vi = _mm512_maskz_loadu_epi32(gb->out, ix + j0);
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), gb->out, vi, xr, 4);
+}
+
+static void gather_row_avx512(const float *restrict xr, const int *ix, const group_t *g, i64 groups,
                               float *restrict o, const float *scale, const float *shift)
 {
-    const __m512 zero = _mm512_setzero_ps();
     for (i64 b = 0; b < groups; b++) {
-        i64 j0 = b * 16;
-        __m512 v;
-        if (g[b].ok) {
-            __m512 lo = _mm512_maskz_loadu_ps(g[b].lo, xr + g[b].base);
-            __m512 hi = _mm512_maskz_loadu_ps(g[b].hi, xr + g[b].base + 16);
-            v = _mm512_permutex2var_ps(lo, _mm512_loadu_si512(g[b].perm), hi);
-        } else {
-            __m512i vi = _mm512_maskz_loadu_epi32(g[b].out, ix + j0);
-            v = _mm512_mask_i32gather_ps(zero, g[b].out, vi, xr, 4);
-        }
-        if (scale) {
-            v = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(g[b].out, scale + j0),
-                                _mm512_maskz_loadu_ps(g[b].out, shift + j0));
-            v = _mm512_max_ps(zero, v); /* 0 > v ? 0 : v: a NaN passes, as in torch.relu */
-        }
-        _mm512_mask_storeu_ps(o + j0, g[b].out, v);
+        __m512 v = group_f32(xr, ix, g + b, b * 16);
+        if (scale)
+            v = bn_relu_x16(v, g[b].out, scale, shift, b * 16);
+        _mm512_mask_storeu_ps(o + b * 16, g[b].out, v);
     }
-    (void)cols;
 }
 
 static group_t *plan_groups(const i64 *idx, i64 cols, i64 *groups)
@@ -135,13 +139,17 @@ static group_t *plan_groups(const i64 *idx, i64 cols, i64 *groups)
 }
 #endif
 
-/* Does every index lie in [0, width)? The gather and scatter kernels return 2 where not. */
-static int columns_in(const i64 *idx, i64 n, i64 width)
+/* The row prefix that holds every indexed column (the largest index + 1), or -1 where an
+ * index lies outside [0, limit): the gather and scatter kernels then return 2. */
+static i64 columns_width(const i64 *idx, i64 n, i64 limit)
 {
-    for (i64 j = 0; j < n; j++)
-        if (idx[j] < 0 || idx[j] >= width)
-            return 0;
-    return 1;
+    i64 width = 0;
+    for (i64 j = 0; j < n; j++) {
+        if (idx[j] < 0 || idx[j] >= limit)
+            return -1;
+        width = idx[j] + 1 > width ? idx[j] + 1 : width;
+    }
+    return width;
 }
 
 /* A bfloat16 is the top half of a float32: loads shift it up, stores round to nearest even
@@ -182,28 +190,28 @@ static inline __m512 ld_bf16_x16(__mmask16 m, const uint16_t *p)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-/* gather_row_avx512 for a bfloat16 row with BN-ReLU (scale and shift given): the same
- * groups, each widened to float32 in registers, the result rounded once. */
+/* group_f32 for a bfloat16 row: the same groups, widened to float32 in registers (a group
+ * spread wider than 32 columns one value at a time: there is no 16-bit gather) */
+static inline __m512 group_bf16(const uint16_t *restrict xr, const int *ix, const group_t *gb, i64 j0)
+{
+    if (gb->ok) {
+        __m512 lo = ld_bf16_x16(gb->lo, xr + gb->base), hi = ld_bf16_x16(gb->hi, xr + gb->base + 16);
+        return _mm512_permutex2var_ps(lo, _mm512_loadu_si512(gb->perm), hi);
+    }
+    float tmp[16] = {0};
+    for (int l = 0; l < 16; l++)
+        if (gb->out >> l & 1)
+            tmp[l] = ld_bf16(xr + ix[j0 + l]);
+    return _mm512_loadu_ps(tmp);
+}
+
+/* gather_row_avx512 for a bfloat16 row with BN-ReLU (scale and shift given), rounded once */
 static void gather_row_bf16_avx512(const uint16_t *restrict xr, const int *ix, const group_t *g, i64 groups,
                                    uint16_t *restrict o, const float *scale, const float *shift)
 {
-    const __m512 zero = _mm512_setzero_ps();
     for (i64 b = 0; b < groups; b++) {
-        i64 j0 = b * 16;
-        __m512 v;
-        if (g[b].ok) {
-            __m512 lo = ld_bf16_x16(g[b].lo, xr + g[b].base), hi = ld_bf16_x16(g[b].hi, xr + g[b].base + 16);
-            v = _mm512_permutex2var_ps(lo, _mm512_loadu_si512(g[b].perm), hi);
-        } else {
-            float tmp[16] = {0};
-            for (int l = 0; l < 16; l++)
-                if (g[b].out >> l & 1)
-                    tmp[l] = ld_bf16(xr + ix[j0 + l]);
-            v = _mm512_loadu_ps(tmp);
-        }
-        v = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(g[b].out, scale + j0), _mm512_maskz_loadu_ps(g[b].out, shift + j0));
-        v = _mm512_max_ps(zero, v); /* a NaN passes */
-        _mm256_mask_storeu_epi16(o + j0, g[b].out, to_bf16_x16(v));
+        __m512 v = bn_relu_x16(group_bf16(xr, ix, g + b, b * 16), g[b].out, scale, shift, b * 16);
+        _mm256_mask_storeu_epi16(o + b * 16, g[b].out, to_bf16_x16(v));
     }
 }
 #endif
@@ -300,16 +308,14 @@ int NAME(dk_bn_relu)(const elem *x, i64 ldx, elem *out, i64 ldo, i64 rows, i64 c
 int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *idx, elem *restrict out, i64 ldo,
                          i64 rows, i64 cols, const float *scale, const float *shift, int threads)
 {
-    if (!columns_in(idx, cols, xcols))
+    i64 width = columns_width(idx, cols, xcols);
+    if (width < 0)
         return 2;
     int *ix = malloc((size_t)cols * sizeof(int));
     if (!ix)
         return 1;
-    i64 width = 0; /* the row prefix that holds every gathered column */
-    for (i64 j = 0; j < cols; j++) {
+    for (i64 j = 0; j < cols; j++)
         ix[j] = (int)idx[j];
-        width = idx[j] + 1 > width ? idx[j] + 1 : width;
-    }
 #if defined(__AVX512F__)
     i64 groups;
     group_t *g = plan_groups(idx, cols, &groups);
@@ -323,7 +329,7 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *
     {
         i64 lo, hi;
         row_range(rows, &lo, &hi);
-#ifdef DK_BF16
+#if defined(DK_BF16) && !defined(DK_GATHER_BF16_AVX512)
         /* Gathering 16-bit values and converting them in one loop runs scalar (there is no
          * 16-bit gather): 12x slower than float32 on AVX-512. Each thread converts the row
          * prefix to float32 once, contiguously, gathers floats from it and rounds the result. */
@@ -345,13 +351,12 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *
             }
 #if defined(DK_GATHER_BF16_AVX512)
             gather_row_bf16_avx512(xr, ix, g, groups, o, scale, shift);
-            continue;
-#endif
+#else
 #pragma omp simd
             for (i64 c = 0; c < width; c++)
                 row[c] = LD(xr + c);
 #if defined(__AVX512F__)
-            gather_row_avx512(row, ix, g, groups, cols, tmp, scale, shift);
+            gather_row_avx512(row, ix, g, groups, tmp, scale, shift);
 #else
             for (i64 j = 0; j < cols; j++) {
                 float v = row[ix[j]] * scale[j] + shift[j];
@@ -361,8 +366,9 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *
 #pragma omp simd
             for (i64 j = 0; j < cols; j++)
                 o[j] = TO(tmp[j]);
+#endif
 #elif defined(__AVX512F__)
-            gather_row_avx512(xr, ix, g, groups, cols, o, scale, shift);
+            gather_row_avx512(xr, ix, g, groups, o, scale, shift);
 #else
             if (scale) {
 #pragma omp simd
@@ -377,7 +383,7 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *
             }
 #endif
         }
-#ifdef DK_BF16
+#if defined(DK_BF16) && !defined(DK_GATHER_BF16_AVX512)
         free(row);
 #endif
     }
@@ -392,14 +398,10 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *
 int NAME(dk_scatter_add_cols)(const elem *src, i64 lds, const i64 *idx, elem *dst, i64 ldd, i64 dcols, i64 rows,
                               i64 cols, int threads)
 {
-    if (!columns_in(idx, cols, dcols))
+    i64 width = columns_width(idx, cols, dcols);
+    if (width < 0)
         return 2;
     int failed = 0;
-#ifdef DK_BF16
-    i64 width = 0; /* the row prefix that holds every target column */
-    for (i64 j = 0; j < cols; j++)
-        width = idx[j] + 1 > width ? idx[j] + 1 : width;
-#endif
 #pragma omp parallel num_threads(team(rows, cols, threads))
     {
         i64 lo, hi;
