@@ -641,6 +641,7 @@ def test_torch_compile_pruned_block_and_dropout():
             m.weight.data.uniform_(0.0, 1.0)
     prune_model(model, 0.4)
     assert any(layer.input_index is not None for layer in model.features.denseblock2.values())
+    assert model.features.denseblock1.output_index is not None  # the transition reads fewer maps
     _compiled_against_reference(model, torch.randn(3, 3, 12, 12), True, tol=1e-4)
     # dropout draws its masks inside the operator: only that it trains, with every gradient
     dropping = DenseNet(8, (2, 2), stem="cifar", num_classes=3, fused=True, drop_rate=0.3).train()

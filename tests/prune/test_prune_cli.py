@@ -46,9 +46,10 @@ def test_prune_writes_a_run_with_its_figures(pruned):
     assert summary["test_accuracy_before"] == trained["test_accuracy"] and summary["test_images"] == 30
     assert summary["params_before"] == trained["params"] and summary["macs_before"] == trained["macs"]
     # tiny model: norm1 reads 4, 8 (block 1) and 6, 10 (block 2, after a transition to 6);
-    # four bottlenecks of 16: 92 prunable channels, round(0.3 * 92) = 28 removed
+    # four bottlenecks of 16; the transition reads block 1's 12 maps and the final norm block
+    # 2's 14: 118 prunable channels, round(0.3 * 118) = 35 removed
     c = summary["channels"]
-    assert c["prunable"] == 4 + 8 + 6 + 10 + 4 * 16 == 92 and c["removed"] == 28 and c["kept"] == 64
+    assert c["prunable"] == 4 + 8 + 6 + 10 + 4 * 16 + 12 + 14 == 118 and c["removed"] == 35 and c["kept"] == 83
     assert summary["params_after"] < summary["params_before"] and summary["macs_after"] < summary["macs_before"]
     assert 0 <= summary["test_accuracy_after"] <= 1 and summary["amount"] == 0.3 and summary["round_to"] == 1
     assert summary["speed_batch"] == 64 and summary["reference_path_blocks"] == 0
@@ -178,6 +179,19 @@ def test_a_damaged_input_index_is_refused(pruned, tmp_path):
     info["pruned"][name]["width"] = 0
     (bad / "model.json").write_text(json.dumps(info))
     with pytest.raises(UserError, match=f"pruned.{name}' must give inputs and width"):
+        RunDir(bad).load_model()
+
+
+def test_a_damaged_output_index_is_refused(pruned, tmp_path):
+    data, run, out, summary = pruned
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.json").write_bytes((out / "model.json").read_bytes())
+    state = safetensors.torch.load_file(out / "model.safetensors")
+    key = next(k for k in state if k.endswith("output_index"))
+    state[key] = state[key] + 1000  # past the block's channels
+    safetensors.torch.save_file(state, bad / "model.safetensors")
+    with pytest.raises(UserError, match=r"output_index must be increasing channel indices in \[0, "):
         RunDir(bad).load_model()
 
 

@@ -45,11 +45,12 @@ def test_amount_zero_is_the_identity():
     report = prune_model(model, 0.0)
     assert (report.kept, report.removed, report.removed_fraction) == (report.prunable, 0, 0.0)
     # norm1 of block 1 reads 6, 10, 14 channels, of block 2 (after a transition to 9) 9, 13, 17;
-    # six bottlenecks of 4k = 16
-    assert report.prunable == (6 + 10 + 14) + (9 + 13 + 17) + 6 * 16 == 165
+    # six bottlenecks of 4k = 16; the transition reads block 1's 18 maps, the final norm block 2's 21
+    assert report.prunable == (6 + 10 + 14) + (9 + 13 + 17) + 6 * 16 + 18 + 21 == 204
     assert torch.equal(model(x), before) and count_params(model) == params
     assert pruned_structure(model) == {}
     assert all(layer.input_index is None for layer in model.modules() if isinstance(layer, densekit.DenseLayer))
+    assert all(block.output_index is None for block in model.modules() if isinstance(block, densekit.DenseBlock))
 
 
 def _layer_params(n_in: int, width: int, k: int, bottleneck: bool) -> int:
@@ -94,7 +95,14 @@ def test_dead_channels_go_without_changing_the_function(bn_size):
         full = _layer_params(n_in, width, k, bool(bn_size))
         kept = _layer_params(n_in - dead[(name, "inputs")], width - dead.get((name, "width"), 0), k, bool(bn_size))
         expected += full - kept
+    # a block's dropped outputs: the transition's norm and its convolution's inputs (to 9 maps),
+    # the final norm's and the classifier's (5 classes)
+    expected += dead[("features.denseblock1", "outputs")] * (2 + 9) + dead[("features.denseblock2", "outputs")] * (2 + 5)
     assert params - count_params(model) == expected > 0
+    assert model.classifier.in_features == model.num_features == model.feature_info.channels()[-1] \
+        == 21 - dead[("features.denseblock2", "outputs")]
+    assert model.features.transition1.conv.in_channels == model.feature_info.channels()[1] \
+        == 18 - dead[("features.denseblock1", "outputs")]
 
 
 def test_one_global_threshold_and_one_channel_kept_everywhere():
@@ -116,7 +124,7 @@ def test_one_global_threshold_and_one_channel_kept_everywhere():
             gamma = bn.weight.detach().abs()
             gone.append(gamma[~kept])
             stay.append(gamma[kept])
-    assert removed == round(0.25 * 165) - 1 == 40  # one channel saved by the keep-one rule
+    assert removed == round(0.25 * 204) - 1 == 50  # one channel saved by the keep-one rule
     assert torch.cat(gone).max() < torch.cat(stay).min()  # one threshold across the network
 
 
@@ -141,7 +149,7 @@ def test_round_to_keeps_each_norms_largest_in_multiples(round_to):
             assert gamma[keep].min() >= gamma[dropped].max()
     # rounding to the nearest multiple moves the total by less than half a multiple per norm
     assert abs(kept_rounded - kept_exact) < len(prunable_norms(model)) * round_to / 2
-    assert kept_rounded < 165
+    assert kept_rounded < 204
 
 
 @pytest.mark.parametrize("bad", [0, -8, 2.5, True])
@@ -204,6 +212,7 @@ def test_pruned_blocks_run_fused_with_the_reference_function(bn_size, dtype, tol
     blocks = [m for m in fast.modules() if isinstance(m, densekit.DenseBlock)]
     prune_model(fast, 0.4)
     assert any(layer.input_index is not None for b in blocks for layer in b.values())
+    assert all(b.output_index is not None for b in blocks)  # the transition and final norm pruned too
     assert all(supports_fused(b) for b in blocks)
     if kernels == "native" and not native.available():
         pytest.skip("no C compiler: the native kernels are not built")

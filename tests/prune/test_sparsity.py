@@ -38,7 +38,7 @@ def test_the_step_adds_lambda_times_the_sign_of_each_prunable_scale():
     model = _model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     scales = [bn.weight for _, _, bn in prunable_norms(model)]
-    assert len(scales) == 8  # 4 layers: inputs and width
+    assert len(scales) == 10  # 4 layers: inputs and width; 2 blocks: the transition's and final norm
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     zero = lambda logits, y: logits.sum() * 0.0  # noqa: E731  every gradient 0 but the penalty's
     step = TrainStep(model, opt, zero, select_runtime("cpu"), sparsity=(scales, 0.125))

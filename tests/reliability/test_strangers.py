@@ -111,6 +111,7 @@ def _weights_huge(run: Path) -> None:
 
 
 LAYER = "features.denseblock1.denselayer1"
+BLOCK = "features.denseblock1"
 
 # (id, craft, the file the error must name, what it must say)
 MODEL_CASES = [
@@ -132,6 +133,14 @@ MODEL_CASES = [
     ("pruned-a-number", _json(lambda i: i.update(pruned=5)), "model.json", "field 'pruned' must be a JSON object"),
     ("pruned-no-such-layer", _json(lambda i: i.update(pruned={"features.conv0": {"inputs": 1}})), "model.json",
      "not a dense layer"),
+    ("pruned-outputs-huge", _json(lambda i: i.update(pruned={BLOCK: {"outputs": 10 ** 12}})),
+     "model.json", f"'pruned.{BLOCK}.outputs' must be at most"),
+    ("pruned-outputs-of-a-layer", _json(lambda i: i.update(pruned={LAYER: {"outputs": 3}})), "model.json",
+     "not a dense layer of the model with those fields"),
+    ("pruned-inputs-of-a-block", _json(lambda i: i.update(pruned={BLOCK: {"inputs": 3}})), "model.json",
+     "must give only the outputs of a dense block"),
+    ("pruned-nothing", _json(lambda i: i.update(pruned={BLOCK: {}})), "model.json",
+     f"'pruned.{BLOCK}' must give inputs and width, or outputs"),
     ("no-dataset", _json(lambda i: i.pop("dataset")), "model.json", "missing field 'dataset'"),
     ("data-dir-a-number", _json(lambda i: i.update(data_dir=123)), "model.json", "field 'data_dir'"),
     ("deeply-nested", _nested, "model.json", "nested too deeply"),

@@ -9,7 +9,8 @@ from .common import add_device_argument
 def add_arguments(p) -> None:
     p.add_argument("run_dir", metavar="DIR", help="run directory written by `densekit train` (or an earlier prune)")
     p.add_argument("--amount", type=float, required=True,
-                   help="fraction in [0, 1) of the prunable channels (dense layers' inputs and bottleneck widths) "
+                   help="fraction in [0, 1) of the prunable channels (dense layers' inputs and bottleneck widths, "
+                        "and each block's outputs as its transition or the final norm reads them) "
                         "to remove, those with the smallest |BN gamma| across the network")
     p.add_argument("--round-to", type=int, default=ROUND_TO, metavar="N",
                    help="keep a multiple of N channels in each batch norm, its largest (default %(default)s: "

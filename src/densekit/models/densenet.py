@@ -391,6 +391,25 @@ class DenseNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
+    def block_outputs_pruned_(self, block: str, head: torch.Tensor | None = None) -> None:
+        """Keep ``feature_info`` and the head in step when pruning narrows what the dense block
+        ``block`` (a child of ``features``) returns (``layers.prune_block_outputs_`` calls it);
+        ``head``: for the last block, the final norm's kept channels, which the classifier's
+        inputs follow."""
+        channels = self.features._modules[block].output_channels
+        final = f"features.{list(self.features._modules)[-1]}"
+        for info in self._all_feature_info:
+            if info["module"] == f"features.{block}" or (head is not None and info["module"] == final):
+                info["num_chs"] = channels
+        if head is None:
+            return
+        if isinstance(self.classifier, nn.Linear):
+            w = self.classifier.weight
+            self.classifier.weight = nn.Parameter(w.detach().index_select(1, head.to(w.device)).clone(),
+                                                  requires_grad=w.requires_grad)
+            self.classifier.in_features = head.numel()
+        self.num_features = self.head_hidden_size = channels
+
     def set_grad_checkpointing(self, enable: bool = True) -> "DenseNet":
         """timm's switch for gradient checkpointing: every dense layer's ``memory_efficient``
         (it applies to blocks on the reference path; fused blocks are lean without it)."""

@@ -703,6 +703,43 @@ def _run(block, x: torch.Tensor) -> torch.Tensor:
         return _forward(block, _units(block, x.dtype), x, save=False)[0]
 
 
+def select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(1, index)`` for the output of a dense block that pruning narrowed
+    (``DenseBlock.output_index``, increasing): on the CPU one native gather of the channels-last
+    rows into a channels-last result, as the transition after the block reads it, and in
+    backward one scatter into zeros; elsewhere, and under a compiler, ``index_select``."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) \
+            or not _rows_have_columns(x) or not native.available():
+        return x.index_select(1, index)
+    return _SelectChannels.apply(x, index)
+
+
+class _SelectChannels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, index):
+        rows = _rows(x)
+        out = torch.empty(rows.shape[0], index.numel(), dtype=x.dtype, device=x.device)
+        if native.usable(rows, out):
+            native.gather_cols(rows, index, out)
+        else:
+            torch.gather(rows, 1, index.expand(rows.shape[0], -1), out=out)
+        ctx.save_for_backward(index)
+        ctx.width, ctx.spatial = x.shape[1], tuple(x.shape[2:])
+        return _grid(out, ctx.spatial)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        g = _rows(grad)
+        full = torch.zeros(g.shape[0], ctx.width, dtype=g.dtype, device=g.device)
+        if native.usable(g, full):
+            native.scatter_add_cols(g, index, full)
+        else:
+            full.index_add_(1, index, g)
+        return _grid(full, ctx.spatial), None
+
+
 # -- the transition ----------------------------------------------------------------------
 
 def supports_fused_transition(transition, x: torch.Tensor) -> bool:

@@ -253,15 +253,78 @@ class DenseLayer(nn.Module):
 
 
 def prunable_norms(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
-    """(layer name, kind, batch norm) for every group of channels that network slimming may
-    remove, in module order: each dense layer's inputs (norm1) and bottleneck width (norm2)."""
+    """(module name, kind, batch norm) for every group of channels that network slimming may
+    remove, in module order: each dense layer's inputs (norm1) and bottleneck width (norm2),
+    and each dense block's output as the module after it reads it (``"outputs"``: the
+    transition's norm, or the final norm), where the block is followed by one."""
     groups = []
     for name, m in model.named_modules():
         if isinstance(m, DenseLayer):
             groups.append((name, "inputs", m.norm1))
             if m.has_bottleneck:
                 groups.append((name, "width", m.norm2))
+        elif isinstance(m, DenseBlock):
+            reader = block_reader(model, name)
+            if reader is not None:
+                groups.append((name, "outputs", reader.norm if isinstance(reader, Transition) else reader))
     return groups
+
+
+def _next_module(model: nn.Module, name: str) -> tuple[nn.Module | None, nn.Module | None]:
+    """The module that holds ``name`` and the child registered right after it (None: none)."""
+    if not name:
+        return None, None
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    names = list(parent._modules)
+    i = names.index(child)
+    return parent, parent._modules[names[i + 1]] if i + 1 < len(names) else None
+
+
+def _network(model: nn.Module, name: str) -> nn.Module | None:
+    """The network whose ``features`` hold the block ``name`` directly and which keeps its head
+    in step with pruning (a module with ``block_outputs_pruned_``, a DenseNet); else None."""
+    parent_name = name.rpartition(".")[0]
+    if not parent_name:
+        return None
+    owner_name, _, attr = parent_name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if hasattr(owner, "block_outputs_pruned_") and getattr(owner, attr, None) is model.get_submodule(parent_name):
+        return owner
+    return None
+
+
+def block_reader(model: nn.Module, name: str) -> nn.Module | None:
+    """The module that reads the whole output of the dense block ``name`` in ``model`` and can
+    shrink with it: the :class:`Transition` registered right after the block, or a DenseNet's
+    final norm (whose classifier :func:`prune_block_outputs_` shrinks too); else None."""
+    parent, after = _next_module(model, name)
+    if isinstance(after, Transition):
+        return after
+    if isinstance(after, nn.modules.batchnorm._BatchNorm) and list(parent._modules.values())[-1] is after \
+            and _network(model, name) is not None:
+        return after
+    return None
+
+
+def prune_block_outputs_(model: nn.Module, name: str, keep: torch.Tensor) -> nn.Module:
+    """Keep only the ``keep`` channels of what the dense block ``name`` returns, and shrink
+    the module that reads them (:func:`block_reader`) to match: a transition's norm and
+    convolution, or a DenseNet's final norm and its classifier. Returns the reader. In place;
+    pruning twice equals pruning once."""
+    block = model.get_submodule(name)
+    reader = block_reader(model, name)
+    if not isinstance(block, DenseBlock) or reader is None:
+        raise ValueError(f"{name} is not a dense block followed by a transition or a final norm")
+    keep = block.prune_(keep)
+    if isinstance(reader, Transition):
+        reader.prune_(keep)
+    else:
+        _keep_bn(reader, keep)
+    network = _network(model, name)
+    if network is not None:
+        network.block_outputs_pruned_(name.rpartition(".")[2], None if isinstance(reader, Transition) else keep)
+    return reader
 
 
 def _check_block_input(x: Tensor, in_channels: int) -> None:
@@ -306,6 +369,25 @@ class DenseBlock(nn.ModuleDict):
             self.add_module(f"denselayer{i + 1}", layer)
             channels += growth_rate
         self.out_channels = channels
+        self.register_buffer("output_index", None)
+
+    @property
+    def output_channels(self) -> int:
+        """Channels the block returns: ``out_channels``, fewer where pruning dropped some."""
+        return self.out_channels if self.output_index is None else self.output_index.numel()
+
+    def prune_(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Return only the ``outputs`` channels of those the block returns now, composed with
+        any earlier selection (``output_index``, a buffer, None by default, names them among
+        the concatenation); the layers and the block's feature buffer stay as they are. The
+        module reading the block must shrink with it: :func:`prune_block_outputs_`. Returns the
+        checked ``outputs``."""
+        outputs = check_channel_index("outputs", outputs, self.output_channels)
+        full = self.output_index
+        if full is None:
+            full = torch.arange(self.out_channels, device=outputs.device)
+        self.output_index = full.to(outputs.device)[outputs].clone()
+        return outputs
 
     def set_grad_checkpointing(self, enable: bool = True) -> "DenseBlock":
         """Checkpoint every layer (``DenseLayer.memory_efficient``) on the reference path."""
@@ -331,8 +413,10 @@ class DenseBlock(nn.ModuleDict):
     def _forward_fused(self, x: Tensor) -> Tensor:
         if _fused.unsupported_reason(self) is None:
             if torch.compiler.is_compiling():
-                return _fused._in_autocast_dtype(_fused_op.run, self, x)
-            return _fused.fused_dense_block(self, x)
+                out = _fused._in_autocast_dtype(_fused_op.run, self, x)
+            else:
+                out = _fused.fused_dense_block(self, x)
+            return out if self.output_index is None else _fused.select_channels(out, self.output_index)
         return self.forward_plain(x)
 
     def forward_plain(self, x: Tensor) -> Tensor:
@@ -340,7 +424,11 @@ class DenseBlock(nn.ModuleDict):
         features = [x]
         for layer in self.values():
             features.append(layer(features))
-        return torch.cat(features, 1)
+        out = torch.cat(features, 1)
+        index = self.output_index
+        if index is not None:
+            out = out.index_select(1, index)
+        return out
 
 
 class Transition(nn.Sequential):
@@ -365,6 +453,16 @@ class Transition(nn.Sequential):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.fused = bool(fused)
+
+    def prune_(self, inputs: torch.Tensor) -> "Transition":
+        """Keep only the ``inputs`` channels that its norm normalizes now: the norm and the
+        convolution's input shrink, in place. The dense block before it must return only
+        those channels (:func:`prune_block_outputs_` does both)."""
+        inputs = check_channel_index("inputs", inputs, self.norm.num_features)
+        _keep_bn(self.norm, inputs)
+        _keep_conv(self.conv, inputs, dim=1)
+        self.in_channels = inputs.numel()
+        return self
 
     @property
     def pools_first(self) -> bool:

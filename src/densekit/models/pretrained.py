@@ -31,7 +31,7 @@ from ..errors import UserError
 from ..rundir import LIMITS, RunDir
 from ..rundir.files import check_regular, read_tensors
 from .densenet import IMAGENET_MEAN, IMAGENET_STD, DenseNet
-from .layers import LEGACY_LAYER_KEY, DenseLayer
+from .layers import LEGACY_LAYER_KEY, DenseBlock, DenseLayer, prune_block_outputs_
 from .registry import create_model, get_variant, list_models, model_kwargs
 from .size import estimate
 
@@ -244,9 +244,14 @@ def _jsonable(kwargs: dict) -> dict:
 
 
 def _prune_like(model: DenseNet, state: Mapping[str, torch.Tensor]) -> None:
-    """Shrink ``model``'s dense layers to a pruned run's tensors, as RunDir.build_model does from
-    model.json's sizes (which the run's weights were checked against): the kept channels load next."""
-    for name, layer in model.named_modules():
+    """Shrink ``model``'s dense layers and blocks to a pruned run's tensors, as RunDir.build_model
+    does from model.json's sizes (which the run's weights were checked against): the kept
+    channels load next (a ValueError where the tensors fit no pruning of the model)."""
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, DenseBlock):
+            index = state.get(f"{name}.output_index")
+            if index is not None:
+                prune_block_outputs_(model, name, torch.arange(index.numel()))
         if not isinstance(layer, DenseLayer):
             continue
         index = state.get(f"{name}.input_index")

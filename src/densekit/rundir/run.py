@@ -36,8 +36,8 @@ from torch import nn
 
 from ..checks import ArgumentError, text
 from ..errors import UserError
-from ..models import DenseLayer, DenseNet
-from ..models.layers import check_channel_index
+from ..models import DenseBlock, DenseLayer, DenseNet
+from ..models.layers import block_reader, check_channel_index, prune_block_outputs_
 from ..results import json_text
 from . import files, schema
 from .schema import FORMAT, FORMAT_VERSION, MAX_JSON_BYTES, MAX_METRICS_BYTES, MAX_SIDE, Fields
@@ -199,12 +199,16 @@ def pretrained_cfg(info: ModelInfo, model: DenseNet, run_dir: Path) -> dict:
 
 
 def pruned_structure(model: nn.Module) -> dict:
-    """How far each pruned dense layer differs from the stock one, as model.json stores it:
-    ``{"features.denseblock1.denselayer2": {"inputs": 20, "width": 36}, ...}``, ``inputs`` the
-    number of channels it reads (None: all), ``width`` its bottleneck's (None: bn_size * k).
-    Only the sizes: which channels a layer reads is its ``input_index``, in the weights."""
+    """How far each pruned dense layer and block differs from the stock one, as model.json
+    stores it: ``{"features.denseblock1.denselayer2": {"inputs": 20, "width": 36},
+    "features.denseblock1": {"outputs": 88}, ...}``; a layer's ``inputs``, the number of
+    channels it reads (None: all), and ``width``, its bottleneck's (None: bn_size * k); a
+    block's ``outputs``, the channels it returns to the transition or final norm after it.
+    Only the sizes: which channels are kept is in the weights (``input_index``, ``output_index``)."""
     structure = {}
     for name, m in model.named_modules():
+        if isinstance(m, DenseBlock) and m.output_index is not None:
+            structure[name] = {"outputs": m.output_index.numel()}
         if not isinstance(m, DenseLayer):
             continue
         inputs = None if m.input_index is None else m.input_index.numel()
@@ -217,15 +221,20 @@ def pruned_structure(model: nn.Module) -> dict:
 
 
 def _apply_pruned_structure(model: nn.Module, structure: dict, source: object) -> None:
-    """Shrink a freshly built model's layers to ``structure``, so that a pruned run's weights
-    load strictly; the kept channels come with the weights."""
+    """Shrink a freshly built model's layers and blocks to ``structure``, so that a pruned
+    run's weights load strictly; the kept channels come with the weights."""
     for name, sizes in structure.items():
         try:
-            layer = model.get_submodule(name)
+            module = model.get_submodule(name)
         except AttributeError:
-            layer = None
-        if not isinstance(layer, DenseLayer):
-            raise UserError(f"{source}: field 'pruned' names {name[:60]!r}, which is not a dense layer of the model")
+            module = None
+        if isinstance(module, DenseBlock):
+            _apply_block_outputs(model, name, module, sizes, source)
+            continue
+        if not isinstance(module, DenseLayer) or "outputs" in sizes:
+            raise UserError(f"{source}: field 'pruned' names {name[:60]!r}, which is not a dense layer of the "
+                            f"model{'' if module is None else ' with those fields'}")
+        layer = module
         inputs, width = sizes.get("inputs"), sizes.get("width")
         if width is not None and not layer.has_bottleneck:
             raise UserError(f"{source}: field 'pruned.{name}' prunes the width of a layer without a bottleneck")
@@ -236,15 +245,29 @@ def _apply_pruned_structure(model: nn.Module, structure: dict, source: object) -
         layer.prune_(None if inputs is None else torch.arange(inputs), None if width is None else torch.arange(width))
 
 
+def _apply_block_outputs(model: nn.Module, name: str, block: DenseBlock, sizes: dict, source: object) -> None:
+    outputs = sizes.get("outputs")
+    if set(sizes) != {"outputs"} or outputs is None or block_reader(model, name) is None:
+        raise UserError(f"{source}: field 'pruned.{name[:60]}' must give only the outputs of a dense block "
+                        f"followed by a transition or the final norm")
+    if outputs > block.output_channels:
+        raise UserError(f"{source}: field 'pruned.{name}.outputs' must be at most {block.output_channels}, "
+                        f"got {outputs}")
+    prune_block_outputs_(model, name, torch.arange(outputs))
+
+
 def _check_input_index(model: nn.Module, source: object) -> None:
-    """Every pruned layer's ``input_index`` (loaded from the weights) must name channels its
-    block has, each once: a damaged file would otherwise fail, or read wrong maps, in forward."""
+    """Every pruned layer's ``input_index`` and block's ``output_index`` (loaded from the
+    weights) must name channels its block has, each once: a damaged file would otherwise
+    fail, or read wrong maps, in forward."""
     for name, m in model.named_modules():
-        if isinstance(m, DenseLayer) and m.input_index is not None:
-            try:
+        try:
+            if isinstance(m, DenseLayer) and m.input_index is not None:
                 check_channel_index(f"{name}.input_index", m.input_index, m.in_channels)
-            except ValueError as e:
-                raise UserError(f"{source}: {e}; the file is damaged") from e
+            if isinstance(m, DenseBlock) and m.output_index is not None:
+                check_channel_index(f"{name}.output_index", m.output_index, m.out_channels)
+        except ValueError as e:
+            raise UserError(f"{source}: {e}; the file is damaged") from e
 
 
 def load_strictly(model: nn.Module, state: dict[str, torch.Tensor], context: str) -> None:

@@ -189,13 +189,14 @@ def check_model(kwargs: dict, image_size: tuple[int, int], classes: int, in_chan
 
 
 def check_pruned(pruned: dict, source: object) -> dict:
-    """``pruned``: layer name -> {"inputs": n or null, "width": n or null}; the sizes are
-    checked against the layers when the structure is applied."""
+    """``pruned``: layer name -> {"inputs": n or null, "width": n or null}, or block name ->
+    {"outputs": n}; the sizes are checked against the layers and blocks when the structure
+    is applied."""
     for name, sizes in pruned.items():
-        if not (is_name(name) and isinstance(sizes, dict) and set(sizes) <= {"inputs", "width"}
-                and all(is_optional(lambda v: is_int(v, 1))(sizes.get(k)) for k in ("inputs", "width"))):
-            raise UserError(f"{source}: field 'pruned.{str(name)[:60]}' must give inputs and width as integers "
-                            f">= 1 or null, got {_shown(sizes)}")
+        if not (is_name(name) and isinstance(sizes, dict) and sizes and set(sizes) <= {"inputs", "width", "outputs"}
+                and all(is_optional(lambda v: is_int(v, 1))(sizes.get(k)) for k in ("inputs", "width", "outputs"))):
+            raise UserError(f"{source}: field 'pruned.{str(name)[:60]}' must give inputs and width, or outputs, as "
+                            f"integers >= 1 or null, got {_shown(sizes)}")
     return pruned
 
 
