@@ -16,7 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/common.sh
 if [ -n "${1:-}" ]; then W="$1"; mkdir -p "$W"; else W="$(mktemp -d)"; trap 'rm -rf "$W"' EXIT; fi
-LAMBDA="${LAMBDA:-1e-4}"
+LAMBDA="${LAMBDA:-5e-4}"
 AMOUNTS="${AMOUNTS:-0.2 0.4 0.6}"
 FT_EPOCHS="${FT_EPOCHS:-2}"
 FT_LR="${FT_LR:-0.02}"
