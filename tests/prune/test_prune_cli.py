@@ -163,15 +163,21 @@ def test_missing_dir_and_existing_out_exit_2_and_touch_nothing(pruned, cli, tmp_
     assert rc == 2 and "--amount" in err
 
 
-def test_a_damaged_input_index_is_refused(pruned, tmp_path):
-    data, run, out, summary = pruned
-    bad = tmp_path / "bad"
+def _damaged(out: Path, bad: Path, suffix: str, damage) -> Path:
+    """A copy of the pruned run ``out`` in ``bad`` with ``damage`` done to its first index
+    tensor of more than one entry whose key ends with ``suffix``."""
     bad.mkdir()
     (bad / "model.json").write_bytes((out / "model.json").read_bytes())
     state = safetensors.torch.load_file(out / "model.safetensors")
-    key = next(k for k in state if k.endswith("input_index") and state[k].numel() > 1)
-    state[key] = state[key].flip(0)
+    key = next(k for k in state if k.endswith(suffix) and state[k].numel() > 1)
+    state[key] = damage(state[key])
     safetensors.torch.save_file(state, bad / "model.safetensors")
+    return bad
+
+
+def test_a_damaged_input_index_is_refused(pruned, tmp_path):
+    data, run, out, summary = pruned
+    bad = _damaged(out, tmp_path / "bad", "input_index", lambda index: index.flip(0))
     with pytest.raises(UserError, match="input_index must be increasing"):
         RunDir(bad).load_model()
     info = json.loads((out / "model.json").read_text())
@@ -184,13 +190,7 @@ def test_a_damaged_input_index_is_refused(pruned, tmp_path):
 
 def test_a_damaged_output_index_is_refused(pruned, tmp_path):
     data, run, out, summary = pruned
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "model.json").write_bytes((out / "model.json").read_bytes())
-    state = safetensors.torch.load_file(out / "model.safetensors")
-    key = next(k for k in state if k.endswith("output_index"))
-    state[key] = state[key] + 1000  # past the block's channels
-    safetensors.torch.save_file(state, bad / "model.safetensors")
+    bad = _damaged(out, tmp_path / "bad", "output_index", lambda index: index + 1000)  # past the block's channels
     with pytest.raises(UserError, match=r"output_index must be increasing channel indices in \[0, "):
         RunDir(bad).load_model()
 
