@@ -242,3 +242,32 @@ def test_a_batch_of_one_through_a_pruned_model():
     x = inputs()[:1]
     with torch.no_grad():
         torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pruned_block_outputs_under_bf16_autocast():
+    """A pruned block hands its reader a bf16 gather of its buffer under autocast (the native
+    kernels, or torch's gather without them). Against the float32 model the output stays within
+    bf16's rounding, and the input gradient as close as torch's ops get it (in training mode
+    batch norm's backward cancels much of it: about a quarter off in L2 either way, as for an
+    unpruned model; in eval mode a few percent)."""
+    model = small(fused=True)
+    prune_model(model, 0.4)
+    assert all(b.output_index is not None for b in model.modules() if isinstance(b, densekit.DenseBlock))
+    x = inputs()
+    g = torch.randn(x.shape[0], 5, generator=torch.Generator().manual_seed(3))
+
+    def run(train: bool, bf16: bool, kernels: bool):
+        m = copy.deepcopy(model).train(train)
+        xi = x.clone().requires_grad_()
+        with native.disabled() if not kernels else contextlib.nullcontext(), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = m(xi)
+        y.float().backward(g)
+        return y.float(), xi.grad
+
+    for train in (True, False):
+        want = run(train, False, True)
+        (y_native, g_native), (y_ops, g_ops) = run(train, True, True), run(train, True, False)
+        err = lambda got, exact: ((got - exact).norm() / exact.norm()).item()  # noqa: E731
+        assert err(y_native, want[0]) < 0.01 and err(y_ops, want[0]) < 0.01
+        assert err(g_native, want[1]) <= 1.2 * err(g_ops, want[1]) and err(g_native, want[1]) < (0.4 if train else 0.05)
