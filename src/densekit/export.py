@@ -41,7 +41,7 @@ from . import checks
 from .errors import UserError
 from .models import DenseNet, set_fused
 from .results import Result
-from .rundir import RunDir, publish, refuse_existing
+from .rundir import RunDir, publish, pruned_counts, refuse_existing
 
 __all__ = ["FORMATS", "ExportReport", "export_model", "export_onnx", "export_pt2", "read_metadata"]
 
@@ -60,7 +60,7 @@ OPSETS = {"torchscript": (9, 20), "dynamo": (18, 23)}
 RTOL = 1e-4
 
 # The metadata values that are not plain strings are stored as JSON text.
-_JSON_KEYS = ("model_args", "pruned_layers", "classes", "num_classes", "mean", "std", "input_size", "spatial_dims", "outputs", "feature_info")
+_JSON_KEYS = ("model_args", "pruned_layers", "pruned_blocks", "classes", "num_classes", "mean", "std", "input_size", "spatial_dims", "outputs", "feature_info")
 _PT2_EXTRA = "densekit.json"
 _LAYOUTS = {1: "NCL", 2: "NCHW", 3: "NCDHW"}
 
@@ -193,7 +193,7 @@ def _subject(model_or_run_dir, path, fmt: str, input_size, metadata) -> tuple[_S
         if info.model_args:
             described["model_args"] = info.model_args
         if info.pruned:
-            described["pruned_layers"] = len(info.pruned)
+            described["pruned_layers"], described["pruned_blocks"] = pruned_counts(info.pruned)
         # what turns the logits into probabilities: one class (softmax) or each label on its own (sigmoid)
         described["output_activation"] = "sigmoid" if info.multi_label else "softmax"
     target = _target(path, source, fmt)  # before loading anything: a bad --out costs nothing

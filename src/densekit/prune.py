@@ -45,7 +45,7 @@ from .errors import UserError
 from .models.layers import prunable_norms, prune_block_outputs_
 from .models.profile import count_macs, count_params
 from .results import Result
-from .rundir import ModelInfo, RunDir, pruned_structure, refuse_nonempty
+from .rundir import ModelInfo, RunDir, pruned_counts, pruned_structure, refuse_nonempty
 from .models.size import estimate
 from .data.batches import loader_for
 from .train.engine import eval_batch_size, evaluate
@@ -95,7 +95,8 @@ class PruneReport(Result):
     test_accuracy_after: float
     params_ratio: float
     macs_ratio: float
-    pruned_layers: int
+    pruned_layers: int             # dense layers that read fewer inputs or have a narrower bottleneck
+    pruned_blocks: int             # dense blocks that return fewer channels to their transition or final norm
     reference_path_blocks: int     # dense blocks that cannot run fused once pruned
     speed_batch: int | None        # inference speed (None: not measured): images per forward pass,
     images_per_second_before: float | None  # random inputs, in this process, as the runtime runs
@@ -264,7 +265,7 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
         macs_before=macs, test_accuracy_before=acc, params_after=params_after,
         macs_after=macs_after, test_accuracy_after=_accuracy(model, info, data, split, runtime),
         params_ratio=params_after / params, macs_ratio=macs_after / macs,
-        pruned_layers=len(structure),
+        pruned_layers=pruned_counts(structure)[0], pruned_blocks=pruned_counts(structure)[1],
         reference_path_blocks=sum(1 for m in model.modules() if hasattr(m, "fused_status") and m.fused_status()),
         speed_batch=SPEED_BATCH if speed else None, images_per_second_before=rates[0],
         images_per_second_after=rates[1], speedup=rates[2],

@@ -55,7 +55,9 @@ def test_prune_writes_a_run_with_its_figures(pruned):
     assert summary["speed_batch"] == 64 and summary["reference_path_blocks"] == 0
     assert summary["images_per_second_before"] > 0 and summary["images_per_second_after"] > 0
     info = json.loads((out / "model.json").read_text())
-    assert info["pruned"] and summary["pruned_layers"] == len(info["pruned"])
+    # both blocks' outputs (the transition's and final norm's inputs), and the layers the rest
+    assert info["pruned"] and summary["pruned_blocks"] == 2
+    assert summary["pruned_layers"] + summary["pruned_blocks"] == len(info["pruned"])
     source = json.loads((run / "model.json").read_text())
     assert {k: v for k, v in info.items() if k not in ("pruned", "format_version")} == \
         {k: v for k, v in source.items() if k != "format_version"}
@@ -277,3 +279,29 @@ def test_no_speed_skips_the_measurement(trained, tmp_path):
         if isinstance(layer, densekit.DenseLayer):
             for n, full in ((layer.norm1.num_features, layer.in_channels), (layer.norm2.num_features, 16)):
                 assert n % 8 == 0 or n == full
+
+
+def test_the_export_of_a_pruned_run_says_what_was_pruned(pruned, tmp_path):
+    from densekit.export import export_onnx, read_metadata
+
+    data, run, out, summary = pruned
+    export_onnx(out, tmp_path / "p.onnx")  # checked against PyTorch in onnxruntime
+    meta = read_metadata(tmp_path / "p.onnx")
+    assert (meta["pruned_layers"], meta["pruned_blocks"]) == (summary["pruned_layers"], summary["pruned_blocks"])
+
+
+def test_pruning_keeps_the_block_indices_on_the_models_device():
+    """The plan's indices are on the CPU; a block on another device keeps its output_index
+    there, as its layers keep their input_index ("meta" stands in for a GPU: no data, any op)."""
+    from densekit.prune import apply_plan, slimming_plan
+
+    model = densekit.DenseNet(4, (2, 2), num_init_features=4, num_classes=3, in_chans=1, stem="cifar")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.0, 1.0)
+    plan = slimming_plan(model, 0.4)
+    model = model.to("meta")
+    apply_plan(model, plan)
+    indices = [b for n, b in model.named_buffers() if n.endswith(("input_index", "output_index"))]
+    assert any(n.endswith("output_index") for n, _ in model.named_buffers())
+    assert indices and all(i.device.type == "meta" for i in indices)

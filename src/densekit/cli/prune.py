@@ -29,7 +29,7 @@ def summary_lines(s) -> list[str]:
     c = s.channels
     lines = [
         f"pruned {c.removed:,} of {c.prunable:,} prunable channels ({100 * c.removed_fraction:.2f}%) "
-        f"in {s.pruned_layers} dense layers of {s.model}",
+        f"in {s.pruned_layers} dense layers and the outputs of {s.pruned_blocks} blocks of {s.model}",
         f"parameters {s.params_before:,} -> {s.params_after:,} ({s.params_ratio:.3f}x), "
         f"MACs {s.macs_before / 1e6:.1f} M -> {s.macs_after / 1e6:.1f} M ({s.macs_ratio:.3f}x)",
         f"{s.dataset} {s.split} accuracy ({s.test_images} images) {100 * s.test_accuracy_before:.2f}% -> "

@@ -384,9 +384,9 @@ class DenseBlock(nn.ModuleDict):
         checked ``outputs``."""
         outputs = check_channel_index("outputs", outputs, self.output_channels)
         full = self.output_index
-        if full is None:
-            full = torch.arange(self.out_channels, device=outputs.device)
-        self.output_index = full.to(outputs.device)[outputs].clone()
+        if full is None:  # on the block's device, wherever the kept channels were ranked
+            full = torch.arange(self.out_channels, device=next(self.parameters()).device)
+        self.output_index = full[outputs.to(full.device)].clone()
         return outputs
 
     def set_grad_checkpointing(self, enable: bool = True) -> "DenseBlock":

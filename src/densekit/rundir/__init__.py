@@ -7,8 +7,8 @@ their JSON may contain, checked before anything is built from it.
 """
 
 from .files import publish, publish_json, refuse_existing, refuse_nonempty
-from .run import ModelInfo, Preprocessing, RunDir, load_strictly, pretrained_cfg, pruned_structure
+from .run import ModelInfo, Preprocessing, RunDir, load_strictly, pretrained_cfg, pruned_counts, pruned_structure
 from .schema import FORMAT, FORMAT_VERSION, LIMITS
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "LIMITS", "ModelInfo", "Preprocessing", "RunDir", "load_strictly",
-           "pretrained_cfg", "publish", "publish_json", "pruned_structure", "refuse_existing", "refuse_nonempty"]
+           "pretrained_cfg", "publish", "publish_json", "pruned_counts", "pruned_structure", "refuse_existing", "refuse_nonempty"]

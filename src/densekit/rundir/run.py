@@ -220,6 +220,13 @@ def pruned_structure(model: nn.Module) -> dict:
     return structure
 
 
+def pruned_counts(structure: dict) -> tuple[int, int]:
+    """(dense layers, dense blocks) that a :func:`pruned_structure` prunes: a block's entry
+    gives its ``outputs``, a layer's its inputs and width."""
+    blocks = sum(1 for sizes in structure.values() if "outputs" in sizes)
+    return len(structure) - blocks, blocks
+
+
 def _apply_pruned_structure(model: nn.Module, structure: dict, source: object) -> None:
     """Shrink a freshly built model's layers and blocks to ``structure``, so that a pruned
     run's weights load strictly; the kept channels come with the weights."""
