@@ -257,6 +257,7 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
             rates = inference_speed(parent, model, size, runtime.device, memory_format=runtime.memory_format)
         del parent
     params_after, macs_after = count_params(model), count_macs(model, size)
+    layers, blocks = pruned_counts(structure)
     report = PruneReport(
         source=str(source), out=str(out), model=info.model, dataset=info.dataset, method=METHOD, amount=amount,
         round_to=round_to,
@@ -265,7 +266,7 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
         macs_before=macs, test_accuracy_before=acc, params_after=params_after,
         macs_after=macs_after, test_accuracy_after=_accuracy(model, info, data, split, runtime),
         params_ratio=params_after / params, macs_ratio=macs_after / macs,
-        pruned_layers=pruned_counts(structure)[0], pruned_blocks=pruned_counts(structure)[1],
+        pruned_layers=layers, pruned_blocks=blocks,
         reference_path_blocks=sum(1 for m in model.modules() if hasattr(m, "fused_status") and m.fused_status()),
         speed_batch=SPEED_BATCH if speed else None, images_per_second_before=rates[0],
         images_per_second_after=rates[1], speedup=rates[2],

@@ -109,7 +109,8 @@ def block_reuse(block: DenseBlock, reader: nn.Module | None = None, reader_name:
         targets.append(f"layer {i}")
     if reader is not None:
         index = block.output_index  # a pruned block returns, and its reader reads, only these channels
-        mean, share = _column(channel_weights(reader.weight, index, sum(widths) if index is not None else None), widths, n)
+        per_channel = channel_weights(reader.weight, index, block.out_channels if index is not None else None)
+        mean, share = _column(per_channel, widths, n)
         columns.append(mean)
         shares.append(share)
         targets.append(reader_name)

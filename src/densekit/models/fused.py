@@ -122,11 +122,7 @@ class _Unit:
         a view of them, or for a pruned layer its channels gathered into the "g" workspace."""
         if self.index is None:
             return rows
-        out = scratch("g", self.index.numel())
-        if native.usable(rows, out):
-            return native.gather_cols(rows, self.index, out)
-        # torch.gather with a broadcast index: several times faster than index_select on columns
-        return torch.gather(rows, 1, self.index.expand(rows.shape[0], -1), out=out)
+        return _gather_cols(rows, self.index, scratch("g", self.index.numel()))
 
     def read_act(self, rows: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, scratch: "_Scratch"):
         """ReLU(x * scale + shift) of what :meth:`read` returns (:meth:`scale_shift` of this unit's
@@ -144,10 +140,7 @@ class _Unit:
 
     def add_back(self, grad: torch.Tensor, rows_grad: torch.Tensor) -> None:
         """Adds ``grad``, the gradient of what :meth:`read` returned, to the buffer's ``rows_grad``."""
-        if native.usable(grad, rows_grad):
-            native.scatter_add_cols(grad, self.index, rows_grad)
-        else:
-            rows_grad.index_add_(1, self.index, grad)
+        _scatter_add_cols(grad, self.index, rows_grad)
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.gamma, self.beta, self.weight
@@ -380,6 +373,22 @@ def _bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: tor
         return native.bn_relu(x, scale, shift, out)
     torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype), out=out)
     return out.relu_()
+
+
+def _gather_cols(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[:, j] = rows[:, index[j]] for a (rows, C) matrix and an increasing ``index``."""
+    if native.usable(rows, out):
+        return native.gather_cols(rows, index, out)
+    # torch.gather with a broadcast index: several times faster than index_select on columns
+    return torch.gather(rows, 1, index.expand(rows.shape[0], -1), out=out)
+
+
+def _scatter_add_cols(grad: torch.Tensor, index: torch.Tensor, rows_grad: torch.Tensor) -> None:
+    """rows_grad[:, index[j]] += grad[:, j]: the backward of :func:`_gather_cols`."""
+    if native.usable(grad, rows_grad):
+        native.scatter_add_cols(grad, index, rows_grad)
+    else:
+        rows_grad.index_add_(1, index, grad)
 
 
 def _laid_out_as(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor | None:
@@ -718,11 +727,7 @@ class _SelectChannels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, index):
         rows = _rows(x)
-        out = torch.empty(rows.shape[0], index.numel(), dtype=x.dtype, device=x.device)
-        if native.usable(rows, out):
-            native.gather_cols(rows, index, out)
-        else:
-            torch.gather(rows, 1, index.expand(rows.shape[0], -1), out=out)
+        out = _gather_cols(rows, index, torch.empty(rows.shape[0], index.numel(), dtype=x.dtype, device=x.device))
         ctx.save_for_backward(index)
         ctx.width, ctx.spatial = x.shape[1], tuple(x.shape[2:])
         return _grid(out, ctx.spatial)
@@ -733,10 +738,7 @@ class _SelectChannels(torch.autograd.Function):
         (index,) = ctx.saved_tensors
         g = _rows(grad)
         full = torch.zeros(g.shape[0], ctx.width, dtype=g.dtype, device=g.device)
-        if native.usable(g, full):
-            native.scatter_add_cols(g, index, full)
-        else:
-            full.index_add_(1, index, g)
+        _scatter_add_cols(g, index, full)
         return _grid(full, ctx.spatial), None
 
 

@@ -93,6 +93,15 @@ def check_channel_index(name: str, keep: torch.Tensor, n: int) -> torch.Tensor:
     return keep
 
 
+def _composed(index: torch.Tensor | None, keep: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
+    """The ``keep`` entries of a channel index into ``width`` channels (None: all of them, then
+    made on ``device``, the module's, wherever ``keep`` was ranked): pruning twice equals
+    pruning once."""
+    if index is None:
+        index = torch.arange(width, device=device)
+    return index[keep.to(index.device)].clone()
+
+
 def _keep_bn(bn: nn.Module, keep: torch.Tensor) -> None:
     """Shrink a batch norm to the ``keep`` channels, with their affine parameters and statistics."""
     keep = keep.to(bn.weight.device)
@@ -223,10 +232,7 @@ class DenseLayer(nn.Module):
         earlier selection, so pruning twice equals pruning once."""
         if inputs is not None:
             inputs = check_channel_index("inputs", inputs, self.norm1.num_features)
-            full = self.input_index
-            if full is None:
-                full = torch.arange(self.in_channels, device=self.norm1.weight.device)
-            self.input_index = full[inputs.to(full.device)].clone()
+            self.input_index = _composed(self.input_index, inputs, self.in_channels, self.norm1.weight.device)
             _keep_bn(self.norm1, inputs)
             _keep_conv(self.conv1, inputs, dim=1)
         if width is not None:
@@ -383,10 +389,7 @@ class DenseBlock(nn.ModuleDict):
         module reading the block must shrink with it: :func:`prune_block_outputs_`. Returns the
         checked ``outputs``."""
         outputs = check_channel_index("outputs", outputs, self.output_channels)
-        full = self.output_index
-        if full is None:  # on the block's device, wherever the kept channels were ranked
-            full = torch.arange(self.out_channels, device=next(self.parameters()).device)
-        self.output_index = full[outputs.to(full.device)].clone()
+        self.output_index = _composed(self.output_index, outputs, self.out_channels, next(self.parameters()).device)
         return outputs
 
     def set_grad_checkpointing(self, enable: bool = True) -> "DenseBlock":
