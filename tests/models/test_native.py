@@ -91,16 +91,17 @@ def test_column_gather_scatter_and_gathered_bn_relu_match_torch(rows, cols, ld):
     want = before.clone()
     want[:, 2:ld + 2].index_add_(1, index, src)
     torch.testing.assert_close(buf, want, rtol=0, atol=0)  # the columns outside the slice untouched
-    # columns far apart (a group of 16 spanning more than 32: the gather-instruction path) and
-    # in no order; a NaN passes the ReLU as in torch
-    wide = torch.arange(0, ld, 3).flip(0)
-    x[0, wide[0]] = float("nan")
-    scale, shift = torch.randn(wide.numel()), torch.randn(wide.numel())
-    got = native.gather_cols(x, wide, torch.empty(rows, wide.numel()), scale, shift)
-    torch.testing.assert_close(got, torch.relu(x[:, wide] * scale + shift), rtol=1e-6, atol=1e-6, equal_nan=True)
-    assert got[0, 0].isnan()
-    torch.testing.assert_close(native.gather_cols(x, wide, torch.empty(rows, wide.numel())), x[:, wide],
-                               rtol=0, atol=0, equal_nan=True)
+    # columns in no order, and far apart (a group of output columns ends where its sources
+    # would span 32 columns or more); a NaN passes the ReLU as in torch
+    for wide in (torch.arange(0, ld, 3).flip(0), torch.arange(0, ld, 37)):
+        x[0, wide[0]] = float("nan")
+        scale, shift = torch.randn(wide.numel()), torch.randn(wide.numel())
+        got = native.gather_cols(x, wide, torch.empty(rows, wide.numel()), scale, shift)
+        torch.testing.assert_close(got, torch.relu(x[:, wide] * scale + shift), rtol=1e-6, atol=1e-6,
+                                   equal_nan=True)
+        assert got[0, 0].isnan()
+        torch.testing.assert_close(native.gather_cols(x, wide, torch.empty(rows, wide.numel())), x[:, wide],
+                                   rtol=0, atol=0, equal_nan=True)
     with pytest.raises(ValueError, match="column indices"):
         native.gather_cols(x, torch.tensor([0, ld]), torch.empty(rows, 2))
     with pytest.raises(ValueError, match="column indices"):  # out of range anywhere, not only at the ends
@@ -131,6 +132,11 @@ def test_bf16_kernels_compute_in_float32_and_round_once(rows, cols, ld):
     want = torch.relu(x.float()[:, index] * scale[:cols] + shift[:cols]).bfloat16()
     torch.testing.assert_close(got.float(), want.float(), **one_step)
     assert torch.equal(native.gather_cols(x, index, torch.empty(rows, cols, dtype=torch.bfloat16)), x[:, index])
+    wide = torch.arange(0, ld, 37)  # one output column per group
+    n = wide.numel()
+    got = native.gather_cols(x, wide, torch.empty(rows, n, dtype=torch.bfloat16), scale[:n], shift[:n])
+    torch.testing.assert_close(got.float(), torch.relu(x.float()[:, wide] * scale[:n] + shift[:n]).bfloat16().float(),
+                               **one_step)
     # column statistics in float32 (float64 sums) of the bf16 values
     mean, var = native.col_stats(x)
     assert mean.dtype == var.dtype == torch.float32

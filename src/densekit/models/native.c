@@ -66,76 +66,83 @@ static inline float relu_grad(float g, float a)
  * the columns a pruned layer reads, gathered row by row (torch's index_select along columns
  * runs about ten times slower on these tall matrices), with its BN-ReLU in the same pass.
  *
- * With AVX-512, each group of 16 output columns whose sources lie within 32 consecutive
- * columns (the usual case: pruning keeps most of a layer's inputs, in order) is two masked
- * loads and one two-register permute; other groups, and CPUs without AVX-512, take a loop
- * over 32-bit indices that the compiler turns into gather instructions, about three times
- * slower per element than the contiguous dk_bn_relu on AMD EPYC (docs/performance.md#pruning). */
+ * With AVX-512 the output columns are cut into groups of at most 16 consecutive ones whose
+ * sources lie within 32 consecutive columns (one output column always does), cut where the
+ * next source would leave that window. A group is two masked loads and one two-register
+ * permute per row, and the rows are taken a tile at a time and group by group within it, so
+ * that a group's permutation, masks, scale and shift stay in registers across the tile.
+ * Groups of 16 outputs with sources up to 32 columns apart, and the AVX-512 gather instruction
+ * for the rest, ran 1.3x slower (docs/performance.md#pruning). CPUs without AVX-512 take a loop
+ * over 32-bit indices that the compiler turns into gather instructions. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
 typedef struct {
-    i64 base;           /* first source column of the group */
+    i64 base;           /* first source column of the group's window */
+    i64 j0;             /* first output column */
     __mmask16 lo, hi;   /* the source columns [base, base + 32) that exist, as two load masks */
-    __mmask16 out;      /* the output columns of the group */
-    int ok;             /* the sources fit in 32 columns */
+    __mmask16 out;      /* the group's output columns, from j0 */
     int perm[16];       /* source column - base, for each output column */
 } group_t;
 
-/* relu(v * scale + shift) on a group's 16 output columns from j0 */
-static inline __m512 bn_relu_x16(__m512 v, __mmask16 m, const float *scale, const float *shift, i64 j0)
-{
-    v = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, scale + j0), _mm512_maskz_loadu_ps(m, shift + j0));
-    return _mm512_max_ps(_mm512_setzero_ps(), v); /* 0 > v ? 0 : v: a NaN passes, as in torch.relu */
-}
+/* Rows per tile: a tile's source lines stay in L1 while each group reads them. */
+#define GATHER_TILE 32
 
-/* the 16 source values of group b of a float32 row */
-static inline __m512 group_f32(const float *restrict xr, const int *ix, const group_t *gb, i64 j0)
-{
-    if (gb->ok) {
-        __m512 lo = _mm512_maskz_loadu_ps(gb->lo, xr + gb->base), hi = _mm512_maskz_loadu_ps(gb->hi, xr + gb->base + 16);
-        return _mm512_permutex2var_ps(lo, _mm512_loadu_si512(gb->perm), hi);
-    }
-    __m512i vi = _mm512_maskz_loadu_epi32(gb->out, ix + j0);
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), gb->out, vi, xr, 4);
-}
-
-static void gather_row_avx512(const float *restrict xr, const int *ix, const group_t *g, i64 groups,
-                              float *restrict o, const float *scale, const float *shift)
-{
-    for (i64 b = 0; b < groups; b++) {
-        __m512 v = group_f32(xr, ix, g + b, b * 16);
-        if (scale)
-            v = bn_relu_x16(v, g[b].out, scale, shift, b * 16);
-        _mm512_mask_storeu_ps(o + b * 16, g[b].out, v);
-    }
-}
-
+/* The groups of an index of cols output columns (at most cols of them; *groups says how many). */
 static group_t *plan_groups(const i64 *idx, i64 cols, i64 *groups)
 {
-    *groups = (cols + 15) / 16;
-    group_t *g = calloc((size_t)*groups, sizeof(group_t));
+    group_t *g = calloc((size_t)cols, sizeof(group_t));
     if (!g)
         return NULL;
-    for (i64 b = 0; b < *groups; b++) {
-        i64 j0 = b * 16, n = cols - j0 < 16 ? cols - j0 : 16;
-        i64 base = idx[j0], top = idx[j0];
-        for (i64 l = 1; l < n; l++) { /* any order: the loads stay within the group's columns */
-            base = idx[j0 + l] < base ? idx[j0 + l] : base;
-            top = idx[j0 + l] > top ? idx[j0 + l] : top;
+    i64 count = 0;
+    for (i64 j0 = 0; j0 < cols; count++) {
+        i64 base = idx[j0], top = idx[j0], n = 1;
+        for (; n < 16 && j0 + n < cols; n++) { /* any order: the loads stay within the window */
+            i64 v = idx[j0 + n], b = v < base ? v : base, t = v > top ? v : top;
+            if (t - b >= 32)
+                break;
+            base = b, top = t;
         }
         i64 span = top - base + 1;
-        g[b].base = base;
-        g[b].out = (__mmask16)((1u << n) - 1u);
-        g[b].ok = span <= 32;
-        if (g[b].ok) {
-            g[b].lo = (__mmask16)(span >= 16 ? 0xFFFFu : (1u << span) - 1u);
-            g[b].hi = (__mmask16)(span > 16 ? (1u << (span - 16)) - 1u : 0u);
-            for (i64 l = 0; l < n; l++)
-                g[b].perm[l] = (int)(idx[j0 + l] - base);
+        group_t *gb = g + count;
+        gb->base = base, gb->j0 = j0;
+        gb->out = (__mmask16)((1u << n) - 1u);
+        gb->lo = (__mmask16)(span >= 16 ? 0xFFFFu : (1u << span) - 1u);
+        gb->hi = (__mmask16)(span > 16 ? (1u << (span - 16)) - 1u : 0u);
+        for (i64 l = 0; l < n; l++)
+            gb->perm[l] = (int)(idx[j0 + l] - base);
+        j0 += n;
+    }
+    *groups = count;
+    return g;
+}
+
+/* relu(v * scale + shift), with the scale and shift of a group's columns */
+static inline __m512 bn_relu_v(__m512 v, __m512 scale, __m512 shift)
+{
+    return _mm512_max_ps(_mm512_setzero_ps(), _mm512_fmadd_ps(v, scale, shift)); /* a NaN passes, as in torch.relu */
+}
+
+/* Rows [r0, r1) of a float32 gather into o (leading dimension ldo), BN-ReLU with scale. */
+static void gather_rows_avx512(const float *x, i64 ldx, const group_t *g, i64 groups, float *o, i64 ldo,
+                               i64 r0, i64 r1, const float *scale, const float *shift)
+{
+    for (i64 t = r0; t < r1; t += GATHER_TILE) {
+        i64 te = t + GATHER_TILE < r1 ? t + GATHER_TILE : r1;
+        for (const group_t *gb = g; gb < g + groups; gb++) {
+            const __mmask16 m = gb->out, lo = gb->lo, hi = gb->hi;
+            const __m512i perm = _mm512_loadu_si512(gb->perm);
+            const __m512 sc = scale ? _mm512_maskz_loadu_ps(m, scale + gb->j0) : _mm512_setzero_ps();
+            const __m512 sh = scale ? _mm512_maskz_loadu_ps(m, shift + gb->j0) : _mm512_setzero_ps();
+            const float *src = x + gb->base;
+            float *dst = o + gb->j0;
+            for (i64 r = t; r < te; r++) {
+                __m512 v = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(lo, src + r * ldx), perm,
+                                                  _mm512_maskz_loadu_ps(hi, src + r * ldx + 16));
+                _mm512_mask_storeu_ps(dst + r * ldo, m, scale ? bn_relu_v(v, sc, sh) : v);
+            }
         }
     }
-    return g;
 }
 #endif
 
@@ -190,28 +197,24 @@ static inline __m512 ld_bf16_x16(__mmask16 m, const uint16_t *p)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-/* group_f32 for a bfloat16 row: the same groups, widened to float32 in registers (a group
- * spread wider than 32 columns one value at a time: there is no 16-bit gather) */
-static inline __m512 group_bf16(const uint16_t *restrict xr, const int *ix, const group_t *gb, i64 j0)
+/* gather_rows_avx512 for bfloat16 matrices, with BN-ReLU (scale and shift given): each group
+ * widened to float32 in registers and rounded once */
+static void gather_rows_bf16_avx512(const uint16_t *x, i64 ldx, const group_t *g, i64 groups, uint16_t *o,
+                                    i64 ldo, i64 r0, i64 r1, const float *scale, const float *shift)
 {
-    if (gb->ok) {
-        __m512 lo = ld_bf16_x16(gb->lo, xr + gb->base), hi = ld_bf16_x16(gb->hi, xr + gb->base + 16);
-        return _mm512_permutex2var_ps(lo, _mm512_loadu_si512(gb->perm), hi);
-    }
-    float tmp[16] = {0};
-    for (int l = 0; l < 16; l++)
-        if (gb->out >> l & 1)
-            tmp[l] = ld_bf16(xr + ix[j0 + l]);
-    return _mm512_loadu_ps(tmp);
-}
-
-/* gather_row_avx512 for a bfloat16 row with BN-ReLU (scale and shift given), rounded once */
-static void gather_row_bf16_avx512(const uint16_t *restrict xr, const int *ix, const group_t *g, i64 groups,
-                                   uint16_t *restrict o, const float *scale, const float *shift)
-{
-    for (i64 b = 0; b < groups; b++) {
-        __m512 v = bn_relu_x16(group_bf16(xr, ix, g + b, b * 16), g[b].out, scale, shift, b * 16);
-        _mm256_mask_storeu_epi16(o + b * 16, g[b].out, to_bf16_x16(v));
+    for (i64 t = r0; t < r1; t += GATHER_TILE) {
+        i64 te = t + GATHER_TILE < r1 ? t + GATHER_TILE : r1;
+        for (const group_t *gb = g; gb < g + groups; gb++) {
+            const __mmask16 m = gb->out, lo = gb->lo, hi = gb->hi;
+            const __m512i perm = _mm512_loadu_si512(gb->perm);
+            const __m512 sc = _mm512_maskz_loadu_ps(m, scale + gb->j0), sh = _mm512_maskz_loadu_ps(m, shift + gb->j0);
+            const uint16_t *src = x + gb->base;
+            uint16_t *dst = o + gb->j0;
+            for (i64 r = t; r < te; r++) {
+                __m512 v = _mm512_permutex2var_ps(ld_bf16_x16(lo, src + r * ldx), perm, ld_bf16_x16(hi, src + r * ldx + 16));
+                _mm256_mask_storeu_epi16(dst + r * ldo, m, to_bf16_x16(bn_relu_v(v, sc, sh)));
+            }
+        }
     }
 }
 #endif
@@ -329,47 +332,50 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *
     {
         i64 lo, hi;
         row_range(rows, &lo, &hi);
-#if defined(DK_BF16) && !defined(DK_GATHER_BF16_AVX512)
-        /* Gathering 16-bit values and converting them in one loop runs scalar (there is no
-         * 16-bit gather): 12x slower than float32 on AVX-512. Each thread converts the row
-         * prefix to float32 once, contiguously, gathers floats from it and rounds the result. */
-        float *row = malloc((size_t)(width + cols) * sizeof(float)), *tmp = row + width;
-        if (!row) {
+#ifdef DK_BF16
+        if (!scale) { /* a plain copy of 16-bit values */
+            for (i64 r = lo; r < hi; r++)
+                for (i64 j = 0; j < cols; j++)
+                    out[r * ldo + j] = x[r * ldx + ix[j]];
+        } else {
+#if defined(DK_GATHER_BF16_AVX512)
+            gather_rows_bf16_avx512(x, ldx, g, groups, out, ldo, lo, hi, scale, shift);
+#else
+            /* Gathering 16-bit values and converting them in one loop runs scalar (there is no
+             * 16-bit gather): 12x slower than float32 on AVX-512. Each thread converts the row
+             * prefix to float32 once, contiguously, gathers floats from it and rounds the result. */
+            float *row = malloc((size_t)(width + cols) * sizeof(float)), *tmp = row + width;
+            if (!row) {
 #pragma omp atomic write
-            failed = 1;
-            hi = lo;
-        }
+                failed = 1;
+                hi = lo;
+            }
+            for (i64 r = lo; r < hi; r++) {
+                const elem *restrict xr = x + r * ldx;
+#pragma omp simd
+                for (i64 c = 0; c < width; c++)
+                    row[c] = LD(xr + c);
+#if defined(__AVX512F__)
+                gather_rows_avx512(row, 0, g, groups, tmp, 0, 0, 1, scale, shift);
+#else
+                for (i64 j = 0; j < cols; j++) {
+                    float v = row[ix[j]] * scale[j] + shift[j];
+                    tmp[j] = v < 0.f ? 0.f : v;
+                }
 #endif
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++)
+                    out[r * ldo + j] = TO(tmp[j]);
+            }
+            free(row);
+#endif
+        }
+#elif defined(__AVX512F__)
+        gather_rows_avx512(x, ldx, g, groups, out, ldo, lo, hi, scale, shift);
+#else
         for (i64 r = lo; r < hi; r++) {
             const elem *restrict xr = x + r * ldx;
             elem *restrict o = out + r * ldo;
-#ifdef DK_BF16
-            if (!scale) { /* a plain copy of 16-bit values: faster without the detour */
-                for (i64 j = 0; j < cols; j++)
-                    o[j] = xr[ix[j]];
-                continue;
-            }
-#if defined(DK_GATHER_BF16_AVX512)
-            gather_row_bf16_avx512(xr, ix, g, groups, o, scale, shift);
-#else
-#pragma omp simd
-            for (i64 c = 0; c < width; c++)
-                row[c] = LD(xr + c);
-#if defined(__AVX512F__)
-            gather_row_avx512(row, ix, g, groups, tmp, scale, shift);
-#else
-            for (i64 j = 0; j < cols; j++) {
-                float v = row[ix[j]] * scale[j] + shift[j];
-                tmp[j] = v < 0.f ? 0.f : v;
-            }
-#endif
-#pragma omp simd
-            for (i64 j = 0; j < cols; j++)
-                o[j] = TO(tmp[j]);
-#endif
-#elif defined(__AVX512F__)
-            gather_row_avx512(xr, ix, g, groups, o, scale, shift);
-#else
             if (scale) {
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++) {
@@ -381,10 +387,7 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *
                 for (i64 j = 0; j < cols; j++)
                     o[j] = xr[ix[j]];
             }
-#endif
         }
-#if defined(DK_BF16) && !defined(DK_GATHER_BF16_AVX512)
-        free(row);
 #endif
     }
 #if defined(__AVX512F__)
