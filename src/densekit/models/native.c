@@ -72,7 +72,7 @@ static inline float relu_grad(float g, float a)
  * permute per row, and the rows are taken a tile at a time and group by group within it, so
  * that a group's permutation, masks, scale and shift stay in registers across the tile.
  * Groups of 16 outputs with sources up to 32 columns apart, and the AVX-512 gather instruction
- * for the rest, ran 1.3x slower (docs/performance.md#pruning). CPUs without AVX-512 take a loop
+ * for the rest, took 1.3-1.5x as long (docs/performance.md#pruning). CPUs without AVX-512 take a loop
  * over 32-bit indices that the compiler turns into gather instructions. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
