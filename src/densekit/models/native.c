@@ -344,7 +344,7 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *
             /* Gathering 16-bit values and converting them in one loop runs scalar (there is no
              * 16-bit gather): 12x slower than float32 on AVX-512. Each thread converts the row
              * prefix to float32 once, contiguously, gathers floats from it and rounds the result. */
-            float *row = malloc((size_t)(width + cols) * sizeof(float)), *tmp = row + width;
+            float *row = malloc((size_t)(width + cols) * sizeof(float)), *tmp = row ? row + width : NULL;
             if (!row) {
 #pragma omp atomic write
                 failed = 1;
