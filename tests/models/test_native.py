@@ -137,6 +137,13 @@ def test_bf16_kernels_compute_in_float32_and_round_once(rows, cols, ld):
     got = native.gather_cols(x, wide, torch.empty(rows, n, dtype=torch.bfloat16), scale[:n], shift[:n])
     torch.testing.assert_close(got.float(), torch.relu(x.float()[:, wide] * scale[:n] + shift[:n]).bfloat16().float(),
                                **one_step)
+    # without BN-ReLU the gather copies bits: a signalling NaN stays one
+    bits = x.view(torch.int16)
+    kept, bits[0, index[0]] = bits[0, index[0]].item(), 0x7F81
+    for idx in (index, wide):
+        got = native.gather_cols(x, idx, torch.empty(rows, idx.numel(), dtype=torch.bfloat16))
+        assert torch.equal(got.view(torch.int16), bits[:, idx])
+    bits[0, index[0]] = kept
     # column statistics in float32 (float64 sums) of the bf16 values
     mean, var = native.col_stats(x)
     assert mean.dtype == var.dtype == torch.float32

@@ -197,8 +197,9 @@ static inline __m512 ld_bf16_x16(__mmask16 m, const uint16_t *p)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-/* gather_rows_avx512 for bfloat16 matrices, with BN-ReLU (scale and shift given): each group
- * widened to float32 in registers and rounded once */
+/* gather_rows_avx512 for bfloat16 matrices. With BN-ReLU (scale and shift given) each group is
+ * widened to float32 in registers and rounded once; without, the group's 32-column window is
+ * one load of 16-bit words and one word permute: the values are copied bit for bit. */
 static void gather_rows_bf16_avx512(const uint16_t *x, i64 ldx, const group_t *g, i64 groups, uint16_t *o,
                                     i64 ldo, i64 r0, i64 r1, const float *scale, const float *shift)
 {
@@ -207,9 +208,18 @@ static void gather_rows_bf16_avx512(const uint16_t *x, i64 ldx, const group_t *g
         for (const group_t *gb = g; gb < g + groups; gb++) {
             const __mmask16 m = gb->out, lo = gb->lo, hi = gb->hi;
             const __m512i perm = _mm512_loadu_si512(gb->perm);
-            const __m512 sc = _mm512_maskz_loadu_ps(m, scale + gb->j0), sh = _mm512_maskz_loadu_ps(m, shift + gb->j0);
             const uint16_t *src = x + gb->base;
             uint16_t *dst = o + gb->j0;
+            if (!scale) {
+                const __mmask32 window = (__mmask32)lo | (__mmask32)hi << 16;
+                const __m512i words = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(perm)); /* perm as 16-bit lanes */
+                for (i64 r = t; r < te; r++) {
+                    __m512i w = _mm512_permutexvar_epi16(words, _mm512_maskz_loadu_epi16(window, src + r * ldx));
+                    _mm256_mask_storeu_epi16(dst + r * ldo, m, _mm512_castsi512_si256(w));
+                }
+                continue;
+            }
+            const __m512 sc = _mm512_maskz_loadu_ps(m, scale + gb->j0), sh = _mm512_maskz_loadu_ps(m, shift + gb->j0);
             for (i64 r = t; r < te; r++) {
                 __m512 v = _mm512_permutex2var_ps(ld_bf16_x16(lo, src + r * ldx), perm, ld_bf16_x16(hi, src + r * ldx + 16));
                 _mm256_mask_storeu_epi16(dst + r * ldo, m, to_bf16_x16(bn_relu_v(v, sc, sh)));
@@ -333,14 +343,14 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *
         i64 lo, hi;
         row_range(rows, &lo, &hi);
 #ifdef DK_BF16
+#if defined(DK_GATHER_BF16_AVX512)
+        gather_rows_bf16_avx512(x, ldx, g, groups, out, ldo, lo, hi, scale, shift);
+#else
         if (!scale) { /* a plain copy of 16-bit values */
             for (i64 r = lo; r < hi; r++)
                 for (i64 j = 0; j < cols; j++)
                     out[r * ldo + j] = x[r * ldx + ix[j]];
         } else {
-#if defined(DK_GATHER_BF16_AVX512)
-            gather_rows_bf16_avx512(x, ldx, g, groups, out, ldo, lo, hi, scale, shift);
-#else
             /* Gathering 16-bit values and converting them in one loop runs scalar (there is no
              * 16-bit gather): 12x slower than float32 on AVX-512. Each thread converts the row
              * prefix to float32 once, contiguously, gathers floats from it and rounds the result. */
@@ -368,8 +378,8 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *
                     out[r * ldo + j] = TO(tmp[j]);
             }
             free(row);
-#endif
         }
+#endif
 #elif defined(__AVX512F__)
         gather_rows_avx512(x, ldx, g, groups, out, ldo, lo, hi, scale, shift);
 #else
