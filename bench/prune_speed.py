@@ -1,9 +1,11 @@
 """Inference speed of a pruned run against its parent: PyTorch and onnxruntime, same process.
 
-    python bench/prune_speed.py PARENT PRUNED [--batch 64] [--rounds 51] [--precision fp32|bf16] [--ort-spinning]
+    python bench/prune_speed.py PARENT PRUNED [--batch 64] [--rounds 51] [--precision fp32|bf16] [--ort-spinning] [--eager]
 
-Both run directories are loaded with ``densekit.load`` (fused blocks, as they run by default)
-and exported to ONNX (``densekit.export.export_onnx``, checked against PyTorch on export).
+Both run directories are loaded with ``densekit.load`` and, as ``densekit eval`` and ``predict``
+run them on the CPU, copied by ``densekit.models.frozen.optimize_for_inference`` (``--eager``:
+the loaded models as they are, whose fused blocks recompute their constants at each call); and
+both are exported to ONNX (``densekit.export.export_onnx``, checked against PyTorch on export).
 Each engine then runs the two models in alternating rounds on one random batch, after one
 warm-up call each; a round times one call of each model, and the speedup is the median of
 the rounds' ratios (parent time over pruned time). onnxruntime runs with its pool threads'
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="PyTorch under bf16 autocast, as densekit predict runs on CPUs with bf16 instructions "
                         "(onnxruntime runs the fp32 export either way)")
+    p.add_argument("--eager", action="store_true",
+                   help="time the loaded models as they are, not their optimize_for_inference copies")
     p.add_argument("--ort-spinning", action="store_true",
                    help="let onnxruntime's threads spin between ops (its default; off here, see below)")
     args = p.parse_args(argv)
@@ -38,16 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     import densekit
     import onnxruntime as ort
     from densekit.export import export_onnx
+    from densekit.models.frozen import for_inference
     from densekit.models.profile import count_macs, count_params
     from densekit.prune import alternate
 
-    models = [densekit.load(d).eval() for d in (args.parent, args.pruned)]
-    size = tuple(models[0].pretrained_cfg["input_size"])
+    loaded = [densekit.load(d).eval() for d in (args.parent, args.pruned)]
+    size = tuple(loaded[0].pretrained_cfg["input_size"])
+    counts = dict(params=[count_params(m) for m in loaded], macs=[count_macs(m, size) for m in loaded])
+    models = loaded if args.eager else [for_inference(m, torch.device("cpu")) for m in loaded]
     x = torch.randn(args.batch, *size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         (t_parent, t_pruned), torch_speedup = alternate([lambda m=m: m(x) for m in models], args.rounds)
     out = dict(batch=args.batch, rounds=args.rounds, threads=torch.get_num_threads(), precision=args.precision,
-               params=[count_params(m) for m in models], macs=[count_macs(m, size) for m in models],
+               optimized=not args.eager,
+               **counts,
                torch_images_per_second=[args.batch / t_parent, args.batch / t_pruned], torch_speedup=torch_speedup)
     with tempfile.TemporaryDirectory() as tmp:
         sessions = []

@@ -42,6 +42,7 @@ from . import __version__
 from .checks import fraction, positive_int
 from .data import load_dataset
 from .errors import UserError
+from .models.frozen import for_inference
 from .models.layers import prunable_norms, prune_block_outputs_
 from .models.profile import count_macs, count_params
 from .results import Result
@@ -254,7 +255,8 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
     rates = (None, None, None)
     if parent is not None:
         with runtime.activated(), runtime.autocast():
-            rates = inference_speed(parent, model, size, runtime.device, memory_format=runtime.memory_format)
+            rates = inference_speed(for_inference(parent, runtime.device), for_inference(model, runtime.device), size,
+                                    runtime.device, memory_format=runtime.memory_format)
         del parent
     params_after, macs_after = count_params(model), count_macs(model, size)
     layers, blocks = pruned_counts(structure)

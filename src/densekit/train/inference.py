@@ -24,6 +24,7 @@ from ..data.batches import loader_for
 from ..errors import UserError
 from ..results import Result
 from ..rundir import ModelInfo, RunDir
+from ..models.frozen import for_inference
 from ..models.size import estimate
 from .engine import EVAL_BYTES, eval_batch_size, eval_loader, evaluate, predict_logits
 from ..plots import confusion_png, roc_png
@@ -115,7 +116,7 @@ def _load(run: RunDir, device: str, precision: str = "auto") -> tuple[torch.nn.M
     runtime = runtime_for(run, device, precision)
     model = run.load_model(runtime.device)
     runtime.prepare(model)
-    return model, run.read_info(), runtime
+    return for_inference(model, runtime.device), run.read_info(), runtime
 
 
 def runtime_for(run: RunDir, device: str, precision: str = "auto") -> Runtime:

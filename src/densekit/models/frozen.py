@@ -1,0 +1,179 @@
+"""An inference-only copy of a model whose dense blocks run from constants computed once.
+
+In eval mode a fused dense block recomputes, at every call, what depends only on its
+weights: each layer's batch-norm scale and shift, the second batch norm folded into the 1x1
+convolution, the checked channel indices; and oneDNN reorders every convolution's weight into
+its blocked layout before each call. Keeping those between calls in the block itself is not
+safe (an edit through ``.data`` or buffers passed to ``torch.func.functional_call`` change
+them unseen), so it is an explicit step, like ``torch.jit.optimize_for_inference``:
+:func:`optimize_for_inference` returns a copy whose blocks hold their constants, with the
+convolution weights prepacked by oneDNN per input shape on the CPU and the ReLU after the
+folded 1x1 convolution done by the convolution itself. On the ``make run`` model on 2 CPU
+cores (AMD EPYC) this takes a forward at batch 64 from about 17 to 15 ms, 40% pruned from 12.6
+to 10.7 ms, and at batch 1 from 3.2 to 2.0 ms (docs/performance.md#pruning). The copy does not
+follow later changes to the original. ``densekit eval`` and ``predict`` run it on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from . import fused as _fused
+from .layers import DenseBlock, _check_block_input
+
+# Prepacked weights are kept for this many input shapes (batch size, spatial size, dtype) per block.
+_SHAPES = 4
+
+
+def optimize_for_inference(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode, for inference only, whose dense blocks that run fused
+    (``DenseBlock.fused_status()`` None) are :class:`FrozenDenseBlock`s: the same function, their
+    per-layer constants computed at their first call. Everything else is copied as it is.
+    ``model`` is unchanged; the copy does not follow later changes to it, and refuses
+    ``train()``."""
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    blocks = [(name, m) for name, m in frozen.named_modules() if isinstance(m, DenseBlock) and m.fused_status() is None]
+    for name, block in blocks:
+        parent_name, _, child = name.rpartition(".")
+        parent = frozen.get_submodule(parent_name) if parent_name else None
+        if parent is None:
+            return FrozenDenseBlock(block)
+        setattr(parent, child, FrozenDenseBlock(block))
+    return frozen
+
+
+def for_inference(model: nn.Module, device: torch.device) -> nn.Module:
+    """What ``densekit eval`` and ``predict`` run: on the CPU, :func:`optimize_for_inference` of
+    ``model``; elsewhere ``model`` itself (the CUDA path keeps to stock PyTorch ops)."""
+    return optimize_for_inference(model) if device.type == "cpu" else model
+
+
+class FrozenDenseBlock(nn.Module):
+    """A dense block for inference: the eval-mode function of the :class:`DenseBlock` it was
+    made from, from constants computed then (see the module docstring)."""
+
+    def __init__(self, block: DenseBlock) -> None:
+        super().__init__()
+        if block.fused_status() is not None:
+            raise ValueError(f"FrozenDenseBlock needs a block that runs fused: {block.fused_status()}")
+        self.in_channels, self.out_channels = block.in_channels, block.out_channels
+        self.growth_rate, self.spatial_dims = block.growth_rate, block.spatial_dims
+        self.output_index = None if block.output_index is None else block.output_index.clone()
+        self.block = block  # the source of the constants, at the first call in each dtype and device
+        self._constants: dict[tuple, list] = {}
+        self._packed: OrderedDict = OrderedDict()
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels if self.output_index is None else self.output_index.numel()
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError("a FrozenDenseBlock is for inference only")
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_block_input(x, self.in_channels)
+        with torch.no_grad():
+            out = _fused._in_autocast_dtype(FrozenDenseBlock._run, self, x)
+        return out if self.output_index is None else _fused.select_channels(out, self.output_index)
+
+    def _layers(self, dtype: torch.dtype) -> list:
+        """Per layer: (first unit, its scale and shift, the 1x1 weight and bias with the second
+        batch norm folded in or None, the last convolution's unit)."""
+        key = (dtype, next(self.block.parameters()).device)
+        layers = self._constants.get(key)
+        if layers is None:
+            with torch.no_grad():
+                units = _fused._units(self.block, dtype)
+                first = _fused._running_scale_shifts([us[0] for us in units])
+                bottleneck = len(units[0]) == 2
+                second = _fused._running_scale_shifts([us[1] for us in units]) if bottleneck else None
+                layers = []
+                for i, us in enumerate(units):
+                    scale, shift = (t.contiguous() for t in first[i])
+                    folded = us[0]._folded(second[i], dtype) if bottleneck else None
+                    layers.append((us[0], scale, shift, folded, us[-1]))
+            self._constants[key] = layers
+        return layers
+
+    def _weights(self, x: torch.Tensor, layers: list) -> list:
+        """Per layer: the two convolutions' weights as the convolution op takes them, oneDNN-
+        prepacked for ``x``'s shape on the CPU in 2D and 3D, else as they are."""
+        key = (tuple(x.shape), x.dtype, x.device)
+        weights = self._packed.get(key)
+        if weights is not None:
+            self._packed.move_to_end(key)
+            return weights
+        n, _, *spatial = x.shape
+        weights = []
+        for first, _, _, folded, last in layers:
+            w1 = folded[0] if folded is not None else first.weight
+            w2 = last.weight if folded is not None else None
+            if _prepacks(x):
+                c1 = first.index.numel() if first.index is not None else first.weight.shape[1]
+                w1 = _prepack(w1, first.padding, [n, c1, *spatial])
+                w2 = None if w2 is None else _prepack(w2, last.padding, [n, w1.shape[0], *spatial])
+            weights.append((w1, w2))
+        self._packed[key] = weights
+        if len(self._packed) > _SHAPES:
+            self._packed.popitem(last=False)
+        return weights
+
+    @staticmethod
+    def _run(self: "FrozenDenseBlock", x: torch.Tensor) -> torch.Tensor:
+        n, c0, *spatial = x.shape
+        spatial = tuple(spatial)
+        k, c = self.growth_rate, self.out_channels
+        layers = self._layers(x.dtype)
+        weights = self._weights(x, layers)
+        store = torch.empty((n, *spatial, c), dtype=x.dtype, device=x.device)
+        rows = store.view(-1, c)
+        store[..., :c0].copy_(x.movedim(1, -1))
+        scratch = _fused._Scratch(rows.shape[0], {"a": max(c - k, k), "g": c}, x)
+        packed = _prepacks(x)
+        for i, ((first, scale, shift, folded, last), (w1, w2)) in enumerate(zip(layers, weights)):
+            ci = c0 + i * k
+            a = first.read_act(rows[:, :ci], scale, shift, scratch)
+            grid = _fused._grid(a, spatial)
+            if folded is None:
+                out = _conv(grid, w1, None, first.padding, packed)
+            else:
+                out = _conv(_conv(grid, w1, folded[1], first.padding, packed, relu=True), w2, None, last.padding,
+                            packed)
+            rows[:, ci:ci + k].copy_(_fused._rows(out))
+        return store.movedim(-1, 1)
+
+
+# Below this batch size torch.convolution's own choice (not oneDNN for small inputs) is faster
+# than a prepacked oneDNN convolution: on the ``make run`` model at batch 1 and 4, 3.2 and 5.5-5.9 ms
+# prepacked against 2.0 and 4.8 without; at 16 the same; at 64, 15.0 against 15.2-17.5 ms (ad hoc,
+# same process, AMD EPYC).
+_PACK_MIN_BATCH = 16
+
+
+def _prepacks(x: torch.Tensor) -> bool:
+    """Do oneDNN's prepacked convolutions take ``x`` (a batch of at least ``_PACK_MIN_BATCH`` on
+    the CPU, float32 or bfloat16, 2D or 3D)?"""
+    return (x.shape[0] >= _PACK_MIN_BATCH and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() in (4, 5)
+            and torch.backends.mkldnn.is_available())
+
+
+def _prepack(weight: torch.Tensor, padding: list[int], input_size: list[int]) -> torch.Tensor:
+    n = weight.dim() - 2
+    return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, [1] * n, [1] * n, 1, input_size)
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias, padding: list[int], packed: bool, relu: bool = False):
+    n = x.dim() - 2
+    if packed:
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, [1] * n, [1] * n, 1,
+                                                       "relu" if relu else "none", [], "")
+    out = torch.convolution(x, weight, bias, [1] * n, padding, [1] * n, False, [0] * n, 1)
+    return out.relu_() if relu else out

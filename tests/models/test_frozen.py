@@ -1,0 +1,122 @@
+"""optimize_for_inference: the same function as the model it copies, from constants kept."""
+
+import pytest
+import torch
+
+from densekit import DenseBlock, create_model
+from densekit.models import frozen, native
+from densekit.models.frozen import FrozenDenseBlock, optimize_for_inference
+from densekit.prune import prune_model
+
+
+@pytest.fixture(params=["native", "torch-ops"])
+def cpu_kernels(request):
+    if request.param == "torch-ops":
+        with native.disabled():
+            yield request.param
+    elif not native.available():
+        pytest.skip("native kernels unavailable (no C compiler)")
+    else:
+        yield request.param
+
+
+def _randomize_norms(module):
+    for m in module.modules():
+        if hasattr(m, "running_var"):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.1, 2.0)
+            m.weight.data.uniform_(-1.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+
+
+def _pruned_model():
+    """make run's model with random statistics, 40% of its channels pruned (layer inputs,
+    bottleneck widths and block outputs), in eval mode."""
+    torch.manual_seed(0)
+    model = create_model("densenet_bc_40_k12_s2", num_classes=10, in_chans=1)
+    _randomize_norms(model)
+    prune_model(model, 0.4)
+    return model.eval()
+
+
+# batch 2 runs torch.convolution's own choice; 20 the oneDNN-prepacked convolutions
+@pytest.mark.parametrize("batch", [2, frozen._PACK_MIN_BATCH + 4])
+def test_pruned_network_same_function_float32_and_bf16(batch, cpu_kernels):
+    model = _pruned_model()
+    fast = optimize_for_inference(model)
+    blocks = [m for m in fast.modules() if isinstance(m, FrozenDenseBlock)]
+    assert len(blocks) == 3 and not any(isinstance(m, DenseBlock) for m in fast.features.children())
+    assert all(b.output_index is not None for b in blocks)  # the pruned outputs are selected too
+    x = torch.randn(batch, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = model(x), fast(x)
+    assert got.dtype == want.dtype
+    # both in bf16 with BN folded in float32: within a few bf16 steps of each other
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(1, (20,)), (2, (9, 7)), (3, (5, 6, 4))])
+@pytest.mark.parametrize("bn_size", [4, 0])
+@pytest.mark.parametrize("batch", [3, frozen._PACK_MIN_BATCH])
+def test_block_same_function_in_every_dimension(spatial_dims, size, bn_size, batch, cpu_kernels):
+    torch.manual_seed(spatial_dims)
+    block = DenseBlock(6, 5, 4, bn_size=bn_size, spatial_dims=spatial_dims, fused=True)
+    _randomize_norms(block)
+    block.eval()
+    fast = optimize_for_inference(block)
+    assert isinstance(fast, FrozenDenseBlock)
+    x = torch.randn(batch, 6, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), block(x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="expected 6 input channels"):
+            fast(torch.randn(batch, 7, *size))
+
+
+def test_a_copy_for_inference_only_that_does_not_follow_the_original():
+    model = _pruned_model()
+    x = torch.randn(2, 1, 28, 28)
+    fast = optimize_for_inference(model)
+    with torch.no_grad():
+        before = fast(x)
+        assert isinstance(model.features.denseblock1, DenseBlock)  # the original is untouched
+        model.features.denseblock1.denselayer1.conv1.weight.mul_(3)
+        torch.testing.assert_close(fast(x), before, rtol=0, atol=0)
+        assert not torch.allclose(model(x), before, atol=1e-3)
+    assert not any(p.requires_grad for p in fast.parameters())
+    y = fast(x)  # grad mode on: still no graph through the frozen blocks
+    assert not y.requires_grad
+    with pytest.raises(RuntimeError, match="inference only"):
+        fast.train()
+    fast.eval()  # allowed
+
+
+def test_blocks_that_do_not_run_fused_stay_as_they_are():
+    torch.manual_seed(0)
+    model = create_model("densenet_bc_40_k12_s2", num_classes=10, in_chans=1).eval()
+    model.features.denseblock2.fused = False
+    fast = optimize_for_inference(model)
+    assert isinstance(fast.features.denseblock1, FrozenDenseBlock)
+    assert isinstance(fast.features.denseblock2, DenseBlock)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_prepacked_weights_kept_for_a_few_input_shapes():
+    torch.manual_seed(0)
+    block = DenseBlock(6, 5, 2, fused=True).eval()
+    fast = optimize_for_inference(block)
+    with torch.no_grad():
+        for side in range(4, 4 + 2 * frozen._SHAPES):
+            x = torch.randn(frozen._PACK_MIN_BATCH, 6, side, side)
+            torch.testing.assert_close(fast(x), block(x), rtol=1e-5, atol=1e-5)
+    assert len(fast._packed) == frozen._SHAPES
+
+
+def test_eval_and_predict_run_the_optimized_copy_on_the_cpu_only():
+    """``densekit eval`` and ``predict`` load through ``for_inference``."""
+    model = _pruned_model()
+    assert isinstance(frozen.for_inference(model, torch.device("cpu")).features.denseblock3, FrozenDenseBlock)
+    assert frozen.for_inference(model, torch.device("meta")) is model
