@@ -111,3 +111,14 @@ def one_thread():
 @pytest.fixture
 def cli(capsys):
     return lambda *argv: run_cli(capsys, *argv)
+
+
+def randomize_norms(module: torch.nn.Module, var=(0.1, 2.0), gamma=(-1.5, 1.5)) -> None:
+    """Running statistics and affine parameters away from their defaults in every batch norm of
+    ``module``, so that eval-mode paths are compared on more than the identity."""
+    for m in module.modules():
+        if hasattr(m, "running_var"):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(*var)
+            m.weight.data.uniform_(*gamma)
+            m.bias.data.uniform_(-0.3, 0.3)

@@ -4,29 +4,10 @@ import pytest
 import torch
 
 from densekit import DenseBlock, create_model
-from densekit.models import frozen, native
+from densekit.models import frozen
 from densekit.models.frozen import FrozenDenseBlock, optimize_for_inference
 from densekit.prune import prune_model
-
-
-@pytest.fixture(params=["native", "torch-ops"])
-def cpu_kernels(request):
-    if request.param == "torch-ops":
-        with native.disabled():
-            yield request.param
-    elif not native.available():
-        pytest.skip("native kernels unavailable (no C compiler)")
-    else:
-        yield request.param
-
-
-def _randomize_norms(module):
-    for m in module.modules():
-        if hasattr(m, "running_var"):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.1, 2.0)
-            m.weight.data.uniform_(-1.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
+from testkit import randomize_norms
 
 
 def _pruned_model():
@@ -34,7 +15,7 @@ def _pruned_model():
     bottleneck widths and block outputs), in eval mode."""
     torch.manual_seed(0)
     model = create_model("densenet_bc_40_k12_s2", num_classes=10, in_chans=1)
-    _randomize_norms(model)
+    randomize_norms(model)
     prune_model(model, 0.4)
     return model.eval()
 
@@ -63,7 +44,7 @@ def test_pruned_network_same_function_float32_and_bf16(batch, cpu_kernels):
 def test_block_same_function_in_every_dimension(spatial_dims, size, bn_size, batch, cpu_kernels):
     torch.manual_seed(spatial_dims)
     block = DenseBlock(6, 5, 4, bn_size=bn_size, spatial_dims=spatial_dims, fused=True)
-    _randomize_norms(block)
+    randomize_norms(block)
     block.eval()
     fast = optimize_for_inference(block)
     assert isinstance(fast, FrozenDenseBlock)

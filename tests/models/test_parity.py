@@ -11,19 +11,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from densekit import DenseBlock, DenseLayer, DenseNet, Transition, create_model
 from densekit.models import native
 from densekit.prune import prune_model
-
-
-@pytest.fixture(params=["native", "torch-ops"])
-def cpu_kernels(request):
-    """The fused block's CPU passes as native kernels (where a C compiler built them) and as
-    torch ops (the path CUDA and machines without a compiler take)."""
-    if request.param == "torch-ops":
-        with native.disabled():
-            yield request.param
-    elif not native.available():
-        pytest.skip("native kernels unavailable (no C compiler)")
-    else:
-        yield request.param
+from testkit import randomize_norms
 
 
 def rel_max_diff(a, b):
@@ -76,12 +64,7 @@ def test_wrong_shapes_do_not_load():
 
 
 def _randomize_norms(module):
-    for m in module.modules():
-        if hasattr(m, "running_var"):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
+    randomize_norms(module, var=(0.5, 2.0), gamma=(0.5, 1.5))
 
 
 def _grads(module):
@@ -175,12 +158,7 @@ def test_fused_inference_with_folded_norm_same_function(spatial_dims, size):
     # Without autograd, eval mode folds each layer's second batch norm into its 1x1 conv.
     torch.manual_seed(spatial_dims)
     plain = DenseBlock(6, 5, 4, spatial_dims=spatial_dims).eval()
-    for m in plain.modules():
-        if hasattr(m, "running_var"):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.1, 2.0)
-            m.weight.data.uniform_(-1.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
+    randomize_norms(plain)
     fast = copy.deepcopy(plain)
     fast.fused = True
     x = torch.randn(3, 6, *size)
