@@ -1,11 +1,15 @@
 """optimize_for_inference: the same function as the model it copies, from constants kept."""
 
+import copy
+import io
+
 import pytest
 import torch
 
 from densekit import DenseBlock, create_model
 from densekit.models import frozen
 from densekit.models.frozen import FrozenDenseBlock, optimize_for_inference
+from densekit.models.profile import count_macs
 from densekit.prune import prune_model
 from testkit import randomize_norms
 
@@ -26,7 +30,7 @@ def test_pruned_network_same_function_float32_and_bf16(batch, cpu_kernels):
     model = _pruned_model()
     fast = optimize_for_inference(model)
     blocks = [m for m in fast.modules() if isinstance(m, FrozenDenseBlock)]
-    assert len(blocks) == 3 and not any(isinstance(m, DenseBlock) for m in fast.features.children())
+    assert len(blocks) == 3 and all(type(m) is not DenseBlock for m in fast.features.children())
     assert all(b.output_index is not None for b in blocks)  # the pruned outputs are selected too
     x = torch.randn(batch, 1, 28, 28)
     with torch.inference_mode():
@@ -51,6 +55,8 @@ def test_block_same_function_in_every_dimension(spatial_dims, size, bn_size, bat
     x = torch.randn(batch, 6, *size)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), block(x), rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(fast(x).float(), block(x).float(), rtol=0.05, atol=0.05)
         with pytest.raises(ValueError, match="expected 6 input channels"):
             fast(torch.randn(batch, 7, *size))
 
@@ -61,7 +67,7 @@ def test_a_copy_for_inference_only_that_does_not_follow_the_original():
     fast = optimize_for_inference(model)
     with torch.no_grad():
         before = fast(x)
-        assert isinstance(model.features.denseblock1, DenseBlock)  # the original is untouched
+        assert type(model.features.denseblock1) is DenseBlock  # the original is untouched
         model.features.denseblock1.denselayer1.conv1.weight.mul_(3)
         torch.testing.assert_close(fast(x), before, rtol=0, atol=0)
         assert not torch.allclose(model(x), before, atol=1e-3)
@@ -79,7 +85,7 @@ def test_blocks_that_do_not_run_fused_stay_as_they_are():
     model.features.denseblock2.fused = False
     fast = optimize_for_inference(model)
     assert isinstance(fast.features.denseblock1, FrozenDenseBlock)
-    assert isinstance(fast.features.denseblock2, DenseBlock)
+    assert type(fast.features.denseblock2) is DenseBlock
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
@@ -101,3 +107,36 @@ def test_eval_and_predict_run_the_optimized_copy_on_the_cpu_only():
     model = _pruned_model()
     assert isinstance(frozen.for_inference(model, torch.device("cpu")).features.denseblock3, FrozenDenseBlock)
     assert frozen.for_inference(model, torch.device("meta")) is model
+
+
+def test_the_copy_is_a_model_like_its_original():
+    """Same state-dict keys, eval mode throughout, counted and traced on the reference path,
+    copied and saved after a call (without its oneDNN-packed weights), optimized again."""
+    model = _pruned_model()
+    fast = optimize_for_inference(model)
+    x = torch.randn(frozen._PACK_MIN_BATCH, 1, 28, 28)
+    with torch.no_grad():
+        want = fast(x)  # packs weights for this shape
+    assert list(fast.state_dict()) == list(model.state_dict())
+    assert not any(m.training for m in fast.modules())
+    assert count_macs(fast, (1, 28, 28)) == count_macs(model, (1, 28, 28))
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    for other in (copy.deepcopy(fast), torch.load(io.BytesIO(buf.getvalue()), weights_only=False),
+                  optimize_for_inference(fast)):
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), want, rtol=0, atol=0)
+    traced = torch.jit.trace(fast, x[:2], check_trace=False)  # a trace records the reference path
+    torch.testing.assert_close(traced(x[:2]), model(x[:2]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="inference only"):
+        fast.features.denseblock1.prune_(torch.arange(4))
+
+
+def test_a_block_right_under_the_root_is_replaced_in_place():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(DenseBlock(6, 4, 2, fused=True), torch.nn.Conv2d(14, 3, 1)).eval()
+    fast = optimize_for_inference(model)
+    assert isinstance(fast[0], FrozenDenseBlock) and isinstance(fast[1], torch.nn.Conv2d)
+    x = torch.randn(2, 6, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import fused as _fused
-from .layers import DenseBlock, _check_block_input
+from .layers import DenseBlock
 
 # Prepacked weights are kept for this many input shapes (batch size, spatial size, dtype) per block.
 _SHAPES = 4
@@ -31,20 +31,21 @@ _SHAPES = 4
 
 def optimize_for_inference(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode, for inference only, whose dense blocks that run fused
-    (``DenseBlock.fused_status()`` None) are :class:`FrozenDenseBlock`s: the same function, their
-    per-layer constants computed at their first call. Everything else is copied as it is.
-    ``model`` is unchanged; the copy does not follow later changes to it, and refuses
-    ``train()``."""
+    (``DenseBlock.fused_status()`` None) are :class:`FrozenDenseBlock`s: the same function, the
+    same state-dict keys, their per-layer constants computed at their first call in each dtype
+    and device. Everything else is copied as it is. ``model`` is unchanged; the copy does not
+    follow later changes to it, and its blocks refuse ``train()``."""
     frozen = copy.deepcopy(model).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
-    blocks = [(name, m) for name, m in frozen.named_modules() if isinstance(m, DenseBlock) and m.fused_status() is None]
-    for name, block in blocks:
+    blocks = [name for name, m in frozen.named_modules()
+              if isinstance(m, DenseBlock) and not isinstance(m, FrozenDenseBlock) and m.fused_status() is None]
+    for name in blocks:
+        if not name:
+            return FrozenDenseBlock(frozen)
         parent_name, _, child = name.rpartition(".")
-        parent = frozen.get_submodule(parent_name) if parent_name else None
-        if parent is None:
-            return FrozenDenseBlock(block)
-        setattr(parent, child, FrozenDenseBlock(block))
+        parent = frozen.get_submodule(parent_name)
+        setattr(parent, child, FrozenDenseBlock(getattr(parent, child)))
     return frozen
 
 
@@ -54,32 +55,46 @@ def for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     return optimize_for_inference(model) if device.type == "cpu" else model
 
 
-class FrozenDenseBlock(nn.Module):
-    """A dense block for inference: the eval-mode function of the :class:`DenseBlock` it was
-    made from, from constants computed then (see the module docstring)."""
+class FrozenDenseBlock(DenseBlock):
+    """A dense block for inference: the eval-mode function of the :class:`DenseBlock` it is made
+    from, holding the same layers, from constants computed at its first call in each dtype and
+    device (see the module docstring). Where that path does not apply it runs as a DenseBlock:
+    under torch.compile, on the reference path (``fused`` off, as ``reference_path`` sets it)
+    and in traces and exports."""
 
     def __init__(self, block: DenseBlock) -> None:
-        super().__init__()
         if block.fused_status() is not None:
             raise ValueError(f"FrozenDenseBlock needs a block that runs fused: {block.fused_status()}")
+        nn.ModuleDict.__init__(self, block.items())  # the same layers: the same state-dict keys
         self.in_channels, self.out_channels = block.in_channels, block.out_channels
-        self.growth_rate, self.spatial_dims = block.growth_rate, block.spatial_dims
-        self.output_index = None if block.output_index is None else block.output_index.clone()
-        self.block = block  # the source of the constants, at the first call in each dtype and device
+        self.growth_rate, self.spatial_dims, self.fused = block.growth_rate, block.spatial_dims, True
+        self.register_buffer("output_index", block.output_index)
+        self.training = False
+        self._clear()
+
+    def _clear(self) -> None:
         self._constants: dict[tuple, list] = {}
         self._packed: OrderedDict = OrderedDict()
 
-    @property
-    def output_channels(self) -> int:
-        return self.out_channels if self.output_index is None else self.output_index.numel()
+    def __getstate__(self):
+        # copies and pickles leave the kept constants behind (oneDNN's packed weights have no
+        # storage to copy); the copy computes its own at its first call
+        state = self.__dict__.copy()
+        state["_constants"], state["_packed"] = {}, OrderedDict()
+        return state
 
     def train(self, mode: bool = True):
         if mode:
-            raise RuntimeError("a FrozenDenseBlock is for inference only")
+            raise RuntimeError("a FrozenDenseBlock is for inference only: train the model it was made from")
         return super().train(False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_block_input(x, self.in_channels)
+    def prune_(self, outputs: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a FrozenDenseBlock is for inference only: prune the model it was made from")
+
+    @torch.jit.unused
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return super()._forward_fused(x)
         with torch.no_grad():
             out = _fused._in_autocast_dtype(FrozenDenseBlock._run, self, x)
         return out if self.output_index is None else _fused.select_channels(out, self.output_index)
@@ -87,11 +102,11 @@ class FrozenDenseBlock(nn.Module):
     def _layers(self, dtype: torch.dtype) -> list:
         """Per layer: (first unit, its scale and shift, the 1x1 weight and bias with the second
         batch norm folded in or None, the last convolution's unit)."""
-        key = (dtype, next(self.block.parameters()).device)
+        key = (dtype, next(self.parameters()).device)
         layers = self._constants.get(key)
         if layers is None:
             with torch.no_grad():
-                units = _fused._units(self.block, dtype)
+                units = _fused._units(self, dtype)
                 first = _fused._running_scale_shifts([us[0] for us in units])
                 bottleneck = len(units[0]) == 2
                 second = _fused._running_scale_shifts([us[1] for us in units]) if bottleneck else None
@@ -107,9 +122,9 @@ class FrozenDenseBlock(nn.Module):
         """Per layer: the two convolutions' weights as the convolution op takes them, oneDNN-
         prepacked for ``x``'s shape on the CPU in 2D and 3D, else as they are."""
         key = (tuple(x.shape), x.dtype, x.device)
-        weights = self._packed.get(key)
+        weights = self._packed.pop(key, None)  # then put back last: the most recently used
         if weights is not None:
-            self._packed.move_to_end(key)
+            self._packed[key] = weights
             return weights
         n, _, *spatial = x.shape
         weights = []
@@ -161,8 +176,11 @@ _PACK_MIN_BATCH = 16
 def _prepacks(x: torch.Tensor) -> bool:
     """Do oneDNN's prepacked convolutions take ``x`` (a batch of at least ``_PACK_MIN_BATCH`` on
     the CPU, float32 or bfloat16, 2D or 3D)?"""
-    return (x.shape[0] >= _PACK_MIN_BATCH and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() in (4, 5)
-            and torch.backends.mkldnn.is_available())
+    if x.shape[0] < _PACK_MIN_BATCH or x.device.type != "cpu" or x.dim() not in (4, 5) \
+            or not torch.backends.mkldnn.is_available():
+        return False
+    # oneDNN's bf16 weights need AVX-512 (BW, VL, DQ) or better; torch.convolution falls back without
+    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _prepack(weight: torch.Tensor, padding: list[int], input_size: list[int]) -> torch.Tensor:
