@@ -131,31 +131,6 @@ static inline __m512 bn_relu_v(__m512 v, __m512 scale, __m512 shift)
     return _mm512_max_ps(_mm512_setzero_ps(), _mm512_fmadd_ps(v, scale, shift)); /* a NaN passes, as in torch.relu */
 }
 
-/* Rows [r0, r1) of dst[r, idx[j]] += src[r, j] for float32 matrices, by the groups of an
- * increasing index (no column twice): each group's 16 source values are permuted onto the
- * columns of its window that they add to, and only those columns are loaded and stored. */
-static void scatter_add_rows_avx512(const float *src, i64 lds, const group_t *g, i64 groups, float *dst, i64 ldd,
-                                    i64 r0, i64 r1)
-{
-    for (i64 t = r0; t < r1; t += GATHER_TILE) {
-        i64 te = t + GATHER_TILE < r1 ? t + GATHER_TILE : r1;
-        for (const group_t *gb = g; gb < g + groups; gb++) {
-            const __mmask16 m = gb->out, hl = gb->hit_lo, hh = gb->hit_hi;
-            const __m512i il = _mm512_loadu_si512(gb->inv_lo), ih = _mm512_loadu_si512(gb->inv_hi);
-            const float *s = src + gb->j0;
-            float *d = dst + gb->base;
-            for (i64 r = t; r < te; r++) {
-                __m512 v = _mm512_maskz_loadu_ps(m, s + r * lds);
-                float *dr = d + r * ldd;
-                _mm512_mask_storeu_ps(dr, hl, _mm512_add_ps(_mm512_maskz_loadu_ps(hl, dr), _mm512_permutexvar_ps(il, v)));
-                if (hh)
-                    _mm512_mask_storeu_ps(dr + 16, hh, _mm512_add_ps(_mm512_maskz_loadu_ps(hh, dr + 16),
-                                                                     _mm512_permutexvar_ps(ih, v)));
-            }
-        }
-    }
-}
-
 /* Rows [r0, r1) of a float32 gather into o (leading dimension ldo), BN-ReLU with scale. */
 static void gather_rows_avx512(const float *x, i64 ldx, const group_t *g, i64 groups, float *o, i64 ldo,
                                i64 r0, i64 r1, const float *scale, const float *shift)
@@ -261,24 +236,50 @@ static void gather_rows_bf16_avx512(const uint16_t *x, i64 ldx, const group_t *g
     }
 }
 
-/* scatter_add_rows_avx512 for bfloat16 matrices: each sum in float32, rounded once */
-static void scatter_add_rows_bf16_avx512(const uint16_t *src, i64 lds, const group_t *g, i64 groups, uint16_t *dst,
-                                         i64 ldd, i64 r0, i64 r1)
+#endif
+#if defined(__AVX512F__)
+/* 16 elements (masked) of a float32 matrix, or of a bfloat16 one, as float32 lanes, and back */
+static inline __m512 ld_x16(int bf16, __mmask16 m, const void *p)
 {
+#if defined(DK_GATHER_BF16_AVX512)
+    if (bf16)
+        return ld_bf16_x16(m, p);
+#endif
+    (void)bf16;
+    return _mm512_maskz_loadu_ps(m, p);
+}
+
+static inline void st_x16(int bf16, void *p, __mmask16 m, __m512 v)
+{
+#if defined(DK_GATHER_BF16_AVX512)
+    if (bf16) {
+        _mm256_mask_storeu_epi16(p, m, to_bf16_x16(v));
+        return;
+    }
+#endif
+    (void)bf16;
+    _mm512_mask_storeu_ps(p, m, v);
+}
+
+/* Rows [r0, r1) of dst[r, idx[j]] += src[r, j] by the groups of an increasing index (no column
+ * twice), for float32 matrices, or bfloat16 ones (bf16, with BW and VL) summed in float32 and
+ * rounded once: each group's 16 source values are permuted onto the columns of its window that
+ * they add to, and only those columns are loaded and stored. lds and ldd count elements. */
+static void scatter_add_rows_avx512(int bf16, const void *src, i64 lds, const group_t *g, i64 groups, void *dst,
+                                    i64 ldd, i64 r0, i64 r1)
+{
+    const i64 size = bf16 ? 2 : 4;
     for (i64 t = r0; t < r1; t += GATHER_TILE) {
         i64 te = t + GATHER_TILE < r1 ? t + GATHER_TILE : r1;
         for (const group_t *gb = g; gb < g + groups; gb++) {
             const __mmask16 m = gb->out, hl = gb->hit_lo, hh = gb->hit_hi;
             const __m512i il = _mm512_loadu_si512(gb->inv_lo), ih = _mm512_loadu_si512(gb->inv_hi);
-            const uint16_t *s = src + gb->j0;
-            uint16_t *d = dst + gb->base;
             for (i64 r = t; r < te; r++) {
-                __m512 v = ld_bf16_x16(m, s + r * lds);
-                uint16_t *dr = d + r * ldd;
-                _mm256_mask_storeu_epi16(dr, hl, to_bf16_x16(_mm512_add_ps(ld_bf16_x16(hl, dr), _mm512_permutexvar_ps(il, v))));
+                __m512 v = ld_x16(bf16, m, (const char *)src + (r * lds + gb->j0) * size);
+                char *lo = (char *)dst + (r * ldd + gb->base) * size, *hi = lo + 16 * size;
+                st_x16(bf16, lo, hl, _mm512_add_ps(ld_x16(bf16, hl, lo), _mm512_permutexvar_ps(il, v)));
                 if (hh)
-                    _mm256_mask_storeu_epi16(dr + 16, hh, to_bf16_x16(_mm512_add_ps(ld_bf16_x16(hh, dr + 16),
-                                                                                    _mm512_permutexvar_ps(ih, v))));
+                    st_x16(bf16, hi, hh, _mm512_add_ps(ld_x16(bf16, hh, hi), _mm512_permutexvar_ps(ih, v)));
             }
         }
     }
@@ -483,9 +484,9 @@ int NAME(dk_scatter_add_cols)(const elem *src, i64 lds, const i64 *idx, elem *ds
         i64 lo, hi;
         row_range(rows, &lo, &hi);
 #ifdef DK_BF16
-        scatter_add_rows_bf16_avx512(src, lds, g, groups, dst, ldd, lo, hi);
+        scatter_add_rows_avx512(1, src, lds, g, groups, dst, ldd, lo, hi);
 #else
-        scatter_add_rows_avx512(src, lds, g, groups, dst, ldd, lo, hi);
+        scatter_add_rows_avx512(0, src, lds, g, groups, dst, ldd, lo, hi);
 #endif
     }
     free(g);
