@@ -105,3 +105,17 @@ def test_compiled_implementations_build_the_eager_network():
         assert unavailable_reason(config) is None
         assert type(build(config)) is type(build(twin))
         assert sum(p.numel() for p in build(config).parameters()) == sum(p.numel() for p in build(twin).parameters())
+
+
+def test_the_optimized_copy_is_densekit_network_for_inference_only():
+    # measure.py copies densekit's network with optimize_for_inference; training it is refused
+    from densekit.bench.measure import measure
+    from densekit.bench.spec import FAMILIES, base_impl
+
+    assert base_impl("densekit-optimized") == "densekit" and "densekit-optimized" in FAMILIES["densekit"]
+    assert "inference only" in unavailable_reason(config(impl="densekit-optimized", mode="train"))
+    infer = config(impl="densekit-optimized", mode="infer", steps=2, warmup=1)
+    assert unavailable_reason(infer) is None
+    assert type(build(infer)) is type(build(config(impl="densekit")))
+    result = measure(infer)
+    assert len(result["step_s"]) == 2 and all(s > 0 for s in result["step_s"])

@@ -12,6 +12,8 @@
 - ``timm``: ``timm.create_model(name)`` for the ImageNet names timm registers.
 - ``densekit-compile`` / ``torchvision-compile``: ``densekit`` / ``torchvision`` under
   ``torch.compile`` (measure.py compiles; the network is the same).
+- ``densekit-optimized``: ``densekit``'s network copied by ``optimize_for_inference``, as
+  ``densekit eval`` and ``predict`` run it on the CPU; inference only (measure.py copies it).
 
 torchvision's DenseNet cannot express every variant: its dense layer always has the 1x1
 bottleneck, its transitions always halve, it takes one growth rate. For those variants the
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from ..models import DenseNet
-from .spec import Config, base_impl, model_arguments
+from .spec import OPTIMIZED, Config, base_impl, model_arguments
 
 
 def _torchvision_reason(kwargs: dict) -> str | None:
@@ -55,6 +57,8 @@ def unavailable_reason(config: Config) -> str | None:
     kwargs = model_arguments(config.model)
     if config.layout == "channels_last" and kwargs.get("spatial_dims", 2) != 2:
         return "channels_last is a 2D layout"
+    if config.impl == OPTIMIZED:
+        return "an optimize_for_inference copy runs inference only" if config.mode != "infer" else None
     if config.impl != base_impl(config.impl) and not _compiles():
         return f"torch.compile is not available with torch {torch.__version__} here"
     if config.impl.startswith("torchvision"):

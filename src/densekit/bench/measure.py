@@ -43,7 +43,8 @@ import torch.nn.functional as F
 
 from .env import models_digest
 from .impls import build, torch_dtype
-from .spec import Config, base_impl
+from ..models.frozen import optimize_for_inference
+from .spec import OPTIMIZED, Config, base_impl
 
 MIB = 2 ** 20
 
@@ -145,7 +146,9 @@ def measure(config: Config, record_cpu_memory: bool = False) -> dict:
     num_classes = model_num_classes(model)
     memory_format = torch.channels_last if config.layout == "channels_last" else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
-    if config.impl != base_impl(config.impl):
+    if config.impl == OPTIMIZED:
+        model = optimize_for_inference(model)
+    elif config.impl != base_impl(config.impl):
         # compiled at its first call, in the warm-up; a model's compiled code is its own,
         # so the cache of an earlier configuration in this process must not serve it
         torch._dynamo.reset()

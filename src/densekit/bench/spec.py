@@ -23,20 +23,23 @@ MODES = ("train", "infer")
 # densekit-eager is the same without the graph, to see what the graph buys; densekit-ref is
 # create_model(..., fused=False), the plain path, to see what the fused block buys. A
 # "-compile" implementation is the same model under torch.compile (default mode); its first
-# step, compilation included, is reported as the warm-up.
-IMPLS = ("densekit", "densekit-eager", "densekit-ref", "densekit-compile", "torchvision", "torchvision-me",
-         "torchvision-compile", "timm")
+# step, compilation included, is reported as the warm-up. densekit-optimized is the model's
+# optimize_for_inference copy, as `densekit eval` and `predict` run it on the CPU (inference only).
+IMPLS = ("densekit", "densekit-eager", "densekit-ref", "densekit-compile", "densekit-optimized", "torchvision",
+         "torchvision-me", "torchvision-compile", "timm")
+OPTIMIZED = "densekit-optimized"
 REFERENCE = "torchvision"
 COMPILED = "-compile"
 # The two sides of the best-configuration comparison (report.best_configurations): each
 # side's fastest implementation, dtype and layout for a model, batch, input, device and mode.
-FAMILIES = {"densekit": ("densekit", "densekit-eager", "densekit-compile"),
+FAMILIES = {"densekit": ("densekit", "densekit-eager", "densekit-compile", "densekit-optimized"),
             "torchvision": ("torchvision", "torchvision-me", "torchvision-compile")}
 
 
 def base_impl(impl: str) -> str:
-    """The implementation that builds the network of ``impl`` (a compiled one: the eager one)."""
-    return impl.removesuffix(COMPILED)
+    """The implementation that builds the network of ``impl`` (a compiled one: the eager one; the
+    optimized copy: densekit's)."""
+    return "densekit" if impl == OPTIMIZED else impl.removesuffix(COMPILED)
 
 # Depth-L CIFAR networks the registry does not list (the depth sweep: L = 100, 190, 250)
 # are the registered L=100 variant with L's block config; the name says how they are built.
