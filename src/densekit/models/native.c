@@ -131,27 +131,6 @@ static inline __m512 bn_relu_v(__m512 v, __m512 scale, __m512 shift)
     return _mm512_max_ps(_mm512_setzero_ps(), _mm512_fmadd_ps(v, scale, shift)); /* a NaN passes, as in torch.relu */
 }
 
-/* Rows [r0, r1) of a float32 gather into o (leading dimension ldo), BN-ReLU with scale. */
-static void gather_rows_avx512(const float *x, i64 ldx, const group_t *g, i64 groups, float *o, i64 ldo,
-                               i64 r0, i64 r1, const float *scale, const float *shift)
-{
-    for (i64 t = r0; t < r1; t += GATHER_TILE) {
-        i64 te = t + GATHER_TILE < r1 ? t + GATHER_TILE : r1;
-        for (const group_t *gb = g; gb < g + groups; gb++) {
-            const __mmask16 m = gb->out, lo = gb->lo, hi = gb->hi;
-            const __m512i perm = _mm512_loadu_si512(gb->perm);
-            const __m512 sc = scale ? _mm512_maskz_loadu_ps(m, scale + gb->j0) : _mm512_setzero_ps();
-            const __m512 sh = scale ? _mm512_maskz_loadu_ps(m, shift + gb->j0) : _mm512_setzero_ps();
-            const float *src = x + gb->base;
-            float *dst = o + gb->j0;
-            for (i64 r = t; r < te; r++) {
-                __m512 v = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(lo, src + r * ldx), perm,
-                                                  _mm512_maskz_loadu_ps(hi, src + r * ldx + 16));
-                _mm512_mask_storeu_ps(dst + r * ldo, m, scale ? bn_relu_v(v, sc, sh) : v);
-            }
-        }
-    }
-}
 #endif
 
 /* The row prefix that holds every indexed column (the largest index + 1), or -1 where an
@@ -205,37 +184,6 @@ static inline __m512 ld_bf16_x16(__mmask16 m, const uint16_t *p)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-/* gather_rows_avx512 for bfloat16 matrices. With BN-ReLU (scale and shift given) each group is
- * widened to float32 in registers and rounded once; without, the group's 32-column window is
- * one load of 16-bit words and one word permute: the values are copied bit for bit. */
-static void gather_rows_bf16_avx512(const uint16_t *x, i64 ldx, const group_t *g, i64 groups, uint16_t *o,
-                                    i64 ldo, i64 r0, i64 r1, const float *scale, const float *shift)
-{
-    for (i64 t = r0; t < r1; t += GATHER_TILE) {
-        i64 te = t + GATHER_TILE < r1 ? t + GATHER_TILE : r1;
-        for (const group_t *gb = g; gb < g + groups; gb++) {
-            const __mmask16 m = gb->out, lo = gb->lo, hi = gb->hi;
-            const __m512i perm = _mm512_loadu_si512(gb->perm);
-            const uint16_t *src = x + gb->base;
-            uint16_t *dst = o + gb->j0;
-            if (!scale) {
-                const __mmask32 window = (__mmask32)lo | (__mmask32)hi << 16;
-                const __m512i words = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(perm)); /* perm as 16-bit lanes */
-                for (i64 r = t; r < te; r++) {
-                    __m512i w = _mm512_permutexvar_epi16(words, _mm512_maskz_loadu_epi16(window, src + r * ldx));
-                    _mm256_mask_storeu_epi16(dst + r * ldo, m, _mm512_castsi512_si256(w));
-                }
-                continue;
-            }
-            const __m512 sc = _mm512_maskz_loadu_ps(m, scale + gb->j0), sh = _mm512_maskz_loadu_ps(m, shift + gb->j0);
-            for (i64 r = t; r < te; r++) {
-                __m512 v = _mm512_permutex2var_ps(ld_bf16_x16(lo, src + r * ldx), perm, ld_bf16_x16(hi, src + r * ldx + 16));
-                _mm256_mask_storeu_epi16(dst + r * ldo, m, to_bf16_x16(bn_relu_v(v, sc, sh)));
-            }
-        }
-    }
-}
-
 #endif
 #if defined(__AVX512F__)
 /* 16 elements (masked) of a float32 matrix, or of a bfloat16 one, as float32 lanes, and back */
@@ -259,6 +207,43 @@ static inline void st_x16(int bf16, void *p, __mmask16 m, __m512 v)
 #endif
     (void)bf16;
     _mm512_mask_storeu_ps(p, m, v);
+}
+
+/* Rows [r0, r1) of the gather into o, for float32 matrices, or bfloat16 ones (bf16, with BW and
+ * VL); ldx and ldo count elements. With BN-ReLU (scale and shift given) each group is computed
+ * in float32 lanes and rounded once; a bfloat16 copy without it loads the group's 32-column
+ * window as 16-bit words and permutes those, bit for bit. */
+static void gather_rows_avx512(int bf16, const void *x, i64 ldx, const group_t *g, i64 groups, void *o, i64 ldo,
+                               i64 r0, i64 r1, const float *scale, const float *shift)
+{
+    const i64 size = bf16 ? 2 : 4;
+    for (i64 t = r0; t < r1; t += GATHER_TILE) {
+        i64 te = t + GATHER_TILE < r1 ? t + GATHER_TILE : r1;
+        for (const group_t *gb = g; gb < g + groups; gb++) {
+            const __mmask16 m = gb->out, lo = gb->lo, hi = gb->hi;
+            const __m512i perm = _mm512_loadu_si512(gb->perm);
+            const char *src = (const char *)x + gb->base * size;
+            char *dst = (char *)o + gb->j0 * size;
+#if defined(DK_GATHER_BF16_AVX512)
+            if (bf16 && !scale) {
+                const __mmask32 window = (__mmask32)lo | (__mmask32)hi << 16;
+                const __m512i words = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(perm)); /* perm as 16-bit lanes */
+                for (i64 r = t; r < te; r++) {
+                    __m512i w = _mm512_permutexvar_epi16(words, _mm512_maskz_loadu_epi16(window, src + r * ldx * size));
+                    _mm256_mask_storeu_epi16(dst + r * ldo * size, m, _mm512_castsi512_si256(w));
+                }
+                continue;
+            }
+#endif
+            const __m512 sc = scale ? _mm512_maskz_loadu_ps(m, scale + gb->j0) : _mm512_setzero_ps();
+            const __m512 sh = scale ? _mm512_maskz_loadu_ps(m, shift + gb->j0) : _mm512_setzero_ps();
+            for (i64 r = t; r < te; r++) {
+                const char *s = src + r * ldx * size;
+                __m512 v = _mm512_permutex2var_ps(ld_x16(bf16, lo, s), perm, ld_x16(bf16, hi, s + 16 * size));
+                st_x16(bf16, dst + r * ldo * size, m, scale ? bn_relu_v(v, sc, sh) : v);
+            }
+        }
+    }
 }
 
 /* Rows [r0, r1) of dst[r, idx[j]] += src[r, j] by the groups of an increasing index (no column
@@ -401,7 +386,7 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *
         row_range(rows, &lo, &hi);
 #ifdef DK_BF16
 #if defined(DK_GATHER_BF16_AVX512)
-        gather_rows_bf16_avx512(x, ldx, g, groups, out, ldo, lo, hi, scale, shift);
+        gather_rows_avx512(1, x, ldx, g, groups, out, ldo, lo, hi, scale, shift);
 #else
         if (!scale) { /* a plain copy of 16-bit values */
             for (i64 r = lo; r < hi; r++)
@@ -423,7 +408,7 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *
                 for (i64 c = 0; c < width; c++)
                     row[c] = LD(xr + c);
 #if defined(__AVX512F__)
-                gather_rows_avx512(row, 0, g, groups, tmp, 0, 0, 1, scale, shift);
+                gather_rows_avx512(0, row, 0, g, groups, tmp, 0, 0, 1, scale, shift);
 #else
                 for (i64 j = 0; j < cols; j++) {
                     float v = row[ix[j]] * scale[j] + shift[j];
@@ -438,7 +423,7 @@ int NAME(dk_gather_cols)(const elem *restrict x, i64 ldx, i64 xcols, const i64 *
         }
 #endif
 #elif defined(__AVX512F__)
-        gather_rows_avx512(x, ldx, g, groups, out, ldo, lo, hi, scale, shift);
+        gather_rows_avx512(0, x, ldx, g, groups, out, ldo, lo, hi, scale, shift);
 #else
         for (i64 r = lo; r < hi; r++) {
             const elem *restrict xr = x + r * ldx;
