@@ -70,9 +70,6 @@ class FrozenDenseBlock(DenseBlock):
         self.growth_rate, self.spatial_dims, self.fused = block.growth_rate, block.spatial_dims, True
         self.register_buffer("output_index", block.output_index)
         self.training = False
-        self._clear()
-
-    def _clear(self) -> None:
         self._constants: dict[tuple, list] = {}
         self._packed: OrderedDict = OrderedDict()
 
@@ -118,28 +115,28 @@ class FrozenDenseBlock(DenseBlock):
             self._constants[key] = layers
         return layers
 
-    def _weights(self, x: torch.Tensor, layers: list) -> list:
-        """Per layer: the two convolutions' weights as the convolution op takes them, oneDNN-
-        prepacked for ``x``'s shape on the CPU in 2D and 3D, else as they are."""
+    def _weights(self, x: torch.Tensor, layers: list) -> tuple[bool, list]:
+        """Whether the convolutions run oneDNN-prepacked for ``x`` (:func:`_prepacks`), and per layer
+        the two convolutions' weights as the convolution op then takes them."""
         key = (tuple(x.shape), x.dtype, x.device)
-        weights = self._packed.pop(key, None)  # then put back last: the most recently used
-        if weights is not None:
-            self._packed[key] = weights
-            return weights
+        kept = self._packed.pop(key, None)  # then put back last: the most recently used
+        if kept is not None:
+            self._packed[key] = kept
+            return kept
         n, _, *spatial = x.shape
-        weights = []
+        packed, weights = _prepacks(x), []
         for first, _, _, folded, last in layers:
             w1 = folded[0] if folded is not None else first.weight
             w2 = last.weight if folded is not None else None
-            if _prepacks(x):
+            if packed:
                 c1 = first.index.numel() if first.index is not None else first.weight.shape[1]
                 w1 = _prepack(w1, first.padding, [n, c1, *spatial])
                 w2 = None if w2 is None else _prepack(w2, last.padding, [n, w1.shape[0], *spatial])
             weights.append((w1, w2))
-        self._packed[key] = weights
+        self._packed[key] = packed, weights
         if len(self._packed) > _SHAPES:
             self._packed.popitem(last=False)
-        return weights
+        return packed, weights
 
     @staticmethod
     def _run(self: "FrozenDenseBlock", x: torch.Tensor) -> torch.Tensor:
@@ -147,12 +144,9 @@ class FrozenDenseBlock(DenseBlock):
         spatial = tuple(spatial)
         k, c = self.growth_rate, self.out_channels
         layers = self._layers(x.dtype)
-        weights = self._weights(x, layers)
-        store = torch.empty((n, *spatial, c), dtype=x.dtype, device=x.device)
-        rows = store.view(-1, c)
-        store[..., :c0].copy_(x.movedim(1, -1))
+        packed, weights = self._weights(x, layers)
+        store, rows = _fused._buffer(x, c)
         scratch = _fused._Scratch(rows.shape[0], {"a": max(c - k, k), "g": c}, x)
-        packed = _prepacks(x)
         for i, ((first, scale, shift, folded, last), (w1, w2)) in enumerate(zip(layers, weights)):
             ci = c0 + i * k
             a = first.read_act(rows[:, :ci], scale, shift, scratch)

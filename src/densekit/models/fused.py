@@ -517,6 +517,14 @@ class _Scratch:
         return flat[: self.rows * cols].view(self.rows, cols)
 
 
+def _buffer(x: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's feature buffer for input ``x`` (N, C0, *spatial): (N, *spatial, channels), the
+    input copied into its first C0 channels, and the same memory as (rows, channels)."""
+    store = torch.empty((x.shape[0], *x.shape[2:], channels), dtype=x.dtype, device=x.device)
+    store[..., :x.shape[1]].copy_(x.movedim(1, -1))
+    return store, store.view(-1, channels)
+
+
 def _forward(block, units, x: torch.Tensor, save: bool, update: bool = True):
     """Run the block into one channels-last buffer; with ``save``, keep what backward needs.
 
@@ -530,9 +538,7 @@ def _forward(block, units, x: torch.Tensor, save: bool, update: bool = True):
     n, c0, *spatial = x.shape
     spatial = tuple(spatial)
     k, c = block.growth_rate, block.out_channels
-    store = torch.empty((n, *spatial, c), dtype=x.dtype, device=x.device)
-    rows = store.view(-1, c)
-    store[..., :c0].copy_(x.movedim(1, -1))
+    store, rows = _buffer(x, c)
     count = rows.shape[0]
     width = _bottleneck_width(units)
     scratch = _Scratch(count, {"a": max(c - k, k), "a2": width, "g": _gathered_width(units)}, x)
