@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import checks
-from .layers import DenseBlock, DenseLayer, Transition, check_spatial_dims, conv_nd, max_pool_nd, norm_nd, set_fused
+from .layers import DenseBlock, DenseLayer, Features, Transition, check_spatial_dims, conv_nd, max_pool_nd, norm_nd, set_fused
 
 STEMS = ("imagenet", "cifar", "resnet")
 GLOBAL_POOLS = ("avg", "max", "")  # "": no pooling, forward returns the unpooled maps (num_classes 0)
@@ -133,8 +133,10 @@ class DenseNet(nn.Module):
         stem_stride: stride of the 3x3 conv of the "cifar" and "resnet" stems (1 or 2); 2
             quarters the cost of small inputs such as 28 px Fashion-MNIST.
         fused: run each dense block as one fused operation (training memory linear in depth,
-            faster) and each transition with its pooling first (``fused.py``); the same
-            function as the reference path, torchvision's, which ``fused=False`` keeps.
+            faster), each transition with its pooling first (``fused.py``) and, in training,
+            the ImageNet stem's BN-ReLU-MaxPool as one op that keeps only its input
+            (``fused_stem.py``); the same function as the reference path, torchvision's,
+            which ``fused=False`` keeps.
             :func:`densekit.create_model` turns it on.
         global_pool: "avg" (default), "max", or "" for none (with ``num_classes=0``: forward
             then returns the unpooled final maps, as timm's ``global_pool=''`` does).
@@ -197,7 +199,7 @@ class DenseNet(nn.Module):
                 reduction *= 2
         layers.append((f"norm{len(block_config) + 1}", norm_nd(spatial_dims, c)))
         info.append(dict(num_chs=c, reduction=reduction, module=f"features.norm{len(block_config) + 1}"))
-        self.features = nn.Sequential(OrderedDict(layers))
+        self.features = Features(OrderedDict(layers), fused)
         self.num_features = self.head_hidden_size = c
         self._all_feature_info = FeatureInfo(info)
         self._feature_names = [d["module"].split(".", 1)[1] for d in info]
@@ -424,7 +426,7 @@ class DenseNet(nn.Module):
         return bool(layers) and all(m.memory_efficient for m in layers)
 
     def set_fused(self, enabled: bool = True) -> "DenseNet":
-        """Switch every dense block and transition between the fused path and the reference
+        """Switch every dense block, transition and the stem between the fused path and the reference
         path (:func:`densekit.models.set_fused` on this model)."""
         set_fused(self, enabled)
         return self

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .. import checks
 from . import fused as _fused
 from . import fused_op as _fused_op
+from . import fused_stem as _fused_stem
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -500,10 +501,55 @@ class Transition(nn.Sequential):
         return self.pool(self.conv(self.relu(self.norm(x))))
 
 
+class Features(nn.Sequential):
+    """torchvision's ``features``: the stem, the dense blocks with their transitions, and the
+    final norm, run in order as an ``nn.Sequential``.
+
+    With ``fused=True`` (the default of :func:`densekit.create_model`), while autograd records,
+    the ImageNet stem's ``norm0``, ``relu0`` and ``pool0`` run as one operation that keeps only
+    its input for backward and recomputes the rest there (``fused_stem.py``): the same function
+    and gradients, without three full-size tensors held through the whole of backward.
+    """
+
+    def __init__(self, layers: "dict[str, nn.Module]", fused: bool = False) -> None:
+        super().__init__(layers)
+        self.fused = bool(fused)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if self.fused and not _plain_only():
+                return self._forward_fused(x)
+        for module in self:
+            x = module(x)
+        return x
+
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        skip: tuple[str, ...] = ()
+        for name, module in self._modules.items():
+            if name in skip:
+                continue
+            if name == "norm0" and self._stem_pools(x):
+                x = _fused_stem.stem_pool(module, self.pool0, x)
+                skip = ("relu0", "pool0")
+                continue
+            x = module(x)
+        return x
+
+    @torch.jit.unused
+    def _stem_pools(self, x: Tensor) -> bool:
+        """Do ``norm0``, ``relu0`` and ``pool0`` follow each other here and run as one op on ``x``?"""
+        names = list(self._modules)
+        at = names.index("norm0")
+        return (names[at:at + 3] == ["norm0", "relu0", "pool0"] and not torch.compiler.is_compiling()
+                and _fused_stem.supports_stem_pool(self.norm0, self.relu0, self.pool0, x))
+
+
 def set_fused(module: nn.Module, enabled: bool) -> list[tuple[nn.Module, bool]]:
-    """Switch every dense block and transition in ``module`` to the fused path (True) or the
-    reference path (False); returns each one's previous setting, for :func:`restore_fused`."""
-    previous = [(m, m.fused) for m in module.modules() if isinstance(m, (DenseBlock, Transition))]
+    """Switch every dense block, transition and stem (:class:`Features`) in ``module`` to the
+    fused path (True) or the reference path (False); returns each one's previous setting, for
+    :func:`restore_fused`."""
+    previous = [(m, m.fused) for m in module.modules() if isinstance(m, (DenseBlock, Transition, Features))]
     for m, _ in previous:
         m.fused = bool(enabled)
     return previous
