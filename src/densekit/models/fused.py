@@ -217,8 +217,10 @@ class _Unit:
 
     def conv_backward(self, grad: torch.Tensor, a: torch.Tensor, spatial: tuple[int, ...],
                       out: torch.Tensor, need_weight: bool):
-        """``grad`` is (N, c_out, *spatial), any layout. Writes the gradient of ``a`` into
-        ``out`` (rows, c_in) and returns it with the weight's gradient."""
+        """``grad`` is (N, c_out, *spatial), any layout. Returns the gradient of ``a`` as (rows,
+        c_in), written into ``out()``, a workspace allocated only where needed (a 3x3
+        convolution's comes channels-last from oneDNN in 2D on the CPU: no copy), and the
+        weight's gradient."""
         n = len(spatial)
         if self.pointwise:  # the input gradient is a GEMM into the workspace ``out``
             g = _rows(grad)
@@ -229,14 +231,15 @@ class _Unit:
                 grad_w = torch.ops.aten.convolution_backward(
                     _grid(g, spatial), _grid(a, spatial), self.weight, None, [1] * n, [0] * n, [1] * n, False,
                     [0] * n, 1, [False, True, False])[1]
-            return torch.mm(g, self.weight.flatten(1), out=out), grad_w
+            return torch.mm(g, self.weight.flatten(1), out=out()), grad_w
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad, _grid(a, spatial), self.weight, None, [1] * n, self.padding, [1] * n, False,
             [0] * n, 1, [True, need_weight, False])
         if grad_x.is_contiguous(memory_format=_channels_last(n)):
             return _rows(grad_x), grad_w  # already (rows, c_in) in memory: no copy
-        _grid(out, spatial).copy_(grad_x)
-        return out, grad_w
+        rows = out()
+        _grid(rows, spatial).copy_(grad_x)
+        return rows, grad_w
 
     def sum_grad_times_input(self, grad_w: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor | None:
         """Sum over rows of (gradient of ``a``) * ``a`` per input channel, from the weights.
@@ -283,7 +286,8 @@ class _Unit:
 
     def input_grad_(self, d, a, x, mean, var, training: bool, work, sum_dy_a=None):
         """Backward of a = ReLU(BN(x)) on rows: ``d``, the gradient of a, becomes the gradient
-        of x, in place; ``a`` is overwritten. Returns (dgamma, dbeta)."""
+        of x, in place; ``a`` is overwritten. ``work()`` returns a workspace of x's shape, which
+        only the path without native kernels needs (it is then allocated). Returns (dgamma, dbeta)."""
         if native.usable(d, a, x):
             invstd = torch.rsqrt(var + self.eps)
             sum_dy, sum_dyx = native.relu_bn_sums(d, a, dout=d, x=x if sum_dy_a is None else None, mean=mean)
@@ -295,7 +299,7 @@ class _Unit:
             return dgamma, sum_dy
         _relu_backward_(d, a)
         xc = torch.sub(x, mean, out=a)  # a is spent; see bn_backward on centering
-        k, b, c, dgamma, dbeta = self.bn_backward(d, xc, mean, var, work, training, True, sum_dy_a)
+        k, b, c, dgamma, dbeta = self.bn_backward(d, xc, mean, var, work(), training, True, sum_dy_a)
         d.mul_(k.to(d.dtype))
         if training:
             d.addcmul_(xc, b.to(d.dtype)).add_(c.to(d.dtype))
@@ -668,14 +672,14 @@ def _backward(block, units, training: bool, c0: int, buf, mean, var, saved, grad
                 pos -= 1
                 h, (m2, v2) = saved[pos], _running(u2)
             a2 = u2.act(h, m2, v2, scratch("a2", h.shape[1]))
-            d2, gl[5] = u2.conv_backward(g, a2, spatial, scratch("d2", h.shape[1]),
+            d2, gl[5] = u2.conv_backward(g, a2, spatial, lambda: scratch("d2", h.shape[1]),
                                          all_weights or u2.weight.requires_grad)
-            gl[3], gl[4] = u2.input_grad_(d2, a2, h, m2, v2, training, scratch("p", h.shape[1]),
+            gl[3], gl[4] = u2.input_grad_(d2, a2, h, m2, v2, training, lambda: scratch("p", h.shape[1]),
                                           u2.sum_grad_times_input(gl[5], a2))
             g = _grid(d2, spatial)
         n1 = inp.shape[1]
         a = u1.act(inp, m1, v1, scratch("a", n1))
-        d, gl[2] = u1.conv_backward(g, a, spatial, scratch("d", n1), all_weights or u1.weight.requires_grad)
+        d, gl[2] = u1.conv_backward(g, a, spatial, lambda: scratch("d", n1), all_weights or u1.weight.requires_grad)
         # a pruned layer's input gradient goes to a workspace, then to the channels it read
         acc = grad_rows[:, :ci] if u1.index is None else scratch("acc", n1).zero_()
         b1, c1, gl[0], gl[1] = u1.accumulate_input_grad(d, a, inp, m1, v1, training, acc,
@@ -819,7 +823,7 @@ def _transition_backward(unit: _Unit, training: bool, spatial, rows, mean, var, 
     """(grad of x or None, dgamma, dbeta, grad of the weight or None) from what
     :func:`_transition_forward` returned."""
     grad_pooled, grad_w = unit.conv_backward(grad_out, pooled, tuple(s // 2 for s in spatial),
-                                             torch.empty_like(pooled), need_weight)
+                                             lambda: torch.empty_like(pooled), need_weight)
     invstd = torch.rsqrt(var + unit.eps)
     scale, shift = unit.scale_shift(mean, var)
     sum_dy, sum_dyx = native.unpool_relu_bn_sums(grad_pooled, rows, spatial, scale, shift, mean)
