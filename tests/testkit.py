@@ -122,3 +122,18 @@ def randomize_norms(module: torch.nn.Module, var=(0.1, 2.0), gamma=(-1.5, 1.5)) 
             m.running_var.uniform_(*var)
             m.weight.data.uniform_(*gamma)
             m.bias.data.uniform_(-0.3, 0.3)
+
+
+def saved_bytes(model: torch.nn.Module, x: torch.Tensor, skip: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
+    """The bytes of the distinct tensors (by address) that autograd keeps for backward while
+    ``model(x)`` runs, leaving out ``skip`` where given, and the output."""
+    seen = {}
+
+    def pack(t):
+        if skip is None or t.data_ptr() != skip.data_ptr():
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x)
+    return sum(seen.values()), y

@@ -11,7 +11,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from densekit import DenseBlock, DenseLayer, DenseNet, Transition, create_model
 from densekit.models import native
 from densekit.prune import prune_model
-from testkit import randomize_norms
+from testkit import randomize_norms, saved_bytes
 
 
 def rel_max_diff(a, b):
@@ -276,18 +276,6 @@ def test_transition_pooling_first_same_function_and_gradients(spatial_dims, size
 @pytest.mark.parametrize("train", [True, False])
 def test_fused_transition_keeps_no_full_size_activation(spatial_dims, size, train):
     # shows the native path runs (the modules, pooling first, keep the BN-ReLU output)
-    def saved_bytes(model, x):
-        seen = {}
-
-        def pack(t):
-            if t.data_ptr() != x.data_ptr():  # the input, which the block before keeps anyway
-                seen[t.data_ptr()] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x).sum()
-        return sum(seen.values())
-
     if not native.available():
         pytest.skip("native kernels unavailable (no C compiler)")
     plain = Transition(32, 16, spatial_dims).train(train)
@@ -295,8 +283,9 @@ def test_fused_transition_keeps_no_full_size_activation(spatial_dims, size, trai
     fast.fused = True
     x = torch.randn(4, 32, *size).movedim(1, -1).contiguous().movedim(-1, 1).requires_grad_()  # channels-last
     activation = x.numel() * 4
-    assert saved_bytes(plain, x) >= activation  # the BN-ReLU output, kept for ReLU and the conv
-    assert saved_bytes(fast, x) <= activation / 2 ** spatial_dims + 1024  # the pooled activations, statistics
+    # the input left out: the block before keeps it anyway
+    assert saved_bytes(plain, x, skip=x)[0] >= activation  # the BN-ReLU output, kept for ReLU and the conv
+    assert saved_bytes(fast, x, skip=x)[0] <= activation / 2 ** spatial_dims + 1024  # pooled activations, statistics
 
 
 @pytest.mark.parametrize("spatial_dims,size", [(1, (21,)), (2, (9, 7))])
@@ -415,22 +404,11 @@ def test_fused_dropout_keeps_expectation():
 def test_fused_keeps_less_memory_than_plain():
     # autograd keeps the concatenations and their BN-ReLU copies on the plain path; count
     # the bytes held by saved tensors through the saved-tensor hooks.
-    def saved_bytes(model):
-        seen = {}
-
-        def pack(t):
-            seen[t.data_ptr()] = t.numel() * t.element_size()
-            return t
-
-        x = torch.randn(8, 3, 32, 32)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x).sum()
-        return sum(seen.values())
-
     torch.manual_seed(0)
     plain = create_model("densenet_bc_100_k12", fused=False)
     fast = copy.deepcopy(plain).set_fused(True)
-    assert saved_bytes(fast) < 0.5 * saved_bytes(plain)
+    x = torch.randn(8, 3, 32, 32)
+    assert saved_bytes(fast, x)[0] < 0.5 * saved_bytes(plain, x)[0]
 
 
 def test_bf16_autocast_on_cpu_runs_the_fused_path():
@@ -688,17 +666,6 @@ def test_fused_fp32_as_accurate_as_plain_where_batch_norm_is_ill_conditioned(cfg
 def test_memory_efficient_checkpoints_the_reference_path():
     # torchvision's meaning: the concatenated BN-ReLU-Conv1x1 is recomputed in backward, so it
     # is not among the saved tensors; the same function, fewer bytes kept (eval mode too).
-    def saved_bytes(model, x):
-        seen = {}
-
-        def pack(t):
-            seen[t.data_ptr()] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = model(x)
-        return sum(seen.values()), y
-
     torch.manual_seed(0)
     plain = create_model("densenet_bc_100_k12", fused=False, block_config=(6, 6, 6)).eval()
     lean = copy.deepcopy(plain).set_grad_checkpointing(True)

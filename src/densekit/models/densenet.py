@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import checks
-from .layers import DenseBlock, DenseLayer, Features, Transition, check_spatial_dims, conv_nd, max_pool_nd, norm_nd, set_fused
+from .layers import (DenseBlock, DenseLayer, Features, Transition, check_spatial_dims, conv_nd, max_pool_nd, norm_nd,
+                     set_fused)
 
 STEMS = ("imagenet", "cifar", "resnet")
 GLOBAL_POOLS = ("avg", "max", "")  # "": no pooling, forward returns the unpooled maps (num_classes 0)

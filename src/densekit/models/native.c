@@ -430,7 +430,8 @@ int NAME(dk_bn_relu)(const elem *x, i64 ldx, elem *out, i64 ldo, i64 rows, i64 c
             elem *o = out + r * ldo;
             for (i64 j = 0; j < cols; j += 16) {
                 __mmask16 m = lanes_at(j, cols);
-                st_lanes(bf16, o + j, m, bn_relu_v(ld_lanes(bf16, m, xr + j), ld_vec(m, scale + j), ld_vec(m, shift + j)));
+                st_lanes(bf16, o + j, m,
+                         bn_relu_v(ld_lanes(bf16, m, xr + j), ld_vec(m, scale + j), ld_vec(m, shift + j)));
             }
         }
         hi = lo; /* done: the portable loop below runs no rows */
