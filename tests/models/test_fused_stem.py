@@ -2,6 +2,7 @@
 and gradients as the modules, the running statistics updated once, only its input kept."""
 
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from densekit import DenseNet, create_model
 from densekit.models import reference_path
+from densekit.models.layers import Features
 from testkit import randomize_norms, saved_bytes
 
 
@@ -28,13 +30,23 @@ def step(model: nn.Module, x: torch.Tensor, bf16: bool = False):
     return [y, x.grad] + [p.grad for p in model.parameters()] + list(model.buffers())
 
 
+def count_calls(module: nn.Module) -> list:
+    """A list that grows by one at each call of ``module`` (its forward wrapped, not a hook: a
+    hooked stem runs as modules)."""
+    calls, forward = [], module.forward
+
+    def counted(*args):
+        calls.append(1)
+        return forward(*args)
+
+    module.forward = counted
+    return calls
+
+
 def stem_ran_as_modules(model: DenseNet, x: torch.Tensor, **kw) -> bool:
-    calls = []
-    handle = model.features.relu0.register_forward_hook(lambda *a: calls.append(1))
-    try:
-        step(model, x, **kw)
-    finally:
-        handle.remove()
+    calls = count_calls(model.features.relu0)
+    step(model, x, **kw)
+    del model.features.relu0.forward
     return bool(calls)
 
 
@@ -87,24 +99,22 @@ def test_runs_the_modules_where_the_op_does_not_apply():
     model = small().train()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():  # nothing is kept for backward: nothing to save
-        calls = []
-        model.features.relu0.register_forward_hook(lambda *a: calls.append(1))
+        calls = count_calls(model.features.relu0)
         model(x)
         assert calls
+        del model.features.relu0.forward
     with reference_path(model):
         assert stem_ran_as_modules(model, x)
     assert not stem_ran_as_modules(model, x)
     swapped = copy.deepcopy(model)
     swapped.features.relu0 = nn.SiLU()  # not a ReLU: the modules run what they hold
-    calls = []
-    swapped.features.relu0.register_forward_hook(lambda *a: calls.append(1))
+    calls = count_calls(swapped.features.relu0)
     step(swapped, x)
     assert calls
     frozen = copy.deepcopy(model)
     for p in [*frozen.features.conv0.parameters(), *frozen.features.norm0.parameters()]:
         p.requires_grad_(False)
-    calls = []
-    frozen.features.relu0.register_forward_hook(lambda *a: calls.append(1))
+    calls = count_calls(frozen.features.relu0)
     frozen(x).sum().backward()  # no gradient flows through the stem: nothing to save there
     assert calls
 
@@ -114,3 +124,55 @@ def test_features_stays_a_sequential_with_torchvision_keys():
     assert type(model.features).__name__ == "Features" and isinstance(model.features, nn.Sequential)
     assert "features.norm0.running_mean" in model.state_dict()
     assert model.features.fused and not create_model("densenet121", fused=False).features.fused
+
+
+@pytest.mark.parametrize("hooked", ["norm0", "relu0", "pool0"])
+def test_hooked_modules_run_as_modules(hooked):
+    # a hook sees every call of its module, with what the module computes: Grad-CAM on pool0,
+    # a feature extractor on relu0, a hook that rescales norm0's output
+    fast = small().train()
+    plain = copy.deepcopy(fast)
+    plain.features.fused = False
+    calls = []
+
+    def hook(module, inputs, output):
+        calls.append(1)
+        return output * 0.5
+
+    for model in (fast, plain):
+        getattr(model.features, hooked).register_forward_hook(hook)
+    x = torch.randn(2, 3, 32, 32)
+    for got, want in zip(step(fast, x), step(plain, x)):
+        torch.testing.assert_close(got, want)
+    assert len(calls) == 2  # one call of the hooked module per model
+
+
+def test_a_batch_norm_subclass_runs_as_itself():
+    class Doubled(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    fast = small().train()
+    doubled = Doubled(fast.features.norm0.num_features)
+    doubled.load_state_dict(fast.features.norm0.state_dict())
+    fast.features.norm0 = doubled
+    plain = copy.deepcopy(fast)
+    plain.features.fused = False
+    x = torch.randn(2, 3, 32, 32)
+    for got, want in zip(step(fast, x), step(plain, x)):
+        torch.testing.assert_close(got, want)
+
+
+def test_eval_norm_backward_uses_the_statistics_of_its_forward():
+    # an eval-mode forward differentiated after the stem has trained on another batch, which
+    # moved the running statistics: the gradient is that of the function the forward computed
+    # (torch's own modules refuse with an error at backward; the fused op keeps what it needs)
+    stem = small().features[:4]
+    assert list(stem._modules) == ["conv0", "norm0", "relu0", "pool0"]
+    fused = Features(OrderedDict(stem._modules), fused=True)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    want = torch.autograd.grad(copy.deepcopy(stem).eval()(x).square().sum(), x)[0]
+    y = fused.eval()(x)
+    assert fused._stem_pools(x)
+    fused.train()(torch.randn(4, 3, 32, 32) * 3 + 1)
+    torch.testing.assert_close(torch.autograd.grad(y.square().sum(), x)[0], want)
