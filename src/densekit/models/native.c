@@ -761,21 +761,12 @@ int NAME(dk_col_stats)(const elem *x, i64 ldx, i64 rows, i64 cols, float *mean, 
         i64 lo, hi;
         row_range(rows, &lo, &hi);
         double *ps = p + (size_t)omp_get_thread_num() * cols;
-#if defined(DK_BF16) && defined(DK_GATHER_BF16_AVX512)
-        const int bf16 = 1; /* 1.2x in bfloat16 on large matrices; float32 is as fast below */
-        for (i64 r = lo; r < hi; r++)
-            for (i64 j = 0; j < cols; j += 16) {
-                __mmask16 m = lanes_at(j, cols);
-                add_f64(ps + j, m, ld_lanes(bf16, m, x + r * ldx + j));
-            }
-#else
         for (i64 r = lo; r < hi; r++) {
             const elem *xr = x + r * ldx;
 #pragma omp simd
             for (i64 j = 0; j < cols; j++)
                 ps[j] += LD(xr + j);
         }
-#endif
 #pragma omp barrier
 #pragma omp single
         for (i64 j = 0; j < cols; j++) {
@@ -787,14 +778,6 @@ int NAME(dk_col_stats)(const elem *x, i64 ldx, i64 rows, i64 cols, float *mean, 
             mf[j] = (float)(s / (double)rows);
         }
         /* the implied barrier of single: every thread sees the mean and zeroed parts */
-#if defined(DK_BF16) && defined(DK_GATHER_BF16_AVX512)
-        for (i64 r = lo; r < hi; r++)
-            for (i64 j = 0; j < cols; j += 16) {
-                __mmask16 m = lanes_at(j, cols);
-                __m512 dv = _mm512_sub_ps(ld_lanes(bf16, m, x + r * ldx + j), ld_vec(m, mf + j));
-                add_f64(ps + j, m, _mm512_mul_ps(dv, dv));
-            }
-#else
         for (i64 r = lo; r < hi; r++) {
             const elem *xr = x + r * ldx;
 #pragma omp simd
@@ -803,7 +786,6 @@ int NAME(dk_col_stats)(const elem *x, i64 ldx, i64 rows, i64 cols, float *mean, 
                 ps[j] += dv * dv;
             }
         }
-#endif
     }
     for (i64 j = 0; j < cols; j++) {
         double s = 0.0;
