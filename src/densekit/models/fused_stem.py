@@ -57,8 +57,11 @@ def stem_pool(norm: nn.Module, pool: nn.Module, x: torch.Tensor) -> torch.Tensor
 
 
 def _recompute(norm: nn.Module, pool: nn.Module, x: torch.Tensor, weight, bias, running) -> torch.Tensor:
-    if running is None:  # training: the batch's statistics, as the forward used them; the running ones untouched
-        y = F.batch_norm(x, None, None, weight, bias, True, 0.0, norm.eps)
+    if running is None:
+        # training: the batch's statistics, as the forward used them. Copies of the running ones,
+        # which momentum 0 leaves as they are, make it the same call as the forward's on every
+        # backend; the module's own stay untouched.
+        y = F.batch_norm(x, norm.running_mean.clone(), norm.running_var.clone(), weight, bias, True, 0.0, norm.eps)
     else:  # eval mode: the running statistics as they were at the forward
         y = F.batch_norm(x, running[0], running[1], weight, bias, False, 0.0, norm.eps)
     return pool(F.relu(y, inplace=True))  # the batch norm's backward reads its input, not its output
