@@ -70,7 +70,7 @@ def _recompute(norm: nn.Module, pool: nn.Module, x: torch.Tensor, weight, bias, 
 class _StemPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, norm, pool, x, weight, bias):
-        ctx.norm, ctx.pool, ctx.training = norm, pool, norm.training
+        ctx.norm, ctx.pool = norm, pool
         device = x.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         # in eval mode the running statistics as they are now: the model may train on another

@@ -209,8 +209,9 @@ static inline void st_x16(int bf16, void *p, __mmask16 m, __m512 v)
     _mm512_mask_storeu_ps(p, m, v);
 }
 
-/* The same for 16 whole elements, without masks: a masked store is several times slower than a
- * plain one on some CPUs (AMD EPYC), so full vectors take these and only a row's tail a mask. */
+/* The same for 16 whole elements, without masks: on AMD EPYC (Zen 5) a bfloat16 BN-ReLU with a
+ * masked load and store on every vector ran slower than the compiler's loop, and 2-3x faster with
+ * plain ones, so full vectors take these and only a row's tail a mask. */
 static inline __m512 ldu_x16(int bf16, const void *p)
 {
 #if defined(DK_GATHER_BF16_AVX512)
@@ -295,17 +296,17 @@ static void gather_rows_avx512(int bf16, const void *x, i64 ldx, i64 xcols, cons
         i64 te = t + GATHER_TILE < r1 ? t + GATHER_TILE : r1;
         for (const group_t *gb = g; gb < g + groups; gb++) {
             const __mmask16 m = gb->out, lo = gb->lo, hi = gb->hi;
+            const int whole = gb->base + 32 <= xcols; /* the window inside the row: loaded without masks */
             const __m512i perm = _mm512_loadu_si512(gb->perm);
             const char *src = (const char *)x + gb->base * size;
             char *dst = (char *)o + gb->j0 * size;
 #if defined(DK_GATHER_BF16_AVX512)
             if (bf16 && !scale) {
-                const __mmask32 window = gb->base + 32 <= xcols ? (__mmask32)0xFFFFFFFFu
-                                                                : (__mmask32)lo | (__mmask32)hi << 16;
+                const __mmask32 window = (__mmask32)lo | (__mmask32)hi << 16;
                 const __m512i words = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(perm)); /* perm as 16-bit lanes */
                 for (i64 r = t; r < te; r++) {
                     const char *s = src + r * ldx * size;
-                    __m512i in = window == 0xFFFFFFFFu ? _mm512_loadu_si512(s) : _mm512_maskz_loadu_epi16(window, s);
+                    __m512i in = whole ? _mm512_loadu_si512(s) : _mm512_maskz_loadu_epi16(window, s);
                     __m512i w = _mm512_permutexvar_epi16(words, in);
                     _mm256_mask_storeu_epi16(dst + r * ldo * size, m, _mm512_castsi512_si256(w));
                 }
@@ -314,9 +315,7 @@ static void gather_rows_avx512(int bf16, const void *x, i64 ldx, i64 xcols, cons
 #endif
             const __m512 sc = scale ? _mm512_maskz_loadu_ps(m, scale + gb->j0) : _mm512_setzero_ps();
             const __m512 sh = scale ? _mm512_maskz_loadu_ps(m, shift + gb->j0) : _mm512_setzero_ps();
-            /* a window inside the row's columns loads whole, without masks */
-            const __mmask16 wlo = gb->base + 32 <= xcols ? (__mmask16)0xFFFFu : lo;
-            const __mmask16 whi = gb->base + 32 <= xcols ? (__mmask16)0xFFFFu : hi;
+            const __mmask16 wlo = whole ? (__mmask16)0xFFFFu : lo, whi = whole ? (__mmask16)0xFFFFu : hi;
             for (i64 r = t; r < te; r++) {
                 const char *s = src + r * ldx * size;
                 __m512 v = _mm512_permutex2var_ps(ld_lanes(bf16, wlo, s), perm, ld_lanes(bf16, whi, s + 16 * size));
@@ -421,9 +420,10 @@ static i64 window_of(const grid *g, i64 r)
 
 /* out = relu(x * scale + shift): batch norm with folded statistics, then ReLU. In bfloat16 with
  * AVX-512 (BW and VL), 16 columns at a time in float32 lanes, only each row's tail masked:
- * 1.5-2.8x as fast as the compiler's code of the loop below, which ran bfloat16 no faster than
- * float32 on half the bytes (same-process A/B of the two builds on 3,136-50,176 rows of 48-500
- * columns, AMD EPYC). In float32 that loop is as fast as this. */
+ * 1.2-2.8x as fast as the compiler's code of the loop below, which ran bfloat16 no faster than
+ * float32 on half the bytes (two same-process A/Bs of the two builds on 784-50,176 rows of
+ * 48-992 columns, AMD EPYC; the gain moved with the machine's state). In float32 that loop is
+ * as fast as this. */
 int NAME(dk_bn_relu)(const elem *x, i64 ldx, elem *out, i64 ldo, i64 rows, i64 cols,
                const float *scale, const float *shift, int threads)
 {
@@ -634,8 +634,8 @@ int NAME(dk_relu_bn_sums)(const elem *g, i64 ldg, const elem *a, i64 lda, i64 ro
         row_range(rows, &lo, &hi);
         double *ps = p + (size_t)omp_get_thread_num() * 2 * cols, *px = ps + cols;
 #if defined(DK_BF16) && defined(DK_GATHER_BF16_AVX512)
-        /* bfloat16 with AVX-512, 16 columns at a time as in dk_bn_relu: 1.5-3.7x as fast as the
-         * loops below on 12,544-200,704 rows (same-process A/B, AMD EPYC); float32 runs as fast
+        /* bfloat16 with AVX-512, 16 columns at a time as in dk_bn_relu: 1.03-3.7x as fast as the
+         * loops below on 784-200,704 rows (two same-process A/Bs, AMD EPYC); float32 runs as fast
          * in them */
         const int bf16 = 1;
         for (i64 r = lo; r < hi; r++) {
