@@ -319,6 +319,79 @@ def test_pool_wrappers_refuse_what_the_c_code_would_misread():
         native.unpool_bn_grad(torch.randn(18, 4), x, (6, 6), ones, ones, ones, ones, ones, None)
 
 
+# (N, *spatial), columns, and the max pooling's kernel, stride and padding: the ImageNet stem's
+# 3x3/2/1, windows that do not overlap, a 1D and a 3D one, a threaded size and uneven sides.
+MAX_POOLS = [((3, 9), 5, (3,), (2,), (1,)), ((2, 7, 9), 6, (3, 3), (2, 2), (1, 1)),
+             ((2, 8, 8), 3, (2, 2), (2, 2), (0, 0)), ((2, 5, 6, 7), 4, (3, 2, 3), (2, 1, 2), (1, 1, 0)),
+             ((4, 33, 30), 40, (3, 3), (2, 2), (1, 1))]
+
+
+def _max_pool(t, kernel, stride, padding, **kw):
+    return {3: torch.nn.functional.max_pool1d, 4: torch.nn.functional.max_pool2d,
+            5: torch.nn.functional.max_pool3d}[t.dim()](t, kernel, stride, padding, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,cols,kernel,stride,padding", MAX_POOLS)
+def test_relu_maxpool_matches_torch_and_its_offsets_carry_the_gradient(shape, cols, kernel, stride, padding,
+                                                                       dtype):
+    x, spatial, scale, shift = _pool_case(shape, cols, 9)
+    x = x.to(dtype)
+    n = shape[0]
+    x[:n * 4, 0] = 0.5  # ties: torch takes the first of equal maxima
+    x[1, 1] = float("nan")
+    # the kernel computes x * scale + shift in float32 (a fused multiply-add: one rounding less
+    # than this reference) and rounds the maximum once to the dtype
+    y = _grid_of(x.float() * scale + shift, n, spatial)
+    want = _max_pool(torch.relu(y), kernel, stride, padding)
+    out, offsets = native.relu_maxpool(x, spatial, kernel, stride, padding, scale, shift, arg=True)
+    assert out.dtype == dtype and offsets.dtype == torch.uint8
+    torch.testing.assert_close(_grid_of(out, n, want.shape[2:]), want.to(dtype), rtol=1e-6, atol=1e-6,
+                               equal_nan=True)
+    plain, none = native.relu_maxpool(x, spatial, kernel, stride, padding)  # relu(x): no scale, shift
+    assert none is None
+    torch.testing.assert_close(_grid_of(plain, n, want.shape[2:]),
+                               _max_pool(torch.relu(_grid_of(x, n, spatial)), kernel, stride, padding),
+                               rtol=0, atol=0, equal_nan=True)
+    # backward: autograd through ReLU and max pooling to y, then batch norm's terms
+    y.requires_grad_()
+    pooled = _max_pool(torch.relu(y), kernel, stride, padding)
+    g = torch.randn_like(pooled).to(dtype)
+    pooled.backward(g.float())
+    d = y.grad.movedim(1, -1).reshape(-1, cols).double()
+    g_rows = g.movedim(1, -1).reshape(-1, cols)
+    mean = x.float().nanmean(0)
+    sum_d, sum_dx = native.maxpool_bn_sums(g_rows, offsets, x, spatial, kernel, stride, padding, mean)
+    terms = d * (x.double() - mean.double())
+    finite = terms.isfinite().all(0)  # the NaN's column: NaN either way
+    assert ((sum_d.double() - d.sum(0)).abs() <= 1e-6 * d.abs().sum(0) + 1e-6).all()
+    assert ((sum_dx.double() - terms.sum(0)).abs() <= 1e-6 * terms.abs().sum(0) + 1e-6)[finite].all()
+    k = torch.randn(cols)
+    for b, c in ((torch.randn(cols), torch.randn(cols)), (None, None)):
+        got = native.unmaxpool_bn_grad(g_rows, offsets, x, spatial, kernel, stride, padding, k, mean, b, c)
+        want = d.float() * k + ((x.float() - mean) * b + c if b is not None else 0.0)
+        assert got.dtype == dtype
+        tol = 2 ** -8 if dtype == torch.bfloat16 else 1e-6  # rounded once, to the dtype
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=1e-5, equal_nan=True)
+
+
+def test_maxpool_wrappers_refuse_what_the_c_code_would_misread():
+    x = torch.randn(2 * 6 * 6, 4)
+    with pytest.raises(ValueError, match="whole number"):
+        native.relu_maxpool(x, (5, 6), (3, 3), (2, 2), (1, 1))
+    with pytest.raises(ValueError, match="do not fit"):  # padding over half the kernel, as torch refuses
+        native.relu_maxpool(x, (6, 6), (3, 3), (2, 2), (2, 2))
+    with pytest.raises(ValueError, match="at most 254"):
+        native.relu_maxpool(torch.randn(2 * 16 ** 3, 4), (16, 16, 16), (7, 7, 7), (1, 1, 1), (0, 0, 0))
+    out, offsets = native.relu_maxpool(x, (6, 6), (3, 3), (2, 2), (1, 1), arg=True)
+    ones = torch.ones(4)
+    with pytest.raises(ValueError, match="uint8 offsets"):
+        native.maxpool_bn_sums(torch.randn(out.shape), offsets[:-1], x, (6, 6), (3, 3), (2, 2), (1, 1), ones)
+    with pytest.raises(ValueError, match=r"shape \(18, 4\)"):
+        native.unmaxpool_bn_grad(torch.randn(36, 4), offsets, x, (6, 6), (3, 3), (2, 2), (1, 1), ones, ones,
+                                 None, None)
+
+
 def test_native_results_do_not_vary_between_runs():
     torch.manual_seed(4)
     g, a = torch.randn(20000, 30), torch.relu(torch.randn(20000, 30))

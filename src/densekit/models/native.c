@@ -9,9 +9,10 @@
  * result does not depend on timing, only on the thread count.
  *
  * The column kernels (BN-ReLU, gather, scatter-add, the ReLU-BN backward sums, the input
- * gradient, column statistics) and the transition's pooling kernels are compiled twice: for
- * float32 matrices, and (names ending in _bf16) for bfloat16 matrices, as a dense block and a
- * transition hold them under bf16 autocast. Either way the per-column vectors are float32
+ * gradient, column statistics), the transition's pooling kernels and the ImageNet stem's
+ * max-pooling kernels are compiled twice: for float32 matrices, and (names ending in _bf16)
+ * for bfloat16 matrices, as a dense block, a transition and the stem hold them under bf16
+ * autocast. Either way the per-column vectors are float32
  * and all arithmetic is float32; a bf16 value is the top half of a float32, and stores round
  * to nearest even. The file includes itself once for the second pass.
  *
@@ -397,6 +398,74 @@ static i64 window_of(const grid *g, i64 r)
     if (x >= g->pw || y >= g->ph || z >= g->pd)
         return -1;
     return ((b * g->pd + z) * g->ph + y) * g->pw + x;
+}
+
+/* The ImageNet stem's max pooling (kernel, stride and padding per dim, no dilation, floor
+ * mode, as torch's max_pool) after its BN-ReLU, on rows that are positions (b, z, y, x) of an
+ * (n, d, h, w) grid, w fastest; pooled rows are the (n, od, oh, ow) grid in the same order.
+ * The forward keeps, per pooled row and column, the offset of the window's maximum in the
+ * whole window (z-major, then y, then x), or MAXPOOL_NONE where the maximum is not above 0
+ * (the ReLU lets no gradient through): one byte where torch's max pooling keeps an int64
+ * index, and backward needs neither the ReLU's output nor a second pass to find the maxima.
+ * geom holds n, d, h, w, kd, kh, kw, sd, sh, sw, pd, ph, pw. */
+#define MAXPOOL_NONE 255
+#define MAXPOOL_WINDOW 254 /* most positions a window may have (native.py checks) */
+typedef struct {
+    i64 n, in[3], k[3], s[3], p[3], out[3];
+} mpool;
+
+static mpool make_mpool(const i64 *geom)
+{
+    mpool m;
+    m.n = geom[0];
+    for (int i = 0; i < 3; i++) {
+        m.in[i] = geom[1 + i], m.k[i] = geom[4 + i], m.s[i] = geom[7 + i], m.p[i] = geom[10 + i];
+        m.out[i] = (m.in[i] + 2 * m.p[i] - m.k[i]) / m.s[i] + 1;
+    }
+    return m;
+}
+
+static i64 mpool_rows(const mpool *m)
+{
+    return m->n * m->out[0] * m->out[1] * m->out[2];
+}
+
+/* The input rows of pooled row o's window that lie inside the grid, in window order, and
+ * each one's offset in the whole window; returns their count. */
+static int mpool_window(const mpool *m, i64 o, i64 *rows, int *offs)
+{
+    i64 ox = o % m->out[2], t = o / m->out[2], oy = t % m->out[1];
+    t /= m->out[1];
+    i64 oz = t % m->out[0], b = t / m->out[0];
+    int count = 0;
+    for (i64 dz = 0; dz < m->k[0]; dz++) {
+        i64 z = oz * m->s[0] - m->p[0] + dz;
+        if (z < 0 || z >= m->in[0])
+            continue;
+        for (i64 dy = 0; dy < m->k[1]; dy++) {
+            i64 y = oy * m->s[1] - m->p[1] + dy;
+            if (y < 0 || y >= m->in[1])
+                continue;
+            for (i64 dx = 0; dx < m->k[2]; dx++) {
+                i64 x = ox * m->s[2] - m->p[2] + dx;
+                if (x < 0 || x >= m->in[2])
+                    continue;
+                rows[count] = ((b * m->in[0] + z) * m->in[1] + y) * m->in[2] + x;
+                offs[count++] = (int)((dz * m->k[1] + dy) * m->k[2] + dx);
+            }
+        }
+    }
+    return count;
+}
+
+/* The pooled indices along one dim whose windows hold input coordinate c: [*lo, *hi]. */
+static void mpool_range(const mpool *m, int i, i64 c, i64 *lo, i64 *hi)
+{
+    i64 first = c + m->p[i] - m->k[i] + 1;
+    *lo = first <= 0 ? 0 : (first + m->s[i] - 1) / m->s[i];
+    *hi = (c + m->p[i]) / m->s[i];
+    if (*hi > m->out[i] - 1)
+        *hi = m->out[i] - 1;
 }
 
 #endif /* the helpers above: once */
@@ -927,6 +996,188 @@ int NAME(dk_unpool_bn_grad)(const elem *g, i64 ldg, const elem *x, i64 ldx, i64 
         }
     }
     return 0;
+}
+
+/* out = max_pool(relu(x * scale + shift)) (relu(x) where scale is NULL), the maximum of each
+ * window taken as torch's max pooling takes it: the first largest value in window order, a
+ * NaN over any number. With arg, each maximum's offset in its window, or MAXPOOL_NONE where
+ * it is not above 0 (and not NaN). Values are rounded once, after the maximum (rounding is
+ * monotonic: the same as the maximum of the rounded values). Returns -1 when out of memory. */
+int NAME(dk_relu_maxpool)(const elem *x, i64 ldx, const i64 *geom, i64 cols, const float *scale,
+                    const float *shift, elem *out, i64 ldo, uint8_t *arg, int threads)
+{
+    mpool m = make_mpool(geom);
+    i64 orows = mpool_rows(&m);
+    int failed = 0;
+#pragma omp parallel num_threads(team(orows * 4, cols, threads))
+    {
+        i64 lo, hi, win[MAXPOOL_WINDOW];
+        int offs[MAXPOOL_WINDOW];
+        row_range(orows, &lo, &hi);
+        /* this thread's window maxima and their offsets (as floats: one vector width in the
+         * loop); without scale and shift, 1 and 0 (exact: the same loop either way) */
+        float *best = malloc((size_t)cols * 4 * sizeof(float)), *at = best + cols, *sc = at + cols, *sh = sc + cols;
+        if (!best) {
+#pragma omp atomic write
+            failed = 1;
+            lo = hi;
+        } else {
+            for (i64 j = 0; j < cols; j++)
+                sc[j] = scale ? scale[j] : 1.f, sh[j] = scale ? shift[j] : 0.f;
+        }
+        for (i64 o = lo; o < hi; o++) {
+            int count = mpool_window(&m, o, win, offs);
+#pragma omp simd
+            for (i64 j = 0; j < cols; j++)
+                best[j] = -1.f, at[j] = 0.f; /* below any ReLU output: the first position takes it */
+            for (int t = 0; t < count; t++) {
+                const elem *xr = x + win[t] * ldx;
+                float off = (float)offs[t];
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++) {
+                    float v = LD(xr + j) * sc[j] + sh[j];
+                    v = v < 0.f ? 0.f : v;
+                    /* a larger value or a NaN takes the window (two selects: GCC vectorizes
+                     * these, not one on the two conditions) */
+                    float b = v > best[j] ? v : best[j], a = v > best[j] ? off : at[j];
+                    best[j] = v != v ? v : b;
+                    at[j] = v != v ? off : a;
+                }
+            }
+            elem *orow = out + o * ldo;
+#pragma omp simd
+            for (i64 j = 0; j < cols; j++)
+                orow[j] = TO(best[j]);
+            if (arg) {
+                uint8_t *ar = arg + o * cols;
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++)
+                    ar[j] = (best[j] > 0.f) | (best[j] != best[j]) ? (uint8_t)at[j] : MAXPOOL_NONE;
+            }
+        }
+        free(best);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The backward of dk_relu_maxpool up to batch norm, from its arg: with d the gradient g of
+ * each pooled row at its maximum's input row (summed where windows overlap),
+ *   sum_d[j] = sum d,   sum_dx[j] = sum d * (x - mean[j]) over the input rows.
+ * Returns -1 when out of memory. */
+int NAME(dk_maxpool_bn_sums)(const elem *g, i64 ldg, const uint8_t *arg, const elem *x, i64 ldx, const i64 *geom,
+                       i64 cols, const float *mean, float *sum_d, float *sum_dx, int threads)
+{
+    mpool m = make_mpool(geom);
+    i64 orows = mpool_rows(&m);
+    int nt = team(orows * 4, cols, threads);
+    double *p = parts(nt, cols, 2);
+    if (!p)
+        return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        i64 lo, hi, win[MAXPOOL_WINDOW];
+        int offs[MAXPOOL_WINDOW];
+        row_range(orows, &lo, &hi);
+        double *ps = p + (size_t)omp_get_thread_num() * 2 * cols, *px = ps + cols;
+        /* x at each column's maximum, and the offsets as floats (one vector width in the loops) */
+        float *xat = malloc((size_t)cols * 2 * sizeof(float)), *af = xat + cols;
+        if (!xat) {
+#pragma omp atomic write
+            failed = 1;
+            lo = hi;
+        }
+        for (i64 o = lo; o < hi; o++) {
+            const elem *grow = g + o * ldg;
+            const uint8_t *ar = arg + o * cols;
+            int count = mpool_window(&m, o, win, offs);
+#pragma omp simd
+            for (i64 j = 0; j < cols; j++)
+                xat[j] = 0.f, af[j] = (float)ar[j];
+            for (int t = 0; t < count; t++) {
+                const elem *xr = x + win[t] * ldx;
+                float off = (float)offs[t];
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++)
+                    xat[j] = af[j] == off ? LD(xr + j) : xat[j];
+            }
+#pragma omp simd
+            for (i64 j = 0; j < cols; j++) {
+                float dv = af[j] != (float)MAXPOOL_NONE ? LD(grow + j) : 0.f;
+                ps[j] += dv;
+                px[j] += dv * (xat[j] - mean[j]);
+            }
+        }
+        free(xat);
+    }
+    if (!failed) {
+        reduce_parts(p, nt, cols, 2 * cols, sum_d);
+        reduce_parts(p + cols, nt, cols, 2 * cols, sum_dx);
+    }
+    free(p);
+    return failed ? -1 : 0;
+}
+
+/* Batch norm's input gradient behind dk_relu_maxpool, into out (input rows), with d as in
+ * dk_maxpool_bn_sums (summed in float over the windows that hold the row):
+ *   out = d * k[j] + (x - mean[j]) * b[j] + c[j],   or d * k[j] when b is NULL (eval mode).
+ * Returns -1 when out of memory. */
+int NAME(dk_unmaxpool_bn_grad)(const elem *g, i64 ldg, const uint8_t *arg, const elem *x, i64 ldx,
+                         const i64 *geom, i64 cols, const float *k, const float *mean, const float *b,
+                         const float *c, elem *out, i64 ldo, int threads)
+{
+    mpool m = make_mpool(geom);
+    i64 rows = m.n * m.in[0] * m.in[1] * m.in[2];
+    int failed = 0;
+#pragma omp parallel num_threads(team(rows, cols, threads))
+    {
+        i64 lo, hi;
+        row_range(rows, &lo, &hi);
+        float *acc = malloc((size_t)cols * sizeof(float));
+        if (!acc) {
+#pragma omp atomic write
+            failed = 1;
+            lo = hi;
+        }
+        for (i64 r = lo; r < hi; r++) {
+            i64 cx = r % m.in[2], t = r / m.in[2], cy = t % m.in[1];
+            t /= m.in[1];
+            i64 cz = t % m.in[0], bi = t / m.in[0];
+            i64 zlo, zhi, ylo, yhi, xlo, xhi;
+            mpool_range(&m, 0, cz, &zlo, &zhi);
+            mpool_range(&m, 1, cy, &ylo, &yhi);
+            mpool_range(&m, 2, cx, &xlo, &xhi);
+#pragma omp simd
+            for (i64 j = 0; j < cols; j++)
+                acc[j] = 0.f;
+            for (i64 oz = zlo; oz <= zhi; oz++)
+                for (i64 oy = ylo; oy <= yhi; oy++)
+                    for (i64 ox = xlo; ox <= xhi; ox++) {
+                        i64 o = ((bi * m.out[0] + oz) * m.out[1] + oy) * m.out[2] + ox;
+                        uint8_t off = (uint8_t)((((cz - (oz * m.s[0] - m.p[0])) * m.k[1]
+                                                  + (cy - (oy * m.s[1] - m.p[1]))) * m.k[2])
+                                                + (cx - (ox * m.s[2] - m.p[2])));
+                        const elem *grow = g + o * ldg;
+                        const uint8_t *ar = arg + o * cols;
+#pragma omp simd
+                        for (i64 j = 0; j < cols; j++)
+                            acc[j] += ar[j] == off ? LD(grow + j) : 0.f;
+                    }
+            const elem *xr = x + r * ldx;
+            elem *orow = out + r * ldo;
+            if (b) {
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++)
+                    orow[j] = TO(acc[j] * k[j] + ((LD(xr + j) - mean[j]) * b[j] + c[j]));
+            } else {
+#pragma omp simd
+                for (i64 j = 0; j < cols; j++)
+                    orow[j] = TO(acc[j] * k[j]);
+            }
+        }
+        free(acc);
+    }
+    return failed ? -1 : 0;
 }
 
 /* The second pass: the kernels again, for bfloat16 matrices. */

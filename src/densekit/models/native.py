@@ -53,6 +53,9 @@ _SIGNATURES = {
     "dk_bn_relu_pool": [_P, _I, _P, _I] + [_I] * 8 + [_P, _P, _C],
     "dk_unpool_relu_bn_sums": [_P, _I, _P, _I] + [_I] * 8 + [_P] * 5 + [_C],
     "dk_unpool_bn_grad": [_P, _I, _P, _I] + [_I] * 8 + [_P] * 6 + [_P, _I, _C],
+    "dk_relu_maxpool": [_P, _I, _P, _I, _P, _P, _P, _I, _P, _C],
+    "dk_maxpool_bn_sums": [_P, _I, _P, _P, _I, _P, _I, _P, _P, _P, _C],
+    "dk_unmaxpool_bn_grad": [_P, _I, _P, _P, _I, _P, _I, _P, _P, _P, _P, _P, _I, _C],
 }
 # every kernel also exists for bfloat16 matrices, as <name>_bf16 (native.c's second pass)
 _BF16 = tuple(_SIGNATURES)
@@ -348,4 +351,103 @@ def unpool_bn_grad(g: torch.Tensor, x: torch.Tensor, spatial: tuple[int, ...], s
     _check(_kernel("dk_unpool_bn_grad", x)(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), *geometry, cols,
                                         scale.data_ptr(), shift.data_ptr(), k.data_ptr(), mean.data_ptr(), _ptr(b),
                                         _ptr(c), out.data_ptr(), out.stride(0), torch.get_num_threads()))
+    return out
+
+
+# The most positions a max-pooling window may have: native.c keeps each maximum's offset
+# in its window in one byte, 255 meaning none.
+MAXPOOL_WINDOW = 254
+
+
+def _maxpool_geometry(x: torch.Tensor, spatial: tuple[int, ...], kernel, stride, padding):
+    """Checks ``x`` (the input rows of an (N, *spatial) grid, 1 to 3 dims) and the pooling's
+    kernel, stride and padding (one per dim, as torch's max pooling takes them: padding at most
+    half the kernel); returns the kernels' geometry (n, d, h, w, kd, kh, kw, sd, sh, sw, pd,
+    ph, pw) as an int64 tensor, and the pooled rows' shape."""
+    _mats(x.shape, x)
+    dims = len(spatial)
+    if not 1 <= dims <= 3 or not all(len(v) == dims for v in (kernel, stride, padding)):
+        raise ValueError(f"native max pooling needs 1 to 3 spatial dims, each with a kernel, stride and padding")
+    if any(k < 1 or s < 1 or p < 0 or 2 * p > k or n + 2 * p < k
+           for n, k, s, p in zip(spatial, kernel, stride, padding)):
+        raise ValueError(f"native max pooling: kernel {kernel}, stride {stride}, padding {padding} "
+                         f"do not fit {spatial}")
+    volume = 1
+    for k in kernel:
+        volume *= k
+    if volume > MAXPOOL_WINDOW:
+        raise ValueError(f"native max pooling takes windows of at most {MAXPOOL_WINDOW} positions, got {volume}")
+    size = 1
+    for n in spatial:
+        size *= n
+    if x.shape[0] % size:
+        raise ValueError(f"native max pooling: {x.shape[0]} rows are not a whole number of {spatial} grids")
+    pad = 3 - dims
+    geometry = [x.shape[0] // size, *[1] * pad, *spatial, *[1] * pad, *kernel, *[1] * pad, *stride, *[0] * pad,
+                *padding]
+    pooled = x.shape[0] // size
+    for n, k, s, p in zip(spatial, kernel, stride, padding):
+        pooled *= (n + 2 * p - k) // s + 1
+    return torch.tensor(geometry, dtype=torch.int64), torch.Size((pooled, x.shape[1]))
+
+
+def relu_maxpool(x: torch.Tensor, spatial: tuple[int, ...], kernel, stride, padding,
+                 scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                 arg: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """max_pool(relu(x * scale + shift)) (relu(x) without ``scale`` and ``shift``) of the rows
+    ``x`` of an (N, *spatial) grid, as torch's max pooling picks each window's maximum;
+    returns the pooled rows and, with ``arg``, a uint8 matrix of each maximum's offset in its
+    window (255 where the ReLU lets no gradient through), for :func:`maxpool_bn_sums` and
+    :func:`unmaxpool_bn_grad`."""
+    geometry, pooled_shape = _maxpool_geometry(x, spatial, kernel, stride, padding)
+    if (scale is None) != (shift is None):
+        raise ValueError("native relu_maxpool: scale and shift go together")
+    scale, shift = _vec(scale, x.shape[1]), _vec(shift, x.shape[1])
+    out = torch.empty(pooled_shape, dtype=x.dtype)
+    offsets = torch.empty(pooled_shape, dtype=torch.uint8) if arg else None
+    _check(_kernel("dk_relu_maxpool", x)(x.data_ptr(), x.stride(0), geometry.data_ptr(), x.shape[1], _ptr(scale),
+                                      _ptr(shift), out.data_ptr(), out.stride(0), _ptr(offsets),
+                                      torch.get_num_threads()))
+    return out, offsets
+
+
+def _offsets(arg: torch.Tensor, shape: torch.Size) -> None:
+    if arg.dtype != torch.uint8 or arg.shape != shape or not arg.is_contiguous() or arg.device.type != "cpu":
+        raise ValueError(f"native max pooling needs the uint8 offsets relu_maxpool returned, of shape {tuple(shape)}")
+
+
+def maxpool_bn_sums(g: torch.Tensor, arg: torch.Tensor, x: torch.Tensor, spatial: tuple[int, ...], kernel, stride,
+                    padding, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of :func:`relu_maxpool` up to batch norm: with ``g`` the pooled rows' gradient
+    and d what reaches each input row through the maxima ``arg``, (sum of d, sum of
+    d * (x - mean)) per column."""
+    geometry, pooled_shape = _maxpool_geometry(x, spatial, kernel, stride, padding)
+    _mats(pooled_shape, g, dtype=x.dtype)
+    _offsets(arg, pooled_shape)
+    cols = x.shape[1]
+    mean = _vec(mean, cols)
+    sum_d, sum_dx = torch.empty(cols, dtype=torch.float32), torch.empty(cols, dtype=torch.float32)
+    _check(_kernel("dk_maxpool_bn_sums", x)(g.data_ptr(), g.stride(0), arg.data_ptr(), x.data_ptr(), x.stride(0),
+                                         geometry.data_ptr(), cols, mean.data_ptr(), sum_d.data_ptr(),
+                                         sum_dx.data_ptr(), torch.get_num_threads()))
+    return sum_d, sum_dx
+
+
+def unmaxpool_bn_grad(g: torch.Tensor, arg: torch.Tensor, x: torch.Tensor, spatial: tuple[int, ...], kernel, stride,
+                      padding, k: torch.Tensor, mean: torch.Tensor, b: torch.Tensor | None,
+                      c: torch.Tensor | None) -> torch.Tensor:
+    """The input gradient behind :func:`relu_maxpool`, as a new (rows, cols) matrix: d * k +
+    (x - mean) * b + c per column, d as in :func:`maxpool_bn_sums` (d * k when b and c are
+    None: eval mode)."""
+    geometry, pooled_shape = _maxpool_geometry(x, spatial, kernel, stride, padding)
+    _mats(pooled_shape, g, dtype=x.dtype)
+    _offsets(arg, pooled_shape)
+    if (b is None) != (c is None):
+        raise ValueError("native unmaxpool_bn_grad needs both b and c, or neither")
+    cols = x.shape[1]
+    k, mean, b, c = (_vec(v, cols) for v in (k, mean, b, c))
+    out = torch.empty(x.shape, dtype=x.dtype)
+    _check(_kernel("dk_unmaxpool_bn_grad", x)(g.data_ptr(), g.stride(0), arg.data_ptr(), x.data_ptr(), x.stride(0),
+                                           geometry.data_ptr(), cols, k.data_ptr(), mean.data_ptr(), _ptr(b),
+                                           _ptr(c), out.data_ptr(), out.stride(0), torch.get_num_threads()))
     return out
