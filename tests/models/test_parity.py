@@ -518,6 +518,51 @@ def test_torch_compile_keeps_the_fused_block_as_one_operator(train):
     assert code.count("densekit.transition") == 1 and "torch.cat" not in code
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_torch_compile_keeps_the_imagenet_stem_as_one_operator(train):
+    # the stem's BN-ReLU-MaxPool runs the native passes under the compiler too, instead of the
+    # pooling's indices and the ReLU's output the compiled graph would keep for backward
+    torch.manual_seed(6)
+    model = DenseNet(8, (2, 2), stem="imagenet", num_classes=5, fused=True)
+    randomize_norms(model, var=(0.5, 2.0), gamma=(0.5, 1.5))
+    code = _compiled_against_reference(model, torch.randn(3, 3, 32, 30), train)
+    assert code.count("densekit.stem_pool") == 1 and "max_pool" not in code
+    assert code.count("densekit.dense_block") == 2
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_stem_operator_passes_torch_library_opcheck(training):
+    # schema, fake tensors (the shapes and dtypes the compiler plans with), autograd registration
+    from densekit.models import fused_op
+
+    torch.manual_seed(8)
+    x = torch.randn(2, 8, 9, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight, bias = (torch.rand(8) + 0.5).requires_grad_(), torch.randn(8).requires_grad_()
+    running = [] if training else [torch.randn(8), torch.rand(8) + 0.5]
+    result = torch.library.opcheck(fused_op.stem_pool, (x, weight, bias, running, 1e-5, [3, 3], [2, 2], [1, 1],
+                                                        training))
+    assert set(result.values()) == {"SUCCESS"}
+
+
+def test_torch_compile_imagenet_stem_under_bf16_autocast_runs_what_eager_runs():
+    torch.manual_seed(7)
+    model = DenseNet(8, (2, 2), stem="imagenet", num_classes=5, fused=True).train()
+    randomize_norms(model, var=(0.5, 2.0), gamma=(0.5, 1.5))
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_eager = compiled(x), eager(x)
+    torch.testing.assert_close(y, y_eager, rtol=0.02, atol=0.02)
+    y.float().square().sum().backward()
+    y_eager.float().square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert p.grad.dtype == torch.float32 and (p.grad - q.grad).norm() <= 0.05 * q.grad.norm() + 1e-6, name
+    for b, c in zip(model.buffers(), eager.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("strict", [False, True])
 def test_torch_export_records_the_reference_path(strict):
     # an exported program must run without densekit: no custom operator in it

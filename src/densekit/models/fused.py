@@ -160,18 +160,7 @@ class _Unit:
         return self.pointwise and (a.is_cuda or self.weight.dim() == 3)
 
     def update_running(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        # nn.BatchNorm's rule: a fixed momentum, or a cumulative average when it is None.
-        self.batches.add_(1)
-        unbiased = count / max(count - 1, 1)
-        if self.momentum is None and torch.compiler.is_compiling():
-            # in tensors: a host sync would break torch.compile's graph
-            m = 1.0 / self.batches.to(self.running_mean.dtype)
-            self.running_mean.mul_(1 - m).add_(mean * m)
-            self.running_var.mul_(1 - m).add_(var * (m * unbiased))
-            return
-        m = self.momentum if self.momentum is not None else 1.0 / float(self.batches)
-        self.running_mean.mul_(1 - m).add_(mean, alpha=m)
-        self.running_var.mul_(1 - m).add_(var, alpha=m * unbiased)
+        update_running_stats(self.running_mean, self.running_var, self.batches, self.momentum, mean, var, count)
 
     def scale_shift(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """BN(x) = x * scale + shift per channel, for the given statistics."""
@@ -359,6 +348,24 @@ _SHORTCUT_MIN_ROWS = 1024
 # (tests/models/test_parity.py): with this guard the fused dgamma is as close to the exact value
 # as the plain path's (0.5-1.7x its error); with the shortcut on every channel, 50-280x.
 _MAX_BETA_OVER_GAMMA = 16.0
+
+
+def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, batches: torch.Tensor,
+                         momentum: float | None, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """A batch norm's running statistics after a batch of ``count`` values per channel with
+    (biased) ``mean`` and ``var``, in place, by nn.BatchNorm's rule: a fixed momentum, or a
+    cumulative average when it is None."""
+    batches.add_(1)
+    unbiased = count / max(count - 1, 1)
+    if momentum is None and torch.compiler.is_compiling():
+        # in tensors: a host sync would break torch.compile's graph
+        m = 1.0 / batches.to(running_mean.dtype)
+        running_mean.mul_(1 - m).add_(mean * m)
+        running_var.mul_(1 - m).add_(var * (m * unbiased))
+        return
+    m = momentum if momentum is not None else 1.0 / float(batches)
+    running_mean.mul_(1 - m).add_(mean, alpha=m)
+    running_var.mul_(1 - m).add_(var, alpha=m * unbiased)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

@@ -5,7 +5,8 @@ host-side bookkeeping that TorchDynamo cannot trace. Traced as the reference pat
 DenseNet loses the block's speed and its memory linear in depth: on 2 CPU cores
 ``torch.compile`` of a densekit model trained slower than the same model in eager mode
 (docs/performance.md). As opaque operators (``densekit::dense_block``,
-``densekit::transition`` and their backwards), each stays one call in the compiled graph,
+``densekit::transition``, the ImageNet stem's ``densekit::stem_pool`` and their backwards),
+each stays one call in the compiled graph,
 ``fullgraph=True`` included, and the compiler fuses what lies between them.
 
 An operator's arguments can only be tensors and plain values, so each is a pure function of
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import fused
+from . import fused_stem as _fused_stem
 
 _CUMULATIVE = -1.0  # stands for a batch norm's momentum None (a cumulative moving average)
 
@@ -259,4 +261,76 @@ def run_transition(module, x: Tensor) -> Tensor:
     if training:
         with torch.no_grad():
             unit.update_running(outputs[1], outputs[2], x.numel() // x.shape[1])
+    return outputs[0]
+
+
+# -- the ImageNet stem's BN-ReLU-MaxPool ------------------------------------------------------
+
+@torch.library.custom_op("densekit::stem_pool", mutates_args=())
+def stem_pool(x: Tensor, weight: Tensor, bias: Tensor, running: list[Tensor], eps: float, kernel: list[int],
+              stride: list[int], padding: list[int], training: bool) -> list[Tensor]:
+    """max_pool(relu(batch_norm(x))) with the native passes (``fused_stem.py``), the batch
+    statistics it normalized with (the running ones, ``running``, in eval mode) and each
+    maximum's offset in its window, which backward reads; the running statistics are the
+    caller's to update."""
+    with torch.no_grad():
+        if training:
+            mean, var = fused._stats(_fused_stem._matrix(x))
+        else:  # copies: an operator's output may not be one of its inputs
+            mean, var = running[0].to(torch.float32, copy=True), running[1].to(torch.float32, copy=True)
+        scale = weight.float() * torch.rsqrt(var + eps)
+        out, offsets = _fused_stem.relu_maxpool(x, (kernel, stride, padding), scale, bias.float() - mean * scale)
+    return [out, mean, var, offsets]
+
+
+@stem_pool.register_fake
+def _(x, weight, bias, running, eps, kernel, stride, padding, training):
+    n, c, *spatial = x.shape
+    pooled = [(s + 2 * p - k) // st + 1 for s, k, st, p in zip(spatial, kernel, stride, padding)]
+    return [x.new_empty((n, *pooled, c)).movedim(-1, 1), x.new_empty(c, dtype=torch.float32),
+            x.new_empty(c, dtype=torch.float32), x.new_empty((n * math.prod(pooled), c), dtype=torch.uint8)]
+
+
+@torch.library.custom_op("densekit::stem_pool_backward", mutates_args=())
+def stem_pool_backward(grad: Tensor, x: Tensor, weight: Tensor, offsets: Tensor, mean: Tensor, var: Tensor,
+                       eps: float, kernel: list[int], stride: list[int], padding: list[int],
+                       training: bool) -> list[Tensor]:
+    """The gradients of :func:`stem_pool`'s x, weight and bias."""
+    dx, dgamma, dbeta = _fused_stem.native_backward(grad, x, weight, offsets, mean, var, eps,
+                                                    (kernel, stride, padding), training, True)
+    return [dx, dgamma.to(weight.dtype), dbeta.to(weight.dtype)]
+
+
+@stem_pool_backward.register_fake
+def _(grad, x, weight, offsets, mean, var, eps, kernel, stride, padding, training):
+    n, c, *spatial = x.shape
+    return [x.new_empty((n, *spatial, c)).movedim(-1, 1), torch.empty_like(weight), torch.empty_like(weight)]
+
+
+def _setup_stem(ctx, inputs, output):
+    x, weight, bias, running, eps, kernel, stride, padding, training = inputs
+    ctx.structure, ctx.running = (eps, kernel, stride, padding, training), len(running)
+    ctx.save_for_backward(x, weight, output[3], output[1], output[2])
+
+
+def _stem_grads(ctx, grads):
+    x, weight, offsets, mean, var = ctx.saved_tensors
+    dx, dgamma, dbeta = stem_pool_backward(grads[0], x, weight, offsets, mean, var, *ctx.structure)
+    return dx, dgamma, dbeta, [None] * ctx.running, None, None, None, None, None
+
+
+stem_pool.register_autograd(_stem_grads, setup_context=_setup_stem)
+
+
+def run_stem(norm, geometry: tuple, x: Tensor) -> Tensor:
+    """``pool(relu(norm(x)))`` through the operators (under torch.compile), ``geometry`` the
+    pooling's (kernel, stride, padding) as ``fused_stem.native_geometry`` gives them."""
+    kernel, stride, padding = (list(v) for v in geometry)
+    running = [] if norm.training else [norm.running_mean, norm.running_var]
+    outputs = stem_pool(x, norm.weight, norm.bias, running, float(norm.eps), kernel, stride, padding,
+                        norm.training)
+    if norm.training:
+        with torch.no_grad():
+            fused.update_running_stats(norm.running_mean, norm.running_var, norm.num_batches_tracked,
+                                       norm.momentum, outputs[1], outputs[2], x.numel() // x.shape[1])
     return outputs[0]

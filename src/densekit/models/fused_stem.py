@@ -82,7 +82,7 @@ def _recompute(norm: nn.Module, pool: nn.Module, x: torch.Tensor, weight, bias, 
     return pool(F.relu(y, inplace=True))  # the batch norm's backward reads its input, not its output
 
 
-def _native_pool(pool: nn.Module, x: torch.Tensor) -> tuple | None:
+def native_geometry(pool: nn.Module, x: torch.Tensor) -> tuple | None:
     """(kernel, stride, padding) of ``pool`` where the native passes run it on ``x`` (the
     batch norm's input): a max pooling without dilation or ceil mode, float32 or bf16 CPU
     tensors under autocast's dtype or none; else None."""
@@ -115,21 +115,24 @@ class _StemPool(torch.autograd.Function):
         running = [] if norm.training else [norm.running_mean.clone(), norm.running_var.clone()]
         with torch.no_grad():
             y = norm(x)
-            ctx.geometry = _native_pool(pool, y) if y.dtype == x.dtype else None
+            ctx.geometry = native_geometry(pool, y) if y.dtype == x.dtype else None
             if ctx.geometry is None:
                 ctx.save_for_backward(x, weight, bias, *running)
                 return pool(F.relu(y, inplace=True))
-            spatial = tuple(y.shape[2:])
-            out, offsets = native.relu_maxpool(_matrix(y), spatial, *ctx.geometry, arg=True)
+            out, offsets = relu_maxpool(y, ctx.geometry)
             ctx.save_for_backward(x, weight, bias, offsets, *running)
-            kernel, stride, padding = ctx.geometry
-            return _grid(out, tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(spatial, kernel, stride, padding)))
+            return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         if ctx.geometry is not None:
-            return None, None, *_native_backward(ctx, grad)
+            x, weight, bias, offsets, *running = ctx.saved_tensors
+            # the batch's statistics again (training), or the running ones of the forward
+            mean, var = _stats(_matrix(x)) if not running else (running[0].float(), running[1].float())
+            dx, dgamma, dbeta = native_backward(grad, x, weight, offsets, mean, var, ctx.norm.eps, ctx.geometry,
+                                                not running, ctx.needs_input_grad[2])
+            return None, None, dx, dgamma.to(weight.dtype), dbeta.to(bias.dtype)
         x, weight, bias, *running = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
         device, enabled, dtype = ctx.autocast
@@ -148,26 +151,38 @@ def _matrix(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else rows.contiguous()
 
 
-def _native_backward(ctx, grad: torch.Tensor) -> list:
-    """The gradients of x, weight and bias from the input and the maxima's offsets that the
-    native forward kept: the batch norm's backward in two native passes, with the batch's
-    statistics recomputed from x (training) or the running ones of the forward (eval)."""
-    x, weight, bias, offsets, *running = ctx.saved_tensors
+def _pooled(spatial: tuple[int, ...], geometry: tuple) -> tuple[int, ...]:
+    kernel, stride, padding = geometry
+    return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(spatial, kernel, stride, padding))
+
+
+def relu_maxpool(y: torch.Tensor, geometry: tuple, scale: torch.Tensor | None = None,
+                 shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """max_pool(relu(y * scale + shift)) (relu(y) without them) as a channels-last (N, C,
+    *pooled) tensor, and each maximum's offset in its window (:func:`native.relu_maxpool`)."""
+    spatial = tuple(y.shape[2:])
+    out, offsets = native.relu_maxpool(_matrix(y), spatial, *geometry, scale, shift, arg=True)
+    return _grid(out, _pooled(spatial, geometry)), offsets
+
+
+def native_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+                    mean: torch.Tensor, var: torch.Tensor, eps: float, geometry: tuple, training: bool,
+                    need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(gradient of x or None, dgamma, dbeta) of max_pool(relu(batch_norm(x))) from the input,
+    the maxima's offsets the native forward kept and the statistics it normalized with: the
+    batch norm's backward in two native passes (dgamma and dbeta in float32)."""
     spatial = tuple(x.shape[2:])
     rows = _matrix(x)
-    training = not running
-    mean, var = _stats(rows) if training else (running[0].float(), running[1].float())
-    invstd = torch.rsqrt(var + ctx.norm.eps)
+    invstd = torch.rsqrt(var + eps)
     g = _matrix(grad.to(x.dtype))
-    sum_d, sum_dx = native.maxpool_bn_sums(g, offsets, rows, spatial, *ctx.geometry, mean)
+    sum_d, sum_dx = native.maxpool_bn_sums(g, offsets, rows, spatial, *geometry, mean)
     dgamma = sum_dx * invstd
     grad_x = None
-    if ctx.needs_input_grad[2]:
+    if need_x:
         k = weight.float() * invstd
         b = c = None
         if training:  # dx = k * (d - mean(d) - xhat * mean(d * xhat)), regrouped
             m = rows.shape[0]
             b, c = -k * invstd * dgamma / m, -k * sum_d / m
-        grad_x = _grid(native.unmaxpool_bn_grad(g, offsets, rows, spatial, *ctx.geometry, k, mean, b, c), spatial)
-    return [grad_x, dgamma.to(weight.dtype) if ctx.needs_input_grad[3] else None,
-            sum_d.to(bias.dtype) if ctx.needs_input_grad[4] else None]
+        grad_x = _grid(native.unmaxpool_bn_grad(g, offsets, rows, spatial, *geometry, k, mean, b, c), spatial)
+    return grad_x, dgamma, sum_d

@@ -533,16 +533,36 @@ class Features(nn.Sequential):
                 x = _fused_stem.stem_pool(module, self.pool0, x)
                 skip = ("relu0", "pool0")
                 continue
+            if name == "norm0" and torch.compiler.is_compiling():
+                geometry = self._stem_operator(x)
+                if geometry is not None:
+                    x = _fused_op.run_stem(module, geometry, x)
+                    skip = ("relu0", "pool0")
+                    continue
             x = module(x)
         return x
 
     @torch.jit.unused
     def _stem_pools(self, x: Tensor) -> bool:
         """Do ``norm0``, ``relu0`` and ``pool0`` follow each other here and run as one op on ``x``?"""
+        return not torch.compiler.is_compiling() and self._stem_fits(x)
+
+    @torch.jit.unused
+    def _stem_fits(self, x: Tensor) -> bool:
         names = list(self._modules)
         at = names.index("norm0")
-        return (names[at:at + 3] == ["norm0", "relu0", "pool0"] and not torch.compiler.is_compiling()
+        return (names[at:at + 3] == ["norm0", "relu0", "pool0"]
                 and _fused_stem.supports_stem_pool(self.norm0, self.relu0, self.pool0, x))
+
+    @torch.jit.unused
+    def _stem_operator(self, x: Tensor) -> tuple | None:
+        """Under torch.compile: the pooling's (kernel, stride, padding) where the stem runs as the
+        native custom operator (``fused_op.run_stem``) on ``x``, else None (the compiler traces
+        the modules). Without the native kernels (off the CPU, say) there is no operator: the
+        compiled graph frees and recomputes as it sees fit."""
+        if not self._stem_fits(x):
+            return None
+        return _fused_stem.native_geometry(self.pool0, x)
 
 
 def set_fused(module: nn.Module, enabled: bool) -> list[tuple[nn.Module, bool]]:
