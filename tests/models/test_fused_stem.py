@@ -172,6 +172,46 @@ def test_runs_the_modules_where_the_op_does_not_apply():
     assert calls
 
 
+@pytest.mark.parametrize("spatial_dims,size", [(1, (40,)), (2, (33, 30)), (3, (12, 10, 9))])
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("how", ["no grad", "frozen stem"])
+def test_eval_stem_without_a_gradient_runs_one_native_pass(spatial_dims, size, bf16, how):
+    fast = small(spatial_dims).eval()
+    plain = copy.deepcopy(fast)
+    plain.features.fused = False
+    if how == "frozen stem":  # fine-tuning the rest: the stem's parameters fixed
+        for model in (fast, plain):
+            for p in [*model.features.conv0.parameters(), *model.features.norm0.parameters()]:
+                p.requires_grad_(False)
+    x = torch.randn(2, 3, *size)
+    calls = count_calls(fast.features.relu0)
+    with torch.no_grad() if how == "no grad" else contextlib.nullcontext(), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        got, want = fast(x), plain(x)
+    assert not calls  # not the modules
+    # float32: x * scale + shift as one fused multiply-add, where the batch norm rounds twice;
+    # bf16: rounded once, where the modules round the batch norm's output first
+    tol = dict(rtol=0.02, atol=0.02 * want.abs().max().item()) if bf16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+    if how == "frozen stem":
+        got.float().square().sum().backward()
+        assert fast.features.denseblock1.denselayer1.conv1.weight.grad is not None
+
+
+def test_eval_stem_runs_its_modules_where_they_are_hooked_or_train():
+    model = small().eval()
+    x = torch.randn(2, 3, 32, 32)
+    model.features.pool0.register_forward_hook(lambda *args: None)
+    calls = count_calls(model.features.relu0)
+    with torch.no_grad():
+        model(x)
+        assert calls
+        model = small().train()  # the batch's statistics, and the running ones to update
+        calls = count_calls(model.features.relu0)
+        model(x)
+    assert calls and model.features.norm0.num_batches_tracked.item() == 1
+
+
 def test_features_stays_a_sequential_with_torchvision_keys():
     model = create_model("densenet121")
     assert type(model.features).__name__ == "Features" and isinstance(model.features, nn.Sequential)

