@@ -212,6 +212,19 @@ def test_eval_stem_runs_its_modules_where_they_are_hooked_or_train():
     assert calls and model.features.norm0.num_batches_tracked.item() == 1
 
 
+@pytest.mark.parametrize("norm,pool,shape", [
+    (nn.BatchNorm1d(4), nn.MaxPool2d(3, 2, 1), (2, 4, 9)),  # torch: one unbatched 2D sample
+    (nn.BatchNorm2d(4), nn.MaxPool3d(3, 2, 1), (2, 4, 9, 9)),
+    (nn.BatchNorm2d(4), nn.MaxPool2d(3, stride=[], padding=1), (2, 4, 6, 6)),  # empty: the kernel's
+])
+def test_pooling_read_as_torch_reads_it(norm, pool, shape):
+    x = torch.randn(shape)
+    want = pool(F.relu(copy.deepcopy(norm)(x)))
+    got = stem_pool(norm, pool, x.clone().requires_grad_())
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+
+
 def test_features_stays_a_sequential_with_torchvision_keys():
     model = create_model("densenet121")
     assert type(model.features).__name__ == "Features" and isinstance(model.features, nn.Sequential)

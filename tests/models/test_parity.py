@@ -1,6 +1,7 @@
 """Same function as torchvision, and the fast paths the same function as the plain one."""
 
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from densekit import DenseBlock, DenseLayer, DenseNet, Transition, create_model
 from densekit.models import native
+from densekit.models.layers import Features
 from densekit.prune import prune_model
 from testkit import randomize_norms, saved_bytes
 
@@ -528,6 +530,23 @@ def test_torch_compile_keeps_the_imagenet_stem_as_one_operator(train):
     code = _compiled_against_reference(model, torch.randn(3, 3, 32, 30), train)
     assert code.count("densekit.stem_pool") == 1 and "max_pool" not in code
     assert code.count("densekit.dense_block") == 2
+
+
+def test_torch_compile_stem_with_conv0_frozen_and_one_value_per_channel():
+    torch.manual_seed(9)
+    model = DenseNet(8, (2, 2), stem="imagenet", num_classes=5, fused=True)
+    randomize_norms(model, var=(0.5, 2.0), gamma=(0.5, 1.5))
+    model.features.conv0.weight.requires_grad_(False)  # the stem's input needs no gradient
+    code = _compiled_against_reference(model, torch.randn(3, 3, 32, 30), True)
+    assert "densekit.stem_pool" in code
+    # batch norm refuses one value per channel in training, compiled (where dynamo wraps the
+    # module's error in its own) as in eager
+    stem = Features(OrderedDict(norm0=nn.BatchNorm2d(4), relu0=nn.ReLU(inplace=True),
+                                pool0=nn.MaxPool2d(3, 2, 1)), fused=True).train()
+    x = torch.randn(1, 4, 1, 1, requires_grad=True)
+    for run in (stem, torch.compile(stem, backend="aot_eager")):
+        with pytest.raises((ValueError, RuntimeError), match="more than 1 value per channel"):
+            run(x)
 
 
 @pytest.mark.parametrize("training", [True, False])

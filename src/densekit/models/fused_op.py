@@ -294,17 +294,19 @@ def _(x, weight, bias, running, eps, kernel, stride, padding, training):
 @torch.library.custom_op("densekit::stem_pool_backward", mutates_args=())
 def stem_pool_backward(grad: Tensor, x: Tensor, weight: Tensor, offsets: Tensor, mean: Tensor, var: Tensor,
                        eps: float, kernel: list[int], stride: list[int], padding: list[int],
-                       training: bool) -> list[Tensor]:
-    """The gradients of :func:`stem_pool`'s x, weight and bias."""
+                       training: bool, need_x: bool) -> list[Tensor]:
+    """The gradients of :func:`stem_pool`'s x (empty without ``need_x``: a frozen conv0 and
+    an input that needs none), weight and bias."""
     dx, dgamma, dbeta = _fused_stem.native_backward(grad, x, weight, offsets, mean, var, eps,
-                                                    (kernel, stride, padding), training, True)
-    return [dx, dgamma.to(weight.dtype), dbeta.to(weight.dtype)]
+                                                    (kernel, stride, padding), training, need_x)
+    return [dx if dx is not None else x.new_empty(0), dgamma.to(weight.dtype), dbeta.to(weight.dtype)]
 
 
 @stem_pool_backward.register_fake
-def _(grad, x, weight, offsets, mean, var, eps, kernel, stride, padding, training):
+def _(grad, x, weight, offsets, mean, var, eps, kernel, stride, padding, training, need_x):
     n, c, *spatial = x.shape
-    return [x.new_empty((n, *spatial, c)).movedim(-1, 1), torch.empty_like(weight), torch.empty_like(weight)]
+    dx = x.new_empty((n, *spatial, c)).movedim(-1, 1) if need_x else x.new_empty(0)
+    return [dx, torch.empty_like(weight), torch.empty_like(weight)]
 
 
 def _setup_stem(ctx, inputs, output):
@@ -315,8 +317,9 @@ def _setup_stem(ctx, inputs, output):
 
 def _stem_grads(ctx, grads):
     x, weight, offsets, mean, var = ctx.saved_tensors
-    dx, dgamma, dbeta = stem_pool_backward(grads[0], x, weight, offsets, mean, var, *ctx.structure)
-    return dx, dgamma, dbeta, [None] * ctx.running, None, None, None, None, None
+    need_x = ctx.needs_input_grad[0]
+    dx, dgamma, dbeta = stem_pool_backward(grads[0], x, weight, offsets, mean, var, *ctx.structure, need_x)
+    return dx if need_x else None, dgamma, dbeta, [None] * ctx.running, None, None, None, None, None
 
 
 stem_pool.register_autograd(_stem_grads, setup_context=_setup_stem)

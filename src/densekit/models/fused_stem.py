@@ -6,8 +6,9 @@ network. Autograd keeps three full-size tensors of it for backward: the batch no
 the ReLU's output (read by the ReLU's and the pooling's backward) and the pooling's argmax
 indices (int64: four times the size of a bf16 map). For densenet121 at 224 px, batch 16, in
 bf16 that is 73.5 MiB, all held until the very end of backward, when the first dense block's
-backward, the largest, has already run. :func:`stem_pool` keeps only the batch norm's input
-(the convolution's output, 24.5 MiB there) and computes the gradients from it in backward.
+backward, the largest, has already run. :func:`stem_pool` keeps the batch norm's input (the
+convolution's output, 24.5 MiB there; on the CPU one byte more per pooled value, below) and
+computes the gradients from it in backward.
 
 The forward calls the batch norm module itself, so running statistics update exactly as the
 module updates them, once. Off the CPU (or for a pooling the native pass does not take),
@@ -21,7 +22,7 @@ make.
 
 On the CPU (float32 or bf16, a max pooling without dilation or ceil mode) the ReLU and the
 pooling after the batch norm module run as one native pass (``native.relu_maxpool``) that
-also keeps one byte per pooled value: where in its window the maximum was (a sixteenth of
+also keeps one byte per pooled value: where in its window the maximum was (an eighth of
 torch's int64 indices, 3 MiB for densenet121 at 224 px, batch 16). Backward then recomputes
 only the batch's statistics: two native passes over the input, its gradient and those
 offsets give the batch norm's input gradient, dgamma and dbeta, summed in float32 and rounded
@@ -110,22 +111,31 @@ def _recompute(norm: nn.Module, pool: nn.Module, x: torch.Tensor, weight, bias, 
 
 def native_geometry(pool: nn.Module, x: torch.Tensor) -> tuple | None:
     """(kernel, stride, padding) of ``pool`` where the native passes run it on ``x`` (the
-    batch norm's input): a max pooling without dilation or ceil mode, float32 or bf16 CPU
-    tensors under autocast's dtype or none; else None."""
+    batch norm's input): a batched input of the pooling's own dims (a MaxPool2d on 4D, say:
+    torch reads another rank as an unbatched sample, or refuses it), float32 or bf16 on the
+    CPU, under autocast's dtype or none, a max pooling without dilation or ceil mode whose
+    settings torch accepts; else None, and the modules run (raising torch's own errors)."""
     dims = x.dim() - 2
-    if pool.ceil_mode or not 1 <= dims <= 3 or not native.available() or x.device.type != "cpu" \
-            or x.dtype not in (torch.float32, torch.bfloat16) or not x.numel():
+    if type(pool) not in _MAX_POOL or dims != _MAX_POOL.index(type(pool)) + 1 or pool.ceil_mode \
+            or not native.available() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) \
+            or not x.numel():
         return None
     if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") not in (torch.float32, torch.bfloat16):
         return None
     tup = _ntuple(dims)
-    kernel, padding, dilation = tup(pool.kernel_size), tup(pool.padding), tup(pool.dilation)
-    stride = tup(pool.stride if pool.stride is not None else pool.kernel_size)
+    stride = pool.stride if pool.stride not in (None, [], ()) else pool.kernel_size  # empty: the kernel, as torch
+    try:
+        kernel, stride, padding, dilation = tup(pool.kernel_size), tup(stride), tup(pool.padding), tup(pool.dilation)
+    except TypeError:
+        return None
+    if not all(len(v) == dims for v in (kernel, stride, padding, dilation)):
+        return None
     volume = 1
     for k in kernel:
         volume *= k
     if any(d != 1 for d in dilation) or volume > native.MAXPOOL_WINDOW \
-            or any(2 * p > k or n + 2 * p < k for n, k, p in zip(x.shape[2:], kernel, padding)):
+            or any(k < 1 or st < 1 or p < 0 or 2 * p > k or n + 2 * p < k
+                   for n, k, st, p in zip(x.shape[2:], kernel, stride, padding)):
         return None
     return kernel, stride, padding
 
@@ -139,9 +149,10 @@ class _StemPool(torch.autograd.Function):
         # in eval mode the running statistics as they are now: the model may train on another
         # batch, updating them, before this backward runs
         running = [] if norm.training else [norm.running_mean.clone(), norm.running_var.clone()]
+        geometry = native_geometry(pool, x)  # before norm(x): its running statistics update
         with torch.no_grad():
             y = norm(x)
-            ctx.geometry = native_geometry(pool, y) if y.dtype == x.dtype else None
+            ctx.geometry = geometry if y.dtype == x.dtype else None
             if ctx.geometry is None:
                 ctx.save_for_backward(x, weight, bias, *running)
                 return pool(F.relu(y, inplace=True))
@@ -154,9 +165,9 @@ class _StemPool(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.geometry is not None:
             x, weight, bias, offsets, *running = ctx.saved_tensors
-            # the batch's statistics again (training), or the running ones of the forward
-            mean, var = _stats(_matrix(x)) if not running else (running[0].float(), running[1].float())
-            dx, dgamma, dbeta = native_backward(grad, x, weight, offsets, mean, var, ctx.norm.eps, ctx.geometry,
+            # the batch's statistics again (training: None), or the running ones of the forward
+            stats = (running[0].float(), running[1].float()) if running else (None, None)
+            dx, dgamma, dbeta = native_backward(grad, x, weight, offsets, *stats, ctx.norm.eps, ctx.geometry,
                                                 not running, ctx.needs_input_grad[2])
             return None, None, dx, dgamma.to(weight.dtype), dbeta.to(bias.dtype)
         x, weight, bias, *running = ctx.saved_tensors
@@ -193,13 +204,16 @@ def relu_maxpool(y: torch.Tensor, geometry: tuple, scale: torch.Tensor | None = 
 
 
 def native_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
-                    mean: torch.Tensor, var: torch.Tensor, eps: float, geometry: tuple, training: bool,
-                    need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+                    mean: torch.Tensor | None, var: torch.Tensor | None, eps: float, geometry: tuple,
+                    training: bool, need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(gradient of x or None, dgamma, dbeta) of max_pool(relu(batch_norm(x))) from the input,
-    the maxima's offsets the native forward kept and the statistics it normalized with: the
-    batch norm's backward in two native passes (dgamma and dbeta in float32)."""
+    the maxima's offsets the native forward kept and the statistics it normalized with (None:
+    the batch's, computed here again): the batch norm's backward in two native passes (dgamma
+    and dbeta in float32)."""
     spatial = tuple(x.shape[2:])
     rows = _matrix(x)
+    if mean is None:
+        mean, var = _stats(rows)
     invstd = torch.rsqrt(var + eps)
     g = _matrix(grad.to(x.dtype))
     sum_d, sum_dx = native.maxpool_bn_sums(g, offsets, rows, spatial, *geometry, mean)

@@ -506,9 +506,10 @@ class Features(nn.Sequential):
     final norm, run in order as an ``nn.Sequential``.
 
     With ``fused=True`` (the default of :func:`densekit.create_model`), while autograd records,
-    the ImageNet stem's ``norm0``, ``relu0`` and ``pool0`` run as one operation that keeps only
-    its input for backward and recomputes the rest there (``fused_stem.py``): the same function
-    and gradients, without three full-size tensors held through the whole of backward. Where no
+    the ImageNet stem's ``norm0``, ``relu0`` and ``pool0`` run as one operation that keeps its
+    input for backward (and on the CPU one byte per pooled value) and computes the gradients
+    from it there (``fused_stem.py``): the same function and gradients, without three full-size
+    tensors held through the whole of backward. Where no
     gradient flows through an eval-mode stem (inference, or fine-tuning with the stem frozen),
     they run as one native pass on the CPU.
     """
@@ -572,8 +573,8 @@ class Features(nn.Sequential):
         native custom operator (``fused_op.run_stem``) on ``x``, else None (the compiler traces
         the modules). Without the native kernels (off the CPU, say) there is no operator: the
         compiled graph frees and recomputes as it sees fit."""
-        if not self._stem_fits(x):
-            return None
+        if not self._stem_fits(x) or (self.norm0.training and x.numel() <= x.shape[1]):
+            return None  # one value per channel in training: the module raises torch's error
         return _fused_stem.native_geometry(self.pool0, x)
 
 

@@ -1000,7 +1000,7 @@ int NAME(dk_unpool_bn_grad)(const elem *g, i64 ldg, const elem *x, i64 ldx, i64 
 
 /* out = max_pool(relu(x * scale + shift)) (relu(x) where scale is NULL), the maximum of each
  * window taken as torch's max pooling takes it: the first largest value in window order, a
- * NaN over any number. With arg, each maximum's offset in its window, or MAXPOOL_NONE where
+ * NaN over any number (values compared in float32, before the rounding to bf16). With arg, each maximum's offset in its window, or MAXPOOL_NONE where
  * it is not above 0 (and not NaN). Values are rounded once, after the maximum (rounding is
  * monotonic: the same as the maximum of the rounded values). Returns -1 when out of memory. */
 int NAME(dk_relu_maxpool)(const elem *x, i64 ldx, const i64 *geom, i64 cols, const float *scale,
