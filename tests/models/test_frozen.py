@@ -140,3 +140,58 @@ def test_a_block_right_under_the_root_is_replaced_in_place():
     x = torch.randn(2, 6, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_share_one_workspace_and_never_overwrite_an_output_still_held():
+    # the blocks' buffers live in one workspace kept between calls, reused where nothing else
+    # uses it: an output the caller holds (or a view of it) keeps its memory. Unpruned, a
+    # block returns its buffer itself (a pruned one, a selection of its channels).
+    torch.manual_seed(1)
+    model = create_model("densenet_bc_40_k12_s2", num_classes=10, in_chans=1)
+    randomize_norms(model)
+    model.eval()
+    fast = optimize_for_inference(model)
+    blocks = [m for m in fast.modules() if isinstance(m, FrozenDenseBlock)]
+    assert len(blocks) == 3 and len({id(b._workspace) for b in blocks}) == 1
+    x, other = torch.randn(20, 1, 28, 28), torch.randn(20, 1, 28, 28)
+    with torch.no_grad():
+        want = model(x)
+        fast(x)
+        memory = blocks[0]._workspace._flat.data_ptr()
+        torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
+        assert blocks[0]._workspace._flat.data_ptr() == memory  # reused, not allocated again
+        kept = []
+        hook = blocks[1].register_forward_hook(lambda module, args, out: kept.append(out[:, :5]))
+        fast(x)
+        hook.remove()
+        held = kept[0].clone()
+        fast(other)  # the held view's memory is not the workspace's any more
+        torch.testing.assert_close(kept[0], held, rtol=0, atol=0)
+        block_out = blocks[0](torch.randn(20, 24, 14, 14))
+        before = block_out.clone()
+        fast(other)
+        torch.testing.assert_close(block_out, before, rtol=0, atol=0)
+
+
+def test_one_copy_run_from_two_threads():
+    import threading
+
+    model = _pruned_model()
+    fast = optimize_for_inference(model)
+    inputs = [torch.randn(20, 1, 28, 28) for _ in range(2)]
+    with torch.no_grad():
+        wants = [model(x) for x in inputs]
+    failures = []
+
+    def run(x, want):
+        with torch.no_grad():
+            for _ in range(5):
+                if not torch.allclose(fast(x), want, rtol=1e-4, atol=1e-4):
+                    failures.append(1)
+
+    threads = [threading.Thread(target=run, args=pair) for pair in zip(inputs, wants)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures

@@ -17,6 +17,7 @@ follow later changes to the original. ``densekit eval`` and ``predict`` run it o
 from __future__ import annotations
 
 import copy
+import threading
 from collections import OrderedDict
 
 import torch
@@ -40,12 +41,14 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
         p.requires_grad_(False)
     blocks = [name for name, m in frozen.named_modules()
               if isinstance(m, DenseBlock) and not isinstance(m, FrozenDenseBlock) and m.fused_status() is None]
+    workspace = Workspace()  # the blocks run one after another: one workspace serves them all
     for name in blocks:
+        block = FrozenDenseBlock(frozen.get_submodule(name))
+        block._workspace = workspace
         if not name:
-            return FrozenDenseBlock(frozen)
+            return block
         parent_name, _, child = name.rpartition(".")
-        parent = frozen.get_submodule(parent_name)
-        setattr(parent, child, FrozenDenseBlock(getattr(parent, child)))
+        setattr(frozen.get_submodule(parent_name), child, block)
     return frozen
 
 
@@ -53,6 +56,50 @@ def for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     """What ``densekit eval`` and ``predict`` run: on the CPU, :func:`optimize_for_inference` of
     ``model``; elsewhere ``model`` itself (the CUDA path keeps to stock PyTorch ops)."""
     return optimize_for_inference(model) if device.type == "cpu" else model
+
+
+def _held_elsewhere(t: torch.Tensor) -> bool:
+    """Does any tensor but ``t`` use ``t``'s memory (a block output the caller kept, a view of
+    it)? Where torch cannot say, yes."""
+    counter = getattr(torch._C, "_storage_Use_Count", None)
+    if counter is None:
+        return True
+    storage = t.untyped_storage()  # itself one more use while it lives
+    return counter(storage._cdata) > 2
+
+
+class Workspace:
+    """The memory a :class:`FrozenDenseBlock` runs in (its feature buffer, which it returns,
+    and its BN-ReLU workspace), kept between calls and shared by the blocks of one optimized
+    copy, which run one after another.
+
+    A fresh tensor of tens of MB is mapped anew by the allocator at many calls, and the kernel
+    zeroes every page at its first touch: on densenet121 at 224 px, batch 16, bf16, 12,000-15,000
+    page faults per forward. Kept, 2,700-6,800 remain (the convolutions' outputs) and the
+    optimized forward took 119-121 ms against 134-142 (separate processes, three each; AMD EPYC
+    Zen 5, 2 cores, ad hoc). The memory is reused only where nothing else uses it: a block
+    output the caller still holds (or a view of it) keeps its memory, and the block takes new
+    memory, which the workspace keeps from then on. The peak is unchanged (a forward needs the
+    largest block's buffers anyway); between calls the copy holds them (about 48 MB there)."""
+
+    def __init__(self) -> None:
+        self._flat: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # copies and pickles start empty
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A flat tensor of ``numel`` elements that nothing else uses until the caller lets it go."""
+        with self._lock:  # two threads running one copy: the second finds the memory in use
+            flat = self._flat
+            if flat is None or flat.dtype != dtype or flat.device != device or flat.numel() < numel \
+                    or _held_elsewhere(flat):
+                flat = self._flat = torch.empty(numel, dtype=dtype, device=device)
+            return flat[:numel]
 
 
 class FrozenDenseBlock(DenseBlock):
@@ -72,10 +119,11 @@ class FrozenDenseBlock(DenseBlock):
         self.training = False
         self._constants: dict[tuple, list] = {}
         self._packed: OrderedDict = OrderedDict()
+        self._workspace = Workspace()  # optimize_for_inference gives a model's blocks one
 
     def __getstate__(self):
         # copies and pickles leave the kept constants behind (oneDNN's packed weights have no
-        # storage to copy); the copy computes its own at its first call
+        # storage to copy), and the workspace's memory; the copy makes its own at its first call
         state = self.__dict__.copy()
         state["_constants"], state["_packed"] = {}, OrderedDict()
         return state
@@ -145,8 +193,10 @@ class FrozenDenseBlock(DenseBlock):
         k, c = self.growth_rate, self.out_channels
         layers = self._layers(x.dtype)
         packed, weights = self._weights(x, layers)
-        store, rows = _fused._buffer(x, c)
-        scratch = _fused._Scratch(rows.shape[0], {"a": max(c - k, k), "g": c}, x)
+        count, width = x.numel() // c0, max(c - k, k)
+        flat = self._workspace.take(count * (c + width), x.dtype, x.device)
+        store, rows = _fused._buffer(x, c, flat[:count * c])
+        scratch = _fused._Scratch(count, {"a": width, "g": c}, x, given={"a": flat[count * c:]})
         for i, ((first, scale, shift, folded, last), (w1, w2)) in enumerate(zip(layers, weights)):
             ci = c0 + i * k
             a = first.read_act(rows[:, :ci], scale, shift, scratch)
