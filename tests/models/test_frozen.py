@@ -198,3 +198,17 @@ def test_one_copy_run_from_two_threads():
     for t in threads:
         t.join()
     assert not failures
+
+
+def test_workspace_reuses_memory_only_when_nothing_holds_it(monkeypatch):
+    cpu = torch.device("cpu")
+    ours = frozen.Workspace()
+    ptr = ours.take(100, torch.float32, cpu).data_ptr()
+    assert ours.take(100, torch.float32, cpu).data_ptr() == ptr  # let go: reused
+    held = ours.take(100, torch.float32, cpu)
+    assert ours.take(100, torch.float32, cpu).data_ptr() != held.data_ptr()
+    assert ours.take(100, torch.bfloat16, cpu).dtype == torch.bfloat16  # its own memory per dtype
+    # where torch cannot count a storage's uses, nothing is reused
+    monkeypatch.setattr(frozen, "_USE_BASELINE", None)
+    ptr = ours.take(100, torch.float32, cpu).data_ptr()
+    assert ours.take(100, torch.float32, cpu).data_ptr() != ptr

@@ -57,14 +57,33 @@ def for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     return optimize_for_inference(model) if device.type == "cpu" else model
 
 
+def _storage_uses(t: torch.Tensor) -> int | None:
+    """How many tensors use ``t``'s memory, as torch counts them (None: torch cannot say)."""
+    counter = getattr(torch._C, "_storage_Use_Count", None)
+    if counter is None:
+        return None
+    storage = t.untyped_storage()
+    return counter(storage._cdata)
+
+
+def _use_count_baseline() -> int | None:
+    """What :func:`_storage_uses` says of a tensor nothing else uses, where a view of it counts
+    one more (checked once; None, and no reuse, where torch counts otherwise)."""
+    t = torch.empty(2)
+    alone = _storage_uses(t)
+    view = t[1:]
+    shared = _storage_uses(t)
+    del view
+    return alone if alone is not None and shared == alone + 1 and _storage_uses(t) == alone else None
+
+
+_USE_BASELINE = _use_count_baseline()
+
+
 def _held_elsewhere(t: torch.Tensor) -> bool:
     """Does any tensor but ``t`` use ``t``'s memory (a block output the caller kept, a view of
     it)? Where torch cannot say, yes."""
-    counter = getattr(torch._C, "_storage_Use_Count", None)
-    if counter is None:
-        return True
-    storage = t.untyped_storage()  # itself one more use while it lives
-    return counter(storage._cdata) > 2
+    return _USE_BASELINE is None or _storage_uses(t) != _USE_BASELINE
 
 
 class Workspace:
