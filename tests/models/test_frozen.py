@@ -142,10 +142,12 @@ def test_a_block_right_under_the_root_is_replaced_in_place():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_blocks_share_one_workspace_and_never_overwrite_an_output_still_held():
+def test_blocks_share_one_workspace_and_never_overwrite_an_output_still_held(monkeypatch):
     # the blocks' buffers live in one workspace kept between calls, reused where nothing else
     # uses it: an output the caller holds (or a view of it) keeps its memory. Unpruned, a
-    # block returns its buffer itself (a pruned one, a selection of its channels).
+    # block returns its buffer itself (a pruned one, a selection of its channels). Here even
+    # small buffers run in the workspace.
+    monkeypatch.setattr(frozen, "_WORKSPACE_MIN_BYTES", 0)
     torch.manual_seed(1)
     model = create_model("densenet_bc_40_k12_s2", num_classes=10, in_chans=1)
     randomize_norms(model)
@@ -176,9 +178,10 @@ def test_blocks_share_one_workspace_and_never_overwrite_an_output_still_held():
         torch.testing.assert_close(block_out, before, rtol=0, atol=0)
 
 
-def test_one_copy_run_from_two_threads():
+def test_one_copy_run_from_two_threads(monkeypatch):
     import threading
 
+    monkeypatch.setattr(frozen, "_WORKSPACE_MIN_BYTES", 0)
     model = _pruned_model()
     fast = optimize_for_inference(model)
     inputs = [torch.randn(20, 1, 28, 28) for _ in range(2)]
@@ -212,3 +215,13 @@ def test_workspace_reuses_memory_only_when_nothing_holds_it(monkeypatch):
     monkeypatch.setattr(frozen, "_USE_BASELINE", None)
     ptr = ours.take(100, torch.float32, cpu).data_ptr()
     assert ours.take(100, torch.float32, cpu).data_ptr() != ptr
+
+
+def test_small_blocks_run_in_fresh_buffers():
+    # below the threshold the allocator's free lists serve them (see frozen._WORKSPACE_MIN_BYTES)
+    fast = optimize_for_inference(_pruned_model())
+    workspace = frozen.shared_workspace()
+    before = {key: flat.data_ptr() for key, flat in workspace._flats.items()}
+    with torch.no_grad():
+        fast(torch.randn(20, 1, 28, 28))
+    assert {key: flat.data_ptr() for key, flat in workspace._flats.items()} == before

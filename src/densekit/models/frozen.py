@@ -92,16 +92,18 @@ class Workspace:
     copy in the process (:func:`shared_workspace`).
 
     A fresh tensor of tens of MB is mapped anew by the allocator at many calls, and the kernel
-    zeroes every page at its first touch: on densenet121 at 224 px, batch 16, bf16, 12,000-15,000
-    page faults per forward. Kept, 2,700-6,800 remain (the convolutions' outputs) and the
-    optimized forward took 119-121 ms against 134-142 (separate processes, three each; AMD EPYC
-    Zen 5, 2 cores, ad hoc). The memory is reused only where nothing else uses it: a block
-    output the caller still holds (or a view of it) keeps its memory, and the block takes new
-    memory, which the workspace keeps from then on. The peak is unchanged (a forward needs the
-    largest block's buffers anyway); between calls the workspace holds them (about 48 MB
-    there) while an optimized copy lives. One workspace per copy instead made the smaller of
-    two copies run in alternation 5% slower (the `make run` model pruned by 0.4 against its
-    parent: its memory had left the caches while the other ran)."""
+    zeroes every page at its first touch: on densenet121 at 224 px, batch 16, bf16, up to
+    12,000-15,000 page faults per forward, in five of seven processes, and 122-144 ms a forward
+    (AMD EPYC Zen 5, 2 cores, ad hoc). With the first block's 48 MB in the workspace (the only
+    block over ``_WORKSPACE_MIN_BYTES`` there), 0-1,232 faults and 121-128 ms in five processes.
+    The memory is reused only where nothing else uses it: a block output the caller still holds
+    (or a view of it) keeps its memory, and the block takes new memory, which the workspace
+    keeps from then on. The peak is unchanged (a forward needs the largest block's buffers
+    anyway); between calls the workspace holds them while an optimized copy lives. One
+    workspace per copy instead made the smaller of two copies run in alternation 5% slower (the
+    `make run` model pruned by 0.4 against its parent: its memory had left the caches while the
+    other ran).
+    """
 
     def __init__(self) -> None:
         self._flats: dict[tuple, torch.Tensor] = {}  # one per dtype and device
@@ -119,6 +121,14 @@ class Workspace:
                 flat = self._flats[key] = torch.empty(numel, dtype=dtype, device=device)
             return flat[:numel]
 
+
+# A block whose buffers take fewer bytes runs in fresh ones, which the allocator hands out
+# again from its free lists without page faults: on the `make run` model (9 MB at batch 64 in
+# float32) the workspace made the pruned copy run slower against its parent in alternation
+# (bench/prune_speed.py: 1.20-1.25x against 1.25-1.30x with fresh buffers; the cause was not
+# found), where on densenet121 (48, 24, 13 and 3 MB a block at batch 16 in bf16) it took away
+# the page faults.
+_WORKSPACE_MIN_BYTES = 32 << 20
 
 _shared: "weakref.ReferenceType[Workspace] | None" = None
 _shared_lock = threading.Lock()
@@ -230,9 +240,14 @@ class FrozenDenseBlock(DenseBlock):
         layers = self._layers(x.dtype)
         packed, weights = self._weights(x, layers)
         count, width = x.numel() // c0, max(c - k, k)
-        flat = self._workspace.take(count * (c + width), x.dtype, x.device)
-        store, rows = _fused._buffer(x, c, flat[:count * c])
-        scratch = _fused._Scratch(count, {"a": width, "g": c}, x, given={"a": flat[count * c:]})
+        numel = count * (c + width)
+        if numel * x.element_size() >= _WORKSPACE_MIN_BYTES:
+            flat = self._workspace.take(numel, x.dtype, x.device)
+            store, rows = _fused._buffer(x, c, flat[:count * c])
+            scratch = _fused._Scratch(count, {"a": width, "g": c}, x, given={"a": flat[count * c:]})
+        else:
+            store, rows = _fused._buffer(x, c)
+            scratch = _fused._Scratch(count, {"a": width, "g": c}, x)
         for i, ((first, scale, shift, folded, last), (w1, w2)) in enumerate(zip(layers, weights)):
             ci = c0 + i * k
             a = first.read_act(rows[:, :ci], scale, shift, scratch)
