@@ -17,8 +17,6 @@ follow later changes to the original. ``densekit eval`` and ``predict`` run it o
 from __future__ import annotations
 
 import copy
-import threading
-import weakref
 from collections import OrderedDict
 
 import torch
@@ -43,11 +41,11 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     blocks = [name for name, m in frozen.named_modules()
               if isinstance(m, DenseBlock) and not isinstance(m, FrozenDenseBlock) and m.fused_status() is None]
     for name in blocks:
-        block = FrozenDenseBlock(frozen.get_submodule(name))
         if not name:
-            return block
+            return FrozenDenseBlock(frozen)
         parent_name, _, child = name.rpartition(".")
-        setattr(frozen.get_submodule(parent_name), child, block)
+        parent = frozen.get_submodule(parent_name)
+        setattr(parent, child, FrozenDenseBlock(getattr(parent, child)))
     return frozen
 
 
@@ -55,97 +53,6 @@ def for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     """What ``densekit eval`` and ``predict`` run: on the CPU, :func:`optimize_for_inference` of
     ``model``; elsewhere ``model`` itself (the CUDA path keeps to stock PyTorch ops)."""
     return optimize_for_inference(model) if device.type == "cpu" else model
-
-
-def _storage_uses(t: torch.Tensor) -> int | None:
-    """How many tensors use ``t``'s memory, as torch counts them (None: torch cannot say)."""
-    counter = getattr(torch._C, "_storage_Use_Count", None)
-    if counter is None:
-        return None
-    storage = t.untyped_storage()
-    return counter(storage._cdata)
-
-
-def _use_count_baseline() -> int | None:
-    """What :func:`_storage_uses` says of a tensor nothing else uses, where a view of it counts
-    one more (checked once; None, and no reuse, where torch counts otherwise)."""
-    t = torch.empty(2)
-    alone = _storage_uses(t)
-    view = t[1:]
-    shared = _storage_uses(t)
-    del view
-    return alone if alone is not None and shared == alone + 1 and _storage_uses(t) == alone else None
-
-
-_USE_BASELINE = _use_count_baseline()
-
-
-def _held_elsewhere(t: torch.Tensor) -> bool:
-    """Does any tensor but ``t`` use ``t``'s memory (a block output the caller kept, a view of
-    it)? Where torch cannot say, yes."""
-    return _USE_BASELINE is None or _storage_uses(t) != _USE_BASELINE
-
-
-class Workspace:
-    """The memory a :class:`FrozenDenseBlock` runs in (its feature buffer, which it returns,
-    and its BN-ReLU workspace), kept between calls and shared by every block of every optimized
-    copy in the process (:func:`shared_workspace`).
-
-    A fresh tensor of tens of MB is mapped anew by the allocator at many calls, and the kernel
-    zeroes every page at its first touch: on densenet121 at 224 px, batch 16, bf16, up to
-    12,000-15,000 page faults per forward, in five of seven processes, and 122-144 ms a forward
-    (AMD EPYC Zen 5, 2 cores, ad hoc). With the first block's 48 MB in the workspace (the only
-    block over ``_WORKSPACE_MIN_BYTES`` there), 0-1,232 faults and 121-128 ms in five processes.
-    The memory is reused only where nothing else uses it: a block output the caller still holds
-    (or a view of it) keeps its memory, and the block takes new memory, which the workspace
-    keeps from then on. The peak is unchanged (a forward needs the largest block's buffers
-    anyway); between calls the workspace holds them while an optimized copy lives. One
-    workspace per copy instead made the smaller of two copies run in alternation 5% slower (the
-    `make run` model pruned by 0.4 against its parent: its memory had left the caches while the
-    other ran).
-    """
-
-    def __init__(self) -> None:
-        self._flats: dict[tuple, torch.Tensor] = {}  # one per dtype and device
-        self._lock = threading.Lock()
-
-    def __reduce__(self):  # copies and pickles share the process's workspace
-        return shared_workspace, ()
-
-    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A flat tensor of ``numel`` elements that nothing else uses until the caller lets it go."""
-        with self._lock:  # two threads running copies: the second finds the memory in use
-            key = (dtype, torch.device(device))
-            flat = self._flats.get(key)
-            if flat is None or flat.numel() < numel or _held_elsewhere(flat):
-                flat = self._flats[key] = torch.empty(numel, dtype=dtype, device=device)
-            return flat[:numel]
-
-
-# A block whose buffers take fewer bytes runs in fresh ones, which the allocator hands out
-# again from its free lists without page faults: on the `make run` model (9 MB at batch 64 in
-# float32) the workspace made the pruned copy run slower against its parent in alternation
-# (bench/prune_speed.py: 1.20-1.25x against 1.25-1.30x with fresh buffers; the cause was not
-# found), where on densenet121 (48, 24, 13 and 3 MB a block at batch 16 in bf16) it took away
-# the page faults.
-_WORKSPACE_MIN_BYTES = 32 << 20
-
-_shared: "weakref.ReferenceType[Workspace] | None" = None
-_shared_lock = threading.Lock()
-
-
-def shared_workspace() -> Workspace:
-    """The process's workspace, which every optimized copy shares while one lives: their blocks
-    run one after another in one thread, and a copy run after another (two models compared
-    in alternation, say) finds the memory the other just used in the caches, as the allocator
-    would hand it out again. A thread that finds it in use takes its own memory."""
-    global _shared
-    with _shared_lock:
-        workspace = _shared() if _shared is not None else None
-        if workspace is None:
-            workspace = Workspace()
-            _shared = weakref.ref(workspace)
-        return workspace
 
 
 class FrozenDenseBlock(DenseBlock):
@@ -165,11 +72,10 @@ class FrozenDenseBlock(DenseBlock):
         self.training = False
         self._constants: dict[tuple, list] = {}
         self._packed: OrderedDict = OrderedDict()
-        self._workspace = shared_workspace()
 
     def __getstate__(self):
         # copies and pickles leave the kept constants behind (oneDNN's packed weights have no
-        # storage to copy), computed again at the copy's first call; the workspace they share
+        # storage to copy); the copy computes its own at its first call
         state = self.__dict__.copy()
         state["_constants"], state["_packed"] = {}, OrderedDict()
         return state
@@ -239,15 +145,8 @@ class FrozenDenseBlock(DenseBlock):
         k, c = self.growth_rate, self.out_channels
         layers = self._layers(x.dtype)
         packed, weights = self._weights(x, layers)
-        count, width = x.numel() // c0, max(c - k, k)
-        numel = count * (c + width)
-        if numel * x.element_size() >= _WORKSPACE_MIN_BYTES:
-            flat = self._workspace.take(numel, x.dtype, x.device)
-            store, rows = _fused._buffer(x, c, flat[:count * c])
-            scratch = _fused._Scratch(count, {"a": width, "g": c}, x, given={"a": flat[count * c:]})
-        else:
-            store, rows = _fused._buffer(x, c)
-            scratch = _fused._Scratch(count, {"a": width, "g": c}, x)
+        store, rows = _fused._buffer(x, c)
+        scratch = _fused._Scratch(rows.shape[0], {"a": max(c - k, k), "g": c}, x)
         for i, ((first, scale, shift, folded, last), (w1, w2)) in enumerate(zip(layers, weights)):
             ci = c0 + i * k
             a = first.read_act(rows[:, :ci], scale, shift, scratch)

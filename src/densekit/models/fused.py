@@ -515,9 +515,8 @@ class _Scratch:
     allocated at its first use (on the CPU in 2D the 3x3 convolutions' input gradients
     arrive channels-last, so the "d2" workspace they would be copied into is never needed)."""
 
-    def __init__(self, rows: int, widths: dict[str, int], like: torch.Tensor,
-                 given: dict[str, torch.Tensor] | None = None):
-        self._widths, self._flat = widths, dict(given or {})  # given: flat workspaces already there
+    def __init__(self, rows: int, widths: dict[str, int], like: torch.Tensor):
+        self._widths, self._flat = widths, {}
         self.rows, self._like = rows, like
 
     def __call__(self, name: str, cols: int) -> torch.Tensor:
@@ -529,15 +528,10 @@ class _Scratch:
         return flat[: self.rows * cols].view(self.rows, cols)
 
 
-def _buffer(x: torch.Tensor, channels: int, flat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _buffer(x: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A block's feature buffer for input ``x`` (N, C0, *spatial): (N, *spatial, channels), the
-    input copied into its first C0 channels, and the same memory as (rows, channels); in
-    ``flat``'s memory where given (x's dtype and device, enough elements)."""
-    shape = (x.shape[0], *x.shape[2:], channels)
-    if flat is None:
-        store = torch.empty(shape, dtype=x.dtype, device=x.device)
-    else:
-        store = flat[:x.numel() // x.shape[1] * channels].view(shape)
+    input copied into its first C0 channels, and the same memory as (rows, channels)."""
+    store = torch.empty((x.shape[0], *x.shape[2:], channels), dtype=x.dtype, device=x.device)
     store[..., :x.shape[1]].copy_(x.movedim(1, -1))
     return store, store.view(-1, channels)
 
