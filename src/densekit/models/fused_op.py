@@ -24,7 +24,7 @@ import types
 import torch
 from torch import Tensor
 
-from . import fused
+from . import fused, native
 from . import fused_stem as _fused_stem
 
 _CUMULATIVE = -1.0  # stands for a batch norm's momentum None (a cumulative moving average)
@@ -278,15 +278,15 @@ def stem_pool(x: Tensor, weight: Tensor, bias: Tensor, running: list[Tensor], ep
             mean, var = fused._stats(_fused_stem._matrix(x))
         else:  # copies: an operator's output may not be one of its inputs
             mean, var = running[0].to(torch.float32, copy=True), running[1].to(torch.float32, copy=True)
-        scale = weight.float() * torch.rsqrt(var + eps)
-        out, offsets = _fused_stem.relu_maxpool(x, (kernel, stride, padding), scale, bias.float() - mean * scale)
+        scale_shift = _fused_stem.bn_scale_shift(weight, bias, mean, var, eps)
+        out, offsets = _fused_stem.relu_maxpool(x, (kernel, stride, padding), *scale_shift)
     return [out, mean, var, offsets]
 
 
 @stem_pool.register_fake
 def _(x, weight, bias, running, eps, kernel, stride, padding, training):
     n, c, *spatial = x.shape
-    pooled = [(s + 2 * p - k) // st + 1 for s, k, st, p in zip(spatial, kernel, stride, padding)]
+    pooled = native.maxpool_size(spatial, kernel, stride, padding)
     return [x.new_empty((n, *pooled, c)).movedim(-1, 1), x.new_empty(c, dtype=torch.float32),
             x.new_empty(c, dtype=torch.float32), x.new_empty((n * math.prod(pooled), c), dtype=torch.uint8)]
 

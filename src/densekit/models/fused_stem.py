@@ -36,11 +36,12 @@ rounding; in bf16 they are closer to the float64 ones than the modules' (the tes
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
-
 from torch.nn.modules.utils import _ntuple
 
 from . import native
@@ -88,8 +89,16 @@ def inference_pool(norm: nn.Module, geometry: tuple, x: torch.Tensor) -> torch.T
     batch 16, bf16 channels-last; the optimized model's forward 1.034-1.035x as fast in two
     same-process A/Bs, 1.17x in a third (AMD EPYC Zen 5, 2 cores, ad hoc)."""
     with torch.no_grad():
-        scale = norm.weight.float() * torch.rsqrt(norm.running_var.float() + norm.eps)
-        return relu_maxpool(x, geometry, scale, norm.bias.float() - norm.running_mean.float() * scale, arg=False)[0]
+        scale_shift = bn_scale_shift(norm.weight, norm.bias, norm.running_mean.float(), norm.running_var.float(),
+                                     norm.eps)
+        return relu_maxpool(x, geometry, *scale_shift, arg=False)[0]
+
+
+def bn_scale_shift(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN(x) = x * scale + shift per channel for float32 statistics, in float32."""
+    scale = weight.float() * torch.rsqrt(var + eps)
+    return scale, bias.float() - mean * scale
 
 
 def stem_pool(norm: nn.Module, pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -130,10 +139,7 @@ def native_geometry(pool: nn.Module, x: torch.Tensor) -> tuple | None:
         return None
     if not all(len(v) == dims for v in (kernel, stride, padding, dilation)):
         return None
-    volume = 1
-    for k in kernel:
-        volume *= k
-    if any(d != 1 for d in dilation) or volume > native.MAXPOOL_WINDOW \
+    if any(d != 1 for d in dilation) or math.prod(kernel) > native.MAXPOOL_WINDOW \
             or any(k < 1 or st < 1 or p < 0 or 2 * p > k or n + 2 * p < k
                    for n, k, st, p in zip(x.shape[2:], kernel, stride, padding)):
         return None
@@ -188,11 +194,6 @@ def _matrix(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else rows.contiguous()
 
 
-def _pooled(spatial: tuple[int, ...], geometry: tuple) -> tuple[int, ...]:
-    kernel, stride, padding = geometry
-    return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(spatial, kernel, stride, padding))
-
-
 def relu_maxpool(y: torch.Tensor, geometry: tuple, scale: torch.Tensor | None = None,
                  shift: torch.Tensor | None = None, arg: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """max_pool(relu(y * scale + shift)) (relu(y) without them) as a channels-last (N, C,
@@ -200,7 +201,7 @@ def relu_maxpool(y: torch.Tensor, geometry: tuple, scale: torch.Tensor | None = 
     (:func:`native.relu_maxpool`)."""
     spatial = tuple(y.shape[2:])
     out, offsets = native.relu_maxpool(_matrix(y), spatial, *geometry, scale, shift, arg=arg)
-    return _grid(out, _pooled(spatial, geometry)), offsets
+    return _grid(out, native.maxpool_size(spatial, *geometry)), offsets
 
 
 def native_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,

@@ -532,24 +532,28 @@ class Features(nn.Sequential):
         for name, module in self._modules.items():
             if name in skip:
                 continue
-            if name == "norm0" and self._stem_pools(x):
-                x = _fused_stem.stem_pool(module, self.pool0, x)
-                skip = ("relu0", "pool0")
-                continue
-            if name == "norm0" and torch.compiler.is_compiling():
-                geometry = self._stem_operator(x)
-                if geometry is not None:
-                    x = _fused_op.run_stem(module, geometry, x)
-                    skip = ("relu0", "pool0")
-                    continue
-            if name == "norm0" and not torch.compiler.is_compiling() and self._stem_follows():
-                geometry = _fused_stem.inference_geometry(module, self.relu0, self.pool0, x)
-                if geometry is not None:
-                    x = _fused_stem.inference_pool(module, geometry, x)
-                    skip = ("relu0", "pool0")
+            if name == "norm0":
+                pooled = self._fused_stem(x)
+                if pooled is not None:
+                    x, skip = pooled, ("relu0", "pool0")
                     continue
             x = module(x)
         return x
+
+    @torch.jit.unused
+    def _fused_stem(self, x: Tensor) -> Tensor | None:
+        """``pool0(relu0(norm0(x)))`` as one op where one applies, else None (the modules run):
+        under torch.compile the native custom operator; while a gradient flows, the op that keeps
+        only its input; without one, an eval-mode stem's single native pass."""
+        if not self._stem_follows():
+            return None
+        if torch.compiler.is_compiling():
+            geometry = self._stem_operator(x)
+            return None if geometry is None else _fused_op.run_stem(self.norm0, geometry, x)
+        if self._stem_pools(x):
+            return _fused_stem.stem_pool(self.norm0, self.pool0, x)
+        geometry = _fused_stem.inference_geometry(self.norm0, self.relu0, self.pool0, x)
+        return None if geometry is None else _fused_stem.inference_pool(self.norm0, geometry, x)
 
     @torch.jit.unused
     def _stem_pools(self, x: Tensor) -> bool:

@@ -23,6 +23,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shlex
@@ -367,28 +368,27 @@ def _maxpool_geometry(x: torch.Tensor, spatial: tuple[int, ...], kernel, stride,
     _mats(x.shape, x)
     dims = len(spatial)
     if not 1 <= dims <= 3 or not all(len(v) == dims for v in (kernel, stride, padding)):
-        raise ValueError(f"native max pooling needs 1 to 3 spatial dims, each with a kernel, stride and padding")
+        raise ValueError("native max pooling needs 1 to 3 spatial dims, each with a kernel, stride and padding")
     if any(k < 1 or s < 1 or p < 0 or 2 * p > k or n + 2 * p < k
            for n, k, s, p in zip(spatial, kernel, stride, padding)):
         raise ValueError(f"native max pooling: kernel {kernel}, stride {stride}, padding {padding} "
                          f"do not fit {spatial}")
-    volume = 1
-    for k in kernel:
-        volume *= k
+    volume = math.prod(kernel)
     if volume > MAXPOOL_WINDOW:
         raise ValueError(f"native max pooling takes windows of at most {MAXPOOL_WINDOW} positions, got {volume}")
-    size = 1
-    for n in spatial:
-        size *= n
+    size = math.prod(spatial)
     if x.shape[0] % size:
         raise ValueError(f"native max pooling: {x.shape[0]} rows are not a whole number of {spatial} grids")
     pad = 3 - dims
     geometry = [x.shape[0] // size, *[1] * pad, *spatial, *[1] * pad, *kernel, *[1] * pad, *stride, *[0] * pad,
                 *padding]
-    pooled = x.shape[0] // size
-    for n, k, s, p in zip(spatial, kernel, stride, padding):
-        pooled *= (n + 2 * p - k) // s + 1
+    pooled = x.shape[0] // size * math.prod(maxpool_size(spatial, kernel, stride, padding))
     return torch.tensor(geometry, dtype=torch.int64), torch.Size((pooled, x.shape[1]))
+
+
+def maxpool_size(spatial, kernel, stride, padding) -> tuple[int, ...]:
+    """The pooled grid's sides, as torch's max pooling gives them (floor mode, no dilation)."""
+    return tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(spatial, kernel, stride, padding))
 
 
 def relu_maxpool(x: torch.Tensor, spatial: tuple[int, ...], kernel, stride, padding,
