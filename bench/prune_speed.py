@@ -8,7 +8,8 @@ the loaded models as they are, whose fused blocks recompute their constants at e
 both are exported to ONNX (``densekit.export.export_onnx``, checked against PyTorch on export).
 Each engine then runs the two models in alternating rounds on one random batch, after one
 warm-up call each; a round times one call of each model, and the speedup is the median of
-the rounds' ratios (parent time over pruned time). onnxruntime runs with its pool threads'
+the rounds' ratios (parent time over pruned time). glibc's allocator is set as densekit's
+command line sets it (``densekit.malloc``). onnxruntime runs with its pool threads'
 spinning off unless ``--ort-spinning``: on 2 cores, beside PyTorch's OpenMP threads in this
 process, spinning made it 1.6-1.8x slower. Prints one JSON object.
 """
@@ -41,11 +42,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import densekit
     import onnxruntime as ort
+    from densekit.malloc import setting as malloc_setting, tune_malloc
     from densekit.export import export_onnx
     from densekit.models.frozen import for_inference
     from densekit.models.profile import count_macs, count_params
     from densekit.prune import alternate
 
+    tune_malloc()  # as densekit eval and predict run
     loaded = [densekit.load(d).eval() for d in (args.parent, args.pruned)]
     size = tuple(loaded[0].pretrained_cfg["input_size"])
     counts = dict(params=[count_params(m) for m in loaded], macs=[count_macs(m, size) for m in loaded])
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         (t_parent, t_pruned), torch_speedup = alternate([lambda m=m: m(x) for m in models], args.rounds)
     out = dict(batch=args.batch, rounds=args.rounds, threads=torch.get_num_threads(), precision=args.precision,
-               optimized=not args.eager,
+               optimized=not args.eager, malloc=malloc_setting(),
                **counts,
                torch_images_per_second=[args.batch / t_parent, args.batch / t_pruned], torch_speedup=torch_speedup)
     with tempfile.TemporaryDirectory() as tmp:

@@ -69,6 +69,7 @@ def models_digest() -> str:
 def environment() -> dict:
     """Card, driver, CUDA, library versions, CPU, cores, threads, load and date."""
     import densekit
+    from densekit.malloc import setting as malloc_setting
     from densekit.models import native
     from densekit.train.runtime import bf16_hardware
 
@@ -84,6 +85,7 @@ def environment() -> dict:
         cpu=_cpu_model(), cores=cores, torch_threads=torch.get_num_threads(),
         native_cpu_kernels=native.available(), cpu_bf16=bf16_hardware(torch.device("cpu")),
         load_avg=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        malloc=malloc_setting(),
         card=None, driver=None, cuda=torch.version.cuda, cudnn=None,
     )
     if torch.cuda.is_available():

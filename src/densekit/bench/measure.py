@@ -26,7 +26,9 @@ the CPU the growth of peak RSS from just before the first step to the end: the k
 high-water mark is reset there (``/proc/self/clear_refs``) where Linux allows, else
 ``ru_maxrss`` is used. Freed memory that the allocator keeps would hide a later
 configuration's growth, so CPU memory is only reported from a fresh process
-(``densekit.bench.worker``).
+(``densekit.bench.worker``), whose allocator is set as the ``densekit`` command sets its
+own (``densekit.malloc``: freed memory kept for the next step) for every implementation
+alike; the setting is recorded with each run.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..malloc import setting as malloc_setting
 from .env import models_digest
 from .impls import build, torch_dtype
 from ..models.frozen import optimize_for_inference
@@ -230,7 +233,8 @@ def measure(config: Config, record_cpu_memory: bool = False) -> dict:
                 # whether densekit's timed steps were replays of a captured CUDA graph
                 cuda_graph_captured=None if train_step is None else train_step.captured,
                 # glibc's tuning variables change what peak RSS counts (see bench/cpu.sh)
-                malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")})
+                malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+                malloc=malloc_setting())
 
 
 def model_num_classes(model) -> int:

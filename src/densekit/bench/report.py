@@ -221,6 +221,8 @@ def environment_line(env: dict) -> str:
         cpu += f", bf16 instructions: {env['cpu_bf16']}"
     if "native_cpu_kernels" in env:
         cpu += f", native CPU kernels {'on' if env['native_cpu_kernels'] else 'off'}"
+    if env.get("malloc"):
+        cpu += f", allocator: {env['malloc']}"
     parts.append(cpu)
     versions = [f"torch {env.get('torch')}", f"torchvision {env.get('torchvision')}"]
     if env.get("timm"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ..malloc import tune_malloc
 from .measure import measure
 from .spec import Config
 
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m densekit.bench.worker '<config JSON>'", file=sys.stderr)
         return 2
+    tune_malloc()  # as the densekit command that started this process; the same for every implementation
     result = measure(Config.from_dict(json.loads(argv[0])), record_cpu_memory=True)
     print(json.dumps(result))
     return 0

@@ -15,6 +15,7 @@ import sys
 from .. import __version__
 from ..checks import ArgumentError
 from ..errors import UserError
+from ..malloc import setting as malloc_setting, tune_malloc
 from .common import flag_spelling
 
 # Subcommand -> (module under densekit.cli with add_arguments(parser) and run(args), help).
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher re-runs in each process
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
+    # every subcommand trains or infers on the CPU, or may: keep freed memory for the next step
+    logging.getLogger(__name__).debug("allocator: %s", tune_malloc() or malloc_setting())
     try:
         return int(args._run(args) or 0)
     except ArgumentError as e:
