@@ -1,11 +1,13 @@
 """``densekit bench`` end to end on a tiny network: JSON, markdown, ratios, user errors."""
 
 import json
+import platform
 import statistics
 
 import pytest
 import torch
 
+from densekit import malloc
 from densekit.cli import main
 
 ENV_FIELDS = ("date", "torch", "torchvision", "timm", "cpu", "cores", "torch_threads", "card", "driver", "cuda")
@@ -55,6 +57,11 @@ def test_cpu_memory_is_measured_in_a_fresh_process(tmp_path):
     (run,) = report["runs"]
     assert run["base_mem_mib"] > 50  # torch itself is resident before the first step
     assert run["models_digest"] == report["env"]["models_digest"] and run["started"] >= report["env"]["date"][:10]
+    # the worker sets the allocator as the densekit command does, and the run records it
+    expected = malloc.tune_malloc() or malloc.setting()
+    assert run["malloc"] == report["env"]["malloc"] == expected
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and malloc.user_choice() is None:
+        assert expected.startswith("glibc malloc: mmap threshold 32 MiB")
 
 
 def test_append_and_render(tmp_path, capsys):

@@ -74,6 +74,10 @@ def test_malloc_settings_are_carried_to_the_table():
     (row,) = summarize([a])
     md = to_markdown(dict(env={}, commands=[], results=[row], depth_fits=[], targets=[]))
     assert "| 100 ‡ |" in md and "‡ measured with MALLOC_MMAP_THRESHOLD_=65536" in md
+    md = to_markdown(dict(env=dict(cpu="AMD EPYC", cores=2, torch_threads=2, malloc="glibc malloc: mmap threshold "
+                                   "32 MiB, trim threshold 1 GiB"), commands=[], results=[], depth_fits=[], targets=[]))
+    assert md.startswith("Measured on: CPU AMD EPYC, 2 cores, 2 torch threads, allocator: glibc malloc: mmap threshold "
+                         "32 MiB, trim threshold 1 GiB; ")
 
 
 def test_linear_fit():
