@@ -111,10 +111,12 @@ def run_bench(spec: BenchSpec, previous: dict | None = None) -> dict:
     env = environment()
     if previous is not None:
         old = previous["env"]
-        for key in ("card", "torch", "torchvision"):
+        for key in ("card", "torch", "torchvision", "malloc"):
             if old.get(key) != env.get(key):
-                raise UserError(f"cannot append: the results were measured with {key} {old.get(key)!r}, "
-                                f"this machine has {env.get(key)!r}")
+                # results from before the allocator was recorded ran under glibc's defaults, unrecorded
+                was = old.get(key, "unrecorded") if key == "malloc" else old.get(key)
+                raise UserError(f"cannot append: the results were measured with {key} {was!r}, "
+                                f"this process has {env.get(key)!r}")
     runs = run_configs(spec)
     # glibc's tuning variables change what peak RSS counts, so they are part of the command.
     malloc = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]

@@ -67,6 +67,10 @@ def fit(model: DenseNet, train_data: torch.utils.data.Dataset, val_data: torch.u
     ``batch_size``, ``lr``, ``seed``, ``keep``, ``patience``, ``freeze_backbone``,
     ``head_epochs``, ``backbone_lr_scale``, ``pos_weight``, ``workers``, ``device``,
     ``deterministic``, ``max_steps``, ... ``resume`` continues the run in ``out``.
+
+    On the CPU under glibc, call ``densekit.malloc.tune_malloc()`` once first, as the
+    ``densekit`` command does: it keeps each step's memory for the next instead of faulting it
+    in again (docs/design.md, "The allocator"). fit leaves the process's allocator alone.
     """
     bad = sorted(set(options) & {"model", "model_args", "dataset", "data_dir", "init", "pretrained", "image_size",
                                  "out", "resume", "csv", "train_limit"})
