@@ -119,3 +119,16 @@ def test_the_optimized_copy_is_densekit_network_for_inference_only():
     assert type(build(infer)) is type(build(config(impl="densekit")))
     result = measure(infer)
     assert len(result["step_s"]) == 2 and all(s > 0 for s in result["step_s"])
+
+
+def test_the_memory_efficient_implementations_set_the_flag_on_each_side():
+    # densekit-me and torchvision-me: the same networks with memory_efficient=True on every layer
+    from densekit.bench.spec import FAMILIES
+
+    for impl, family in (("densekit-me", "densekit"), ("torchvision-me", "torchvision")):
+        assert impl in FAMILIES[family]
+        net = build(config(impl=impl))
+        plain = build(config(impl=family))
+        layers = [m for m in net.modules() if hasattr(m, "memory_efficient") and hasattr(m, "norm1")]
+        assert layers and all(m.memory_efficient for m in layers)
+        assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in plain.parameters())

@@ -729,3 +729,37 @@ def test_memory_efficient_checkpoints_the_reference_path():
     torch.testing.assert_close(y_lean, y)
     y_lean.sum().backward()  # the recompute runs, gradients arrive
     assert all(p.grad is not None for p in lean.parameters())
+
+
+@pytest.mark.parametrize("train, dtype", [(True, torch.float32), (True, torch.bfloat16), (False, torch.float32)])
+def test_memory_efficient_fused_block_recomputes_the_bottleneck(train, dtype):
+    # torchvision's meaning on the fused path too: each layer's bottleneck (its 1x1
+    # convolution's output) is not kept but recomputed in backward from the same BN-ReLU, so
+    # exactly its bytes leave the saved tensors and every gradient stays the same, bit for bit
+    # (eval mode: batch norms frozen for fine-tuning, the weights still trained)
+    torch.manual_seed(0)
+    model = create_model("densenet_bc_100_k12", block_config=(3, 4), num_classes=5).train(train)
+    randomize_norms(model, var=(0.5, 2.0), gamma=(0.5, 1.5))
+    lean = copy.deepcopy(model).set_grad_checkpointing(True)
+    assert all(b.fused_status() is None for b in (lean.features.denseblock1, lean.features.denseblock2))
+    x = torch.randn(4, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        kept, y = saved_bytes(model, x)
+        kept_lean, y_lean = saved_bytes(lean, x)
+    assert torch.equal(y, y_lean)
+    width, size = 4 * 12, torch.finfo(dtype).bits // 8  # bn_size * growth rate channels
+    rows = 4 * (3 * 16 * 16 + 4 * 8 * 8)  # batch x (layers x positions) in each block
+    assert kept - kept_lean == rows * width * size
+    y.float().square().sum().backward()
+    y_lean.float().square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), lean.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for b, c in zip(model.buffers(), lean.buffers()):
+        assert torch.equal(b, c)
+
+
+def test_torch_compile_memory_efficient_fused_block():
+    torch.manual_seed(4)
+    model = create_model("densenet_bc_100_k12", block_config=(2, 3), num_classes=5).set_grad_checkpointing(True)
+    code = _compiled_against_reference(model, torch.randn(3, 3, 12, 12), True)
+    assert code.count("densekit.dense_block") == 2 and "torch.cat" not in code

@@ -4,6 +4,8 @@
   ``densekit train`` trains it: on CUDA each step is replayed from a CUDA graph;
 - ``densekit-eager``: the same network, every step launched eagerly;
 - ``densekit-ref``: the same with ``fused=False``, the plain concatenating path.
+- ``densekit-me``: the same with ``memory_efficient=True``: each layer's bottleneck is
+  recomputed in backward instead of kept (torchvision's meaning of the flag).
 - ``torchvision`` / ``torchvision-me``: ``torchvision.models.DenseNet`` with the variant's
   numbers, ``memory_efficient`` False / True. For CIFAR variants the stem is rebuilt as a
   torchvision user does it (a 3x3 stride-1 conv, no max-pool) and, so that both sides are
@@ -89,10 +91,12 @@ def build(config: Config) -> nn.Module:
     if reason:
         raise ValueError(f"{config.impl} cannot build {config.model}: {reason}")
     impl = base_impl(config.impl)
-    if impl in ("densekit", "densekit-eager", "densekit-ref"):
+    if impl in ("densekit", "densekit-eager", "densekit-ref", "densekit-me"):
         overrides = dict(in_chans=config.in_chans)
         if impl == "densekit-ref":
             overrides["fused"] = False
+        if impl == "densekit-me":
+            overrides["memory_efficient"] = True
         return DenseNet(**model_arguments(config.model, **overrides))
     if config.impl == "timm":
         import timm

@@ -21,18 +21,19 @@ DEVICES = ("cpu", "cuda", "auto")
 MODES = ("train", "infer")
 # densekit trains as `densekit train` does (on CUDA: steps replayed from a CUDA graph);
 # densekit-eager is the same without the graph, to see what the graph buys; densekit-ref is
-# create_model(..., fused=False), the plain path, to see what the fused block buys. A
+# create_model(..., fused=False), the plain path, to see what the fused block buys;
+# densekit-me is create_model(..., memory_efficient=True), the bottlenecks recomputed. A
 # "-compile" implementation is the same model under torch.compile (default mode); its first
 # step, compilation included, is reported as the warm-up. densekit-optimized is the model's
 # optimize_for_inference copy, as `densekit eval` and `predict` run it on the CPU (inference only).
-IMPLS = ("densekit", "densekit-eager", "densekit-ref", "densekit-compile", "densekit-optimized", "torchvision",
-         "torchvision-me", "torchvision-compile", "timm")
+IMPLS = ("densekit", "densekit-eager", "densekit-ref", "densekit-me", "densekit-compile", "densekit-optimized",
+         "torchvision", "torchvision-me", "torchvision-compile", "timm")
 OPTIMIZED = "densekit-optimized"
 REFERENCE = "torchvision"
 COMPILED = "-compile"
 # The two sides of the best-configuration comparison (report.best_configurations): each
 # side's fastest implementation, dtype and layout for a model, batch, input, device and mode.
-FAMILIES = {"densekit": ("densekit", "densekit-eager", "densekit-compile", "densekit-optimized"),
+FAMILIES = {"densekit": ("densekit", "densekit-eager", "densekit-me", "densekit-compile", "densekit-optimized"),
             "torchvision": ("torchvision", "torchvision-me", "torchvision-compile")}
 
 

@@ -125,10 +125,11 @@ class DenseNet(nn.Module):
         stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool), "cifar" (one 3x3 conv) or
             "resnet" (3x3 conv-BN-ReLU, the stem of the DenseBlock blog post's hybrid).
         spatial_dims: 1, 2 or 3 (signals, images, volumes).
-        memory_efficient: torchvision's argument, with its meaning: gradient checkpointing of
-            each dense layer's concatenated BN-ReLU-Conv1x1 on the reference path (also
-            :meth:`set_grad_checkpointing`, timm's name). Fused blocks have their own lean
-            backward and do not need it.
+        memory_efficient: torchvision's argument, with its meaning: each dense layer's
+            concatenated BN-ReLU-Conv1x1 is recomputed in backward instead of kept (also
+            :meth:`set_grad_checkpointing`, timm's name). On the reference path that is
+            gradient checkpointing; a fused block, which keeps no concatenation anyway, then
+            keeps no bottleneck either and runs each 1x1 convolution a second time.
         features_only: forward returns the multi-scale feature maps (see ``feature_info``).
         out_indices: with ``features_only``, which of ``feature_info``'s maps to return.
         stem_stride: stride of the 3x3 conv of the "cifar" and "resnet" stems (1 or 2); 2
@@ -414,8 +415,7 @@ class DenseNet(nn.Module):
         self.num_features = self.head_hidden_size = channels
 
     def set_grad_checkpointing(self, enable: bool = True) -> "DenseNet":
-        """timm's switch for gradient checkpointing: every dense layer's ``memory_efficient``
-        (it applies to blocks on the reference path; fused blocks are lean without it)."""
+        """timm's switch for gradient checkpointing: every dense layer's ``memory_efficient``."""
         for m in self.modules():
             if isinstance(m, DenseBlock):
                 m.set_grad_checkpointing(enable)

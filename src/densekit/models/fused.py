@@ -580,16 +580,18 @@ def _forward(block, units, x: torch.Tensor, save: bool, update: bool = True):
                 out = us[1].conv(a2, spatial)
             elif len(us) == 2:
                 h = _rows(us[0].conv(a, spatial))
+                # a memory-efficient layer's bottleneck is recomputed in backward, not kept
+                kept = None if getattr(layer, "memory_efficient", False) else h
                 if training:
                     m2, v2 = _stats(h, scratch("a2", h.shape[1]))
                     if update:
                         us[1].update_running(m2, v2, count)
                     if save:
-                        saved += [h, m2, v2]
+                        saved += [kept, m2, v2]
                 else:
                     m2, v2 = _running(us[1])
                     if save:
-                        saved.append(h)
+                        saved.append(kept)
                 out = us[1].conv(us[1].act(h, m2, v2, scratch("a2", h.shape[1])), spatial)
             else:
                 out = us[0].conv(a, spatial)
@@ -670,6 +672,7 @@ def _backward(block, units, training: bool, c0: int, buf, mean, var, saved, grad
         u1 = us[0]
         inp = u1.read(rows[:, :ci], scratch)
         m1, v1 = (u1.select(mean[:ci]), u1.select(var[:ci])) if training else _running(u1)
+        n1, a = inp.shape[1], None
         if len(us) == 2:
             u2 = us[1]
             if training:
@@ -678,14 +681,17 @@ def _backward(block, units, training: bool, c0: int, buf, mean, var, saved, grad
             else:
                 pos -= 1
                 h, (m2, v2) = saved[pos], _running(u2)
+            if h is None:  # memory-efficient: the bottleneck again, from the same BN-ReLU
+                a = u1.act(inp, m1, v1, scratch("a", n1))
+                h = _rows(u1.conv(a, spatial))
             a2 = u2.act(h, m2, v2, scratch("a2", h.shape[1]))
             d2, gl[5] = u2.conv_backward(g, a2, spatial, lambda: scratch("d2", h.shape[1]),
                                          all_weights or u2.weight.requires_grad)
             gl[3], gl[4] = u2.input_grad_(d2, a2, h, m2, v2, training, lambda: scratch("p", h.shape[1]),
                                           u2.sum_grad_times_input(gl[5], a2))
             g = _grid(d2, spatial)
-        n1 = inp.shape[1]
-        a = u1.act(inp, m1, v1, scratch("a", n1))
+        if a is None:
+            a = u1.act(inp, m1, v1, scratch("a", n1))
         d, gl[2] = u1.conv_backward(g, a, spatial, lambda: scratch("d", n1), all_weights or u1.weight.requires_grad)
         # a pruned layer's input gradient goes to a workspace, then to the channels it read
         acc = grad_rows[:, :ci] if u1.index is None else scratch("acc", n1).zero_()

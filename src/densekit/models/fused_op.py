@@ -46,14 +46,16 @@ def arguments(block, units: list[list]) -> dict:
     return dict(params=[t for u in halves for t in (u.gamma, u.beta, u.master)],
                 buffers=[t for u in halves for t in (u.running_mean, u.running_var, u.batches)],
                 indices=[us[0].index for us in units], bottleneck=[len(us) == 2 for us in units],
-                drop_rates=[float(layer.drop_rate) for layer in layers], eps=[float(u.eps) for u in halves],
+                drop_rates=[float(layer.drop_rate) for layer in layers],
+                recompute=[bool(getattr(layer, "memory_efficient", False)) for layer in layers],
+                eps=[float(u.eps) for u in halves],
                 momentum=[_momentum(u) for u in halves], paddings=[p for u in halves for p in u.padding],
                 growth_rate=block.growth_rate, training=block.training)
 
 
-def _structure(x: Tensor, drop_rates: list[float], growth_rate: int, training: bool):
+def _structure(x: Tensor, drop_rates: list[float], recompute: list[bool], growth_rate: int, training: bool):
     """What ``fused._forward`` and ``fused._backward`` read of a DenseBlock module."""
-    layers = [types.SimpleNamespace(drop_rate=r) for r in drop_rates]
+    layers = [types.SimpleNamespace(drop_rate=r, memory_efficient=m) for r, m in zip(drop_rates, recompute)]
     return types.SimpleNamespace(values=lambda: layers, growth_rate=growth_rate, training=training,
                                  out_channels=x.shape[1] + len(layers) * growth_rate)
 
@@ -73,23 +75,26 @@ def _units(dtype, params, buffers, indices, bottleneck, eps, momentum, paddings)
 
 @torch.library.custom_op("densekit::dense_block", mutates_args=())
 def dense_block(x: Tensor, params: list[Tensor], buffers: list[Tensor], indices: list[Tensor | None],
-                bottleneck: list[bool], drop_rates: list[float], eps: list[float], momentum: list[float],
-                paddings: list[int], growth_rate: int, training: bool, save: bool) -> list[Tensor]:
+                bottleneck: list[bool], drop_rates: list[float], recompute: list[bool], eps: list[float],
+                momentum: list[float], paddings: list[int], growth_rate: int, training: bool,
+                save: bool) -> list[Tensor]:
     """The block's output buffer, then its batch statistics (empty in eval mode) and what
     backward reads (with ``save``, and always in training mode: the bottlenecks' batch
-    statistics are among them). The running statistics are the caller's to update
+    statistics are among them; an empty tensor for the bottleneck of a layer that
+    ``recompute``s it). The running statistics are the caller's to update
     (:func:`update_running`): an operator with an autograd formula mutates none of its inputs."""
-    block = _structure(x, drop_rates, growth_rate, training)
+    block = _structure(x, drop_rates, recompute, growth_rate, training)
     units = _units(x.dtype, params, buffers, indices, bottleneck, eps, momentum, paddings)
     with torch.no_grad():
         buf, (mean, var), saved = fused._forward(block, units, x, save=save or training, update=False)
     if mean is None:
         mean, var = x.new_empty(0, dtype=fused._acc(x.dtype)), x.new_empty(0, dtype=fused._acc(x.dtype))
-    return [buf, mean, var, *[t.contiguous() for t in saved]]
+    return [buf, mean, var, *[x.new_empty(0) if t is None else t.contiguous() for t in saved]]
 
 
 @dense_block.register_fake
-def _(x, params, buffers, indices, bottleneck, drop_rates, eps, momentum, paddings, growth_rate, training, save):
+def _(x, params, buffers, indices, bottleneck, drop_rates, recompute, eps, momentum, paddings, growth_rate, training,
+      save):
     n, c0, *spatial = x.shape
     acc = fused._acc(x.dtype)
     c = c0 + len(bottleneck) * growth_rate
@@ -97,10 +102,10 @@ def _(x, params, buffers, indices, bottleneck, drop_rates, eps, momentum, paddin
     out = [x.new_empty((n, *spatial, c)).movedim(-1, 1), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)]
     if save or training:
         rows, u = n * math.prod(spatial), 0
-        for has_bottleneck, rate in zip(bottleneck, drop_rates):
+        for has_bottleneck, rate, again in zip(bottleneck, drop_rates, recompute):
             if has_bottleneck:
                 width = params[3 * u + 2].shape[0]  # conv1's output channels
-                out.append(x.new_empty((rows, width)))
+                out.append(x.new_empty(0) if again else x.new_empty((rows, width)))
                 if training:
                     out += [x.new_empty(width, dtype=acc), x.new_empty(width, dtype=acc)]
             if training and rate > 0:
@@ -112,21 +117,36 @@ def _(x, params, buffers, indices, bottleneck, drop_rates, eps, momentum, paddin
 @torch.library.custom_op("densekit::dense_block_backward", mutates_args=())
 def dense_block_backward(grad: Tensor, outputs: list[Tensor], params: list[Tensor], buffers: list[Tensor],
                          indices: list[Tensor | None], bottleneck: list[bool], drop_rates: list[float],
-                         eps: list[float], momentum: list[float], paddings: list[int], growth_rate: int,
-                         training: bool, in_channels: int) -> list[Tensor]:
+                         recompute: list[bool], eps: list[float], momentum: list[float], paddings: list[int],
+                         growth_rate: int, training: bool, in_channels: int) -> list[Tensor]:
     """The gradient of the block's input (of ``in_channels`` channels), then of every
     parameter, from :func:`dense_block`'s ``outputs``."""
     buf, mean, var, *saved = outputs
-    block = _structure(buf[:, :in_channels], drop_rates, growth_rate, training)
+    saved = _with_recomputed(saved, bottleneck, drop_rates, recompute, training)
+    block = _structure(buf[:, :in_channels], drop_rates, recompute, growth_rate, training)
     units = _units(buf.dtype, params, buffers, indices, bottleneck, eps, momentum, paddings)
     stats = (mean, var) if training else (None, None)
     grad_x, grads = fused._backward(block, units, training, in_channels, buf, *stats, saved, grad, all_weights=True)
     return [grad_x, *[fused._laid_out_as(g, p).to(p.dtype) for g, p in zip(grads, params)]]
 
 
+def _with_recomputed(saved: list[Tensor], bottleneck: list[bool], drop_rates: list[float], recompute: list[bool],
+                     training: bool) -> list[Tensor | None]:
+    """:func:`dense_block`'s saved tensors as ``fused._backward`` reads them: None for the
+    bottleneck each ``recompute`` layer left out (an empty tensor here)."""
+    out, pos = list(saved), 0
+    for has_bottleneck, rate, again in zip(bottleneck, drop_rates, recompute):
+        if has_bottleneck:
+            if again:
+                out[pos] = None
+            pos += 3 if training else 1
+        pos += training and rate > 0
+    return out
+
+
 @dense_block_backward.register_fake
-def _(grad, outputs, params, buffers, indices, bottleneck, drop_rates, eps, momentum, paddings, growth_rate,
-      training, in_channels):
+def _(grad, outputs, params, buffers, indices, bottleneck, drop_rates, recompute, eps, momentum, paddings,
+      growth_rate, training, in_channels):
     n, c, *spatial = outputs[0].shape
     grad_x = grad.new_empty((n, *spatial, c))[..., :in_channels].movedim(-1, 1)
     return [grad_x, *[torch.empty_like(p) for p in params]]

@@ -133,9 +133,9 @@ class DenseLayer(nn.Module):
 
     ``memory_efficient`` has torchvision's meaning: where a gradient is needed, recompute the
     concatenated BN-ReLU-Conv1x1 in backward instead of storing it (gradient checkpointing, Pleiss et al.,
-    "Memory-Efficient Implementation of DenseNets", 2017). It applies where the layer runs on
-    its own, on the reference path; a fused block (``DenseBlock(fused=True)``) has its own
-    lean backward and never checkpoints.
+    "Memory-Efficient Implementation of DenseNets", 2017). A fused block
+    (``DenseBlock(fused=True)``), which never keeps the concatenation or its BN-ReLU, honours
+    it by not keeping the layer's bottleneck either: backward runs the 1x1 convolution again.
 
     ``input_index`` (a buffer, None by default) names the input channels the layer reads;
     pruning sets it so that a layer can drop inputs without touching the block around it.
@@ -354,9 +354,10 @@ class DenseBlock(nn.ModuleDict):
     fused operation that writes each layer's output once into a shared feature buffer and
     recomputes the cheap BN-ReLU in backward, so training memory grows linearly with depth
     without recomputing convolutions (``fused.py``): the same function and gradients as the
-    concatenating reference path, :meth:`forward_plain`. A block whose layers the fused op
-    cannot run (:meth:`fused_status` says why) takes the reference path, where each layer's
-    ``memory_efficient`` (gradient checkpointing) applies.
+    concatenating reference path, :meth:`forward_plain`. A layer's ``memory_efficient`` makes
+    the fused op recompute its bottleneck too (one more 1x1 convolution in backward, its
+    output not kept). A block whose layers the fused op cannot run (:meth:`fused_status` says
+    why) takes the reference path, where ``memory_efficient`` is gradient checkpointing.
     """
 
     def __init__(self, in_channels: int, growth_rate: int, num_layers: int,
@@ -394,7 +395,7 @@ class DenseBlock(nn.ModuleDict):
         return outputs
 
     def set_grad_checkpointing(self, enable: bool = True) -> "DenseBlock":
-        """Checkpoint every layer (``DenseLayer.memory_efficient``) on the reference path."""
+        """Set every layer's ``memory_efficient`` (``DenseLayer``): its bottleneck recomputed in backward."""
         for layer in self.values():
             layer.memory_efficient = bool(enable)
         return self
