@@ -86,3 +86,17 @@ def test_fit_refusals(tmp_path):
         densekit.fit(tiny(), fake(16, 0), out=tmp_path / "b", classes=list("abc"), dataset="mnist")
     with pytest.raises(densekit.checks.ArgumentError, match="classes"):
         densekit.fit(tiny(), fake(16, 0), out=tmp_path / "c", workers=0)
+
+
+def test_a_block_on_the_reference_path_is_checkpointed_and_fused_ones_are_left_alone(tmp_path, caplog):
+    # one block the fused op cannot run (a swapped activation): fit checkpoints that block only;
+    # the fused block keeps its bottlenecks (memory_efficient would recompute them there)
+    model = tiny()
+    model.features.denseblock2.denselayer1.relu1 = torch.nn.SiLU()
+    assert model.features.denseblock1.fused_status() is None and model.features.denseblock2.fused_status()
+    with caplog.at_level("INFO"):
+        densekit.fit(model, fake(16, 0), out=tmp_path / "run", classes=["a", "b", "c"], epochs=1, batch_size=8,
+                     workers=0)
+    assert "1 dense block(s) take the reference path with gradient checkpointing" in caplog.text
+    assert [layer.memory_efficient for layer in model.features.denseblock1.values()] == [False]
+    assert [layer.memory_efficient for layer in model.features.denseblock2.values()] == [True]

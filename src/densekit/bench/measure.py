@@ -5,7 +5,8 @@ A training step is what a training loop does: forward and cross-entropy under au
 For ``densekit`` on CUDA it is densekit's own :class:`~densekit.train.step.TrainStep`, the
 step ``densekit train`` runs: the same ops with fused SGD, replayed from a CUDA graph after
 two eager steps; its capture is part of the warm-up, which must be at least 3 steps.
-``densekit-eager`` on CUDA is the same step and SGD without the graph.
+``densekit-eager`` on CUDA is the same step and SGD without the graph; ``densekit-me`` the graph's
+step on its memory-efficient network.
 An inference step is a forward under ``torch.inference_mode`` on a model in eval mode.
 A compiled implementation (``-compile``) runs the same steps on ``torch.compile(model)``:
 its first warm-up step compiles, and ``first_step_s`` is the compile time (plus one step).
@@ -93,8 +94,8 @@ def _make_step(model, x, y, config: Config):
         return step
 
     model.train()
-    if config.impl in ("densekit", "densekit-eager") and device_type == "cuda":
-        return _densekit_step(model, x, y, config, cuda_graph=config.impl == "densekit")
+    if config.impl in ("densekit", "densekit-eager", "densekit-me") and device_type == "cuda":
+        return _densekit_step(model, x, y, config, cuda_graph=config.impl != "densekit-eager")
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step():

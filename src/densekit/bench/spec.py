@@ -188,7 +188,8 @@ class BenchSpec:
         if self.warmup < 1 and any(impl.endswith(COMPILED) for impl in self.impls):
             raise UserError(f"warmup must be >= 1 for a compiled implementation (its first step compiles), "
                             f"got {self.warmup}")
-        if "cuda" in self.devices and "train" in self.modes and "densekit" in self.impls and self.warmup < 3:
+        if "cuda" in self.devices and "train" in self.modes and {"densekit", "densekit-me"} & set(self.impls) \
+                and self.warmup < 3:
             raise UserError(f"warmup must be >= 3 to train densekit on CUDA (two eager steps, then the CUDA "
                             f"graph's capture), got {self.warmup}")
         self._check_inputs()

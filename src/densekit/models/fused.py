@@ -14,7 +14,9 @@ the lean backward cheap:
 - BN1-ReLU of the buffer is elementwise, so backward recomputes it from the buffer and the
   cached statistics instead of storing L copies of it;
 - only the buffer and each layer's bottleneck output (``bn_size*k`` channels) are stored,
-  so memory is linear in depth, and no convolution is ever run twice.
+  so memory is linear in depth, and no convolution is run twice; a layer with
+  ``memory_efficient`` set (torchvision's flag) keeps not even its bottleneck, which
+  backward recomputes with one more 1x1 convolution.
 
 The buffer is laid out channels-last whatever the input's layout, and every per-channel
 op works on it as an (N*spatial, C) matrix: layer i's input is then a plain column slice

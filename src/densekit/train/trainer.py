@@ -335,8 +335,10 @@ def _model(cfg: dict, data: Dataset, run: RunDir, resumed: bool,
     blocked = {name: block.fused_status() for name, block in model.named_modules()
                if hasattr(block, "fused_status") and block.fused_status() not in (None, "fused is off")}
     if blocked:
-        # those blocks take the reference path: checkpoint it, so that training memory stays lean
-        model.set_grad_checkpointing(True)
+        # those blocks take the reference path: checkpoint it, so that training memory stays
+        # lean (only there: in a fused block memory_efficient recomputes the bottlenecks)
+        for name in blocked:
+            model.get_submodule(name).set_grad_checkpointing(True)
         name, reason = next(iter(blocked.items()))
         log.info("%d dense block(s) take the reference path with gradient checkpointing (%s: %s)",
                  len(blocked), name, reason)
