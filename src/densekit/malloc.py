@@ -31,6 +31,7 @@ never calls this: it changes the whole process.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 MMAP_THRESHOLD = 2 ** 30
@@ -44,8 +45,9 @@ _M_MMAP_THRESHOLD = -3
 _applied: str | None = None
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """glibc, where it is this process's C library."""
+    """glibc, where it is this process's C library (looked up once)."""
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):
             return None

@@ -48,7 +48,7 @@ from ..malloc import setting as malloc_setting
 from .env import models_digest
 from .impls import build, torch_dtype
 from ..models.frozen import optimize_for_inference
-from .spec import OPTIMIZED, Config, base_impl
+from .spec import CUDA_GRAPHED, OPTIMIZED, Config, base_impl
 
 MIB = 2 ** 20
 
@@ -94,8 +94,8 @@ def _make_step(model, x, y, config: Config):
         return step
 
     model.train()
-    if config.impl in ("densekit", "densekit-eager", "densekit-me") and device_type == "cuda":
-        return _densekit_step(model, x, y, config, cuda_graph=config.impl != "densekit-eager")
+    if config.impl in (*CUDA_GRAPHED, "densekit-eager") and device_type == "cuda":
+        return _densekit_step(model, x, y, config, cuda_graph=config.impl in CUDA_GRAPHED)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step():

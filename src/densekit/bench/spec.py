@@ -29,6 +29,8 @@ MODES = ("train", "infer")
 IMPLS = ("densekit", "densekit-eager", "densekit-ref", "densekit-me", "densekit-compile", "densekit-optimized",
          "torchvision", "torchvision-me", "torchvision-compile", "timm")
 OPTIMIZED = "densekit-optimized"
+# The implementations trained, on CUDA, by densekit's own step replayed from a CUDA graph.
+CUDA_GRAPHED = ("densekit", "densekit-me")
 REFERENCE = "torchvision"
 COMPILED = "-compile"
 # The two sides of the best-configuration comparison (report.best_configurations): each
@@ -188,7 +190,7 @@ class BenchSpec:
         if self.warmup < 1 and any(impl.endswith(COMPILED) for impl in self.impls):
             raise UserError(f"warmup must be >= 1 for a compiled implementation (its first step compiles), "
                             f"got {self.warmup}")
-        if "cuda" in self.devices and "train" in self.modes and {"densekit", "densekit-me"} & set(self.impls) \
+        if "cuda" in self.devices and "train" in self.modes and set(CUDA_GRAPHED) & set(self.impls) \
                 and self.warmup < 3:
             raise UserError(f"warmup must be >= 3 to train densekit on CUDA (two eager steps, then the CUDA "
                             f"graph's capture), got {self.warmup}")

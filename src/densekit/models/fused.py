@@ -268,12 +268,8 @@ class _Unit:
         return (*self._coefficients(invstd, dgamma, sum_dy, x.shape[0], training), dgamma, sum_dy)
 
     def _coefficients(self, invstd, dgamma, sum_dy, m: int, training: bool):
-        """(k, b, c) of dx = dy*k + (x - mean)*b + c; b and c None in eval mode."""
-        k = self.gamma * invstd
-        if not training:  # the statistics are constants: dx = gamma * invstd * dy
-            return k, None, None
-        # dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), regrouped
-        return k, -k * invstd * dgamma / m, -k * sum_dy / m
+        """:func:`bn_coefficients` of this unit's batch norm."""
+        return bn_coefficients(self.gamma, invstd, dgamma, sum_dy, m, training)
 
     def input_grad_(self, d, a, x, mean, var, training: bool, work, sum_dy_a=None):
         """Backward of a = ReLU(BN(x)) on rows: ``d``, the gradient of a, becomes the gradient
@@ -350,6 +346,18 @@ _SHORTCUT_MIN_ROWS = 1024
 # (tests/models/test_parity.py): with this guard the fused dgamma is as close to the exact value
 # as the plain path's (0.5-1.7x its error); with the shortcut on every channel, 50-280x.
 _MAX_BETA_OVER_GAMMA = 16.0
+
+
+def bn_coefficients(gamma: torch.Tensor, invstd: torch.Tensor, dgamma: torch.Tensor, sum_dy: torch.Tensor, m: int,
+                    training: bool):
+    """(k, b, c) of a batch norm's input gradient dx = dy*k + (x - mean)*b + c, from its scale
+    ``gamma``, 1/std, dgamma = sum(dy * xhat) and sum(dy) over ``m`` values per channel; b and
+    c None in eval mode."""
+    k = gamma * invstd
+    if not training:  # the statistics are constants: dx = gamma * invstd * dy
+        return k, None, None
+    # dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), regrouped
+    return k, -k * invstd * dgamma / m, -k * sum_dy / m
 
 
 def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, batches: torch.Tensor,

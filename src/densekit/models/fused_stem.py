@@ -36,8 +36,6 @@ rounding; in bf16 they are closer to the float64 ones than the modules' (the tes
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,7 +43,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _ntuple
 
 from . import native
-from .fused import _grid, _plain_bn, _rows, _stats
+from .fused import _grid, _plain_bn, _rows, _stats, bn_coefficients
 
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _MAX_POOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -137,11 +135,8 @@ def native_geometry(pool: nn.Module, x: torch.Tensor) -> tuple | None:
         kernel, stride, padding, dilation = tup(pool.kernel_size), tup(stride), tup(pool.padding), tup(pool.dilation)
     except TypeError:
         return None
-    if not all(len(v) == dims for v in (kernel, stride, padding, dilation)):
-        return None
-    if any(d != 1 for d in dilation) or math.prod(kernel) > native.MAXPOOL_WINDOW \
-            or any(k < 1 or st < 1 or p < 0 or 2 * p > k or n + 2 * p < k
-                   for n, k, st, p in zip(x.shape[2:], kernel, stride, padding)):
+    if len(dilation) != dims or any(d != 1 for d in dilation) \
+            or native.maxpool_misfit(tuple(x.shape[2:]), kernel, stride, padding) is not None:
         return None
     return kernel, stride, padding
 
@@ -221,10 +216,6 @@ def native_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, o
     dgamma = sum_dx * invstd
     grad_x = None
     if need_x:
-        k = weight.float() * invstd
-        b = c = None
-        if training:  # dx = k * (d - mean(d) - xhat * mean(d * xhat)), regrouped
-            m = rows.shape[0]
-            b, c = -k * invstd * dgamma / m, -k * sum_d / m
+        k, b, c = bn_coefficients(weight.float(), invstd, dgamma, sum_d, rows.shape[0], training)
         grad_x = _grid(native.unmaxpool_bn_grad(g, offsets, rows, spatial, *geometry, k, mean, b, c), spatial)
     return grad_x, dgamma, sum_d

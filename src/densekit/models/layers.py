@@ -551,19 +551,16 @@ class Features(nn.Sequential):
         if torch.compiler.is_compiling():
             geometry = self._stem_operator(x)
             return None if geometry is None else _fused_op.run_stem(self.norm0, geometry, x)
-        if self._stem_pools(x):
+        if self._stem_fits(x):
             return _fused_stem.stem_pool(self.norm0, self.pool0, x)
         geometry = _fused_stem.inference_geometry(self.norm0, self.relu0, self.pool0, x)
         return None if geometry is None else _fused_stem.inference_pool(self.norm0, geometry, x)
 
     @torch.jit.unused
-    def _stem_pools(self, x: Tensor) -> bool:
-        """Do ``norm0``, ``relu0`` and ``pool0`` follow each other here and run as one op on ``x``?"""
-        return not torch.compiler.is_compiling() and self._stem_fits(x)
-
-    @torch.jit.unused
     def _stem_fits(self, x: Tensor) -> bool:
-        return self._stem_follows() and _fused_stem.supports_stem_pool(self.norm0, self.relu0, self.pool0, x)
+        """Do ``norm0``, ``relu0`` and ``pool0``, which follow each other here (the caller
+        checked: :meth:`_stem_follows`), run as the one op that keeps its input on ``x``?"""
+        return _fused_stem.supports_stem_pool(self.norm0, self.relu0, self.pool0, x)
 
     @torch.jit.unused
     def _stem_follows(self) -> bool:

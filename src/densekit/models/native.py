@@ -360,30 +360,46 @@ def unpool_bn_grad(g: torch.Tensor, x: torch.Tensor, spatial: tuple[int, ...], s
 MAXPOOL_WINDOW = 254
 
 
-def _maxpool_geometry(x: torch.Tensor, spatial: tuple[int, ...], kernel, stride, padding):
-    """Checks ``x`` (the input rows of an (N, *spatial) grid, 1 to 3 dims) and the pooling's
-    kernel, stride and padding (one per dim, as torch's max pooling takes them: padding at most
-    half the kernel); returns the kernels' geometry (n, d, h, w, kd, kh, kw, sd, sh, sw, pd,
-    ph, pw) as an int64 tensor, and the pooled rows' shape."""
-    _mats(x.shape, x)
+def maxpool_misfit(spatial, kernel, stride, padding) -> str | None:
+    """Why the native max pooling cannot pool a grid of sides ``spatial`` (1 to 3 dims) with
+    this kernel, stride and padding (one per dim, as torch's max pooling takes them: padding at
+    most half the kernel), or None when it can."""
     dims = len(spatial)
     if not 1 <= dims <= 3 or not all(len(v) == dims for v in (kernel, stride, padding)):
-        raise ValueError("native max pooling needs 1 to 3 spatial dims, each with a kernel, stride and padding")
+        return "native max pooling needs 1 to 3 spatial dims, each with a kernel, stride and padding"
     if any(k < 1 or s < 1 or p < 0 or 2 * p > k or n + 2 * p < k
            for n, k, s, p in zip(spatial, kernel, stride, padding)):
-        raise ValueError(f"native max pooling: kernel {kernel}, stride {stride}, padding {padding} "
-                         f"do not fit {spatial}")
+        return f"native max pooling: kernel {kernel}, stride {stride}, padding {padding} do not fit {spatial}"
     volume = math.prod(kernel)
     if volume > MAXPOOL_WINDOW:
-        raise ValueError(f"native max pooling takes windows of at most {MAXPOOL_WINDOW} positions, got {volume}")
+        return f"native max pooling takes windows of at most {MAXPOOL_WINDOW} positions, got {volume}"
+    return None
+
+
+def _maxpool_geometry(x: torch.Tensor, spatial: tuple[int, ...], kernel, stride, padding,
+                      g: torch.Tensor | None = None, arg: torch.Tensor | None = None):
+    """Checks ``x`` (the input rows of an (N, *spatial) grid) and the pooling
+    (:func:`maxpool_misfit`), and for backward ``g`` (the pooled rows' gradient) and ``arg``
+    (the offsets :func:`relu_maxpool` returned); returns the kernels' geometry (n, d, h, w, kd,
+    kh, kw, sd, sh, sw, pd, ph, pw) as an int64 tensor, and the pooled rows' shape."""
+    _mats(x.shape, x)
+    misfit = maxpool_misfit(spatial, kernel, stride, padding)
+    if misfit is not None:
+        raise ValueError(misfit)
+    dims = len(spatial)
     size = math.prod(spatial)
     if x.shape[0] % size:
         raise ValueError(f"native max pooling: {x.shape[0]} rows are not a whole number of {spatial} grids")
     pad = 3 - dims
     geometry = [x.shape[0] // size, *[1] * pad, *spatial, *[1] * pad, *kernel, *[1] * pad, *stride, *[0] * pad,
                 *padding]
-    pooled = x.shape[0] // size * math.prod(maxpool_size(spatial, kernel, stride, padding))
-    return torch.tensor(geometry, dtype=torch.int64), torch.Size((pooled, x.shape[1]))
+    pooled = torch.Size((x.shape[0] // size * math.prod(maxpool_size(spatial, kernel, stride, padding)), x.shape[1]))
+    if g is not None:
+        _mats(pooled, g, dtype=x.dtype)
+    if arg is not None and (arg.dtype != torch.uint8 or arg.shape != pooled or not arg.is_contiguous()
+                            or arg.device.type != "cpu"):
+        raise ValueError(f"native max pooling needs the uint8 offsets relu_maxpool returned, of shape {tuple(pooled)}")
+    return torch.tensor(geometry, dtype=torch.int64), pooled
 
 
 def maxpool_size(spatial, kernel, stride, padding) -> tuple[int, ...]:
@@ -411,19 +427,12 @@ def relu_maxpool(x: torch.Tensor, spatial: tuple[int, ...], kernel, stride, padd
     return out, offsets
 
 
-def _offsets(arg: torch.Tensor, shape: torch.Size) -> None:
-    if arg.dtype != torch.uint8 or arg.shape != shape or not arg.is_contiguous() or arg.device.type != "cpu":
-        raise ValueError(f"native max pooling needs the uint8 offsets relu_maxpool returned, of shape {tuple(shape)}")
-
-
 def maxpool_bn_sums(g: torch.Tensor, arg: torch.Tensor, x: torch.Tensor, spatial: tuple[int, ...], kernel, stride,
                     padding, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of :func:`relu_maxpool` up to batch norm: with ``g`` the pooled rows' gradient
     and d what reaches each input row through the maxima ``arg``, (sum of d, sum of
     d * (x - mean)) per column."""
-    geometry, pooled_shape = _maxpool_geometry(x, spatial, kernel, stride, padding)
-    _mats(pooled_shape, g, dtype=x.dtype)
-    _offsets(arg, pooled_shape)
+    geometry, _ = _maxpool_geometry(x, spatial, kernel, stride, padding, g, arg)
     cols = x.shape[1]
     mean = _vec(mean, cols)
     sum_d, sum_dx = torch.empty(cols, dtype=torch.float32), torch.empty(cols, dtype=torch.float32)
@@ -439,9 +448,7 @@ def unmaxpool_bn_grad(g: torch.Tensor, arg: torch.Tensor, x: torch.Tensor, spati
     """The input gradient behind :func:`relu_maxpool`, as a new (rows, cols) matrix: d * k +
     (x - mean) * b + c per column, d as in :func:`maxpool_bn_sums` (d * k when b and c are
     None: eval mode)."""
-    geometry, pooled_shape = _maxpool_geometry(x, spatial, kernel, stride, padding)
-    _mats(pooled_shape, g, dtype=x.dtype)
-    _offsets(arg, pooled_shape)
+    geometry, _ = _maxpool_geometry(x, spatial, kernel, stride, padding, g, arg)
     if (b is None) != (c is None):
         raise ValueError("native unmaxpool_bn_grad needs both b and c, or neither")
     cols = x.shape[1]
