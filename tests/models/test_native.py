@@ -224,6 +224,26 @@ def test_col_stats_two_pass_accuracy(rows, cols, ld):
     torch.testing.assert_close(var.double(), var_ref, rtol=1e-3, atol=0)  # E[x^2]-E[x]^2 would be ~100% off
 
 
+# Dense narrow matrices, which col_stats sums as wider rows (several rows at a time): rows
+# divisible by 32, by 2 only, by none, fewer rows than the widening would take, and a width
+# that only divides the widened row once.
+DENSE_SHAPES = [(50176, 12), (12000, 24), (1002, 12), (999, 12), (3, 7), (64, 200)]
+
+
+@pytest.mark.parametrize("rows,cols", DENSE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_col_stats_of_dense_matrices(rows, cols, dtype):
+    torch.manual_seed(4)
+    # column means 100..200 apart and spreads 10^-2..1: a fold of the wrong rows or columns shows
+    x = (torch.randn(rows, cols) * torch.logspace(-2, 0, cols) + torch.linspace(100, 200, cols)).to(dtype)
+    assert x.stride(0) == cols
+    mean, var = native.col_stats(x)
+    var_ref, mean_ref = torch.var_mean(x.double(), dim=0, correction=0)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), var_ref, rtol=1e-3, atol=1e-12)
+    assert native.stats_width(x) == {50176: 384, 12000: 384, 1002: 24, 999: 12, 3: 7, 64: 200}[rows]
+
+
 # (N, spatial) grids with odd sides (a last row or column outside every 2x window), in 1D,
 # 2D and 3D; the last has 8 x 30 x 30 x 40 elements, split between threads.
 POOL_GRIDS = [((3, 9), 5), ((2, 7, 9), 6), ((2, 5, 6, 3), 4), ((8, 30, 30), 40)]

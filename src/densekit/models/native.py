@@ -283,8 +283,25 @@ def bn_grad_apply(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, b: to
     return grad
 
 
+# native.c's STATS_WIDTH: a dense narrow matrix is summed as rows of up to this many values
+_STATS_WIDTH = 384
+
+
+def stats_width(x: torch.Tensor) -> int:
+    """How many values :func:`col_stats` sums per row of the (rows, cols) matrix ``x``: a
+    dense one (row stride cols) as rows of m * cols values, m the largest power of two with
+    m * cols <= 384 that divides its rows (as native.c's ``stats_fold``), else its cols."""
+    rows, cols = x.shape
+    m = 1
+    if x.stride(0) == cols:
+        while 2 * m * cols <= _STATS_WIDTH and rows % (2 * m) == 0:
+            m *= 2
+    return m * cols
+
+
 def col_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column mean and biased variance, float32 (accumulated in float64)."""
+    """Per-column mean and biased variance, float32 (accumulated in float64); a dense narrow
+    matrix is summed as wider rows (:func:`stats_width`)."""
     _mats(x.shape, x)
     mean = torch.empty(x.shape[1], dtype=torch.float32)
     var = torch.empty_like(mean)
