@@ -212,6 +212,13 @@ def test_bn_grad_apply_with_and_without_scale(rows, cols, ld):
     want[:, :cols] += (x - mean) * b + c
     native.bn_grad_apply(grad[:, :cols], x, mean, b, c)
     torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
+    # into another matrix, dense or strided, the gradient left as it was
+    before = grad.clone()
+    for out in (torch.full((rows, cols), float("nan")), torch.full((rows, ld + 2), float("nan"))[:, 2:cols + 2]):
+        got = native.bn_grad_apply(grad[:, :cols], x, mean, b, c, k, out=out)
+        assert got is out
+        torch.testing.assert_close(out, before[:, :cols] * k + (x - mean) * b + c, rtol=1e-5, atol=1e-5)
+        assert torch.equal(grad, before)
 
 
 @pytest.mark.parametrize("rows,cols,ld", SHAPES)

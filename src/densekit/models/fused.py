@@ -653,8 +653,8 @@ def _backward(block, units, training: bool, c0: int, buf, mean, var, saved, grad
     rows = buf.movedim(1, -1).view(-1, c)
     width = _bottleneck_width(units)
     scratch = _Scratch(rows.shape[0], {"a": max(c - k, k), "d": c - k, "a2": width, "d2": width,
-                                       "p": width, "g": _gathered_width(units), "acc": _gathered_width(units)},
-                       rows)
+                                       "p": width, "g": _gathered_width(units), "acc": _gathered_width(units),
+                                       "out": k}, rows)
     grads: list[list] = [[None] * (3 * len(us)) for us in units]
     # The output is the buffer itself: its gradient accumulates what every later layer
     # sends back to the channels it read. The BN terms linear in x are summed per
@@ -664,22 +664,28 @@ def _backward(block, units, training: bool, c0: int, buf, mean, var, saved, grad
     b_sum = torch.zeros(c, dtype=_acc(buf.dtype), device=buf.device)
     c_sum = torch.zeros_like(b_sum)
 
-    def complete(lo: int, hi: int) -> None:
+    def complete(lo: int, hi: int, dense: bool = False) -> torch.Tensor:
+        """The finished gradient of buffer channels lo:hi as (rows, hi - lo): in place, or with
+        ``dense`` where the native kernels run, in the "out" workspace, as the convolution
+        whose output they are takes it (its backward would copy the strided columns, which
+        are not read again, into a dense matrix itself)."""
+        cols = grad_rows[:, lo:hi]
         if training and native.usable(grad_rows, rows):
-            native.bn_grad_apply(grad_rows[:, lo:hi], rows[:, lo:hi], mean[lo:hi], b_sum[lo:hi], c_sum[lo:hi])
-        elif training:
+            out = scratch("out", hi - lo) if dense else None
+            return native.bn_grad_apply(cols, rows[:, lo:hi], mean[lo:hi], b_sum[lo:hi], c_sum[lo:hi], out=out)
+        if training:
             dtype = rows.dtype
             # x - mean is formed in fp32 (mean stays fp32 under bf16) and rounded once to the
             # buffer's dtype, the scratch's
             centered = torch.sub(rows[:, lo:hi], mean[lo:hi], out=scratch("a", hi - lo))
-            grad_rows[:, lo:hi].addcmul_(centered, b_sum[lo:hi].to(dtype)).add_(c_sum[lo:hi].to(dtype))
+            cols.addcmul_(centered, b_sum[lo:hi].to(dtype)).add_(c_sum[lo:hi].to(dtype))
+        return cols
 
     pos = len(saved)
     for i in reversed(range(len(layers))):
         us, gl = units[i], grads[i]
         ci = c0 + i * k
-        complete(ci, ci + k)
-        g = grad_store[..., ci:ci + k].movedim(-1, 1)
+        g = _grid(complete(ci, ci + k, dense=True), spatial)
         if training and layers[i].drop_rate > 0:
             pos -= 1
             g = g * saved[pos]

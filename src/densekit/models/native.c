@@ -773,11 +773,11 @@ int NAME(dk_relu_bn_sums)(const elem *g, i64 ldg, const elem *a, i64 lda, i64 ro
     return 0;
 }
 
-/* The rest of batch norm's input gradient, in place:
- *   grad = grad * k[j] + (x - mean[j]) * b[j] + c[j]
+/* The rest of batch norm's input gradient, into out (grad itself, or another matrix):
+ *   out = grad * k[j] + (x - mean[j]) * b[j] + c[j]
  * with k = 1 when k is NULL. */
-int NAME(dk_bn_grad_apply)(elem *grad, i64 ldgrad, const elem *x, i64 ldx, i64 rows, i64 cols,
-                           const float *k, const float *mean, const float *b, const float *c, int threads)
+int NAME(dk_bn_grad_apply)(const elem *grad, i64 ldgrad, const elem *x, i64 ldx, elem *out, i64 ldout, i64 rows,
+                           i64 cols, const float *k, const float *mean, const float *b, const float *c, int threads)
 {
 #pragma omp parallel num_threads(team(rows, cols, threads))
     {
@@ -786,29 +786,31 @@ int NAME(dk_bn_grad_apply)(elem *grad, i64 ldgrad, const elem *x, i64 ldx, i64 r
 #if defined(DK_BF16) && defined(DK_GATHER_BF16_AVX512)
         const int bf16 = 1; /* as in dk_relu_bn_sums: float32 runs as fast in the loops below */
         for (i64 r = lo; r < hi; r++) {
-            elem *gr = grad + r * ldgrad;
+            const elem *gr = grad + r * ldgrad;
             const elem *xr = x + r * ldx;
+            elem *outr = out + r * ldout;
             for (i64 j = 0; j < cols; j += 16) {
                 __mmask16 m = lanes_at(j, cols);
                 __m512 rest = _mm512_fmadd_ps(_mm512_sub_ps(ld_lanes(bf16, m, xr + j), ld_vec(m, mean + j)),
                                               ld_vec(m, b + j), ld_vec(m, c + j));
                 __m512 gv = ld_lanes(bf16, m, gr + j);
-                st_lanes(bf16, gr + j, m, k ? _mm512_fmadd_ps(gv, ld_vec(m, k + j), rest) : _mm512_add_ps(gv, rest));
+                st_lanes(bf16, outr + j, m, k ? _mm512_fmadd_ps(gv, ld_vec(m, k + j), rest) : _mm512_add_ps(gv, rest));
             }
         }
         hi = lo; /* done: the portable loop below runs no rows */
 #endif
         for (i64 r = lo; r < hi; r++) {
-            elem *gr = grad + r * ldgrad;
+            const elem *gr = grad + r * ldgrad;
             const elem *xr = x + r * ldx;
+            elem *outr = out + r * ldout;
             if (k) {
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++)
-                    gr[j] = TO(LD(gr + j) * k[j] + ((LD(xr + j) - mean[j]) * b[j] + c[j]));
+                    outr[j] = TO(LD(gr + j) * k[j] + ((LD(xr + j) - mean[j]) * b[j] + c[j]));
             } else {
 #pragma omp simd
                 for (i64 j = 0; j < cols; j++)
-                    gr[j] = TO(LD(gr + j) + ((LD(xr + j) - mean[j]) * b[j] + c[j]));
+                    outr[j] = TO(LD(gr + j) + ((LD(xr + j) - mean[j]) * b[j] + c[j]));
             }
         }
     }

@@ -49,7 +49,7 @@ _SIGNATURES = {
     "dk_gather_cols": [_P, _I, _I, _P, _P, _I, _I, _I, _P, _P, _C],
     "dk_scatter_add_cols": [_P, _I, _P, _P, _I, _I, _I, _I, _C],
     "dk_relu_bn_sums": [_P, _I, _P, _I, _I, _I, _P, _I, _P, _I, _P, _P, _I, _P, _P, _P, _C],
-    "dk_bn_grad_apply": [_P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _C],
+    "dk_bn_grad_apply": [_P, _I, _P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _C],
     "dk_col_stats": [_P, _I, _I, _I, _P, _P, _C],
     "dk_bn_relu_pool": [_P, _I, _P, _I] + [_I] * 8 + [_P, _P, _C],
     "dk_unpool_relu_bn_sums": [_P, _I, _P, _I] + [_I] * 8 + [_P] * 5 + [_C],
@@ -271,16 +271,18 @@ def relu_bn_sums(g: torch.Tensor, a: torch.Tensor, *, dout: torch.Tensor | None 
 
 
 def bn_grad_apply(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
-                  k: torch.Tensor | None = None) -> torch.Tensor:
-    """grad = grad * k + (x - mean) * b + c per column, in place (k = 1 when None)."""
-    _mats(grad.shape, grad, x)
+                  k: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = grad * k + (x - mean) * b + c per column (k = 1 when None); ``out`` defaults to
+    ``grad`` (in place), and may be any other matrix of its shape that overlaps neither input."""
+    out = grad if out is None else out
+    _mats(grad.shape, grad, x, out)
     k, mean, b, c = (_vec(v, grad.shape[1]) for v in (k, mean, b, c))
     if mean is None or b is None or c is None:
         raise ValueError("native bn_grad_apply needs mean, b and c")
-    _check(_kernel("dk_bn_grad_apply", grad)(grad.data_ptr(), grad.stride(0), x.data_ptr(), x.stride(0), grad.shape[0],
-                                       grad.shape[1], _ptr(k), mean.data_ptr(), b.data_ptr(), c.data_ptr(),
-                                       torch.get_num_threads()))
-    return grad
+    _check(_kernel("dk_bn_grad_apply", grad)(grad.data_ptr(), grad.stride(0), x.data_ptr(), x.stride(0), out.data_ptr(),
+                                       out.stride(0), grad.shape[0], grad.shape[1], _ptr(k), mean.data_ptr(),
+                                       b.data_ptr(), c.data_ptr(), torch.get_num_threads()))
+    return out
 
 
 # native.c's STATS_WIDTH: a dense narrow matrix is summed as rows of up to this many values
