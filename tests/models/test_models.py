@@ -86,6 +86,26 @@ def test_forward_backward_every_model(name):
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("conv2.weight"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_head_gradient_keeps_the_features_layout(dtype, spatial_dims):
+    """Global average pooling hands the final ReLU a gradient in its own channels-last layout
+    (the mean's own backward gives a contiguous one), with the mean's backward's values."""
+    torch.manual_seed(0)
+    model = DenseNet(4, (2, 2), stem="cifar", num_classes=3, spatial_dims=spatial_dims, fused=True).to(dtype)
+    layout = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    feats = torch.randn(4, model.num_features, *[5] * spatial_dims, dtype=dtype).contiguous(memory_format=layout)
+    grads = []
+    for x in (feats.clone().requires_grad_(), feats.contiguous().requires_grad_()):
+        relu = torch.relu(x)  # as forward_features ends: not a leaf, whose .grad takes its layout anyway
+        relu.register_hook(grads.append)
+        logits = model.forward_head(relu)
+        logits.backward(torch.linspace(-1, 1, logits.numel(), dtype=dtype).view_as(logits))
+    assert grads[0].is_contiguous(memory_format=layout) and not grads[0].is_contiguous()
+    assert grads[1].is_contiguous()  # not channels-last: the mean's own backward
+    assert torch.equal(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("name", sorted(HEAVY))
 def test_heavy_models_build_and_infer(name):
     model = create_model(name).eval()
