@@ -71,6 +71,14 @@ def test_relu_bn_sums_match_the_separate_ops(rows, cols, ld):
     g3 = g.clone()
     again_d, again_dx = native.relu_bn_sums(g3, a, dout=g3, x=x, mean=mean)
     assert torch.equal(g3, d) and torch.equal(again_d, sum_d) and torch.equal(again_dx, sum_dx)
+    # acc = src + d * k from another matrix: acc's own values are not read
+    src = torch.randn(rows, ld)[:, 1:cols + 1]
+    fresh = torch.full((rows, cols), float("nan"))
+    from_src_d, _ = native.relu_bn_sums(g, a, x=x, mean=mean, acc=fresh, k=k, src=src)
+    assert torch.equal(from_src_d, sum_d)
+    torch.testing.assert_close(fresh, src + d * k, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="src needs acc"):
+        native.relu_bn_sums(g, a, src=src)
 
 
 @pytest.mark.parametrize("rows,cols,ld", SHAPES)

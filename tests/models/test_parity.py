@@ -84,30 +84,33 @@ ERROR_RATIO = 4.0
 FLOOR = 1e-6  # of the tensor's scale: a path that happens to be exact still leaves the other its rounding
 
 
-def _run(module, x, grad=None):
+def _run(module, x, grad=None, grad_format=torch.contiguous_format):
     """Output, input and parameter gradients and buffers after one forward and backward;
-    ``grad`` (default: drawn here) is the output's gradient. Returns (grad, [(name, tensor)])."""
+    ``grad`` (default: drawn here, in ``grad_format``) is the output's gradient. Returns
+    (grad, [(name, tensor)])."""
     x = x.clone().requires_grad_()
     y = module(x)
     if grad is None:
-        grad = torch.randn(y.shape)
+        grad = torch.randn(y.shape).contiguous(memory_format=grad_format)
     y.backward(grad.to(y.dtype))
     return grad, [("output", y), ("input gradient", x.grad)] + \
         [(f"gradient of {n}", p.grad) for n, p in module.named_parameters()] + \
         [(f"buffer {n}", b) for n, b in module.named_buffers()]
 
 
-def _compare(plain, fast, x, train=None):
+def _compare(plain, fast, x, train=None, grad_format=torch.contiguous_format):
     """Outputs, input and parameter gradients and buffers after one step, each measured
     against the plain module run in float64: the fast path must be within ERROR_RATIO times
     the plain fp32 path's own error (normwise, per tensor). ``train`` sets the models' mode
-    first (None: the modules' own modes stand)."""
+    first (None: the modules' own modes stand); the output's gradient is drawn in
+    ``grad_format``."""
     if train is not None:
         plain.train(train)
         fast.train(train)
     exact = copy.deepcopy(plain).double()
     exact.zero_grad(set_to_none=True)
-    grad, want = _run(exact, x.double())
+    grad, want = _run(exact, x.double(), grad_format=grad_format)
+    assert grad.is_contiguous(memory_format=grad_format)
     for (name, e), (_, p), (_, f) in zip(want, _run(plain, x, grad)[1], _run(fast, x, grad)[1]):
         if not e.is_floating_point():  # num_batches_tracked
             assert torch.equal(f, e) and torch.equal(p, e), name
@@ -131,6 +134,25 @@ def test_fused_block_same_function_and_gradients(spatial_dims, size, bn_size, tr
     fast = copy.deepcopy(plain)
     fast.fused = True
     _compare(plain, fast, torch.randn(3, 6, *size), train)
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (9, 7)), (3, (5, 6, 4))])
+@pytest.mark.parametrize("pruned", [None, "last layer", "earlier layer"])
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_block_with_a_channels_last_output_gradient(spatial_dims, size, pruned, train, cpu_kernels):
+    """A channels-last output gradient, as a fused transition or the head sends back, is read
+    in place, not copied: the last layer's pass writes the sum into a fresh buffer (unless the
+    last layer is pruned, which reads its inputs through a gather)."""
+    torch.manual_seed(spatial_dims)
+    plain = DenseBlock(6, 5, 4, bn_size=4, spatial_dims=spatial_dims)
+    _randomize_norms(plain)
+    if pruned is not None:
+        layers = list(plain.values())
+        (layers[-1] if pruned == "last layer" else layers[1]).prune_(inputs=torch.tensor([0, 2, 3, 7]))
+    fast = copy.deepcopy(plain)
+    fast.fused = True
+    layout = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    _compare(plain, fast, torch.randn(3, 6, *size), train, grad_format=layout)
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -687,12 +687,15 @@ int NAME(dk_scatter_add_cols)(const elem *src, i64 lds, const i64 *idx, elem *ds
  *   sum_d[j]  = sum_r d,
  *   sum_dx[j] = sum_r d * (x - mean[j])         when x is given,
  *   dout      = d                               when dout is given (may be g itself),
- *   acc      += d * k[j]                        when acc is given.
+ *   acc       = src + d * k[j]                  when acc is given (src NULL: acc itself).
  * Returns -1 when out of memory, else 0. */
 int NAME(dk_relu_bn_sums)(const elem *g, i64 ldg, const elem *a, i64 lda, i64 rows, i64 cols,
                           elem *dout, i64 lddo, const elem *x, i64 ldx, const float *mean,
-                          elem *acc, i64 ldacc, const float *k, float *sum_d, float *sum_dx, int threads)
+                          elem *acc, i64 ldacc, const elem *src, i64 ldsrc, const float *k, float *sum_d,
+                          float *sum_dx, int threads)
 {
+    if (!src) /* acc += d * k in place */
+        src = acc, ldsrc = ldacc;
     int n = team(rows, cols, threads);
     double *p = parts(n, cols, 2);
     if (!p)
@@ -711,6 +714,7 @@ int NAME(dk_relu_bn_sums)(const elem *g, i64 ldg, const elem *a, i64 lda, i64 ro
             const elem *gr = g + r * ldg, *ar = a + r * lda;
             const elem *xr = x ? x + r * ldx : 0;
             elem *cr = acc ? acc + r * ldacc : 0, *dr = dout ? dout + r * lddo : 0;
+            const elem *sr = acc ? src + r * ldsrc : 0;
             for (i64 j = 0; j < cols; j += 16) {
                 __mmask16 m = lanes_at(j, cols);
                 /* relu_grad: g where a > 0 or a is a NaN */
@@ -720,7 +724,7 @@ int NAME(dk_relu_bn_sums)(const elem *g, i64 ldg, const elem *a, i64 lda, i64 ro
                 if (xr)
                     add_f64(px + j, m, _mm512_mul_ps(d, _mm512_sub_ps(ld_lanes(bf16, m, xr + j), ld_vec(m, mean + j))));
                 if (cr)
-                    st_lanes(bf16, cr + j, m, _mm512_fmadd_ps(d, ld_vec(m, k + j), ld_lanes(bf16, m, cr + j)));
+                    st_lanes(bf16, cr + j, m, _mm512_fmadd_ps(d, ld_vec(m, k + j), ld_lanes(bf16, m, sr + j)));
                 if (dr)
                     st_lanes(bf16, dr + j, m, d);
             }
@@ -731,6 +735,7 @@ int NAME(dk_relu_bn_sums)(const elem *g, i64 ldg, const elem *a, i64 lda, i64 ro
             const elem *gr = g + r * ldg, *ar = a + r * lda;
             const elem *xr = x ? x + r * ldx : 0;
             elem *cr = acc ? acc + r * ldacc : 0, *dr = dout ? dout + r * lddo : 0;
+            const elem *sr = acc ? src + r * ldsrc : 0;
             /* one loop per case: a branch inside would keep the loop from vectorizing */
             if (xr && cr) {
 #pragma omp simd
@@ -738,7 +743,7 @@ int NAME(dk_relu_bn_sums)(const elem *g, i64 ldg, const elem *a, i64 lda, i64 ro
                     float d = relu_grad(LD(gr + j), LD(ar + j));
                     ps[j] += d;
                     px[j] += d * (LD(xr + j) - mean[j]);
-                    cr[j] = TO(LD(cr + j) + d * k[j]);
+                    cr[j] = TO(LD(sr + j) + d * k[j]);
                 }
             } else if (xr) {
 #pragma omp simd
@@ -752,7 +757,7 @@ int NAME(dk_relu_bn_sums)(const elem *g, i64 ldg, const elem *a, i64 lda, i64 ro
                 for (i64 j = 0; j < cols; j++) {
                     float d = relu_grad(LD(gr + j), LD(ar + j));
                     ps[j] += d;
-                    cr[j] = TO(LD(cr + j) + d * k[j]);
+                    cr[j] = TO(LD(sr + j) + d * k[j]);
                 }
             } else {
 #pragma omp simd

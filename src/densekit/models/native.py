@@ -48,7 +48,7 @@ _SIGNATURES = {
     "dk_bn_relu": [_P, _I, _P, _I, _I, _I, _P, _P, _C],
     "dk_gather_cols": [_P, _I, _I, _P, _P, _I, _I, _I, _P, _P, _C],
     "dk_scatter_add_cols": [_P, _I, _P, _P, _I, _I, _I, _I, _C],
-    "dk_relu_bn_sums": [_P, _I, _P, _I, _I, _I, _P, _I, _P, _I, _P, _P, _I, _P, _P, _P, _C],
+    "dk_relu_bn_sums": [_P, _I, _P, _I, _I, _I, _P, _I, _P, _I, _P, _P, _I, _P, _I, _P, _P, _P, _C],
     "dk_bn_grad_apply": [_P, _I, _P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _C],
     "dk_col_stats": [_P, _I, _I, _I, _P, _P, _C],
     "dk_bn_relu_pool": [_P, _I, _P, _I] + [_I] * 8 + [_P, _P, _C],
@@ -254,19 +254,21 @@ def scatter_add_cols(src: torch.Tensor, index: torch.Tensor, dst: torch.Tensor) 
 
 def relu_bn_sums(g: torch.Tensor, a: torch.Tensor, *, dout: torch.Tensor | None = None,
                  x: torch.Tensor | None = None, mean: torch.Tensor | None = None,
-                 acc: torch.Tensor | None = None, k: torch.Tensor | None = None):
+                 acc: torch.Tensor | None = None, k: torch.Tensor | None = None, src: torch.Tensor | None = None):
     """With d = g where a > 0, else 0: returns (sum of d, sum of d * (x - mean)) per column
-    (the second None without ``x``); writes d into ``dout`` and adds d * k to ``acc`` if given."""
+    (the second None without ``x``); writes d into ``dout`` and adds d * k to ``acc`` if given
+    (with ``src``: acc = src + d * k, acc's own values unread)."""
     rows, cols = g.shape
-    _mats(g.shape, g, a, dout, x, acc)
-    if (x is not None and mean is None) or (acc is not None and k is None):
-        raise ValueError("native relu_bn_sums: x needs mean and acc needs k")
+    _mats(g.shape, g, a, dout, x, acc, src)
+    if (x is not None and mean is None) or (acc is not None and k is None) or (src is not None and acc is None):
+        raise ValueError("native relu_bn_sums: x needs mean, acc needs k and src needs acc")
     sum_d = torch.empty(cols, dtype=torch.float32)
     sum_dx = torch.empty(cols, dtype=torch.float32) if x is not None else None
     mean, k = _vec(mean, cols), _vec(k, cols)
     _check(_kernel("dk_relu_bn_sums", g)(g.data_ptr(), g.stride(0), a.data_ptr(), a.stride(0), rows, cols,
                                       _ptr(dout), _ld(dout), _ptr(x), _ld(x), _ptr(mean), _ptr(acc), _ld(acc),
-                                      _ptr(k), sum_d.data_ptr(), _ptr(sum_dx), torch.get_num_threads()))
+                                      _ptr(src), _ld(src), _ptr(k), sum_d.data_ptr(), _ptr(sum_dx),
+                                      torch.get_num_threads()))
     return sum_d, sum_dx
 
 
