@@ -106,6 +106,28 @@ def test_head_gradient_keeps_the_features_layout(dtype, spatial_dims):
     assert torch.equal(grads[0], grads[1])
 
 
+def test_plain_model_on_channels_last_input_under_torch_func_and_forward_ad():
+    """The head's layout-keeping mean stands aside where a hand-written backward cannot serve:
+    torch.func's transforms (per-sample gradients) and forward-mode AD, on the plain path."""
+    torch.manual_seed(0)
+    model = DenseNet(4, (2, 2), stem="cifar", num_classes=3, fused=False).eval()
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xs):
+        return torch.func.functional_call(model, p, (xs,)).sum()
+
+    grads = torch.func.grad(loss)(params, x)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))
+    for name, g in grads.items():
+        torch.testing.assert_close(per_sample[name].sum(0), g, rtol=1e-4, atol=1e-5)
+    tangent = torch.randn_like(x)
+    with torch.autograd.forward_ad.dual_level():
+        jvp = torch.autograd.forward_ad.unpack_dual(model(torch.autograd.forward_ad.make_dual(x, tangent))).tangent
+    want = torch.func.jvp(lambda xs: model(xs), (x,), (tangent,))[1]
+    torch.testing.assert_close(jvp, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(HEAVY))
 def test_heavy_models_build_and_infer(name):
     model = create_model(name).eval()

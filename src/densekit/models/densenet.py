@@ -132,8 +132,12 @@ class _GlobalMean(torch.autograd.Function):
 
 
 def _channels_last_grad(x: Tensor) -> bool:
-    """Will ``x``'s gradient flow back into channels-last memory (and the fast paths run)?"""
+    """Will ``x``'s gradient flow back into channels-last memory through plain autograd (and
+    the fast paths run)? Not under ``torch.func`` transforms (grad, jacrev, vmap: per-sample
+    gradients) nor forward-mode AD, which a hand-written backward does not serve: there the
+    mean's own formulas run."""
     return (not _plain_only() and not torch.compiler.is_compiling() and torch.is_grad_enabled()
+            and not torch._C._are_functorch_transforms_active() and torch.autograd.forward_ad._current_level < 0
             and x.requires_grad and x.dim() in (4, 5)
             and x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
             and not x.is_contiguous())
