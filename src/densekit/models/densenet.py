@@ -10,6 +10,7 @@ with ``torch.jit.script``, and every model traces with ``torch.fx`` (a trace rec
 reference path; pass :data:`NOTRACE_MODULES` as leaf modules to keep the fused ones).
 """
 
+import math
 from collections import OrderedDict
 from typing import List, Sequence, Union
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import checks
+from . import fused as _fused
 from .layers import (DenseBlock, DenseLayer, Features, Transition, _plain_only, check_spatial_dims, conv_nd,
                      max_pool_nd, norm_nd, set_fused)
 
@@ -118,16 +120,14 @@ class _GlobalMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dims: List[int]) -> Tensor:
         ctx.shape, ctx.dims = x.shape, dims
-        ctx.layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         return x.mean(dims)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        count = 1
-        for d in ctx.dims:
-            count *= ctx.shape[d]
+        count = math.prod(ctx.shape[d] for d in ctx.dims)
         spread = (grad / count).view(*grad.shape, *[1] * len(ctx.dims)).expand(ctx.shape)
-        out = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.layout)
+        out = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device,
+                          memory_format=_fused._channels_last(len(ctx.shape) - 2))
         return out.copy_(spread), None
 
 
@@ -139,7 +139,7 @@ def _channels_last_grad(x: Tensor) -> bool:
     return (not _plain_only() and not torch.compiler.is_compiling() and torch.is_grad_enabled()
             and not torch._C._are_functorch_transforms_active() and torch.autograd.forward_ad._current_level < 0
             and x.requires_grad and x.dim() in (4, 5)
-            and x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+            and x.is_contiguous(memory_format=_fused._channels_last(x.dim() - 2))
             and not x.is_contiguous())
 
 
