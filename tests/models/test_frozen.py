@@ -42,7 +42,9 @@ def test_pruned_network_same_function_float32_and_bf16(batch, cpu_kernels):
     torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("spatial_dims,size", [(1, (20,)), (2, (9, 7)), (3, (5, 6, 4))])
+# (3, 3), (1, 2) and (2, 2, 2): grids small enough for the convolution unrolled over them
+@pytest.mark.parametrize("spatial_dims,size", [(1, (20,)), (2, (9, 7)), (3, (5, 6, 4)), (2, (3, 3)), (2, (1, 2)),
+                                               (3, (2, 2, 2))])
 @pytest.mark.parametrize("bn_size", [4, 0])
 @pytest.mark.parametrize("batch", [3, frozen._PACK_MIN_BATCH])
 def test_block_same_function_in_every_dimension(spatial_dims, size, bn_size, batch, cpu_kernels):
@@ -100,6 +102,25 @@ def test_prepacked_weights_kept_for_a_few_input_shapes():
             x = torch.randn(frozen._PACK_MIN_BATCH, 6, side, side)
             torch.testing.assert_close(fast(x), block(x), rtol=1e-5, atol=1e-5)
     assert len(fast._packed) == frozen._SHAPES
+
+
+@pytest.mark.parametrize("bn_size", [4, 0])
+def test_pointwise_and_small_grid_convolutions_run_as_matrix_products(bn_size):
+    """With weights prepacked, a 1x1 convolution runs as a matrix product over the rows, and a
+    3x3 one over a grid of at most ``_UNROLL_POSITIONS`` positions as one over the images."""
+    torch.manual_seed(0)
+    block = DenseBlock(6, 5, 3, bn_size=bn_size, fused=True)
+    randomize_norms(block)
+    block.eval()
+    fast = optimize_for_inference(block)
+    for side, unrolled in ((3, 9), (4, 0), (7, 0)):
+        x = torch.randn(frozen._PACK_MIN_BATCH, 6, side, side)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), block(x), rtol=1e-5, atol=1e-5)
+        packed, weights = fast._packed[(tuple(x.shape), x.dtype, x.device)]
+        assert packed
+        kinds = [[w.positions for w in pair if w is not None] for pair in weights]
+        assert kinds == [[1, unrolled] if bn_size else [unrolled]] * 3
 
 
 def test_eval_and_predict_run_the_optimized_copy_on_the_cpu_only():
