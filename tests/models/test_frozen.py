@@ -8,7 +8,8 @@ import torch
 
 from densekit import DenseBlock, create_model
 from densekit.models import frozen
-from densekit.models.frozen import FrozenDenseBlock, optimize_for_inference
+from densekit.models.frozen import FrozenDenseBlock, FrozenTransition, optimize_for_inference
+from densekit.models.layers import Transition
 from densekit.models.profile import count_macs
 from densekit.prune import prune_model
 from testkit import randomize_norms
@@ -30,7 +31,8 @@ def test_pruned_network_same_function_float32_and_bf16(batch, cpu_kernels):
     model = _pruned_model()
     fast = optimize_for_inference(model)
     blocks = [m for m in fast.modules() if isinstance(m, FrozenDenseBlock)]
-    assert len(blocks) == 3 and all(type(m) is not DenseBlock for m in fast.features.children())
+    assert len(blocks) == 3 and all(type(m) not in (DenseBlock, Transition) for m in fast.features.children())
+    assert sum(isinstance(m, FrozenTransition) for m in fast.modules()) == 2
     assert all(b.output_index is not None for b in blocks)  # the pruned outputs are selected too
     x = torch.randn(batch, 1, 28, 28)
     with torch.inference_mode():
@@ -151,6 +153,39 @@ def test_the_copy_is_a_model_like_its_original():
     torch.testing.assert_close(traced(x[:2]), model(x[:2]), rtol=1e-4, atol=1e-4)
     with pytest.raises(RuntimeError, match="inference only"):
         fast.features.denseblock1.prune_(torch.arange(4))
+    with pytest.raises(RuntimeError, match="inference only"):
+        fast.features.transition1.prune_(torch.arange(4))
+    with pytest.raises(RuntimeError, match="inference only"):
+        fast.features.transition1.train()
+
+
+# odd sides: the pooling drops the last row or column, as AvgPool does
+@pytest.mark.parametrize("spatial_dims,size", [(1, (9,)), (2, (7, 6)), (2, (4, 5)), (3, (5, 4, 4))])
+@pytest.mark.parametrize("batch", [3, frozen._PACK_MIN_BATCH])
+def test_transition_same_function_in_every_dimension(spatial_dims, size, batch, cpu_kernels):
+    torch.manual_seed(spatial_dims)
+    transition = Transition(10, 6, spatial_dims=spatial_dims, fused=True)
+    randomize_norms(transition)
+    transition.eval()
+    fast = optimize_for_inference(transition)
+    assert isinstance(fast, FrozenTransition) and list(fast.state_dict()) == list(transition.state_dict())
+    x = torch.randn(batch, 10, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), transition.forward_plain(x), rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = fast(x), transition(x)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+        # constants kept per dtype and shape where the native kernels run it
+        assert len(fast._kept) == (0 if cpu_kernels == "torch-ops" else 2)
+
+
+def test_transitions_that_do_not_pool_first_stay_as_they_are():
+    transition = Transition(10, 6, fused=True)
+    transition.pool = torch.nn.MaxPool2d(2)
+    assert type(optimize_for_inference(transition)) is Transition
+    with pytest.raises(ValueError, match="pools before"):
+        FrozenTransition(transition)
 
 
 def test_a_block_right_under_the_root_is_replaced_in_place():

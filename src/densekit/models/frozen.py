@@ -21,7 +21,9 @@ block's channels-last rows is one, and a convolution over a grid of at most
 of each image's positions with the convolution unrolled over them, a matrix computed once by
 running the convolution on a basis. At 3x3 positions oneDNN's 3x3 convolution costs 25-45 us
 whatever its channels; the unrolled product, 1.65x its multiplications, 10-20 us. Together a
-forward of the ``make run`` model at batch 64 is about 4% faster, pruned or not.
+forward of the ``make run`` model at batch 64 is about 4% faster, pruned or not. Transitions
+are copied as :class:`FrozenTransition`s: BN-ReLU and pooling from a kept scale and shift, the
+1x1 convolution on the pooled rows as a prepacked matrix product (another 4%).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from . import fused as _fused
-from .layers import DenseBlock
+from . import fused as _fused, native
+from .layers import DenseBlock, Transition
 
 # Prepacked weights are kept for this many input shapes (batch size, spatial size, dtype) per block.
 _SHAPES = 4
@@ -47,21 +49,24 @@ _UNROLL_POSITIONS = 9
 
 def optimize_for_inference(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode, for inference only, whose dense blocks that run fused
-    (``DenseBlock.fused_status()`` None) are :class:`FrozenDenseBlock`s: the same function, the
-    same state-dict keys, their per-layer constants computed at their first call in each dtype
-    and device. Everything else is copied as it is. ``model`` is unchanged; the copy does not
-    follow later changes to it, and its blocks refuse ``train()``."""
+    (``DenseBlock.fused_status()`` None) are :class:`FrozenDenseBlock`s and whose transitions
+    that pool first (``Transition.pools_first``) :class:`FrozenTransition`s: the same function,
+    the same state-dict keys, their constants computed at their first call in each dtype and
+    device. Everything else is copied as it is. ``model`` is unchanged; the copy does not
+    follow later changes to it, and its frozen modules refuse ``train()``."""
     frozen = copy.deepcopy(model).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
-    blocks = [name for name, m in frozen.named_modules()
-              if isinstance(m, DenseBlock) and not isinstance(m, FrozenDenseBlock) and m.fused_status() is None]
-    for name in blocks:
+    swaps = [(name, FrozenDenseBlock) for name, m in frozen.named_modules()
+             if isinstance(m, DenseBlock) and not isinstance(m, FrozenDenseBlock) and m.fused_status() is None]
+    swaps += [(name, FrozenTransition) for name, m in frozen.named_modules()
+              if type(m) is Transition and m.pools_first]
+    for name, frozen_type in swaps:
         if not name:
-            return FrozenDenseBlock(frozen)
+            return frozen_type(frozen)
         parent_name, _, child = name.rpartition(".")
         parent = frozen.get_submodule(parent_name)
-        setattr(parent, child, FrozenDenseBlock(getattr(parent, child)))
+        setattr(parent, child, frozen_type(getattr(parent, child)))
     return frozen
 
 
@@ -134,11 +139,9 @@ class FrozenDenseBlock(DenseBlock):
     def _weights(self, x: torch.Tensor, layers: list) -> tuple[bool, list]:
         """Whether the convolutions run oneDNN-prepacked for ``x`` (:func:`_prepacks`), and per layer
         the two convolutions' weights as the convolution op then takes them."""
-        key = (tuple(x.shape), x.dtype, x.device)
-        kept = self._packed.pop(key, None)  # then put back last: the most recently used
-        if kept is not None:
-            self._packed[key] = kept
-            return kept
+        return _kept(self._packed, x, lambda: self._pack(x, layers))
+
+    def _pack(self, x: torch.Tensor, layers: list) -> tuple[bool, list]:
         n, _, *spatial = x.shape
         packed, weights = _prepacks(x), []
         for first, _, _, folded, last in layers:
@@ -150,9 +153,6 @@ class FrozenDenseBlock(DenseBlock):
                 w1 = _Packed(w1, first.padding, [n, c1, *spatial])
                 w2 = None if w2 is None else _Packed(w2, last.padding, [n, width, *spatial])
             weights.append((w1, w2))
-        self._packed[key] = packed, weights
-        if len(self._packed) > _SHAPES:
-            self._packed.popitem(last=False)
         return packed, weights
 
     @staticmethod
@@ -174,6 +174,74 @@ class FrozenDenseBlock(DenseBlock):
                              last.padding, spatial, packed)
             rows[:, ci:ci + k].copy_(out)
         return store.movedim(-1, 1)
+
+
+class FrozenTransition(Transition):
+    """A transition for inference: the eval-mode function of the :class:`Transition` it is made
+    from (one that pools first), holding the same layers. On the CPU where the native kernels
+    run it (``fused.supports_fused_transition``) BN-ReLU and pooling are one pass from a scale
+    and shift kept per dtype and input shape, and the 1x1 convolution on the pooled rows runs
+    from a prepacked weight (:class:`_Packed`); elsewhere, under torch.compile and in traces it
+    runs as a Transition."""
+
+    def __init__(self, transition: Transition) -> None:
+        if not transition.pools_first:
+            raise ValueError("FrozenTransition needs a transition that pools before its convolution")
+        nn.Sequential.__init__(self, OrderedDict(transition.named_children()))  # the same layers and keys
+        self.in_channels, self.out_channels, self.fused = transition.in_channels, transition.out_channels, True
+        self.training = False
+        self._kept: OrderedDict = OrderedDict()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()  # as FrozenDenseBlock: the copy computes its own constants
+        state["_kept"] = OrderedDict()
+        return state
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError("a FrozenTransition is for inference only: train the model it was made from")
+        return super().train(False)
+
+    def prune_(self, inputs: torch.Tensor) -> "Transition":
+        raise RuntimeError("a FrozenTransition is for inference only: prune the model it was made from")
+
+    @torch.jit.unused
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() or not _fused.supports_fused_transition(self, x):
+            return super()._forward_fused(x)
+        with torch.no_grad():
+            return _fused._in_autocast_dtype(FrozenTransition._run, self, x)
+
+    @staticmethod
+    def _run(self: "FrozenTransition", x: torch.Tensor) -> torch.Tensor:
+        spatial = tuple(x.shape[2:])
+        pooled_spatial = tuple(s // 2 for s in spatial)
+        padding = [0] * len(spatial)
+        scale, shift, packed, weight = _kept(self._kept, x, lambda: self._constants(x, pooled_spatial))
+        pooled = native.bn_relu_pool(_fused._rows(x), spatial, scale, shift)
+        return _fused._grid(_apply(weight, pooled, None, padding, pooled_spatial, packed), pooled_spatial)
+
+    def _constants(self, x: torch.Tensor, pooled_spatial: tuple[int, ...]) -> tuple:
+        unit = _fused._Unit(self.norm, self.conv, x.dtype)
+        scale, shift = (t.contiguous() for t in unit.running_scale_shift())
+        packed = _prepacks(x)
+        weight = unit.weight
+        if packed:
+            weight = _Packed(weight, [0] * len(pooled_spatial), [x.shape[0], x.shape[1], *pooled_spatial])
+        return scale, shift, packed, weight
+
+
+def _kept(store: OrderedDict, x: torch.Tensor, make):
+    """``store``'s entry for ``x``'s shape, dtype and device, made by ``make()`` at its first
+    use; the ``_SHAPES`` most recently used are kept."""
+    key = (tuple(x.shape), x.dtype, x.device)
+    value = store.pop(key, None)  # then put back last: the most recently used
+    if value is None:
+        value = make()
+    store[key] = value
+    if len(store) > _SHAPES:
+        store.popitem(last=False)
+    return value
 
 
 # Below this batch size torch.convolution's own choice (not oneDNN for small inputs) is faster
