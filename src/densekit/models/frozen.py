@@ -114,8 +114,7 @@ class FrozenDenseBlock(DenseBlock):
         if torch.compiler.is_compiling():
             return super()._forward_fused(x)
         with torch.no_grad():
-            out = _fused._in_autocast_dtype(FrozenDenseBlock._run, self, x)
-        return out if self.output_index is None else _fused.select_channels(out, self.output_index)
+            return _fused._in_autocast_dtype(FrozenDenseBlock._run, self, x)
 
     def _layers(self, dtype: torch.dtype) -> list:
         """Per layer: (first unit, its scale and shift, the 1x1 weight and bias with the second
@@ -173,7 +172,13 @@ class FrozenDenseBlock(DenseBlock):
                 out = _apply(w2, _apply(w1, a, folded[1], first.padding, spatial, packed, relu=True), None,
                              last.padding, spatial, packed)
             rows[:, ci:ci + k].copy_(out)
-        return store.movedim(-1, 1)
+        if self.output_index is None:
+            return store.movedim(-1, 1)
+        # a pruned block's kept outputs: one gather, without select_channels' autograd node
+        # (10-25 us a call, as much as the gather itself at 3x3 positions)
+        index = self.output_index
+        kept = torch.empty(rows.shape[0], index.numel(), dtype=rows.dtype, device=rows.device)
+        return _fused._grid(_fused._gather_cols(rows, index, kept), spatial)
 
 
 class FrozenTransition(Transition):
