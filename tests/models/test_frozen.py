@@ -180,6 +180,54 @@ def test_transition_same_function_in_every_dimension(spatial_dims, size, batch, 
         assert len(fast._kept) == (0 if cpu_kernels == "torch-ops" else 2)
 
 
+def test_transition_changed_after_the_copy_runs_as_a_transition():
+    torch.manual_seed(0)
+    transition = Transition(10, 6, fused=True)
+    randomize_norms(transition)
+    transition.eval()
+    x = torch.randn(frozen._PACK_MIN_BATCH, 10, 6, 6)
+    fast = optimize_for_inference(transition)
+    with torch.no_grad():
+        fast(x)  # constants kept
+        for change in (lambda t: setattr(t, "pool", torch.nn.MaxPool2d(2)), lambda t: t.norm.train()):
+            want, got = copy.deepcopy(transition), copy.deepcopy(fast)
+            change(want)
+            change(got)
+            torch.testing.assert_close(got(x), want(x), rtol=1e-5, atol=1e-5)
+
+
+def test_loading_a_state_dict_into_the_copy_makes_its_constants_anew():
+    model, other = _pruned_model(), _pruned_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    fast = optimize_for_inference(model)
+    x = torch.randn(frozen._PACK_MIN_BATCH, 1, 28, 28)
+    with torch.no_grad():
+        fast(x)  # constants and packed weights kept
+        fast.load_state_dict(other.state_dict())
+        torch.testing.assert_close(fast(x), other(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spatial,padding,kernel", [((3, 3), [1, 1], (3, 3)), ((2, 3), [1, 1], (3, 3)),
+                                                    ((2, 2, 2), [1, 1, 1], (3, 3, 3)), ((3,), [1], (3,))])
+def test_unrolled_convolution_is_the_convolution(spatial, padding, kernel):
+    torch.manual_seed(0)
+    weight = torch.randn(5, 4, *kernel, dtype=torch.float64)
+    x = torch.randn(3, 4, *spatial, dtype=torch.float64)
+    n = len(spatial)
+    want = torch.convolution(x, weight, None, [1] * n, padding, [1] * n, False, [0] * n, 1)
+    got = x.movedim(1, -1).reshape(3, -1) @ frozen._unrolled(weight, padding, list(spatial)).t()
+    torch.testing.assert_close(got.view(3, *want.shape[2:], 5).movedim(-1, 1), want)
+
+
+def test_a_wide_convolution_on_a_small_grid_is_not_unrolled():
+    # 81 x 12 x 4,400 weights would be over the bound: it stays a convolution
+    wide = frozen._Packed(torch.randn(12, 4400, 3, 3), [1, 1], [16, 4400, 3, 3])
+    narrow = frozen._Packed(torch.randn(12, 48, 3, 3), [1, 1], [16, 48, 3, 3])
+    assert (wide.positions, narrow.positions) == (0, 9)
+
+
 def test_transitions_that_do_not_pool_first_stay_as_they_are():
     transition = Transition(10, 6, fused=True)
     transition.pool = torch.nn.MaxPool2d(2)

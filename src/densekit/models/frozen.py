@@ -11,15 +11,16 @@ convolution weights prepacked by oneDNN per input shape on the CPU and the ReLU 
 folded 1x1 convolution done by the convolution itself. On the ``make run`` model on 2 CPU
 cores (AMD EPYC) this takes a forward at batch 64 from about 17 to 15 ms, 40% pruned from 12.6
 to 10.7 ms, and at batch 1 from 3.2 to 2.0 ms (docs/performance.md#pruning). The copy does not
-follow later changes to the original. ``densekit eval`` and ``predict`` run it on the CPU.
+follow later changes to the original; ``load_state_dict`` on the copy makes its constants anew.
+``densekit eval`` and ``predict`` run it on the CPU.
 
 Where the weights are prepacked, two of a layer's convolutions run as oneDNN matrix products
 instead, which cost about 10 us less per call than its convolution primitive on the same
 data (on a Zen 5 EPYC, 2 cores, float32 and bf16; ad hoc): a 1x1 convolution, which on the
 block's channels-last rows is one, and a convolution over a grid of at most
 ``_UNROLL_POSITIONS`` positions (the ``make run`` model's last block, at 3x3), as one product
-of each image's positions with the convolution unrolled over them, a matrix computed once by
-running the convolution on a basis. At 3x3 positions oneDNN's 3x3 convolution costs 25-45 us
+of each image's positions with the convolution unrolled over them (each tap's weights placed
+where it reaches; a matrix made once per input shape). At 3x3 positions oneDNN's 3x3 convolution costs 25-45 us
 whatever its channels; the unrolled product, 1.65x its multiplications, 10-20 us. Together a
 forward of the ``make run`` model at batch 64 is about 4% faster, pruned or not. Transitions
 are copied as :class:`FrozenTransition`s: BN-ReLU and pooling from a kept scale and shift, the
@@ -29,6 +30,7 @@ are copied as :class:`FrozenTransition`s: BN-ReLU and pooling from a kept scale 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections import OrderedDict
 
@@ -45,6 +47,9 @@ _SHAPES = 4
 # the module docstring). At 7x7 the unrolled matrix has 49 positions' worth of weights for the
 # 9 taps a 3x3 convolution uses, and is slower than the convolution.
 _UNROLL_POSITIONS = 9
+# ... and holds at most this many weights (16 MiB in float32), 81 C_out x C_in at 3x3: a
+# bottleneck's 3x3 convolution (48 or 128 inputs) is far under it.
+_UNROLL_ELEMENTS = 1 << 22
 
 
 def optimize_for_inference(model: nn.Module) -> nn.Module:
@@ -100,6 +105,12 @@ class FrozenDenseBlock(DenseBlock):
         state = self.__dict__.copy()
         state["_constants"], state["_packed"] = {}, OrderedDict()
         return state
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # load_state_dict visits the block before its layers: new weights, new constants
+        self._constants.clear()
+        self._packed.clear()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def train(self, mode: bool = True):
         if mode:
@@ -175,7 +186,7 @@ class FrozenDenseBlock(DenseBlock):
         if self.output_index is None:
             return store.movedim(-1, 1)
         # a pruned block's kept outputs: one gather, without select_channels' autograd node
-        # (10-25 us a call, as much as the gather itself at 3x3 positions)
+        # (about 7 us a call, half the gather itself at 3x3 positions)
         index = self.output_index
         kept = torch.empty(rows.shape[0], index.numel(), dtype=rows.dtype, device=rows.device)
         return _fused._grid(_fused._gather_cols(rows, index, kept), spatial)
@@ -202,6 +213,10 @@ class FrozenTransition(Transition):
         state["_kept"] = OrderedDict()
         return state
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kept.clear()  # new weights: new constants at the next call
+        super()._load_from_state_dict(*args, **kwargs)
+
     def train(self, mode: bool = True):
         if mode:
             raise RuntimeError("a FrozenTransition is for inference only: train the model it was made from")
@@ -212,7 +227,9 @@ class FrozenTransition(Transition):
 
     @torch.jit.unused
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or not _fused.supports_fused_transition(self, x):
+        # a layer swapped or a norm put in training mode since the copy: the Transition's own way
+        if torch.compiler.is_compiling() or not self.pools_first or self.norm.training \
+                or not _fused.supports_fused_transition(self, x):
             return super()._forward_fused(x)
         with torch.no_grad():
             return _fused._in_autocast_dtype(FrozenTransition._run, self, x)
@@ -283,7 +300,8 @@ class _Packed:
         self.positions = 0
         if all(k == 1 for k in weight.shape[2:]) and not any(padding):
             self.positions, matrix = 1, weight.reshape(weight.shape[0], -1)
-        elif math.prod(spatial) <= _UNROLL_POSITIONS:
+        elif math.prod(spatial) <= _UNROLL_POSITIONS and _keeps_size(weight, padding) \
+                and math.prod(spatial) ** 2 * weight.shape[0] * weight.shape[1] <= _UNROLL_ELEMENTS:
             self.positions, matrix = math.prod(spatial), _unrolled(weight, padding, spatial)
         if self.positions:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(matrix, input_size[0] * math.prod(spatial)
@@ -292,15 +310,25 @@ class _Packed:
             self.weight = _prepack(weight, padding, input_size)
 
 
+def _keeps_size(weight: torch.Tensor, padding: list[int]) -> bool:
+    return all(2 * p == k - 1 for p, k in zip(padding, weight.shape[2:]))
+
+
 def _unrolled(weight: torch.Tensor, padding: list[int], spatial: list[int]) -> torch.Tensor:
-    """The (P * C_out, P * C_in) matrix of a stride-1 convolution over a grid of P positions,
-    rows and columns in channels-last order: the convolution of each one-hot input, in float64."""
+    """The (P * C_out, P * C_in) matrix of a stride-1 convolution that keeps the size of a grid
+    of P positions, rows and columns in channels-last order: each output position's rows hold,
+    in the columns of each input position one of its taps reaches, that tap's (C_out, C_in)
+    weights."""
     c_out, c_in = weight.shape[:2]
-    size = math.prod(spatial) * c_in
-    n = len(spatial)
-    basis = torch.eye(size, dtype=torch.float64, device=weight.device).view(size, *spatial, c_in).movedim(-1, 1)
-    out = torch.convolution(basis, weight.double(), None, [1] * n, padding, [1] * n, False, [0] * n, 1)
-    return out.movedim(1, -1).reshape(size, -1).t().to(weight.dtype).contiguous()
+    positions = list(itertools.product(*(range(s) for s in spatial)))
+    where = {q: i for i, q in enumerate(positions)}
+    matrix = weight.new_zeros(len(positions) * c_out, len(positions) * c_in)
+    for o, q in enumerate(positions):
+        for tap in itertools.product(*(range(k) for k in weight.shape[2:])):
+            i = where.get(tuple(a + t - pad for a, t, pad in zip(q, tap, padding)))
+            if i is not None:
+                matrix[o * c_out:(o + 1) * c_out, i * c_in:(i + 1) * c_in] = weight[(slice(None), slice(None), *tap)]
+    return matrix
 
 
 def _apply(weight, rows: torch.Tensor, bias, padding: list[int], spatial: tuple[int, ...], packed: bool,
