@@ -81,7 +81,36 @@ def for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     return optimize_for_inference(model) if device.type == "cpu" else model
 
 
-class FrozenDenseBlock(DenseBlock):
+class _InferenceOnly:
+    """What the frozen modules share: their kept constants (the dicts named in ``_CACHES``) are
+    left behind by copies and pickles (oneDNN's packed weights have no storage to copy; the
+    copy computes its own at its first call) and dropped by ``load_state_dict`` (new weights,
+    new constants; it visits a module before its children); they refuse ``train()`` and
+    ``prune_()``."""
+
+    _CACHES: tuple[str, ...] = ()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for name in self._CACHES:
+            state[name] = type(state[name])()
+        return state
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        for name in self._CACHES:
+            getattr(self, name).clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError(f"a {type(self).__name__} is for inference only: train the model it was made from")
+        return super().train(False)
+
+    def prune_(self, *args, **kwargs):
+        raise RuntimeError(f"a {type(self).__name__} is for inference only: prune the model it was made from")
+
+
+class FrozenDenseBlock(_InferenceOnly, DenseBlock):
     """A dense block for inference: the eval-mode function of the :class:`DenseBlock` it is made
     from, holding the same layers, from constants computed at its first call in each dtype and
     device (see the module docstring). Where that path does not apply it runs as a DenseBlock:
@@ -99,26 +128,7 @@ class FrozenDenseBlock(DenseBlock):
         self._constants: dict[tuple, list] = {}
         self._packed: OrderedDict = OrderedDict()
 
-    def __getstate__(self):
-        # copies and pickles leave the kept constants behind (oneDNN's packed weights have no
-        # storage to copy); the copy computes its own at its first call
-        state = self.__dict__.copy()
-        state["_constants"], state["_packed"] = {}, OrderedDict()
-        return state
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        # load_state_dict visits the block before its layers: new weights, new constants
-        self._constants.clear()
-        self._packed.clear()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def train(self, mode: bool = True):
-        if mode:
-            raise RuntimeError("a FrozenDenseBlock is for inference only: train the model it was made from")
-        return super().train(False)
-
-    def prune_(self, outputs: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError("a FrozenDenseBlock is for inference only: prune the model it was made from")
+    _CACHES = ("_constants", "_packed")
 
     @torch.jit.unused
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,7 +202,7 @@ class FrozenDenseBlock(DenseBlock):
         return _fused._grid(_fused._gather_cols(rows, index, kept), spatial)
 
 
-class FrozenTransition(Transition):
+class FrozenTransition(_InferenceOnly, Transition):
     """A transition for inference: the eval-mode function of the :class:`Transition` it is made
     from (one that pools first), holding the same layers. On the CPU where the native kernels
     run it (``fused.supports_fused_transition``) BN-ReLU and pooling are one pass from a scale
@@ -208,22 +218,7 @@ class FrozenTransition(Transition):
         self.training = False
         self._kept: OrderedDict = OrderedDict()
 
-    def __getstate__(self):
-        state = self.__dict__.copy()  # as FrozenDenseBlock: the copy computes its own constants
-        state["_kept"] = OrderedDict()
-        return state
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._kept.clear()  # new weights: new constants at the next call
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def train(self, mode: bool = True):
-        if mode:
-            raise RuntimeError("a FrozenTransition is for inference only: train the model it was made from")
-        return super().train(False)
-
-    def prune_(self, inputs: torch.Tensor) -> "Transition":
-        raise RuntimeError("a FrozenTransition is for inference only: prune the model it was made from")
+    _CACHES = ("_kept",)
 
     @torch.jit.unused
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
