@@ -271,3 +271,60 @@ def test_pruned_block_outputs_under_bf16_autocast():
         err = lambda got, exact: ((got - exact).norm() / exact.norm()).item()  # noqa: E731
         assert err(y_native, want[0]) < 0.01 and err(y_ops, want[0]) < 0.01
         assert err(g_native, want[1]) <= 1.2 * err(g_ops, want[1]) and err(g_native, want[1]) < (0.4 if train else 0.05)
+
+
+def test_selection_from_parts_equals_the_concatenation_then_the_gather():
+    """The reference path's pruned read takes each part's channels (whole, a slice, a gather or
+    none) instead of concatenating everything first: the same tensor and gradients."""
+    from densekit.models.layers import _select_from_parts
+
+    parts = [torch.randn(2, c, 3, 3, requires_grad=True) for c in (6, 4, 4, 4)]
+    owner = nn.Module()
+    for keep in ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],  # all of every part
+                 [2, 3, 4, 10, 11],  # a slice of the first, a slice of the second, none of the rest
+                 [0, 5, 7, 9, 14, 15, 16, 17],  # gathers, then the whole last part
+                 [17]):
+        index = torch.tensor(keep)
+        got = _select_from_parts(owner, parts, index)
+        want = torch.cat(parts, 1).index_select(1, index)
+        assert torch.equal(got, want)
+        g = torch.randn_like(want)
+        grads = torch.autograd.grad((got * g).sum(), parts, allow_unused=True, materialize_grads=True)
+        expected = torch.autograd.grad((want * g).sum(), parts)
+        assert all(torch.equal(a, b) for a, b in zip(grads, expected))
+
+
+def test_the_reference_path_rereads_an_index_loaded_in_place():
+    """How an index splits over the block's maps is kept between calls: loading another pruned
+    state (the same shapes, other channels) into the model must not leave the old split."""
+    a = small().eval().set_fused(False)
+    prune_model(a, 0.4)
+    b = copy.deepcopy(a)
+    with torch.no_grad():  # b: the same structure as a, each layer reading other channels
+        for m in b.modules():
+            if isinstance(m, densekit.DenseLayer) and m.input_index is not None:
+                n = m.input_index.numel()
+                m.input_index.copy_(torch.arange(m.in_channels)[-n:])
+    x = inputs()
+    with torch.no_grad():
+        a(x)  # keeps a's splits
+        a.load_state_dict(b.state_dict())
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_the_onnx_export_of_a_pruned_model_never_gathers_from_a_concatenation(tmp_path):
+    """A pruned layer's read in an exported graph gathers from the block's input and each
+    earlier layer's output, not from their concatenation (which grows with depth): onnxruntime
+    then copies only the channels the layer reads (docs/performance.md#pruning)."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from densekit.export import export_onnx
+
+    model = small().eval()
+    prune_model(model, 0.4)
+    path = tmp_path / "pruned.onnx"
+    export_onnx(model, path)  # checked against PyTorch in onnxruntime
+    graph = onnx.load(str(path)).graph
+    made_by = {out: node.op_type for node in graph.node for out in node.output}
+    gathers = [node for node in graph.node if node.op_type == "Gather"]
+    assert gathers and all(made_by.get(node.input[0]) != "Concat" for node in gathers)
