@@ -903,7 +903,31 @@ int NAME(dk_col_stats)(const elem *x, i64 ldx, i64 rows, i64 cols, float *mean, 
     return 0;
 }
 
-/* out = avg_pool(relu(x * scale + shift)), out being the pooled rows. */
+/* BN-ReLU of n window rows (4 or 8), summed in order in registers, one output column at a time. */
+#define POOL_SUM(n)                                                                          \
+    do {                                                                                     \
+        const elem *restrict r_[8];                                                         \
+        for (int t_ = 0; t_ < (n); t_++)                                                     \
+            r_[t_] = x + win[t_] * ldx;                                                      \
+        _Pragma("omp simd") for (i64 j = 0; j < cols; j++)                                   \
+        {                                                                                    \
+            float sc = scale[j], sh = shift[j], acc = 0.f;                                   \
+            _Pragma("GCC unroll 8") for (int t_ = 0; t_ < (n); t_++)                         \
+            {                                                                                \
+                float v = LD(r_[t_] + j) * sc + sh;                                          \
+                acc += v < 0.f ? 0.f : v;                                                    \
+            }                                                                                \
+            orow[j] = TO(acc * inv);                                                         \
+        }                                                                                    \
+    } while (0)
+
+/* out = avg_pool(relu(x * scale + shift)), out being the pooled rows. For the 2x2 and 2x2x2
+ * windows of a transition each output column is summed over its window in a register (the
+ * window's length a constant, so the loop over it unrolls) and stored once; with the sums in
+ * a per-thread array, loaded and stored at every window row, as the other sizes still go,
+ * this took 2.4x the time of a BN-ReLU over the same input in float32 and 4.5x in bfloat16
+ * (212 and 397 us against 88 us on 12,544 x 96 rows pooled to 3,136; 104 and 129 us in
+ * registers; AMD EPYC Zen 4, 2 threads, ad hoc). The sums are in the same order either way. */
 int NAME(dk_bn_relu_pool)(const elem *x, i64 ldx, elem *out, i64 ldo, i64 n, i64 d, i64 h, i64 w,
                     i64 kd, i64 kh, i64 kw, i64 cols, const float *scale, const float *shift, int threads)
 {
@@ -922,9 +946,17 @@ int NAME(dk_bn_relu_pool)(const elem *x, i64 ldx, elem *out, i64 ldo, i64 n, i64
             lo = hi;
         }
         for (i64 o = lo; o < hi; o++) {
-            elem *orow = out + o * ldo;
+            elem *restrict orow = out + o * ldo;
             i64 win[8];
             int count = window_rows(&g, o, win);
+            if (count == 4) {
+                POOL_SUM(4);
+                continue;
+            }
+            if (count == 8) {
+                POOL_SUM(8);
+                continue;
+            }
 #pragma omp simd
             for (i64 j = 0; j < cols; j++)
                 acc[j] = 0.f;
