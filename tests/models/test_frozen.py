@@ -44,6 +44,23 @@ def test_pruned_network_same_function_float32_and_bf16(batch, cpu_kernels):
     torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
 
 
+def test_a_pruned_blocks_output_outlives_the_next_call():
+    """A pruned block returns its kept channels in a workspace of the call that made them: a
+    later call, of any batch size, leaves an earlier output as it was."""
+    model = _pruned_model()
+    fast = optimize_for_inference(model)
+    block = fast.features.denseblock1
+    assert block.output_index is not None
+    x1 = torch.randn(frozen._PACK_MIN_BATCH, block.in_channels, 14, 14)
+    with torch.inference_mode():
+        y1 = block(x1)
+        want = y1.clone()
+        for n in (frozen._PACK_MIN_BATCH, 2, 3 * frozen._PACK_MIN_BATCH):
+            block(torch.randn(n, block.in_channels, 14, 14))
+        assert torch.equal(y1, want)
+        torch.testing.assert_close(y1, model.features.denseblock1(x1), rtol=1e-4, atol=1e-4)
+
+
 # (3, 3), (1, 2) and (2, 2, 2): grids small enough for the convolution unrolled over them
 @pytest.mark.parametrize("spatial_dims,size", [(1, (20,)), (2, (9, 7)), (3, (5, 6, 4)), (2, (3, 3)), (2, (1, 2)),
                                                (3, (2, 2, 2))])

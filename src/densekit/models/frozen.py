@@ -183,7 +183,9 @@ class FrozenDenseBlock(_InferenceOnly, DenseBlock):
         layers = self._layers(x.dtype)
         packed, weights = self._weights(x, layers)
         store, rows = _fused._buffer(x, c)
-        scratch = _fused._Scratch(rows.shape[0], {"a": max(c - k, k), "g": c}, x)
+        index = self.output_index
+        kept = 0 if index is None else index.numel()
+        scratch = _fused._Scratch(rows.shape[0], {"a": max(c - k, k, kept), "g": c}, x)
         for i, ((first, scale, shift, folded, last), (w1, w2)) in enumerate(zip(layers, weights)):
             ci = c0 + i * k
             a = first.read_act(rows[:, :ci], scale, shift, scratch)
@@ -193,13 +195,14 @@ class FrozenDenseBlock(_InferenceOnly, DenseBlock):
                 out = _apply(w2, _apply(w1, a, folded[1], first.padding, spatial, packed, relu=True), None,
                              last.padding, spatial, packed)
             rows[:, ci:ci + k].copy_(out)
-        if self.output_index is None:
+        if index is None:
             return store.movedim(-1, 1)
-        # a pruned block's kept outputs: one gather, without select_channels' autograd node
-        # (about 7 us a call, half the gather itself at 3x3 positions)
-        index = self.output_index
-        kept = torch.empty(rows.shape[0], index.numel(), dtype=rows.dtype, device=rows.device)
-        return _fused._grid(_fused._gather_cols(rows, index, kept), spatial)
+        # A pruned block's kept outputs: one gather, without select_channels' autograd node
+        # (about 7 us a call, half the gather itself at 3x3 positions), into the workspace
+        # the last layer's BN-ReLU has just written, which is still in the CPU's caches: into
+        # a new tensor the gather took twice as long (docs/performance.md#pruning). The
+        # workspace is this call's own; the returned view keeps it.
+        return _fused._grid(_fused._gather_cols(rows, index, scratch("a", kept)), spatial)
 
 
 class FrozenTransition(_InferenceOnly, Transition):
