@@ -279,13 +279,12 @@ def test_selection_from_parts_equals_the_concatenation_then_the_gather():
     from densekit.models.layers import _select_from_parts
 
     parts = [torch.randn(2, c, 3, 3, requires_grad=True) for c in (6, 4, 4, 4)]
-    owner = nn.Module()
     for keep in ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],  # all of every part
                  [2, 3, 4, 10, 11],  # a slice of the first, a slice of the second, none of the rest
                  [0, 5, 7, 9, 14, 15, 16, 17],  # gathers, then the whole last part
                  [17]):
         index = torch.tensor(keep)
-        got = _select_from_parts(owner, parts, index)
+        got = _select_from_parts(parts, index)
         want = torch.cat(parts, 1).index_select(1, index)
         assert torch.equal(got, want)
         g = torch.randn_like(want)
@@ -294,22 +293,24 @@ def test_selection_from_parts_equals_the_concatenation_then_the_gather():
         assert all(torch.equal(a, b) for a, b in zip(grads, expected))
 
 
-def test_the_reference_path_rereads_an_index_loaded_in_place():
-    """How an index splits over the block's maps is kept between calls: loading another pruned
-    state (the same shapes, other channels) into the model must not leave the old split."""
+def test_a_traced_pruned_model_reads_the_index_it_holds():
+    """Outside the ONNX export a torch.jit trace of a pruned model keeps its indices as tensors
+    of the graph: loading a state whose layers read other channels changes what it computes."""
     a = small().eval().set_fused(False)
     prune_model(a, 0.4)
     b = copy.deepcopy(a)
-    with torch.no_grad():  # b: the same structure as a, each layer reading other channels
+    with torch.no_grad():  # the same shapes, each pruned layer reading other channels
         for m in b.modules():
             if isinstance(m, densekit.DenseLayer) and m.input_index is not None:
                 n = m.input_index.numel()
                 m.input_index.copy_(torch.arange(m.in_channels)[-n:])
     x = inputs()
     with torch.no_grad():
-        a(x)  # keeps a's splits
-        a.load_state_dict(b.state_dict())
-        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+        want = b(x)
+        assert not torch.allclose(a(x), want)
+        traced = torch.jit.trace(a, x)
+        traced.load_state_dict(b.state_dict())
+        torch.testing.assert_close(traced(x), want, rtol=0, atol=0)
 
 
 def test_the_onnx_export_of_a_pruned_model_never_gathers_from_a_concatenation(tmp_path):

@@ -60,50 +60,39 @@ def _plain_only() -> bool:
 
 @torch.jit.unused
 def _reads_parts() -> bool:
-    """May a pruned selection read the block's maps one by one (:func:`_select_from_parts`)?
-    Not where the selection must stay a graph of tensors: under torch.compile and
-    torch.export, where the index is a traced input, and in an fx trace (TorchScript's
-    compiler skips the call itself). A torch.jit trace, as the ONNX export runs, records
-    the selection of the index it was made with."""
-    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or is_fx_tracing())
+    """Does a pruned selection read the block's maps one by one (:func:`_select_from_parts`)?
+    Only in the TorchScript-based ONNX export, whose graph holds the index as a constant
+    anyway. Everywhere else the reference path concatenates and then selects, with the index
+    a tensor of the graph: eager (which follows any later change to the index), torch.jit's
+    own traces (which ``load_state_dict`` may give another index), torch.compile, torch.export
+    and fx (TorchScript's compiler skips the call itself)."""
+    return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
 
 
 @torch.jit.unused
-def _select_from_parts(owner: nn.Module, parts: List[Tensor], index: Tensor) -> Tensor:
-    """``torch.cat(parts, 1).index_select(1, index)`` for an increasing ``index``, without the
-    whole concatenation: each part gives its selected channels (all of it, a slice, or a
-    gather) and only those are concatenated. A pruned layer reads a subset of a concatenation
-    that grows with depth; in an ONNX export of a pruned DenseNet the concatenate-then-gather
-    pair was a fifth of onnxruntime's time (docs/performance.md#pruning). How the index splits
-    over parts of these sizes is worked out once and kept on ``owner`` while its index is the
-    same tensor (pruning assigns a new one; ``load_state_dict`` drops what was kept)."""
-    sizes = tuple(int(p.shape[1]) for p in parts)
-    kept = owner.__dict__.get("_part_plan")
-    if kept is None or kept[0] is not index or kept[1] != sizes:
-        with warnings.catch_warnings():  # in a torch.jit trace the index is a constant of the model
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            wanted = index.tolist()
-        plan: list = []
-        start = 0
-        for size in sizes:
-            sel = [i - start for i in wanted if start <= i < start + size]
-            if not sel:
-                plan.append(None)
-            elif sel == list(range(sel[0], sel[0] + len(sel))):
-                plan.append((sel[0], len(sel)))
-            else:
-                plan.append(torch.tensor(sel, dtype=index.dtype, device=index.device))
-            start += size
-        kept = (index, sizes, plan)
-        owner.__dict__["_part_plan"] = kept
-    pieces = []
-    for part, how in zip(parts, kept[2]):
-        if how is None:
+def _select_from_parts(parts: List[Tensor], index: Tensor) -> Tensor:
+    """``torch.cat(parts, 1).index_select(1, index)``, without the whole concatenation where
+    ``index`` increases and the parts share a dtype: each part gives its selected channels
+    (all of it, a slice, or a gather) and only those are concatenated. A pruned layer reads a
+    subset of a concatenation that grows with depth; in onnxruntime the concatenate-then-
+    gather graph of a 40%-pruned DenseNet ran 1.02-1.03x slower than this one
+    (docs/performance.md#pruning)."""
+    with warnings.catch_warnings():  # in the export's trace the index is a constant of the model
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        wanted = index.tolist()
+    if not wanted or any(b <= a for a, b in zip(wanted, wanted[1:])) or len({p.dtype for p in parts}) > 1:
+        return torch.cat(parts, 1).index_select(1, index)
+    pieces, start = [], 0
+    for part in parts:
+        size = part.shape[1]
+        sel = [i - start for i in wanted if start <= i < start + size]
+        start += size
+        if not sel:
             continue
-        if isinstance(how, tuple):
-            pieces.append(part if how == (0, part.shape[1]) else part.narrow(1, how[0], how[1]))
+        if sel == list(range(sel[0], sel[0] + len(sel))):
+            pieces.append(part if len(sel) == size else part.narrow(1, sel[0], len(sel)))
         else:
-            pieces.append(part.index_select(1, how))
+            pieces.append(part.index_select(1, torch.tensor(sel, dtype=index.dtype, device=index.device)))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
 
 
@@ -269,7 +258,7 @@ class DenseLayer(nn.Module):
             out = self._checkpointed_bottleneck([x] if isinstance(x, Tensor) else x)
         elif not isinstance(x, Tensor) and self.input_index is not None and not torch.jit.is_scripting() \
                 and _reads_parts():
-            out = self.conv1(self.relu1(self.norm1(_select_from_parts(self, x, self.input_index))))
+            out = self.conv1(self.relu1(self.norm1(_select_from_parts(x, self.input_index))))
         else:
             out = self.bottleneck(x if isinstance(x, Tensor) else torch.cat(x, 1))
         if self.has_bottleneck:
@@ -306,7 +295,6 @@ class DenseLayer(nn.Module):
             if match:
                 name, index, tensor = match.groups()
                 state_dict[f"{prefix}{name}{index}.{tensor}"] = state_dict.pop(key)
-        self.__dict__.pop("_part_plan", None)  # the index may change in place
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -433,10 +421,6 @@ class DenseBlock(nn.ModuleDict):
         self.out_channels = channels
         self.register_buffer("output_index", None)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.__dict__.pop("_part_plan", None)  # the output index may change in place
-        super()._load_from_state_dict(*args, **kwargs)
-
     @property
     def output_channels(self) -> int:
         """Channels the block returns: ``out_channels``, fewer where pruning dropped some."""
@@ -489,7 +473,7 @@ class DenseBlock(nn.ModuleDict):
             features.append(layer(features))
         index = self.output_index
         if index is not None and not torch.jit.is_scripting() and _reads_parts():
-            return _select_from_parts(self, features, index)
+            return _select_from_parts(features, index)
         out = torch.cat(features, 1)
         if index is not None:
             out = out.index_select(1, index)
