@@ -44,6 +44,17 @@ def test_pruned_network_same_function_float32_and_bf16(batch, cpu_kernels):
     torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
 
 
+def test_float64_runs_on_torch_ops_beside_the_native_kernels(cpu_kernels):
+    """The native kernels take float32 and bfloat16 only: a float64 copy reads its layers'
+    inputs with torch ops, in the same process as float32 calls that take the kernels."""
+    model = _pruned_model()
+    fast = optimize_for_inference(model)
+    x = torch.randn(frozen._PACK_MIN_BATCH, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fast.double()(x.double()), model.double()(x.double()), rtol=1e-9, atol=1e-9)
+
+
 def test_a_pruned_blocks_output_outlives_the_next_call():
     """A pruned block returns its kept channels in a workspace of the call that made them: a
     later call, of any batch size, leaves an earlier output as it was."""

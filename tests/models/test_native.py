@@ -195,6 +195,41 @@ def test_bf16_kernels_compute_in_float32_and_round_once(rows, cols, ld):
                                    torch.ones(3), torch.zeros(3), torch.zeros(3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cols,ld", SHAPES)
+def test_column_reader_is_the_checked_wrappers(rows, cols, ld, dtype):
+    # what an inference copy's layers call: the first ld columns of a wider buffer, whole or
+    # gathered, with BN-ReLU; and a plain gather (a pruned block's kept outputs)
+    torch.manual_seed(5)
+    buf = torch.randn(rows, ld + 4).to(dtype)
+    index = torch.randperm(ld)[:cols].sort().values
+    scale, shift = torch.randn(ld), torch.randn(ld)
+    whole = native.ColumnReader(ld, None, scale, shift, dtype)
+    got = whole(buf, torch.full((rows, ld), 7.0, dtype=dtype))
+    assert torch.equal(got, native.bn_relu(buf[:, :ld], scale, shift, torch.empty(rows, ld, dtype=dtype)))
+    gather = native.ColumnReader(ld, index, scale[:cols], shift[:cols], dtype)
+    want = native.gather_cols(buf[:, :ld], index, torch.empty(rows, cols, dtype=dtype), scale[:cols], shift[:cols])
+    assert torch.equal(gather(buf, torch.empty(rows, cols, dtype=dtype)), want)
+    plain = native.ColumnReader(ld, index, None, None, dtype)
+    assert torch.equal(plain(buf, torch.empty(rows, cols, dtype=dtype)), buf[:, index])
+    # what the C code would misread is refused, not run
+    out = torch.empty(rows, cols, dtype=dtype)
+    for x, o in [(buf.float() if dtype == torch.bfloat16 else buf.bfloat16(), out),  # another dtype
+                 (buf[:, :ld - 1], out),                       # fewer columns than it reads
+                 (buf, torch.empty(rows, cols + 1, dtype=dtype)),  # another width out
+                 (buf[: rows - 1], out),                       # other rows
+                 (buf.t().contiguous().t(), out),              # columns not contiguous
+                 (buf, torch.empty(cols, rows, dtype=dtype).t())]:
+        with pytest.raises(ValueError, match="column reader"):
+            gather(x, o)
+    with pytest.raises(ValueError, match="column indices"):  # an index past the columns it reads
+        native.ColumnReader(ld, torch.tensor([0, ld]), None, None, dtype)(buf, torch.empty(rows, 2, dtype=dtype))
+    with pytest.raises(ValueError, match="go together"):
+        native.ColumnReader(ld, None, None, None, dtype)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        native.ColumnReader(ld, None, scale, shift, torch.float64)
+
+
 def test_wrappers_refuse_what_the_c_code_would_misread():
     g, a = torch.randn(40, 5), torch.relu(torch.randn(40, 5))
     with pytest.raises(ValueError, match="shape"):

@@ -24,7 +24,11 @@ where it reaches; a matrix made once per input shape). At 3x3 positions oneDNN's
 whatever its channels; the unrolled product, 1.65x its multiplications, 10-20 us. Together a
 forward of the ``make run`` model at batch 64 is about 4% faster, pruned or not. Transitions
 are copied as :class:`FrozenTransition`s: BN-ReLU and pooling from a kept scale and shift, the
-1x1 convolution on the pooled rows as a prepacked matrix product (another 4%).
+1x1 convolution on the pooled rows as a prepacked matrix product (another 4%). Each layer's
+input pass (BN-ReLU of the buffer's first channels, or a pruned layer's gather with it) is a
+``native.ColumnReader`` made once per dtype, whose call checks only its two matrices: 5-10 us
+of Python less per layer than the wrappers that check everything, which made the pruned
+``make run`` model's forward about 5% faster and its parent's 2% (docs/performance.md#pruning).
 """
 
 from __future__ import annotations
@@ -127,8 +131,9 @@ class FrozenDenseBlock(_InferenceOnly, DenseBlock):
         self.training = False
         self._constants: dict[tuple, list] = {}
         self._packed: OrderedDict = OrderedDict()
+        self._readers: dict[torch.dtype, list] = {}
 
-    _CACHES = ("_constants", "_packed")
+    _CACHES = ("_constants", "_packed", "_readers")
 
     @torch.jit.unused
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,6 +160,19 @@ class FrozenDenseBlock(_InferenceOnly, DenseBlock):
                     layers.append((us[0], scale, shift, folded, us[-1]))
             self._constants[key] = layers
         return layers
+
+    def _column_readers(self, dtype: torch.dtype, layers: list) -> list:
+        """Per layer the native pass that reads its input from the buffer (BN-ReLU of the first
+        channels, or a pruned layer's gather with it), then for a pruned block the gather of
+        its kept outputs (else None): their constants checked once (``native.ColumnReader``)."""
+        readers = self._readers.get(dtype)
+        if readers is None:
+            k, index = self.growth_rate, self.output_index
+            readers = [native.ColumnReader(self.in_channels + i * k, first.index, scale, shift, dtype)
+                       for i, (first, scale, shift, _, _) in enumerate(layers)]
+            readers.append(None if index is None else native.ColumnReader(self.out_channels, index, None, None, dtype))
+            self._readers[dtype] = readers
+        return readers
 
     def _weights(self, x: torch.Tensor, layers: list) -> tuple[bool, list]:
         """Whether the convolutions run oneDNN-prepacked for ``x`` (:func:`_prepacks`), and per layer
@@ -186,9 +204,13 @@ class FrozenDenseBlock(_InferenceOnly, DenseBlock):
         index = self.output_index
         kept = 0 if index is None else index.numel()
         scratch = _fused._Scratch(rows.shape[0], {"a": max(c - k, k, kept), "g": c}, x)
+        readers = self._column_readers(x.dtype, layers) if native.usable(rows) else None
         for i, ((first, scale, shift, folded, last), (w1, w2)) in enumerate(zip(layers, weights)):
             ci = c0 + i * k
-            a = first.read_act(rows[:, :ci], scale, shift, scratch)
+            if readers is not None:
+                a = readers[i](rows, scratch("a", readers[i].cols))
+            else:
+                a = first.read_act(rows[:, :ci], scale, shift, scratch)
             if folded is None:
                 out = _apply(w1, a, None, first.padding, spatial, packed)
             else:
@@ -202,7 +224,9 @@ class FrozenDenseBlock(_InferenceOnly, DenseBlock):
         # the last layer's BN-ReLU has just written, which is still in the CPU's caches: into
         # a new tensor the gather took twice as long (docs/performance.md#pruning). The
         # workspace is this call's own; the returned view keeps it.
-        return _fused._grid(_fused._gather_cols(rows, index, scratch("a", kept)), spatial)
+        out = scratch("a", kept)
+        return _fused._grid(readers[-1](rows, out) if readers is not None else _fused._gather_cols(rows, index, out),
+                            spatial)
 
 
 class FrozenTransition(_InferenceOnly, Transition):

@@ -241,6 +241,49 @@ def gather_cols(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, scale: 
     return out
 
 
+class ColumnReader:
+    """:func:`bn_relu` of a matrix's first ``width`` columns, or :func:`gather_cols` of them by
+    ``index`` (with BN-ReLU where ``scale`` and ``shift`` are given), for a caller that makes the same call many times with constant
+    ``index``, ``scale`` and ``shift`` (an inference copy's dense layers): those are checked
+    and converted once, here, and a call checks only its two matrices' dtype, rows and column
+    strides. The wrappers above check everything at every call, 5-10 us of Python per call
+    against the kernel's own 2 us of call overhead; a frozen forward of the ``make run``
+    model makes 18 to 21 such calls (docs/performance.md#pruning). Build it only where
+    :func:`available`."""
+
+    def __init__(self, width: int, index: torch.Tensor | None, scale: torch.Tensor | None,
+                 shift: torch.Tensor | None, dtype: torch.dtype) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"native kernels take float32 or bfloat16 matrices, not {dtype}")
+        if (scale is None) != (shift is None) or (index is None and scale is None):
+            raise ValueError("native column reader: scale and shift go together, and without an index are needed")
+        self.width, self.dtype = width, dtype
+        self.index = None if index is None else _columns(index, width)
+        self.cols = width if index is None else self.index.numel()
+        self.scale, self.shift = _vec(scale, self.cols), _vec(shift, self.cols)
+        lib = _library()
+        suffix = "_bf16" if dtype == torch.bfloat16 else ""
+        self._fn = getattr(lib, ("dk_bn_relu" if index is None else "dk_gather_cols") + suffix)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (rows, cols) from ``x`` (rows, at least ``width`` columns): both CPU matrices
+        of this reader's dtype with contiguous columns."""
+        if x.dtype != self.dtype or out.dtype != self.dtype or x.device.type != "cpu" or out.device.type != "cpu" \
+                or x.dim() != 2 or out.dim() != 2 or x.shape[1] < self.width or out.shape[1] != self.cols \
+                or x.shape[0] != out.shape[0] or x.stride(1) != 1 or out.stride(1) != 1:
+            raise ValueError(f"a native column reader of {self.width} {self.dtype} columns got "
+                             f"{tuple(x.shape)} {x.dtype} into {tuple(out.shape)} {out.dtype}")
+        threads = torch.get_num_threads()
+        if self.index is None:
+            code = self._fn(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0], self.cols,
+                            self.scale.data_ptr(), self.shift.data_ptr(), threads)
+        else:
+            code = self._fn(x.data_ptr(), x.stride(0), self.width, self.index.data_ptr(), out.data_ptr(),
+                            out.stride(0), x.shape[0], self.cols, _ptr(self.scale), _ptr(self.shift), threads)
+        _check_columns(code, self.width)
+        return out
+
+
 def scatter_add_cols(src: torch.Tensor, index: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """dst[:, index[j]] += src[:, j] (``index`` increasing), in place."""
     index = _columns(index, dst.shape[1])
