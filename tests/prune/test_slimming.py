@@ -274,8 +274,8 @@ def test_pruned_block_outputs_under_bf16_autocast():
 
 
 def test_selection_from_parts_equals_the_concatenation_then_the_gather():
-    """The reference path's pruned read takes each part's channels (whole, a slice, a gather or
-    none) instead of concatenating everything first: the same tensor and gradients."""
+    """The pruned read of the ONNX export takes each part's channels (whole, a slice, a gather
+    or none) instead of concatenating everything first: the same tensor and gradients."""
     from densekit.models.layers import _select_from_parts
 
     parts = [torch.randn(2, c, 3, 3, requires_grad=True) for c in (6, 4, 4, 4)]
