@@ -243,13 +243,13 @@ def gather_cols(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, scale: 
 
 class ColumnReader:
     """:func:`bn_relu` of a matrix's first ``width`` columns, or :func:`gather_cols` of them by
-    ``index`` (with BN-ReLU where ``scale`` and ``shift`` are given), for a caller that makes the same call many times with constant
-    ``index``, ``scale`` and ``shift`` (an inference copy's dense layers): those are checked
-    and converted once, here, and a call checks only its two matrices' dtype, rows and column
-    strides. The wrappers above check everything at every call, 5-10 us of Python per call
-    against the kernel's own 2 us of call overhead; a frozen forward of the ``make run``
-    model makes 18 to 21 such calls (docs/performance.md#pruning). Build it only where
-    :func:`available`."""
+    ``index`` (with BN-ReLU where ``scale`` and ``shift`` are given), for a caller that makes
+    the same call many times with constant ``index``, ``scale`` and ``shift`` (an inference
+    copy's dense layers): those are checked and converted once, here, and a call checks only
+    its two matrices' dtype, rows, widths and column strides. The wrappers above check
+    everything at every call, 5-10 us of Python per call against the kernel's own 2 us of
+    call overhead; a frozen forward of the ``make run`` model makes 18 to 21 such calls
+    (docs/performance.md#pruning). Build it only where :func:`available`."""
 
     def __init__(self, width: int, index: torch.Tensor | None, scale: torch.Tensor | None,
                  shift: torch.Tensor | None, dtype: torch.dtype) -> None:
