@@ -1027,6 +1027,34 @@ int NAME(dk_unpool_relu_bn_sums)(const elem *g, i64 ldg, const elem *x, i64 ldx,
         i64 lo, hi;
         row_range(orows, &lo, &hi);
         double *ps = p + (size_t)omp_get_thread_num() * 2 * cols, *px = ps + cols;
+#if defined(DK_BF16) && defined(DK_GATHER_BF16_AVX512)
+        /* bfloat16 with AVX-512, 16 columns at a time as in dk_relu_bn_sums: the loop below ran
+         * BC-100's first transition (50,176 x 216 rows under 12,544 pooled ones) at 2.7 ms in
+         * bf16 against 1.1 ms for the forward pool (AMD EPYC Zen 4, ad hoc). Same sums, in the
+         * same order. Under 16 columns, where every vector would be masked, the loop below
+         * stays (5 columns: 1.2-1.7x slower this way). */
+        const int bf16 = 1;
+        for (i64 o = lo; o < (cols >= 16 ? hi : lo); o++) {
+            const elem *grow = g + o * ldg;
+            i64 win[8];
+            int count = window_rows(&gr, o, win);
+            for (int t = 0; t < count; t++) {
+                const elem *xr = x + win[t] * ldx;
+                for (i64 j = 0; j < cols; j += 16) {
+                    __mmask16 m = lanes_at(j, cols);
+                    __m512 xv = ld_lanes(bf16, m, xr + j);
+                    __m512 a = _mm512_fmadd_ps(xv, ld_vec(m, scale + j), ld_vec(m, shift + j));
+                    /* relu_grad: the gradient where a > 0 or a is a NaN */
+                    __mmask16 on = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NLE_UQ);
+                    __m512 dv = _mm512_maskz_mov_ps(on, _mm512_mul_ps(ld_lanes(bf16, m, grow + j), _mm512_set1_ps(inv)));
+                    add_f64(ps + j, m, dv);
+                    add_f64(px + j, m, _mm512_mul_ps(dv, _mm512_sub_ps(xv, ld_vec(m, mean + j))));
+                }
+            }
+        }
+        if (cols >= 16)
+            hi = lo; /* done: the portable loop below runs no rows */
+#endif
         for (i64 o = lo; o < hi; o++) {
             const elem *grow = g + o * ldg;
             i64 win[8];
