@@ -316,6 +316,20 @@ static void gather_rows_avx512(int bf16, const void *x, i64 ldx, i64 xcols, cons
 #endif
             const __m512 sc = scale ? _mm512_maskz_loadu_ps(m, scale + gb->j0) : _mm512_setzero_ps();
             const __m512 sh = scale ? _mm512_maskz_loadu_ps(m, shift + gb->j0) : _mm512_setzero_ps();
+#if defined(DK_GATHER_BF16_AVX512)
+            if (bf16) { /* with BN-ReLU: the window's words permuted first, as above, then widened once */
+                const __mmask32 window = (__mmask32)lo | (__mmask32)hi << 16;
+                const __m512i words = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(perm));
+                for (i64 r = t; r < te; r++) {
+                    const char *s = src + r * ldx * size;
+                    __m512i in = whole ? _mm512_loadu_si512(s) : _mm512_maskz_loadu_epi16(window, s);
+                    __m256i w = _mm512_castsi512_si256(_mm512_permutexvar_epi16(words, in));
+                    __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
+                    st_x16(1, dst + r * ldo * size, m, bn_relu_v(v, sc, sh));
+                }
+                continue;
+            }
+#endif
             const __mmask16 wlo = whole ? (__mmask16)0xFFFFu : lo, whi = whole ? (__mmask16)0xFFFFu : hi;
             for (i64 r = t; r < te; r++) {
                 const char *s = src + r * ldx * size;
