@@ -187,6 +187,25 @@ def test_the_copy_is_a_model_like_its_original():
         fast.features.transition1.train()
 
 
+def test_a_copy_pickled_without_a_later_kept_constant_loads_and_runs():
+    """A copy saved by a version that kept fewer constants (here: no column readers) loads,
+    runs and takes a state dict: the missing stores start empty."""
+    model = _pruned_model()
+    fast = optimize_for_inference(model)
+    x = torch.randn(frozen._PACK_MIN_BATCH, 1, 28, 28)
+    old = copy.deepcopy(fast)
+    for m in old.modules():
+        if isinstance(m, FrozenDenseBlock):
+            del m.__dict__["_readers"]
+    buf = io.BytesIO()
+    torch.save(old, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), fast(x), rtol=0, atol=0)
+        loaded.load_state_dict(model.state_dict())
+        torch.testing.assert_close(loaded(x), fast(x), rtol=0, atol=0)
+
+
 # odd sides: the pooling drops the last row or column, as AvgPool does
 @pytest.mark.parametrize("spatial_dims,size", [(1, (9,)), (2, (7, 6)), (2, (4, 5)), (3, (5, 4, 4))])
 @pytest.mark.parametrize("batch", [3, frozen._PACK_MIN_BATCH])

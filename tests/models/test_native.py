@@ -296,7 +296,10 @@ def test_col_stats_of_dense_matrices(rows, cols, dtype):
 
 # (N, spatial) grids with odd sides (a last row or column outside every 2x window), in 1D,
 # 2D and 3D; the last has 8 x 30 x 30 x 40 elements, split between threads.
-POOL_GRIDS = [((3, 9), 5), ((2, 7, 9), 6), ((2, 5, 6, 3), 4), ((8, 30, 30), 40)]
+# Widths under 16, 16 and more with a tail (17, 40, 56) in 1D, 2D and 3D, one thread and two
+# (over 32,768 elements): the native kernels take 16 columns at a time and mask a row's tail.
+POOL_GRIDS = [((3, 9), 5), ((2, 7, 9), 6), ((2, 5, 6, 3), 4), ((8, 30, 30), 40), ((4, 12, 10), 56),
+              ((2, 4, 6, 4), 17), ((4, 6, 8, 8), 24)]
 
 
 def _pool_case(shape, cols, seed):

@@ -97,8 +97,15 @@ class _InferenceOnly:
     def __getstate__(self):
         state = self.__dict__.copy()
         for name in self._CACHES:
-            state[name] = type(state[name])()
+            if name in state:
+                state[name] = type(state[name])()
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for name in self._CACHES:  # a copy pickled by a version that kept fewer constants
+            if name not in self.__dict__:
+                setattr(self, name, OrderedDict())
 
     def _load_from_state_dict(self, *args, **kwargs):
         for name in self._CACHES:
