@@ -540,6 +540,31 @@ def test_torch_compile_keeps_the_fused_block_as_one_operator(train):
     code = _compiled_against_reference(model, torch.randn(3, 3, 12, 12), train)
     assert code.count("densekit.dense_block") == 2  # the blocks, not their layers' concatenations
     assert code.count("densekit.transition") == 1 and "torch.cat" not in code
+    # in training the final norm runs torch's kernel too, not the compiler's code for it
+    assert code.count("densekit.batch_norm") == (1 if train else 0)
+
+
+def test_batch_norm_operator_passes_torch_library_opcheck_and_is_the_module():
+    from densekit.models import fused_op
+
+    torch.manual_seed(11)
+    norm = nn.BatchNorm2d(6).train()
+    randomize_norms(norm, var=(0.5, 2.0), gamma=(0.5, 1.5))
+    x = torch.randn(3, 6, 5, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    args = (x, norm.weight, norm.bias, norm.running_mean, norm.running_var, 0.1, 1e-5)
+    assert set(torch.library.opcheck(fused_op.batch_norm, args).values()) == {"SUCCESS"}
+    # the same output, gradients and running statistics as the module, bit for bit
+    eager, x_eager = copy.deepcopy(norm), x.detach().requires_grad_()
+    y, y_eager = fused_op.run_norm(norm, x), eager(x_eager)
+    assert torch.equal(y, y_eager)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_eager.backward(g)
+    assert torch.equal(x.grad, x_eager.grad)
+    assert torch.equal(norm.weight.grad, eager.weight.grad) and torch.equal(norm.bias.grad, eager.bias.grad)
+    for b, c in zip(norm.buffers(), eager.buffers()):
+        assert torch.equal(b, c)
+    assert not fused_op.takes_norm(norm.eval(), x) and not fused_op.takes_norm(norm.train(), x[:1, :, :1, :1])
 
 
 @pytest.mark.parametrize("train", [True, False])
