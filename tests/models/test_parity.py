@@ -553,6 +553,15 @@ def test_batch_norm_operator_passes_torch_library_opcheck_and_is_the_module():
     x = torch.randn(3, 6, 5, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
     args = (x, norm.weight, norm.bias, norm.running_mean, norm.running_var, 0.1, 1e-5)
     assert set(torch.library.opcheck(fused_op.batch_norm, args).values()) == {"SUCCESS"}
+    # bf16 beside float32 parameters (autocast: float32 statistics) and a bf16 model (bf16 ones)
+    for params in (torch.float32, torch.bfloat16):
+        low = [t.detach().to(params) for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var)]
+        args = (x.detach().bfloat16().requires_grad_(), *[t.requires_grad_(i < 2) for i, t in enumerate(low)],
+                0.1, 1e-5)
+        # the fake outputs' dtypes as the kernel's (inductor asserts them); the gradient check
+        # against the traced backward is float32's above (in bf16 it differs by rounding)
+        checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+        assert set(torch.library.opcheck(fused_op.batch_norm, args, test_utils=checks).values()) == {"SUCCESS"}
     # the same output, gradients and running statistics as the module, bit for bit
     eager, x_eager = copy.deepcopy(norm), x.detach().requires_grad_()
     y, y_eager = fused_op.run_norm(norm, x), eager(x_eager)
@@ -565,6 +574,16 @@ def test_batch_norm_operator_passes_torch_library_opcheck_and_is_the_module():
     for b, c in zip(norm.buffers(), eager.buffers()):
         assert torch.equal(b, c)
     assert not fused_op.takes_norm(norm.eval(), x) and not fused_op.takes_norm(norm.train(), x[:1, :, :1, :1])
+
+
+def test_torch_compile_keeps_a_hooked_final_norm_a_module_call():
+    # a hook sees the module's call: a hooked norm is not replaced by the operator
+    torch.manual_seed(12)
+    model = create_model("densenet_bc_100_k12", block_config=(2, 2), num_classes=5)
+    calls = []
+    model.features[-1].register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    code = _compiled_against_reference(model, torch.randn(3, 3, 12, 12), True)
+    assert "densekit.batch_norm" not in code and len(calls) == 2  # the compiled call and the reference's
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -379,8 +379,10 @@ def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, ru
 
 @batch_norm.register_fake
 def _(x, weight, bias, running_mean, running_var, momentum, eps):
-    c = x.shape[1]
-    stats = [x.new_empty(c, dtype=fused._acc(x.dtype)) for _ in range(2)]
+    # the statistics in the running statistics' dtype, as torch's CPU kernel returns them:
+    # float32 beside a bf16 input under autocast, bf16 in a bf16 model (the aten op's own meta
+    # function says float32 for both)
+    stats = [x.new_empty(x.shape[1], dtype=running_mean.dtype) for _ in range(2)]
     return [torch.empty_like(x), *stats, torch.empty_like(running_mean), torch.empty_like(running_var)]
 
 
@@ -414,12 +416,13 @@ batch_norm.register_autograd(_norm_grads, setup_context=_setup_norm)
 
 
 def takes_norm(norm, x: Tensor) -> bool:
-    """Does :func:`run_norm` take ``norm`` on ``x``: a training-mode ``nn.BatchNorm`` with
-    affine parameters, running statistics and a momentum, on the CPU, more than one value per
+    """Does :func:`run_norm` take ``norm`` on ``x``: a training-mode ``nn.BatchNorm`` (not a
+    subclass) with affine parameters, running statistics and a momentum, unhooked (a hook sees
+    the module's call, which the operator does not make), on the CPU, more than one value per
     channel? (In eval mode the compiler's code is one multiply-add; elsewhere it is its own.)"""
     return (type(norm) in fused._BN and fused._plain_bn(norm) and norm.training and norm.momentum is not None
-            and x.device.type == "cpu"
-            and x.dim() >= 2 and x.numel() > x.shape[1])
+            and _fused_stem.unhooked(norm) and x.device.type == "cpu" and x.dim() >= 2
+            and x.numel() > x.shape[1])
 
 
 def run_norm(norm, x: Tensor) -> Tensor:

@@ -61,10 +61,14 @@ def supports_stem_pool(norm: nn.Module, relu: nn.Module, pool: nn.Module, x: tor
 
 
 def _plain_stem(norm: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
-    modules = (norm, relu, pool)
     return (type(norm) in _NORM and _plain_bn(norm) and type(relu) is nn.ReLU
-            and type(pool) in _MAX_POOL and not pool.return_indices
-            and not any(getattr(m, h) for m in modules for h in _HOOKS)
+            and type(pool) in _MAX_POOL and not pool.return_indices and unhooked(norm, relu, pool))
+
+
+def unhooked(*modules: nn.Module) -> bool:
+    """Are ``modules`` free of hooks, and no global module hook set? A hook sees each module's
+    call, which one operation in their place does not make."""
+    return (not any(getattr(m, h) for m in modules for h in _HOOKS)
             and not any(getattr(nn.modules.module, h, None) for h in _GLOBAL_HOOKS))
 
 

@@ -557,8 +557,9 @@ class Features(nn.Sequential):
     tensors held through the whole of backward. Where no
     gradient flows through an eval-mode stem (inference, or fine-tuning with the stem frozen),
     they run as one native pass on the CPU. Under torch.compile on the CPU, a training-mode
-    batch norm of its own here (the final norm) runs torch's kernel as a custom operator
-    (``fused_op.run_norm``), where the compiler's code for it was 20x slower.
+    batch norm of its own here (the final norm, or norm0 where the stem's operator does not
+    apply) runs torch's kernel as a custom operator (``fused_op.run_norm``), where the
+    compiler's code for the final norm was 20x slower.
     """
 
     def __init__(self, layers: "dict[str, nn.Module]", fused: bool = False) -> None:
@@ -585,7 +586,7 @@ class Features(nn.Sequential):
                     x, skip = pooled, ("relu0", "pool0")
                     continue
             if torch.compiler.is_compiling() and _fused_op.takes_norm(module, x):
-                x = _fused_op.run_norm(module, x)  # a batch norm of its own (the final norm): torch's kernel
+                x = _fused_op.run_norm(module, x)  # a batch norm of its own: torch's kernel
                 continue
             x = module(x)
         return x
