@@ -97,8 +97,7 @@ class _InferenceOnly:
     def __getstate__(self):
         state = self.__dict__.copy()
         for name in self._CACHES:
-            if name in state:
-                state[name] = type(state[name])()
+            state[name] = type(state[name])()
         return state
 
     def __setstate__(self, state):
