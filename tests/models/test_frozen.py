@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from densekit import DenseBlock, create_model
-from densekit.models import frozen
+from densekit.models import frozen, native
 from densekit.models.frozen import FrozenDenseBlock, FrozenTransition, optimize_for_inference
 from densekit.models.layers import Transition
 from densekit.models.profile import count_macs
@@ -149,8 +149,31 @@ def test_pointwise_and_small_grid_convolutions_run_as_matrix_products(bn_size):
             torch.testing.assert_close(fast(x), block(x), rtol=1e-5, atol=1e-5)
         packed, weights = fast._packed[(tuple(x.shape), x.dtype, x.device)]
         assert packed
-        kinds = [[w.positions for w in pair if w is not None] for pair in weights]
+        kinds = [[w.positions for w in (w1, w2) if w is not None] for w1, w2, _ in weights]
         assert kinds == [[1, unrolled] if bn_size else [unrolled]] * 3
+
+
+@pytest.mark.parametrize("bn_size", [4, 0])
+@pytest.mark.parametrize("batch", [1, frozen._PACK_MIN_BATCH])
+def test_last_convolutions_run_natively_into_the_buffer_where_the_kernel_takes_them(bn_size, batch):
+    """A layer's last convolution (3x3, 2D, at most 16 outputs) runs as ``native.Conv3x3``
+    where this machine's build has it, at any batch size; with more outputs, in 3D, or with
+    the native kernels turned off after the first call, the convolution op runs instead."""
+    torch.manual_seed(0)
+    for growth, spatial, direct in ((12, (7, 5), True), (17, (7, 5), False), (12, (3, 4, 5), False)):
+        block = DenseBlock(6, growth, 3, bn_size=bn_size, spatial_dims=len(spatial), fused=True)
+        randomize_norms(block)
+        block.eval()
+        fast = optimize_for_inference(block)
+        x = torch.randn(batch, 6, *spatial)
+        with torch.no_grad():
+            want = block(x)
+            torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
+            with native.disabled():
+                torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
+        _, weights = fast._packed[(tuple(x.shape), x.dtype, x.device)]
+        runs = direct and native.conv3x3_supported(torch.float32)
+        assert [isinstance(d, native.Conv3x3) for _, _, d in weights] == [runs] * 3
 
 
 def test_eval_and_predict_run_the_optimized_copy_on_the_cpu_only():

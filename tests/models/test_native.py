@@ -465,6 +465,72 @@ def test_maxpool_wrappers_refuse_what_the_c_code_would_misread():
                                  None, None)
 
 
+# (batch, height, width, in, out): one pixel; widths under, at and over a block of 14 pixels
+# (29: three blocks, first and last at the edges); odd input counts (bf16 pairs a last channel
+# with zero); 1 to 16 outputs; a batch of 64 14x14 images as in the ``make run`` model.
+CONVS = [(1, 1, 1, 1, 1), (2, 3, 3, 5, 12), (1, 2, 14, 33, 16), (2, 29, 7, 17, 7), (1, 1, 29, 3, 2),
+         (4, 5, 1, 8, 12), (64, 14, 14, 24, 12)]
+
+
+def _conv_exact(x: torch.Tensor, w: torch.Tensor, n: int, h: int, wd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The convolution of the channels-last rows ``x`` in float64 (exact for these products and
+    sums of bf16 or float32 values, to float64's rounding), and of their absolute values."""
+    def conv(rows, weight):
+        grid = rows.double().reshape(n, h, wd, -1).permute(0, 3, 1, 2)
+        return torch.nn.functional.conv2d(grid, weight.double(), padding=1).permute(0, 2, 3, 1).reshape(-1, w.shape[0])
+    return conv(x, w), conv(x.abs(), w.abs())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,h,w,cin,cout", CONVS)
+def test_conv3x3_is_the_convolution_written_into_a_column_slice(n, h, w, cin, cout, dtype):
+    """Within float32 summation's error bound of the exact convolution (n terms: n * 2^-24 of the
+    sum of their absolute values), and in bf16 rounded once at the end; the output's neighbouring
+    columns untouched; the same bits on one thread as on two."""
+    if not native.conv3x3_supported(dtype):
+        pytest.skip(f"this CPU's build has no {dtype} 3x3 convolution (AVX-512, AVX512-BF16)")
+    torch.manual_seed(0)
+    weight = torch.randn(cout, cin, 3, 3).to(dtype)
+    conv = native.Conv3x3(weight, dtype)
+    x = torch.randn(n * h * w, cin + 3).to(dtype)[:, 2:2 + cin]  # a column slice, as the input may be
+    buffer = torch.full((n * h * w, cout + 5), 7.0, dtype=dtype)
+    got = conv(x, (h, w), buffer[:, 1:1 + cout])
+    assert got.data_ptr() == buffer[:, 1:].data_ptr()
+    assert (buffer[:, 0] == 7).all() and (buffer[:, 1 + cout:] == 7).all()
+    exact, magnitude = _conv_exact(x, weight, n, h, w)
+    bound = 9 * cin * 2.0 ** -24 * magnitude + (2.0 ** -8 * exact.abs() if dtype == torch.bfloat16 else 0)
+    assert ((got.double() - exact).abs() <= bound * 1.01 + 1e-30).all()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(conv(x, (h, w), torch.empty(n * h * w, cout, dtype=dtype)), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_conv3x3_refuses_what_the_c_code_would_misread():
+    if not native.conv3x3_supported(torch.float32):
+        pytest.skip("this CPU's build has no 3x3 convolution (AVX-512)")
+    conv = native.Conv3x3(torch.randn(12, 8, 3, 3), torch.float32)
+    x, out = torch.randn(2 * 5 * 4, 8), torch.empty(40, 12)
+    conv(x, (5, 4), out)
+    for bad_x, spatial, bad_out in [(x, (5, 5), out),                        # rows not whole images
+                                    (x[:, :7], (5, 4), out),                 # channels
+                                    (torch.randn(8, 40).t(), (5, 4), out),  # columns not contiguous
+                                    (x.bfloat16(), (5, 4), out),             # dtype
+                                    (x, (5, 4), out[:, :11]),                # output width
+                                    (x, (5, 4), out[:39]),                   # output rows
+                                    (x, (2, 5, 4), out),                     # 3D
+                                    (x.view(2, 5, 4, 8), (5, 4), out)]:      # not a matrix
+        with pytest.raises(ValueError, match="native 3x3 convolution"):
+            conv(bad_x, spatial, bad_out)
+    for weight in (torch.randn(17, 8, 3, 3), torch.randn(12, 8, 5, 5), torch.randn(12, 8, 3)):
+        with pytest.raises(ValueError, match="Conv3x3 takes"):
+            native.Conv3x3(weight, torch.float32)
+    with pytest.raises(ValueError, match="no 3x3 convolution on torch.float64"):
+        native.Conv3x3(torch.randn(12, 8, 3, 3), torch.float64)
+
+
 def test_native_results_do_not_vary_between_runs():
     torch.manual_seed(4)
     g, a = torch.randn(20000, 30), torch.relu(torch.randn(20000, 30))

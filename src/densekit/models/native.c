@@ -3,7 +3,9 @@
  * Every operand is a (rows, cols) row-major matrix with its own leading dimension, so a
  * column slice of a block's channels-last feature buffer is read in place. Each function
  * does in one pass over memory what takes two to four torch ops (each a full read and
- * write of the matrix); on 2 CPU cores these passes are memory-bound.
+ * write of the matrix); on 2 CPU cores these passes are memory-bound. One kernel is not
+ * elementwise: a DenseNet-BC layer's 3x3 convolution for inference (dk_conv3x3, below the
+ * column kernels, with its own comment).
  *
  * Column sums are accumulated in double, per thread, and added in thread order: the
  * result does not depend on timing, only on the thread count.
@@ -1318,6 +1320,232 @@ int NAME(dk_unmaxpool_bn_grad)(const elem *g, i64 ldg, const uint8_t *arg, const
     }
     return failed ? -1 : 0;
 }
+
+#ifndef DK_BF16
+/* A dense layer's last convolution: 2D, 3x3, stride 1, padding 1, at most 16 output channels
+ * (a DenseNet-BC layer's growth rate), from a channels-last (N*H*W, cin) matrix into a
+ * (N*H*W, cout) one, each with its own leading dimension, so the output is written straight
+ * into the block's feature buffer. oneDNN's convolution spends about 250 us of a 14x14 batch of
+ * 64 on anything but multiplying (even with one input channel), then the output is copied into
+ * the buffer: with few input channels, as in a pruned layer, that is most of its time
+ * (docs/performance.md#pruning has the figures).
+ *
+ * Each thread takes pairs of output rows (an image's rows y and y + 1), cut into blocks of at
+ * most CONV_PIXELS pixels; a block keeps one 16-lane accumulator per pixel of each row (its
+ * output channels) in registers. For each of the four input rows the pair reads, each
+ * horizontal tap and each input channel (bf16: pair of channels), it loads the tap's weights
+ * for the rows that use that input row, broadcasts each pixel's input value once and adds it
+ * times the weights to one or both rows' accumulators. A block that holds a row's first or
+ * last pixel leaves out the taps that would read the padding; input rows off the image are
+ * left out. The weights are packed by native.py: float32 as (9, cin, 16), bfloat16 as (9, cin/2
+ * rounded up, 16, 2) pairs of input channels for the AVX512-BF16 dot product, zero where there
+ * is no channel. Sums are float32, each output's taps added in a fixed order: the result does
+ * not depend on the thread count. bf16 outputs are rounded to nearest even, as oneDNN's bf16
+ * convolution rounds them. */
+#define CONV_PIXELS 14
+
+#if defined(__AVX512F__)
+#include <string.h>
+#define CONV_F32 1
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define CONV_BF16 2
+#else
+#define CONV_BF16 0
+#endif
+
+/* The input value(s) of input step c (a channel, or a bf16 pair of channels) at src, broadcast. */
+static inline __m512 conv_bcast(const int bf16, const void *src, i64 c)
+{
+    if (!bf16)
+        return _mm512_set1_ps(((const float *)src)[c]);
+    int32_t v;
+    memcpy(&v, (const uint16_t *)src + 2 * c, sizeof v);
+    return _mm512_castsi512_ps(_mm512_set1_epi32(v));
+}
+
+static inline __m512 conv_madd(const int bf16, __m512 acc, __m512 v, __m512 w)
+{
+#if CONV_BF16
+    if (bf16)
+        return _mm512_dpbf16_ps(acc, (__m512bh)v, (__m512bh)w);
+#endif
+    return _mm512_fmadd_ps(v, w, acc);
+}
+
+/* Adds one input row's taps, for input steps [c0, c1), to the accumulators a0 (use0: the
+ * upper output row, weights of tap row ky0) and a1 (use1: the lower one, tap row ky1) of the
+ * np pixels from x0. wp: the packed weights, as steps of 16 lanes of 32 bits; steps: per tap. */
+static inline __attribute__((always_inline)) void conv_taps(
+    const int bf16, __m512 *a0, __m512 *a1, const int use0, const int use1, const char *srow, int ky0, int ky1,
+    i64 x0, const int np, const int first, const int last, i64 ldx, i64 steps, i64 c0, i64 c1, const float *wp)
+{
+    const i64 esize = bf16 ? 2 : 4;
+#pragma GCC unroll 3
+    for (int dx = 0; dx < 3; dx++) {
+        /* the block's first pixel has no left neighbour at a row's start, its last none at its end */
+        const int skip0 = first && dx == 0, skip1 = last && dx == 2;
+        if (np == 1 && (skip0 || skip1))
+            continue;
+        const char *src = srow + (x0 + dx - 1) * ldx * esize;
+        const float *w0 = wp + (ky0 * 3 + dx) * steps * 16, *w1 = wp + (ky1 * 3 + dx) * steps * 16;
+        for (i64 c = c0; c < c1; c++) {
+            __m512 wv0 = use0 ? _mm512_loadu_ps(w0 + c * 16) : _mm512_setzero_ps();
+            __m512 wv1 = use1 ? _mm512_loadu_ps(w1 + c * 16) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+            for (int p = 0; p < np; p++) {
+                if ((p == 0 && skip0) || (p == np - 1 && skip1))
+                    continue;
+                __m512 v = conv_bcast(bf16, src + p * ldx * esize, c);
+                if (use0)
+                    a0[p] = conv_madd(bf16, a0[p], v, wv0);
+                if (use1)
+                    a1[p] = conv_madd(bf16, a1[p], v, wv1);
+            }
+        }
+    }
+}
+
+/* conv_taps for all input steps; a bf16 input with an odd channel count reads its last channel
+ * alone (as a pair whose other half is zero) rather than past the row. */
+static inline __attribute__((always_inline)) void conv_row_taps(
+    const int bf16, __m512 *a0, __m512 *a1, const int use0, const int use1, const char *srow, int ky0, int ky1,
+    i64 x0, const int np, const int first, const int last, i64 ldx, i64 cin, const float *wp)
+{
+    i64 steps = bf16 ? (cin + 1) / 2 : cin, whole = bf16 ? cin / 2 : cin;
+    conv_taps(bf16, a0, a1, use0, use1, srow, ky0, ky1, x0, np, first, last, ldx, steps, 0, whole, wp);
+    if (whole == steps)
+        return;
+    for (int dx = 0; dx < 3; dx++) {
+        const int plo = first && dx == 0 ? 1 : 0, phi = last && dx == 2 ? np - 1 : np;
+        const uint16_t *src = (const uint16_t *)srow + (x0 + dx - 1) * ldx + 2 * whole;
+        __m512 wv0 = use0 ? _mm512_loadu_ps(wp + ((ky0 * 3 + dx) * steps + whole) * 16) : _mm512_setzero_ps();
+        __m512 wv1 = use1 ? _mm512_loadu_ps(wp + ((ky1 * 3 + dx) * steps + whole) * 16) : _mm512_setzero_ps();
+        for (int p = plo; p < phi; p++) {
+            __m512 v = _mm512_castsi512_ps(_mm512_set1_epi32(src[p * ldx]));
+            if (use0)
+                a0[p] = conv_madd(bf16, a0[p], v, wv0);
+            if (use1)
+                a1[p] = conv_madd(bf16, a1[p], v, wv1);
+        }
+    }
+}
+
+/* One block: output rows y and (two) y + 1 of image img, np pixels from x0. */
+static inline __attribute__((always_inline)) void conv_block(
+    const int bf16, const int np, const char *x, i64 ldx, i64 img, i64 h, i64 w, i64 y, int two, i64 x0,
+    int first, int last, i64 cin, const float *wp, char *out, i64 ldo, __mmask16 om)
+{
+    const i64 esize = bf16 ? 2 : 4;
+    __m512 a0[CONV_PIXELS], a1[CONV_PIXELS];
+#pragma GCC unroll 16
+    for (int p = 0; p < np; p++) {
+        a0[p] = _mm512_setzero_ps();
+        a1[p] = _mm512_setzero_ps();
+    }
+    for (int iy = -1; iy <= 2; iy++) { /* input row y + iy: tap row iy + 1 above, iy below */
+        i64 sy = y + iy;
+        if (sy < 0 || sy >= h)
+            continue;
+        const char *srow = x + (img * h + sy) * w * ldx * esize;
+        int use0 = iy <= 1, use1 = two && iy >= 0;
+        if (use0 && use1)
+            conv_row_taps(bf16, a0, a1, 1, 1, srow, iy + 1, iy, x0, np, first, last, ldx, cin, wp);
+        else if (use0)
+            conv_row_taps(bf16, a0, a1, 1, 0, srow, iy + 1, 0, x0, np, first, last, ldx, cin, wp);
+        else if (use1)
+            conv_row_taps(bf16, a0, a1, 0, 1, srow, 0, iy, x0, np, first, last, ldx, cin, wp);
+    }
+    for (int r = 0; r <= two; r++) {
+        char *o = out + ((img * h + y + r) * w + x0) * ldo * esize;
+#pragma GCC unroll 16
+        for (int p = 0; p < np; p++) {
+            __m512 v = r ? a1[p] : a0[p];
+#if CONV_BF16
+            if (bf16) {
+                _mm256_mask_storeu_epi16(o + p * ldo * esize, om, (__m256i)_mm512_cvtneps_pbh(v));
+                continue;
+            }
+#endif
+            _mm512_mask_storeu_ps((float *)(o + p * ldo * esize), om, v);
+        }
+    }
+}
+
+/* A copy of conv_block per pixel count and dtype, each its own function (one function holding
+ * them all took GCC minutes to compile), called through a table. */
+typedef void (*conv_fn)(const char *, i64, i64, i64, i64, i64, int, i64, int, int, i64, const float *, char *, i64,
+                        __mmask16);
+#define CONV_FN(b, k)                                                                          \
+    static void conv_block_##b##_##k(const char *x, i64 ldx, i64 img, i64 h, i64 w, i64 y, int two, i64 x0, \
+                                     int first, int last, i64 cin, const float *wp, char *out, i64 ldo, \
+                                     __mmask16 om)                                             \
+    {                                                                                          \
+        conv_block(b, k, x, ldx, img, h, w, y, two, x0, first, last, cin, wp, out, ldo, om);    \
+    }
+#define CONV_FNS(b)                                                                            \
+    CONV_FN(b, 1) CONV_FN(b, 2) CONV_FN(b, 3) CONV_FN(b, 4) CONV_FN(b, 5) CONV_FN(b, 6) CONV_FN(b, 7) \
+    CONV_FN(b, 8) CONV_FN(b, 9) CONV_FN(b, 10) CONV_FN(b, 11) CONV_FN(b, 12) CONV_FN(b, 13) CONV_FN(b, 14)
+#define CONV_TABLE(b)                                                                          \
+    {conv_block_##b##_1, conv_block_##b##_2, conv_block_##b##_3, conv_block_##b##_4, conv_block_##b##_5, \
+     conv_block_##b##_6, conv_block_##b##_7, conv_block_##b##_8, conv_block_##b##_9, conv_block_##b##_10, \
+     conv_block_##b##_11, conv_block_##b##_12, conv_block_##b##_13, conv_block_##b##_14}
+CONV_FNS(0)
+static const conv_fn conv_f32[CONV_PIXELS] = CONV_TABLE(0);
+#if CONV_BF16
+CONV_FNS(1)
+static const conv_fn conv_bf16[CONV_PIXELS] = CONV_TABLE(1);
+#endif
+
+static void conv3x3(const conv_fn *fns, const void *x, i64 ldx, i64 n, i64 h, i64 w, i64 cin, const float *wp,
+                    i64 cout, void *out, i64 ldo, int threads)
+{
+    __mmask16 om = (__mmask16)((1u << cout) - 1);
+    i64 pairs = (h + 1) / 2, blocks = (w + CONV_PIXELS - 1) / CONV_PIXELS;
+    int nt = team(n * h * w, 9 * cin, threads);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < n * pairs; r++) {
+        i64 img = r / pairs, y = (r % pairs) * 2, x0 = 0;
+        for (i64 b = 0; b < blocks; b++) { /* blocks of near-equal size */
+            int np = (int)((w - x0 + blocks - b - 1) / (blocks - b));
+            fns[np - 1](x, ldx, img, h, w, y, y + 1 < h, x0, x0 == 0, x0 + np == w, cin, wp, out, ldo, om);
+            x0 += np;
+        }
+    }
+}
+#else
+#define CONV_F32 0
+#define CONV_BF16 0
+#endif
+
+/* Which of dk_conv3x3 (1) and dk_conv3x3_bf16 (2) this build runs; the others return 2. */
+int dk_conv3x3_support(void)
+{
+    return CONV_F32 | CONV_BF16;
+}
+
+int dk_conv3x3(const float *x, i64 ldx, i64 n, i64 h, i64 w, i64 cin, const float *wp, i64 cout, float *out,
+               i64 ldo, int threads)
+{
+#if CONV_F32
+    conv3x3(conv_f32, x, ldx, n, h, w, cin, wp, cout, out, ldo, threads);
+    return 0;
+#else
+    return 2;
+#endif
+}
+
+int dk_conv3x3_bf16(const uint16_t *x, i64 ldx, i64 n, i64 h, i64 w, i64 cin, const float *wp, i64 cout,
+                    uint16_t *out, i64 ldo, int threads)
+{
+#if CONV_BF16
+    conv3x3(conv_bf16, x, ldx, n, h, w, cin, wp, cout, out, ldo, threads);
+    return 0;
+#else
+    return 2;
+#endif
+}
+
+#endif
 
 /* The second pass: the kernels again, for bfloat16 matrices. */
 #ifndef DK_BF16

@@ -14,6 +14,11 @@ so a column slice of the buffer is read in place) and per-column vectors. The ke
 take float32 or bfloat16 matrices (all of one call in the same dtype: a dense block or a
 transition under bf16 autocast holds its activations and gradients in bf16) and compute in
 float32.
+
+One kernel is not elementwise: :class:`Conv3x3`, a DenseNet-BC layer's last convolution for
+the inference copy (``frozen.py``), written here because oneDNN's convolution has a fixed
+cost of about 250 us per call at 14x14 in a batch of 64 on these narrow shapes (native.c and
+docs/performance.md#pruning have the figures).
 """
 
 from __future__ import annotations
@@ -61,6 +66,10 @@ _SIGNATURES = {
 # every kernel also exists for bfloat16 matrices, as <name>_bf16 (native.c's second pass)
 _BF16 = tuple(_SIGNATURES)
 _SIGNATURES.update({f"{name}_bf16": _SIGNATURES[name] for name in _BF16})
+# the 3x3 convolution has its own bf16 kernel (packed weights of another layout) and says which it runs
+_SIGNATURES.update({"dk_conv3x3": [_P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _C],
+                    "dk_conv3x3_bf16": [_P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _C],
+                    "dk_conv3x3_support": []})
 _DTYPES = (torch.float32, torch.bfloat16)
 _enabled = os.environ.get("DENSEKIT_NATIVE", "1") != "0"
 
@@ -522,3 +531,66 @@ def unmaxpool_bn_grad(g: torch.Tensor, arg: torch.Tensor, x: torch.Tensor, spati
                                            geometry.data_ptr(), cols, k.data_ptr(), mean.data_ptr(), _ptr(b),
                                            _ptr(c), out.data_ptr(), out.stride(0), torch.get_num_threads()))
     return out
+
+
+# The most output channels :class:`Conv3x3` takes: one 16-lane register per pixel.
+CONV3X3_MAX_OUT = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _conv3x3_support() -> int:
+    lib = _library()
+    return lib.dk_conv3x3_support() if lib is not None else 0
+
+
+def conv3x3_supported(dtype: torch.dtype) -> bool:
+    """Does this machine's build run :class:`Conv3x3` on ``dtype`` matrices (float32 with AVX-512,
+    bfloat16 with AVX512-BF16 as well)?"""
+    if not _enabled:
+        return False
+    return bool(_conv3x3_support() & {torch.float32: 1, torch.bfloat16: 2}.get(dtype, 0))
+
+
+class Conv3x3:
+    """A 2D 3x3 convolution, stride 1, padding 1, no bias, of at most ``CONV3X3_MAX_OUT`` output
+    channels (a DenseNet-BC layer's last convolution), on channels-last matrices: the input
+    (N*H*W, C_in) and the output (N*H*W, C_out), each with contiguous columns and any row
+    stride, so the output may be a column slice of a block's feature buffer. The weight is
+    packed once, here, in ``dtype`` (native.c says why this is not oneDNN's convolution). Build
+    it only where :func:`conv3x3_supported` for ``dtype``."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        if not conv3x3_supported(dtype):
+            raise ValueError(f"this machine's native kernels run no 3x3 convolution on {dtype} matrices")
+        c_out, c_in, *kernel = weight.shape
+        if kernel != [3, 3] or not 0 < c_out <= CONV3X3_MAX_OUT or not c_in:
+            raise ValueError(f"native Conv3x3 takes a (C_out <= {CONV3X3_MAX_OUT}, C_in, 3, 3) weight, "
+                             f"got {tuple(weight.shape)}")
+        self.in_channels, self.out_channels, self.dtype = c_in, c_out, dtype
+        taps = weight.detach().to("cpu", dtype).permute(2, 3, 1, 0).reshape(9, c_in, c_out)  # (tap, in, out)
+        if dtype == torch.bfloat16:  # pairs of input channels, interleaved per output channel
+            pairs = (c_in + 1) // 2
+            packed = taps.new_zeros(9, 2 * pairs, CONV3X3_MAX_OUT)
+            packed[:, :c_in, :c_out] = taps
+            self.weight = packed.view(9, pairs, 2, CONV3X3_MAX_OUT).transpose(2, 3).contiguous()
+            self._fn = _library().dk_conv3x3_bf16
+        else:
+            self.weight = taps.new_zeros(9, c_in, CONV3X3_MAX_OUT)
+            self.weight[:, :, :c_out] = taps
+            self._fn = _library().dk_conv3x3
+
+    def __call__(self, x: torch.Tensor, spatial: tuple[int, ...], out: torch.Tensor) -> torch.Tensor:
+        """``out`` from ``x``, the rows of a batch of images of ``spatial`` (H, W) positions."""
+        rows = x.shape[0] if x.dim() == 2 else -1
+        if rows < 0 or len(spatial) != 2 or min(spatial) < 1 or rows % (spatial[0] * spatial[1]) \
+                or x.dtype != self.dtype or out.dtype != self.dtype or x.device.type != "cpu" \
+                or out.device.type != "cpu" or out.dim() != 2 or x.shape[1] != self.in_channels \
+                or tuple(out.shape) != (rows, self.out_channels) or x.stride(1) != 1 or out.stride(1) != 1:
+            raise ValueError(f"a native 3x3 convolution of {self.in_channels} to {self.out_channels} "
+                             f"{self.dtype} channels got {tuple(x.shape)} {x.dtype} into {tuple(out.shape)} "
+                             f"{out.dtype} at {tuple(spatial)} positions")
+        h, w = spatial
+        if self._fn(x.data_ptr(), x.stride(0), rows // (h * w), h, w, self.in_channels, self.weight.data_ptr(),
+                    self.out_channels, out.data_ptr(), out.stride(0), torch.get_num_threads()):
+            raise RuntimeError("this build of the native kernels has no 3x3 convolution")
+        return out
