@@ -14,6 +14,7 @@ from PIL import Image
 import densekit
 from densekit.data import load_dataset
 from densekit.models import native
+from densekit.train.runtime import bf16_preferred
 
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -46,9 +47,9 @@ def test_train_idx_then_eval_and_load(cli, tiny, writers, mnist_dir, tmp_path):
     assert summary["params"] == sum(p.numel() for p in densekit.load(run).parameters())
     assert summary["macs"] > 0 and summary["device"] == "cpu" and summary["torch"] == torch.__version__
     assert summary["native_cpu_kernels"] is native.available()  # which kernels the fused block ran
-    # by default bf16 autocast where the CPU has bf16 instructions, else float32
+    # by default bf16 autocast where the CPU's bf16 instructions are the faster, else float32
     assert summary["bf16_hardware"] in ("AMX-BF16", "AVX512-BF16", "none")
-    assert summary["precision"] == ("fp32" if summary["bf16_hardware"] == "none" else "bf16")
+    assert summary["precision"] == ("bf16" if bf16_preferred(torch.device("cpu")) else "fp32")
     assert summary["cuda_graph"] is False and summary["cuda_graph_captured"] is False  # configured, and what ran
     assert summary["recipe"]["name"] == "fast" and summary["recipe"]["label_smoothing"] == 0.1
     assert (run / "curves.png").read_bytes()[:8] == PNG_MAGIC
@@ -313,9 +314,9 @@ def test_precision_bf16_trains_evaluates_and_predicts_on_the_cpu(cli, tiny, mnis
     assert report["precision"] == "bf16" and 0 <= report["accuracy"] <= 1
     rc, out, err = cli("eval", run, "--json", "--precision", "fp32")
     assert rc == 0 and json.loads(out)["precision"] == "fp32"
-    # auto scores a run as it was trained where the device can: bf16 here only with bf16 instructions
+    # auto scores a run trained in bf16 as the device prefers: bf16 only where its bf16 is the faster
     rc, out, err = cli("eval", run, "--json")
-    assert rc == 0 and json.loads(out)["precision"] == ("fp32" if summary["bf16_hardware"] == "none" else "bf16")
+    assert rc == 0 and json.loads(out)["precision"] == ("bf16" if bf16_preferred(torch.device("cpu")) else "fp32")
     fp32_run = tmp_path / "fp32"
     rc, _, err = cli("train", *tiny, "--dataset", "mnist", "--data-dir", mnist_dir, "--epochs", "1",
                      "--batch-size", "16", "--precision", "fp32", "--out", fp32_run)
@@ -333,11 +334,14 @@ def test_select_runtime_precision():
     from densekit.errors import UserError
     from densekit.train.runtime import select_runtime
 
-    from densekit.train.runtime import bf16_hardware
-
-    # auto: bf16 autocast where the CPU has bf16 instructions, else float32
-    want = None if bf16_hardware(torch.device("cpu")) == "none" else torch.bfloat16
+    # auto: bf16 autocast where the CPU's bf16 instructions are faster than its float32 ones
+    want = torch.bfloat16 if bf16_preferred(torch.device("cpu")) else None
     assert select_runtime("cpu").amp_dtype == want
+    cpu = torch.device("cpu")
+    assert bf16_preferred(cpu, "AMX-BF16", "GenuineIntel") and bf16_preferred(cpu, "AVX512-BF16", "AuthenticAMD")
+    # an Intel CPU without AMX multiplies as many float32 values per cycle (two FMA units)
+    assert not bf16_preferred(cpu, "AVX512-BF16", "GenuineIntel") and not bf16_preferred(cpu, "none", "AuthenticAMD")
+    assert not bf16_preferred(cpu, "AVX512-BF16", "")
     assert select_runtime("cpu", precision="bf16").amp_dtype == torch.bfloat16
     assert select_runtime("cpu", precision="fp32").precision == "fp32"
     with pytest.raises(UserError, match="precision must be one of auto, fp32, bf16, got 'half'"):

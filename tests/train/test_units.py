@@ -14,7 +14,7 @@ from densekit.models import DenseNet
 from densekit.rundir import ModelInfo, Preprocessing, RunDir
 from densekit.train.engine import EvalResult, eval_loader, evaluate
 from densekit.train.recipes import FAST, PAPER, augment_for, lr_factor, param_groups
-from densekit.train.runtime import select_runtime
+from densekit.train.runtime import bf16_preferred, select_runtime
 
 
 def test_paper_schedule_divides_by_ten_at_half_and_three_quarters():
@@ -52,7 +52,7 @@ def test_no_flips_for_digits():
 def test_runtime_choice():
     rt = select_runtime("cpu")
     assert rt.device == torch.device("cpu") and not rt.channels_last
-    assert rt.precision == ("fp32" if rt.describe()["bf16_hardware"] == "none" else "bf16")
+    assert rt.precision == ("bf16" if bf16_preferred(rt.device) else "fp32")
     assert select_runtime("cpu", precision="fp32").precision == "fp32"
     assert select_runtime("cpu", channels_last=True).channels_last
     with pytest.raises(UserError, match="device must be one of auto, cpu, cuda"):

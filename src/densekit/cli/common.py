@@ -61,7 +61,7 @@ def add_device_argument(p, precision: bool = False) -> None:
     if precision:
         p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                        help="bf16: autocast (weights and optimizer stay float32); auto: bf16 where the device "
-                            "has bf16 arithmetic (CUDA; CPUs with AMX-BF16 or AVX512-BF16), else fp32 (default: "
+                            "runs it faster (CUDA; CPUs with AMX-BF16, AMD ones with AVX512-BF16), else fp32 (default: "
                             "auto; a resumed run keeps its own; eval and predict score a run trained in fp32 in fp32)")
 
 

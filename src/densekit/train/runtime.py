@@ -3,10 +3,14 @@
 On CUDA: bf16 autocast (the weights, optimizer and loss stay float32) and channels-last
 memory, which is what cuDNN's fastest convolution kernels want; cuDNN autotuning unless
 the run must be deterministic; training steps replayed from a CUDA graph (``step.py``).
-On a CPU with bf16 instructions (AMX-BF16 or AVX512-BF16): bf16 autocast, whose
-convolutions oneDNN runs on them, with the fused block's native kernels taking bf16 too:
-`make run` trained 1.35x as fast to the same accuracy on a 2-core AVX512-BF16 EPYC
-(docs/performance.md#make-run). On other CPUs: float32. The default layout on the CPU.
+On a CPU whose bf16 instructions are faster than its float32 ones (:func:`bf16_preferred`:
+AMX-BF16, or AVX512-BF16 on AMD): bf16 autocast, whose convolutions oneDNN runs on them, with
+the fused block's native kernels taking bf16 too: `make run` trained 1.35x as fast to the
+same accuracy on a 2-core AVX512-BF16 EPYC (docs/performance.md#make-run). On other CPUs,
+among them Intel ones with AVX512-BF16 but no AMX, whose two 512-bit FMA units multiply as
+many float32 values per cycle as their one bf16 dot-product unit does bf16 pairs (there
+densenet121 inferred 0.71x as fast in bf16, ``make run``'s model trained 0.86-0.97x):
+float32. The default layout on the CPU.
 
 ``precision`` overrides the choice of dtype: "fp32", or "bf16" (autocast) on any device
 that runs it (on a CPU without bf16 instructions, emulated and slow); ``bf16_hardware`` in a
@@ -119,11 +123,34 @@ def bf16_hardware(device: torch.device) -> str:
     return "none"
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" where unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def bf16_preferred(device: torch.device, hardware: str | None = None, vendor: str | None = None) -> bool:
+    """Does precision "auto" run bf16 autocast on ``device``? On CUDA where it runs bf16; on the
+    CPU with AMX-BF16, or with AVX512-BF16 on an AMD CPU (Zen 4 and 5, where it made training
+    1.35x faster) but not on an Intel one without AMX (see the module docstring).
+    ``hardware`` and ``vendor`` default to this machine's (:func:`bf16_hardware`, :func:`cpu_vendor`)."""
+    hardware = bf16_hardware(device) if hardware is None else hardware
+    if device.type == "cuda" or hardware == "AMX-BF16":
+        return hardware != "none"
+    return hardware == "AVX512-BF16" and (cpu_vendor() if vendor is None else vendor) == "AuthenticAMD"
+
+
 def select_runtime(device: str = "auto", channels_last: bool | None = None,
                    deterministic: bool = False, cuda_graph: bool | None = None, precision: str = "auto") -> Runtime:
     """Choose the device ("auto", "cpu", "cuda" or "cuda:N") and with it the precision
-    (``precision`` "auto": bf16 autocast where the device has bf16 arithmetic, else float32;
-    or "fp32", "bf16").
+    (``precision`` "auto": bf16 autocast where :func:`bf16_preferred`, else float32; or
+    "fp32", "bf16").
 
     ``channels_last`` and ``cuda_graph`` None mean: on CUDA only.
     """
@@ -147,7 +174,7 @@ def select_runtime(device: str = "auto", channels_last: bool | None = None,
     if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"precision bf16 asked for, but {torch.cuda.get_device_name(dev)} does not run bf16")
     if precision == "auto":
-        amp = torch.bfloat16 if bf16_hardware(dev) != "none" else None
+        amp = torch.bfloat16 if bf16_preferred(dev) else None
     else:
         amp = torch.bfloat16 if precision == "bf16" else None
     if channels_last is None:
