@@ -22,14 +22,9 @@ def _version(package: str) -> str | None:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from densekit.train.runtime import cpuinfo
+
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> str | None:

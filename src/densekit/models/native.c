@@ -1494,6 +1494,9 @@ static const conv_fn conv_f32[CONV_PIXELS] = CONV_TABLE(0);
 #if CONV_BF16
 CONV_FNS(1)
 static const conv_fn conv_bf16[CONV_PIXELS] = CONV_TABLE(1);
+#define CONV_BF16_TABLE conv_bf16
+#else
+#define CONV_BF16_TABLE conv_f32 /* never taken: dk_conv3x3 returns 2 first */
 #endif
 
 static void conv3x3(const conv_fn *fns, const void *x, i64 ldx, i64 n, i64 h, i64 w, i64 cin, const float *wp,
@@ -1517,32 +1520,23 @@ static void conv3x3(const conv_fn *fns, const void *x, i64 ldx, i64 n, i64 h, i6
 #define CONV_BF16 0
 #endif
 
-/* Which of dk_conv3x3 (1) and dk_conv3x3_bf16 (2) this build runs; the others return 2. */
+/* Which dtypes dk_conv3x3 takes in this build: float32 (1), bfloat16 (2). */
 int dk_conv3x3_support(void)
 {
     return CONV_F32 | CONV_BF16;
 }
 
-int dk_conv3x3(const float *x, i64 ldx, i64 n, i64 h, i64 w, i64 cin, const float *wp, i64 cout, float *out,
+/* The convolution of float32 matrices, or with bf16 set of bfloat16 ones (wp as native.py packs
+ * it for that dtype); 2 where this build has no such kernel. */
+int dk_conv3x3(int bf16, const void *x, i64 ldx, i64 n, i64 h, i64 w, i64 cin, const float *wp, i64 cout, void *out,
                i64 ldo, int threads)
 {
+    if (!(dk_conv3x3_support() & (bf16 ? 2 : 1)))
+        return 2;
 #if CONV_F32
-    conv3x3(conv_f32, x, ldx, n, h, w, cin, wp, cout, out, ldo, threads);
-    return 0;
-#else
-    return 2;
+    conv3x3(bf16 ? CONV_BF16_TABLE : conv_f32, x, ldx, n, h, w, cin, wp, cout, out, ldo, threads);
 #endif
-}
-
-int dk_conv3x3_bf16(const uint16_t *x, i64 ldx, i64 n, i64 h, i64 w, i64 cin, const float *wp, i64 cout,
-                    uint16_t *out, i64 ldo, int threads)
-{
-#if CONV_BF16
-    conv3x3(conv_bf16, x, ldx, n, h, w, cin, wp, cout, out, ldo, threads);
     return 0;
-#else
-    return 2;
-#endif
 }
 
 #endif

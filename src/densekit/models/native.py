@@ -66,10 +66,8 @@ _SIGNATURES = {
 # every kernel also exists for bfloat16 matrices, as <name>_bf16 (native.c's second pass)
 _BF16 = tuple(_SIGNATURES)
 _SIGNATURES.update({f"{name}_bf16": _SIGNATURES[name] for name in _BF16})
-# the 3x3 convolution has its own bf16 kernel (packed weights of another layout) and says which it runs
-_SIGNATURES.update({"dk_conv3x3": [_P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _C],
-                    "dk_conv3x3_bf16": [_P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _C],
-                    "dk_conv3x3_support": []})
+# the 3x3 convolution takes its dtype as an argument (its bf16 weights are packed another way)
+_SIGNATURES.update({"dk_conv3x3": [_C, _P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _C], "dk_conv3x3_support": []})
 _DTYPES = (torch.float32, torch.bfloat16)
 _enabled = os.environ.get("DENSEKIT_NATIVE", "1") != "0"
 
@@ -573,11 +571,10 @@ class Conv3x3:
             packed = taps.new_zeros(9, 2 * pairs, CONV3X3_MAX_OUT)
             packed[:, :c_in, :c_out] = taps
             self.weight = packed.view(9, pairs, 2, CONV3X3_MAX_OUT).transpose(2, 3).contiguous()
-            self._fn = _library().dk_conv3x3_bf16
         else:
             self.weight = taps.new_zeros(9, c_in, CONV3X3_MAX_OUT)
             self.weight[:, :, :c_out] = taps
-            self._fn = _library().dk_conv3x3
+        self._fn = _library().dk_conv3x3
 
     def __call__(self, x: torch.Tensor, spatial: tuple[int, ...], out: torch.Tensor) -> torch.Tensor:
         """``out`` from ``x``, the rows of a batch of images of ``spatial`` (H, W) positions."""
@@ -590,7 +587,7 @@ class Conv3x3:
                              f"{self.dtype} channels got {tuple(x.shape)} {x.dtype} into {tuple(out.shape)} "
                              f"{out.dtype} at {tuple(spatial)} positions")
         h, w = spatial
-        if self._fn(x.data_ptr(), x.stride(0), rows // (h * w), h, w, self.in_channels, self.weight.data_ptr(),
+        if self._fn(int(self.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), rows // (h * w), h, w, self.in_channels, self.weight.data_ptr(),
                     self.out_channels, out.data_ptr(), out.stride(0), torch.get_num_threads()):
             raise RuntimeError("this build of the native kernels has no 3x3 convolution")
         return out

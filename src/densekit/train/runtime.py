@@ -123,16 +123,22 @@ def bf16_hardware(device: torch.device) -> str:
     return "none"
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" where unknown)."""
+def cpuinfo(field: str) -> str:
+    """The first value of ``field`` in /proc/cpuinfo ("vendor_id", "model name", ...; "" where
+    there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" where unknown)."""
+    return cpuinfo("vendor_id")
 
 
 def bf16_preferred(device: torch.device, hardware: str | None = None, vendor: str | None = None) -> bool:
