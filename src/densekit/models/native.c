@@ -1353,11 +1353,15 @@ int NAME(dk_unmaxpool_bn_grad)(const elem *g, i64 ldg, const uint8_t *arg, const
 #define CONV_BF16 0
 #endif
 
-/* The input value(s) of input step c (a channel, or a bf16 pair of channels) at src, broadcast. */
-static inline __m512 conv_bcast(const int bf16, const void *src, i64 c)
+/* The input value(s) of input step c at src, broadcast: a float32 channel, a bf16 pair of
+ * channels, or with single a bf16 input's last channel alone, zero-extended (a pair whose other
+ * half is zero), so that an odd channel count is not read past. */
+static inline __m512 conv_bcast(const int bf16, const int single, const void *src, i64 c)
 {
     if (!bf16)
         return _mm512_set1_ps(((const float *)src)[c]);
+    if (single)
+        return _mm512_castsi512_ps(_mm512_set1_epi32(((const uint16_t *)src)[2 * c]));
     int32_t v;
     memcpy(&v, (const uint16_t *)src + 2 * c, sizeof v);
     return _mm512_castsi512_ps(_mm512_set1_epi32(v));
@@ -1372,12 +1376,14 @@ static inline __m512 conv_madd(const int bf16, __m512 acc, __m512 v, __m512 w)
     return _mm512_fmadd_ps(v, w, acc);
 }
 
-/* Adds one input row's taps, for input steps [c0, c1), to the accumulators a0 (use0: the
- * upper output row, weights of tap row ky0) and a1 (use1: the lower one, tap row ky1) of the
- * np pixels from x0. wp: the packed weights, as steps of 16 lanes of 32 bits; steps: per tap. */
+/* Adds one input row's taps, for input steps [c0, c1) (single: see conv_bcast), to the
+ * accumulators a0 (use0: the upper output row, weights of tap row ky0) and a1 (use1: the lower
+ * one, tap row ky1) of the np pixels from x0. wp: the packed weights, as steps of 16 lanes of
+ * 32 bits; steps: per tap. */
 static inline __attribute__((always_inline)) void conv_taps(
-    const int bf16, __m512 *a0, __m512 *a1, const int use0, const int use1, const char *srow, int ky0, int ky1,
-    i64 x0, const int np, const int first, const int last, i64 ldx, i64 steps, i64 c0, i64 c1, const float *wp)
+    const int bf16, const int single, __m512 *a0, __m512 *a1, const int use0, const int use1, const char *srow,
+    int ky0, int ky1, i64 x0, const int np, const int first, const int last, i64 ldx, i64 steps, i64 c0, i64 c1,
+    const float *wp)
 {
     const i64 esize = bf16 ? 2 : 4;
 #pragma GCC unroll 3
@@ -1395,7 +1401,7 @@ static inline __attribute__((always_inline)) void conv_taps(
             for (int p = 0; p < np; p++) {
                 if ((p == 0 && skip0) || (p == np - 1 && skip1))
                     continue;
-                __m512 v = conv_bcast(bf16, src + p * ldx * esize, c);
+                __m512 v = conv_bcast(bf16, single, src + p * ldx * esize, c);
                 if (use0)
                     a0[p] = conv_madd(bf16, a0[p], v, wv0);
                 if (use1)
@@ -1406,28 +1412,15 @@ static inline __attribute__((always_inline)) void conv_taps(
 }
 
 /* conv_taps for all input steps; a bf16 input with an odd channel count reads its last channel
- * alone (as a pair whose other half is zero) rather than past the row. */
+ * alone rather than past the row. */
 static inline __attribute__((always_inline)) void conv_row_taps(
     const int bf16, __m512 *a0, __m512 *a1, const int use0, const int use1, const char *srow, int ky0, int ky1,
     i64 x0, const int np, const int first, const int last, i64 ldx, i64 cin, const float *wp)
 {
     i64 steps = bf16 ? (cin + 1) / 2 : cin, whole = bf16 ? cin / 2 : cin;
-    conv_taps(bf16, a0, a1, use0, use1, srow, ky0, ky1, x0, np, first, last, ldx, steps, 0, whole, wp);
-    if (whole == steps)
-        return;
-    for (int dx = 0; dx < 3; dx++) {
-        const int plo = first && dx == 0 ? 1 : 0, phi = last && dx == 2 ? np - 1 : np;
-        const uint16_t *src = (const uint16_t *)srow + (x0 + dx - 1) * ldx + 2 * whole;
-        __m512 wv0 = use0 ? _mm512_loadu_ps(wp + ((ky0 * 3 + dx) * steps + whole) * 16) : _mm512_setzero_ps();
-        __m512 wv1 = use1 ? _mm512_loadu_ps(wp + ((ky1 * 3 + dx) * steps + whole) * 16) : _mm512_setzero_ps();
-        for (int p = plo; p < phi; p++) {
-            __m512 v = _mm512_castsi512_ps(_mm512_set1_epi32(src[p * ldx]));
-            if (use0)
-                a0[p] = conv_madd(bf16, a0[p], v, wv0);
-            if (use1)
-                a1[p] = conv_madd(bf16, a1[p], v, wv1);
-        }
-    }
+    conv_taps(bf16, 0, a0, a1, use0, use1, srow, ky0, ky1, x0, np, first, last, ldx, steps, 0, whole, wp);
+    if (bf16 && whole < steps)
+        conv_taps(bf16, 1, a0, a1, use0, use1, srow, ky0, ky1, x0, np, first, last, ldx, steps, whole, steps, wp);
 }
 
 /* One block: output rows y and (two) y + 1 of image img, np pixels from x0. */
@@ -1494,9 +1487,6 @@ static const conv_fn conv_f32[CONV_PIXELS] = CONV_TABLE(0);
 #if CONV_BF16
 CONV_FNS(1)
 static const conv_fn conv_bf16[CONV_PIXELS] = CONV_TABLE(1);
-#define CONV_BF16_TABLE conv_bf16
-#else
-#define CONV_BF16_TABLE conv_f32 /* never taken: dk_conv3x3 returns 2 first */
 #endif
 
 static void conv3x3(const conv_fn *fns, const void *x, i64 ldx, i64 n, i64 h, i64 w, i64 cin, const float *wp,
@@ -1531,12 +1521,19 @@ int dk_conv3x3_support(void)
 int dk_conv3x3(int bf16, const void *x, i64 ldx, i64 n, i64 h, i64 w, i64 cin, const float *wp, i64 cout, void *out,
                i64 ldo, int threads)
 {
-    if (!(dk_conv3x3_support() & (bf16 ? 2 : 1)))
-        return 2;
-#if CONV_F32
-    conv3x3(bf16 ? CONV_BF16_TABLE : conv_f32, x, ldx, n, h, w, cin, wp, cout, out, ldo, threads);
+#if CONV_BF16
+    if (bf16) {
+        conv3x3(conv_bf16, x, ldx, n, h, w, cin, wp, cout, out, ldo, threads);
+        return 0;
+    }
 #endif
-    return 0;
+#if CONV_F32
+    if (!bf16) {
+        conv3x3(conv_f32, x, ldx, n, h, w, cin, wp, cout, out, ldo, threads);
+        return 0;
+    }
+#endif
+    return 2;
 }
 
 #endif

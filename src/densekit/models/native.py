@@ -587,7 +587,8 @@ class Conv3x3:
                              f"{self.dtype} channels got {tuple(x.shape)} {x.dtype} into {tuple(out.shape)} "
                              f"{out.dtype} at {tuple(spatial)} positions")
         h, w = spatial
-        if self._fn(int(self.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), rows // (h * w), h, w, self.in_channels, self.weight.data_ptr(),
-                    self.out_channels, out.data_ptr(), out.stride(0), torch.get_num_threads()):
+        if self._fn(int(self.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), rows // (h * w), h, w,
+                    self.in_channels, self.weight.data_ptr(), self.out_channels, out.data_ptr(), out.stride(0),
+                    torch.get_num_threads()):
             raise RuntimeError("this build of the native kernels has no 3x3 convolution")
         return out

@@ -147,8 +147,8 @@ def bf16_preferred(device: torch.device, hardware: str | None = None, vendor: st
     1.35x faster) but not on an Intel one without AMX (see the module docstring).
     ``hardware`` and ``vendor`` default to this machine's (:func:`bf16_hardware`, :func:`cpu_vendor`)."""
     hardware = bf16_hardware(device) if hardware is None else hardware
-    if device.type == "cuda" or hardware == "AMX-BF16":
-        return hardware != "none"
+    if hardware in ("cuda", "AMX-BF16"):
+        return True
     return hardware == "AVX512-BF16" and (cpu_vendor() if vendor is None else vendor) == "AuthenticAMD"
 
 
