@@ -9,7 +9,7 @@ import torch
 from densekit import DenseBlock, create_model
 from densekit.models import frozen, native
 from densekit.models.frozen import FrozenDenseBlock, FrozenTransition, optimize_for_inference
-from densekit.models.layers import Transition
+from densekit.models.layers import Transition, reference_path
 from densekit.models.profile import count_macs
 from densekit.prune import prune_model
 from testkit import randomize_norms
@@ -174,6 +174,39 @@ def test_last_convolutions_run_natively_into_the_buffer_where_the_kernel_takes_t
         _, weights = fast._packed[(tuple(x.shape), x.dtype, x.device)]
         runs = direct and native.conv3x3_supported(torch.float32)
         assert [isinstance(d, native.Conv3x3) for _, _, d in weights] == [runs] * 3
+
+
+@pytest.mark.parametrize("in_chans,size", [(1, 28), (3, 32)])
+def test_a_stem_convolution_feeding_a_block_runs_natively_into_channels_last(in_chans, size, cpu_kernels):
+    """The stem convolution of a DenseNet-BC (into the first dense block) is a FrozenStemConv: the
+    same function and state-dict keys, channels-last output where this build has the kernel; a
+    trace, a gradient asked for the input and float64 run the Conv2d."""
+    torch.manual_seed(0)
+    model = create_model("densenet_bc_40_k12_s2", num_classes=10, in_chans=in_chans).eval()
+    randomize_norms(model)
+    fast = optimize_for_inference(model)
+    stem = fast.features.conv0
+    assert isinstance(stem, frozen.FrozenStemConv) and stem.weight is not model.features.conv0.weight
+    x = torch.randn(frozen._PACK_MIN_BATCH, in_chans, size, size)
+    with torch.no_grad():
+        out = stem(x)
+        torch.testing.assert_close(out, model.features.conv0(x), rtol=1e-5, atol=1e-5)
+        assert out.is_contiguous(memory_format=torch.channels_last) == native.conv3x3_supported(torch.float32)
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = stem(x)
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), model.features.conv0(x), rtol=0.02, atol=0.02)
+        torch.testing.assert_close(copy.deepcopy(stem).double()(x.double()),
+                                   copy.deepcopy(model.features.conv0).double()(x.double()), rtol=1e-9, atol=1e-9)
+    wanted = x.clone().requires_grad_()
+    stem(wanted).sum().backward()  # the Conv2d, which autograd records
+    assert wanted.grad is not None and wanted.grad.abs().sum() > 0
+    assert list(fast.state_dict()) == list(model.state_dict())
+    with reference_path(fast), torch.no_grad():  # as counters and exports run it: the Conv2d
+        assert not stem(x).is_contiguous(memory_format=torch.channels_last)
+    # an ImageNet stem's convolution feeds its batch norm, not a block: it stays a Conv2d
+    assert type(optimize_for_inference(create_model("densenet121").eval()).features.conv0) is torch.nn.Conv2d
 
 
 def test_eval_and_predict_run_the_optimized_copy_on_the_cpu_only():

@@ -531,6 +531,57 @@ def test_conv3x3_refuses_what_the_c_code_would_misread():
         native.Conv3x3(torch.randn(12, 8, 3, 3), torch.float64)
 
 
+# (batch, in, out, kernel, stride, padding, height, width): the ``make run`` model's stem (1 to
+# 24 channels, stride 2), an RGB one at stride 1, outputs over one, two and three 16-lane
+# vectors, odd sizes and strides, rows shorter and longer than a group of 4 pixels, 7x7 RGB
+STEMS = [(64, 1, 24, 3, 2, 1, 28, 28), (3, 3, 24, 3, 1, 1, 9, 10), (2, 1, 1, 3, 1, 1, 1, 1), (2, 2, 40, 5, 3, 2, 11, 7),
+         (1, 3, 64, 7, 2, 3, 17, 19), (2, 4, 17, 1, 1, 0, 3, 5), (1, 1, 33, 3, 2, 0, 9, 9)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,cin,cout,k,stride,pad,h,w", STEMS)
+def test_stem_conv_is_the_convolution_in_channels_last(n, cin, cout, k, stride, pad, h, w, dtype):
+    """Within float32 summation's error bound of the exact convolution of the weights rounded
+    to ``dtype`` (bf16: and rounded once at the end), channels-last, the same bits on one
+    thread as on two."""
+    if not native.conv3x3_supported(dtype):
+        pytest.skip(f"this CPU's build has no {dtype} native convolution (AVX-512, AVX512-BF16)")
+    torch.manual_seed(0)
+    weight = torch.randn(cout, cin, k, k)
+    conv = native.StemConv(weight, (stride, stride), (pad, pad), dtype)
+    x = torch.randn(n, cin, h, w).to(dtype)
+    got = conv(x)
+    w_d = weight.to(dtype).double()
+    exact = torch.nn.functional.conv2d(x.double(), w_d, stride=stride, padding=pad)
+    magnitude = torch.nn.functional.conv2d(x.double().abs(), w_d.abs(), stride=stride, padding=pad)
+    assert got.shape == exact.shape and got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    bound = cin * k * k * 2.0 ** -24 * magnitude + (2.0 ** -8 * exact.abs() if dtype == torch.bfloat16 else 0)
+    assert ((got.double() - exact).abs() <= bound * 1.01 + 1e-30).all()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(conv(x), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_stem_conv_refuses_what_the_c_code_would_misread():
+    if not native.conv3x3_supported(torch.float32):
+        pytest.skip("this CPU's build has no native convolution (AVX-512)")
+    conv = native.StemConv(torch.randn(24, 1, 3, 3), (2, 2), (1, 1), torch.float32)
+    for bad in (torch.randn(2, 3, 8, 8),                          # channels
+                torch.randn(2, 1, 8, 8).bfloat16(),               # dtype
+                torch.randn(2, 1, 8, 16)[..., ::2],               # not contiguous
+                torch.randn(1, 8, 8),                             # not a batch
+                torch.randn(2, 1, 0, 8)):                         # no output
+        with pytest.raises(ValueError, match="native stem convolution"):
+            conv(bad)
+    with pytest.raises(ValueError, match="at most 64 output channels"):
+        native.StemConv(torch.randn(65, 1, 3, 3), (1, 1), (1, 1), torch.float32)
+    with pytest.raises(ValueError, match="no stem convolution on torch.float64"):
+        native.StemConv(torch.randn(24, 1, 3, 3), (1, 1), (1, 1), torch.float64)
+
+
 def test_native_results_do_not_vary_between_runs():
     torch.manual_seed(4)
     g, a = torch.randn(20000, 30), torch.relu(torch.randn(20000, 30))

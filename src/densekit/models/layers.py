@@ -631,10 +631,12 @@ class Features(nn.Sequential):
 
 
 def set_fused(module: nn.Module, enabled: bool) -> list[tuple[nn.Module, bool]]:
-    """Switch every dense block, transition and stem (:class:`Features`) in ``module`` to the
-    fused path (True) or the reference path (False); returns each one's previous setting, for
-    :func:`restore_fused`."""
-    previous = [(m, m.fused) for m in module.modules() if isinstance(m, (DenseBlock, Transition, Features))]
+    """Switch every dense block, transition and stem (:class:`Features`) in ``module``, and any
+    other module whose class says it ``follows_fused`` (an inference copy's stem convolution), to
+    the fused path (True) or the reference path (False); returns each one's previous setting,
+    for :func:`restore_fused`."""
+    previous = [(m, m.fused) for m in module.modules()
+                if isinstance(m, (DenseBlock, Transition, Features)) or getattr(type(m), "follows_fused", False)]
     for m, _ in previous:
         m.fused = bool(enabled)
     return previous

@@ -5,7 +5,8 @@
  * does in one pass over memory what takes two to four torch ops (each a full read and
  * write of the matrix); on 2 CPU cores these passes are memory-bound. One kernel is not
  * elementwise: a DenseNet-BC layer's 3x3 convolution for inference (dk_conv3x3, below the
- * column kernels, with its own comment).
+ * column kernels, with its own comment), and beside it the stem convolution that feeds a
+ * dense block (dk_stem_conv).
  *
  * Column sums are accumulated in double, per thread, and added in thread order: the
  * result does not depend on timing, only on the thread count.
@@ -1505,6 +1506,113 @@ static void conv3x3(const conv_fn *fns, const void *x, i64 ldx, i64 n, i64 h, i6
         }
     }
 }
+
+/* A network's first convolution where it feeds a dense block (a DenseNet-BC stem: 3x3 on one
+ * or three channels, stride 1 or 2): from an NCHW image batch into a channels-last (N*OH*OW,
+ * cout) matrix, which the block copies into its buffer as whole rows. oneDNN's convolution took
+ * 120-150 us on the `make run` model's stem (1 to 24 channels, 14x14, batch 64) and its NCHW
+ * output another 100 us to transpose, for 2.7 M multiply-adds (docs/performance.md#pruning).
+ * Each group of STEM_PIXELS output pixels of a row keeps its pixels' cout outputs in up to
+ * STEM_VECS 16-lane float32 accumulators each and adds each tap's input value, broadcast, times
+ * the tap's packed weights, loaded once for the group: (cin*kh*kw, 16*nv)
+ * float32, zero past cout (bf16 weights are rounded to bf16 by native.py first). Taps in the
+ * padding are left out; the sums' order does not depend on the thread count; bf16 outputs are
+ * rounded to nearest even. */
+#define STEM_VECS 4
+#define STEM_PIXELS 4
+
+static inline __attribute__((always_inline)) void stem_pixels(
+    const int bf16, const int nv, const int np, const char *x, i64 cin, i64 h, i64 w, i64 iy0, i64 ix0, i64 sx,
+    i64 kh, i64 kw, const float *wp, char *o, i64 cout, __mmask16 last)
+{
+    const i64 esize = bf16 ? 2 : 4;
+    __m512 acc[STEM_PIXELS][STEM_VECS];
+#pragma GCC unroll 4
+    for (int p = 0; p < np; p++)
+#pragma GCC unroll 4
+        for (int j = 0; j < nv; j++)
+            acc[p][j] = _mm512_setzero_ps();
+    for (i64 c = 0; c < cin; c++)
+        for (i64 ky = 0; ky < kh; ky++) {
+            i64 iy = iy0 + ky;
+            if (iy < 0 || iy >= h)
+                continue;
+            const char *src = x + (c * h + iy) * w * esize;
+            for (i64 kx = 0; kx < kw; kx++) {
+                const float *wt = wp + ((c * kh + ky) * kw + kx) * nv * 16;
+                __m512 wv[STEM_VECS];
+#pragma GCC unroll 4
+                for (int j = 0; j < nv; j++)
+                    wv[j] = _mm512_loadu_ps(wt + j * 16);
+#pragma GCC unroll 4
+                for (int p = 0; p < np; p++) {
+                    i64 ix = ix0 + p * sx + kx;
+                    if (ix < 0 || ix >= w)
+                        continue;
+                    __m512 v;
+                    if (bf16)
+                        v = _mm512_castsi512_ps(_mm512_set1_epi32((int32_t)((const uint16_t *)src)[ix] << 16));
+                    else
+                        v = _mm512_set1_ps(((const float *)src)[ix]);
+#pragma GCC unroll 4
+                    for (int j = 0; j < nv; j++)
+                        acc[p][j] = _mm512_fmadd_ps(v, wv[j], acc[p][j]);
+                }
+            }
+        }
+#pragma GCC unroll 4
+    for (int p = 0; p < np; p++)
+#pragma GCC unroll 4
+        for (int j = 0; j < nv; j++) {
+            __mmask16 m = j == nv - 1 ? last : (__mmask16)0xffff;
+            char *dst = o + (p * cout + j * 16) * esize;
+#if CONV_BF16
+            if (bf16) {
+                _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(acc[p][j]));
+                continue;
+            }
+#endif
+            _mm512_mask_storeu_ps((float *)dst, m, acc[p][j]);
+        }
+}
+
+/* One output row: stem_pixels on groups of STEM_PIXELS pixels and the rest; a copy per dtype and
+ * accumulator count (see conv_fn). */
+typedef void (*stem_fn)(const char *, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, const float *, char *,
+                        __mmask16);
+#define STEM_FN(b, k)                                                                          \
+    static void stem_row_##b##_##k(const char *x, i64 cin, i64 h, i64 w, i64 iy0, i64 kh, i64 kw, i64 sx, \
+                                   i64 px, i64 ow, i64 cout, const float *wp, char *o, __mmask16 last) \
+    {                                                                                          \
+        i64 ox = 0;                                                                            \
+        for (; ox + STEM_PIXELS <= ow; ox += STEM_PIXELS)                                      \
+            stem_pixels(b, k, STEM_PIXELS, x, cin, h, w, iy0, ox * sx - px, sx, kh, kw, wp,      \
+                        o + ox * cout * (b ? 2 : 4), cout, last);                              \
+        for (; ox < ow; ox++)                                                                  \
+            stem_pixels(b, k, 1, x, cin, h, w, iy0, ox * sx - px, sx, kh, kw, wp, o + ox * cout * (b ? 2 : 4), \
+                        cout, last);                                                           \
+    }
+STEM_FN(0, 1) STEM_FN(0, 2) STEM_FN(0, 3) STEM_FN(0, 4)
+static const stem_fn stem_f32[STEM_VECS] = {stem_row_0_1, stem_row_0_2, stem_row_0_3, stem_row_0_4};
+#if CONV_BF16
+STEM_FN(1, 1) STEM_FN(1, 2) STEM_FN(1, 3) STEM_FN(1, 4)
+static const stem_fn stem_bf16[STEM_VECS] = {stem_row_1_1, stem_row_1_2, stem_row_1_3, stem_row_1_4};
+#endif
+
+static void stem_conv(const stem_fn *fns, i64 esize, const char *x, i64 n, i64 cin, i64 h, i64 w,
+                      const float *wp, i64 cout, i64 kh, i64 kw, i64 sy, i64 sx, i64 py, i64 px, i64 oh, i64 ow,
+                      char *out, int threads)
+{
+    i64 nv = (cout + 15) / 16;
+    __mmask16 last = (__mmask16)((1u << (cout - (nv - 1) * 16)) - 1);
+    int nt = team(n * oh * ow, cout * cin * kh * kw, threads);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (i64 r = 0; r < n * oh; r++) {
+        i64 img = r / oh, oy = r % oh;
+        fns[nv - 1](x + img * cin * h * w * esize, cin, h, w, oy * sy - py, kh, kw, sx, px, ow, cout, wp,
+                    out + r * ow * cout * esize, last);
+    }
+}
 #else
 #define CONV_F32 0
 #define CONV_BF16 0
@@ -1536,6 +1644,32 @@ int dk_conv3x3(int bf16, const void *x, i64 ldx, i64 n, i64 h, i64 w, i64 cin, c
     return 2;
 }
 
+
+/* The stem convolution (stem_conv) of float32 images, or with bf16 set of bfloat16 ones, into
+ * out, (n*oh*ow, cout) contiguous; 2 where this build has no such kernel or cout is over
+ * 16*STEM_VECS. */
+int dk_stem_conv(int bf16, const void *x, i64 n, i64 cin, i64 h, i64 w, const float *wp, i64 cout, i64 kh, i64 kw,
+                 i64 sy, i64 sx, i64 py, i64 px, i64 oh, i64 ow, void *out, int threads)
+{
+#if CONV_F32
+    if (cout < 1 || cout > 16 * STEM_VECS)
+        return 2;
+    const stem_fn *fns = stem_f32;
+#if CONV_BF16
+    if (bf16)
+        fns = stem_bf16;
+#endif
+    if (bf16 && fns == stem_f32)
+        return 2;
+    stem_conv(fns, bf16 ? 2 : 4, (const char *)x, n, cin, h, w, wp, cout, kh, kw, sy, sx, py, px, oh, ow,
+              (char *)out, threads);
+    return 0;
+#else
+    (void)bf16, (void)x, (void)n, (void)cin, (void)h, (void)w, (void)wp, (void)cout, (void)kh, (void)kw;
+    (void)sy, (void)sx, (void)py, (void)px, (void)oh, (void)ow, (void)out, (void)threads;
+    return 2;
+#endif
+}
 #endif
 
 /* The second pass: the kernels again, for bfloat16 matrices. */

@@ -67,7 +67,8 @@ _SIGNATURES = {
 _BF16 = tuple(_SIGNATURES)
 _SIGNATURES.update({f"{name}_bf16": _SIGNATURES[name] for name in _BF16})
 # the 3x3 convolution takes its dtype as an argument (its bf16 weights are packed another way)
-_SIGNATURES.update({"dk_conv3x3": [_C, _P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _C], "dk_conv3x3_support": []})
+_SIGNATURES.update({"dk_conv3x3": [_C, _P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _C], "dk_conv3x3_support": [],
+                    "dk_stem_conv": [_C, _P, *[_I] * 4, _P, *[_I] * 9, _P, _C]})
 _DTYPES = (torch.float32, torch.bfloat16)
 _enabled = os.environ.get("DENSEKIT_NATIVE", "1") != "0"
 
@@ -592,3 +593,48 @@ class Conv3x3:
                     torch.get_num_threads()):
             raise RuntimeError("this build of the native kernels has no 3x3 convolution")
         return out
+
+
+STEM_MAX_OUT = 64
+
+
+class StemConv:
+    """A 2D convolution with at most ``STEM_MAX_OUT`` outputs, no bias, groups 1, dilation 1,
+    zero padding, from an NCHW batch into a new channels-last one: a network's first
+    convolution where a dense block reads its output (native.c says why). The weight is packed
+    once, here, for ``dtype``; build it only where :func:`conv3x3_supported` for ``dtype`` (the
+    same instructions)."""
+
+    def __init__(self, weight: torch.Tensor, stride, padding, dtype: torch.dtype) -> None:
+        if not conv3x3_supported(dtype):
+            raise ValueError(f"this machine's native kernels run no stem convolution on {dtype} images")
+        c_out, c_in, kh, kw = weight.shape
+        if not 0 < c_out <= STEM_MAX_OUT:
+            raise ValueError(f"native StemConv takes at most {STEM_MAX_OUT} output channels, got {c_out}")
+        self.in_channels, self.out_channels, self.kernel, self.dtype = c_in, c_out, (kh, kw), dtype
+        self.stride, self.padding = tuple(stride), tuple(padding)
+        vecs = (c_out + 15) // 16
+        # the weights as the kernel multiplies them: rounded to dtype, then float32, (tap, out)
+        taps = weight.detach().to("cpu", dtype).float().permute(1, 2, 3, 0).reshape(c_in * kh * kw, c_out)
+        self.weight = taps.new_zeros(c_in * kh * kw, 16 * vecs)
+        self.weight[:, :c_out] = taps
+        self._fn = _library().dk_stem_conv
+
+    def output_size(self, spatial: tuple[int, ...]) -> tuple[int, int]:
+        return tuple((s + 2 * p - k) // st + 1 for s, p, k, st in zip(spatial, self.padding, self.kernel, self.stride))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of ``x`` (N, C_in, H, W), contiguous, as an (N, C_out, OH, OW) tensor
+        in channels-last memory."""
+        if x.dim() != 4 or x.dtype != self.dtype or x.device.type != "cpu" or x.shape[1] != self.in_channels \
+                or not x.is_contiguous() or min(self.output_size(tuple(x.shape[2:]))) < 1:
+            raise ValueError(f"a native stem convolution of {self.in_channels} {self.dtype} channels "
+                             f"got {tuple(x.shape)} {x.dtype}")
+        n, c, h, w = x.shape
+        oh, ow = self.output_size((h, w))
+        out = torch.empty((n, oh, ow, self.out_channels), dtype=self.dtype)
+        if self._fn(int(self.dtype == torch.bfloat16), x.data_ptr(), n, c, h, w, self.weight.data_ptr(),
+                    self.out_channels, *self.kernel, *self.stride, *self.padding, oh, ow, out.data_ptr(),
+                    torch.get_num_threads()):
+            raise RuntimeError("this build of the native kernels has no stem convolution")
+        return out.permute(0, 3, 1, 2)
