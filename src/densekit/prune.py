@@ -55,14 +55,21 @@ from .train.inference import runtime_for
 METHOD = "network slimming: |gamma| of the batch norm that reads each channel, one global threshold"
 KINDS = ("inputs", "width", "outputs")  # a layer's inputs and width (DenseLayer.prune_), a block's outputs
 
-# What ``densekit prune`` rounds each layer's kept channels to by default. onnxruntime's CPU
-# convolutions run in blocks of 8 or 16 channels (its NCHWc layout) and fall back to a
-# several times slower kernel for a 3x3 convolution whose input channels are not a multiple
-# of 8: measured on the `make run` model pruned by 0.4 with and without rounding,
-# onnxruntime ran it 1.0x as fast as its parent unrounded and 1.4-1.6x rounded to 8, at
-# 0.540x MACs against 0.534x (docs/performance.md#pruning). PyTorch's oneDNN kernels take
-# any channel count at the same speed per channel.
-ROUND_TO = 8
+# What ``densekit prune`` rounds each batch norm's kept channels to by default: a dense
+# layer's inputs and a block's outputs to ROUND_TO, a bottleneck's width to ROUND_WIDTH.
+# onnxruntime's CPU convolutions run channels in blocks (its NCHWc layout: 8, or 16 with
+# AVX-512) and fall back to a several times slower kernel for a 3x3 convolution whose input
+# channels are not a multiple of 8: measured on the `make run` model pruned by 0.4 with and
+# without rounding, onnxruntime ran it 1.0x as fast as its parent unrounded and 1.4-1.6x
+# rounded to 8, at 0.540x MACs against 0.534x. Inputs in multiples of 16 ran faster still, in
+# onnxruntime and in PyTorch's gathers and bf16 products; a width rounded to 16 did not pay
+# (onnxruntime pads it to 16 anyway, and the native 3x3 convolution costs per channel). On a
+# Zen 4 EPYC, pruning one sparse run by 0.4 three ways (same process, alternating): inputs
+# and widths to 8, onnxruntime 1.37-1.41x its parent, PyTorch bf16 1.33x, float32 1.54-1.58x;
+# both to 16, 1.46-1.53x, 1.32-1.35x, 1.49x; inputs to 16 and widths to 8, 1.43-1.48x,
+# 1.37x, 1.57x (docs/performance.md#pruning).
+ROUND_TO = 16
+ROUND_WIDTH = 8
 
 
 @dataclasses.dataclass
@@ -83,7 +90,8 @@ class PruneReport(Result):
     dataset: str
     method: str
     amount: float
-    round_to: int          # each layer's kept channels a multiple of this (or all of them)
+    round_to: int          # each layer's kept inputs and block's kept outputs a multiple of this (or all of them)
+    round_width: int       # each bottleneck's kept width a multiple of this (or all of it)
     channels: Channels
     input_size: list[int]
     split: str             # the split the accuracies are of: "test", or "val" where the dataset has no test split
@@ -112,21 +120,24 @@ def _check_amount(amount) -> float:
     return fraction("amount", amount)
 
 
-def slimming_plan(model: nn.Module, amount: float, round_to: int = 1) -> dict[str, dict[str, torch.Tensor | None]]:
+def slimming_plan(model: nn.Module, amount: float, round_to: int = 1,
+                  round_width: int | None = None) -> dict[str, dict[str, torch.Tensor | None]]:
     """Which channels each dense layer and block keeps when ``amount`` of all prunable channels go.
 
     Channels are ranked by |gamma| across the whole network (a stable sort, so ties go in
     module order) and exactly ``round(amount * total)`` are marked; a batch norm that would
     lose all its channels keeps its largest. With ``round_to`` > 1 each batch norm then keeps
     its largest channels in a count rounded to the nearest multiple of ``round_to`` (at least
-    one multiple, at most all): convolution kernels that work on blocks of channels run
-    pruned layers at their full speed only then (see :data:`ROUND_TO`). Returns ``{name:
+    one multiple, at most all), and each bottleneck's width to one of ``round_width`` (default:
+    ``round_to``): convolution kernels that work on blocks of channels run pruned layers at
+    their full speed only then (see :data:`ROUND_TO`). Returns ``{name:
     {"inputs": kept or None, "width": kept or None, "outputs": kept or None}}`` (a layer's
     inputs and width, a block's outputs: :func:`prunable_norms`), None where nothing of that
     kind goes.
     """
     amount = _check_amount(amount)
     round_to = positive_int("round_to", round_to)
+    round_width = round_to if round_width is None else positive_int("round_width", round_width)
     groups = prunable_norms(model)
     if not groups:
         return {}
@@ -141,8 +152,9 @@ def slimming_plan(model: nn.Module, amount: float, round_to: int = 1) -> dict[st
         start += n
         if gone.all():
             gone[gammas.argmax()] = False
-        if round_to > 1 and gone.any():
-            kept = min(n, max(round_to, (int(n - gone.sum()) + round_to // 2) // round_to * round_to))
+        step = round_width if kind == "width" else round_to
+        if step > 1 and gone.any():
+            kept = min(n, max(step, (int(n - gone.sum()) + step // 2) // step * step))
             gone[:] = True
             gone[torch.argsort(gammas, descending=True, stable=True)[:kept]] = False
         plan.setdefault(name, dict.fromkeys(KINDS))[kind] = torch.nonzero(~gone).flatten() if gone.any() else None
@@ -160,10 +172,10 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, torch.Tensor | None]]
             model.get_submodule(name).prune_(**layer)
 
 
-def prune_model(model: nn.Module, amount: float, round_to: int = 1) -> Channels:
+def prune_model(model: nn.Module, amount: float, round_to: int = 1, round_width: int | None = None) -> Channels:
     """Network-slim ``model`` in place (:func:`slimming_plan`); returns the channel counts before and after."""
     before = _channel_count(model)
-    apply_plan(model, slimming_plan(model, amount, round_to))
+    apply_plan(model, slimming_plan(model, amount, round_to, round_width))
     after = _channel_count(model)
     return Channels(prunable=before, kept=after, removed=before - after,
                     removed_fraction=(before - after) / before if before else 0.0)
@@ -221,9 +233,11 @@ def _accuracy(model: nn.Module, info: ModelInfo, data, split, runtime) -> float:
 
 
 def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float, device: str = "auto",
-              data_dir: str | os.PathLike | None = None, speed: bool = True, round_to: int = ROUND_TO) -> PruneReport:
+              data_dir: str | os.PathLike | None = None, speed: bool = True, round_to: int = ROUND_TO,
+              round_width: int | None = None) -> PruneReport:
     """Prune the model of ``run_dir`` by ``amount`` into a new run directory ``out``, each layer
-    keeping a multiple of ``round_to`` channels (:func:`slimming_plan`).
+    keeping a multiple of ``round_to`` input channels and of ``round_width`` (default: ``round_to``,
+    at most ``ROUND_WIDTH``) bottleneck channels (:func:`slimming_plan`).
 
     ``out`` gets the weights, model.json (with the pruned structure, so that ``densekit.load``,
     ``eval``, ``predict`` and ``train --init`` take it) and summary.json: channels, parameters,
@@ -233,6 +247,7 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
     """
     amount = _check_amount(amount)
     round_to = positive_int("round_to", round_to)
+    round_width = min(round_to, ROUND_WIDTH) if round_width is None else positive_int("round_width", round_width)
     refuse_nonempty(out)
     source = RunDir(run_dir)
     runtime = runtime_for(source, device)  # as `densekit eval` scores the run (and timed so)
@@ -250,7 +265,7 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
     size = (pre.in_chans, h, w)
     params, macs, acc = count_params(model), count_macs(model, size), _accuracy(model, info, data, split, runtime)
     parent = copy.deepcopy(model) if speed else None
-    channels = prune_model(model, amount, round_to)
+    channels = prune_model(model, amount, round_to, round_width)
     structure = pruned_structure(model)
     rates = (None, None, None)
     if parent is not None:
@@ -262,7 +277,7 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
     layers, blocks = pruned_counts(structure)
     report = PruneReport(
         source=str(source), out=str(out), model=info.model, dataset=info.dataset, method=METHOD, amount=amount,
-        round_to=round_to,
+        round_to=round_to, round_width=round_width,
         channels=channels, input_size=list(size), split="test" if data.test is not None else "val",
         test_images=len(split), params_before=params,
         macs_before=macs, test_accuracy_before=acc, params_after=params_after,

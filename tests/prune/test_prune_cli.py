@@ -51,7 +51,8 @@ def test_prune_writes_a_run_with_its_figures(pruned):
     c = summary["channels"]
     assert c["prunable"] == 4 + 8 + 6 + 10 + 4 * 16 + 12 + 14 == 118 and c["removed"] == 35 and c["kept"] == 83
     assert summary["params_after"] < summary["params_before"] and summary["macs_after"] < summary["macs_before"]
-    assert 0 <= summary["test_accuracy_after"] <= 1 and summary["amount"] == 0.3 and summary["round_to"] == 1
+    assert 0 <= summary["test_accuracy_after"] <= 1 and summary["amount"] == 0.3 and summary["round_to"] == 1 \
+        and summary["round_width"] == 1  # --round-to below 8 rounds the widths so too
     assert summary["speed_batch"] == 64 and summary["reference_path_blocks"] == 0
     assert summary["images_per_second_before"] > 0 and summary["images_per_second_after"] > 0
     info = json.loads((out / "model.json").read_text())
@@ -146,6 +147,14 @@ def test_bad_amount_exits_2(trained, cli, tmp_path, amount):
     data, run = trained
     rc, stdout, err = cli("prune", run, "--amount", amount, "--out", tmp_path / "p")
     assert rc == 2 and stdout == "" and "amount must be a number in [0, 1)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("flag", ["--round-to", "--round-width"])
+def test_bad_rounding_exits_2(trained, cli, tmp_path, flag):
+    data, run = trained
+    rc, stdout, err = cli("prune", run, "--amount", "0.3", flag, "0", "--out", tmp_path / "p")
+    assert rc == 2 and stdout == "" and f"{flag} must be" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "p").exists()
 
 
@@ -273,12 +282,13 @@ def test_no_speed_skips_the_measurement(trained, tmp_path):
     data, run = trained
     report = prune_run(run, tmp_path / "p", 0.3, device="cpu", speed=False)
     assert report.speedup is None and report.speed_batch is None and report.images_per_second_after is None
-    # by default each batch norm keeps a multiple of 8 channels, or all of them
-    assert report.round_to == 8
+    # by default each layer keeps a multiple of 16 input channels and of 8 bottleneck channels,
+    # or all of them
+    assert (report.round_to, report.round_width) == (16, 8)
     for layer in densekit.load(tmp_path / "p").modules():
         if isinstance(layer, densekit.DenseLayer):
-            for n, full in ((layer.norm1.num_features, layer.in_channels), (layer.norm2.num_features, 16)):
-                assert n % 8 == 0 or n == full
+            for n, full, step in ((layer.norm1.num_features, layer.in_channels, 16), (layer.norm2.num_features, 16, 8)):
+                assert n % step == 0 or n == full
 
 
 def test_the_export_of_a_pruned_run_says_what_was_pruned(pruned, tmp_path):

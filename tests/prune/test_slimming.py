@@ -128,34 +128,40 @@ def test_one_global_threshold_and_one_channel_kept_everywhere():
     assert torch.cat(gone).max() < torch.cat(stay).min()  # one threshold across the network
 
 
-@pytest.mark.parametrize("round_to", [2, 4])
-def test_round_to_keeps_each_norms_largest_in_multiples(round_to):
+@pytest.mark.parametrize("round_to,round_width", [(2, None), (4, None), (4, 2), (2, 3)])
+def test_round_to_keeps_each_norms_largest_in_multiples(round_to, round_width):
+    """Inputs and outputs in multiples of ``round_to``, widths of ``round_width`` (default the same)."""
     model = small()
     exact = slimming_plan(model, 0.4)
-    plan = slimming_plan(model, 0.4, round_to=round_to)
+    plan = slimming_plan(model, 0.4, round_to=round_to, round_width=round_width)
     kept_exact = kept_rounded = 0
+    kinds = set()
     for name, kind, bn in prunable_norms(model):
         n = bn.num_features
         keep, want = plan[name][kind], exact[name][kind]
         count = n if keep is None else keep.numel()
         exact_count = n if want is None else want.numel()
         kept_exact, kept_rounded = kept_exact + exact_count, kept_rounded + count
+        step = round_width if kind == "width" and round_width else round_to
+        kinds.add(kind)
         # the multiple nearest the exact count (ties up), at least one multiple, at most all
-        assert count == min(n, max(round_to, (exact_count + round_to // 2) // round_to * round_to))
+        assert count == min(n, max(step, (exact_count + step // 2) // step * step))
         if keep is not None:  # the largest |gamma| of the norm
             gamma = bn.weight.detach().abs()
             dropped = torch.ones(n, dtype=torch.bool)
             dropped[keep] = False
             assert gamma[keep].min() >= gamma[dropped].max()
     # rounding to the nearest multiple moves the total by less than half a multiple per norm
-    assert abs(kept_rounded - kept_exact) < len(prunable_norms(model)) * round_to / 2
-    assert kept_rounded < 204
+    assert abs(kept_rounded - kept_exact) < len(prunable_norms(model)) * max(round_to, round_width or 0) / 2
+    assert kept_rounded < 204 and kinds == {"inputs", "width", "outputs"}
 
 
 @pytest.mark.parametrize("bad", [0, -8, 2.5, True])
 def test_round_to_must_be_a_positive_integer(bad):
     with pytest.raises(densekit.errors.UserError, match="round_to must be"):
         slimming_plan(small(), 0.3, round_to=bad)
+    with pytest.raises(densekit.errors.UserError, match="round_width must be"):
+        slimming_plan(small(), 0.3, round_width=bad)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), True, "0.3"])

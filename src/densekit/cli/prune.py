@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..prune import ROUND_TO
+from ..prune import ROUND_TO, ROUND_WIDTH
 from .common import add_device_argument
 
 
@@ -13,8 +13,11 @@ def add_arguments(p) -> None:
                         "and each block's outputs as its transition or the final norm reads them) "
                         "to remove, those with the smallest |BN gamma| across the network")
     p.add_argument("--round-to", type=int, default=ROUND_TO, metavar="N",
-                   help="keep a multiple of N channels in each batch norm, its largest (default %(default)s: "
-                        "onnxruntime's CPU convolutions run channels in blocks of 8; 1 keeps the exact amount)")
+                   help="keep a multiple of N channels, its largest, in each batch norm of a layer's inputs or a "
+                        "block's outputs (default %(default)s: onnxruntime's CPU convolutions run channels in blocks "
+                        "of 8, or 16 with AVX-512; 1 keeps the exact amount)")
+    p.add_argument("--round-width", type=int, metavar="N",
+                   help=f"the same for each bottleneck's width (default: --round-to's, at most {ROUND_WIDTH})")
     p.add_argument("--out", metavar="OUT", required=True, help="new run directory (must not exist or be empty)")
     p.add_argument("--data-dir", help="folder with the run's dataset, to measure the accuracy before and after "
                                       "(default: where the run read it)")
@@ -49,7 +52,6 @@ def run(args) -> int:
     from ..prune import prune_run
 
     summary = prune_run(args.run_dir, args.out, args.amount, device=args.device, data_dir=args.data_dir,
-                        speed=not args.no_speed,
-                        round_to=args.round_to)
+                        speed=not args.no_speed, round_to=args.round_to, round_width=args.round_width)
     print(summary.to_json() if args.json else "\n".join(summary_lines(summary)))
     return 0
