@@ -149,7 +149,7 @@ def test_pointwise_and_small_grid_convolutions_run_as_matrix_products(bn_size):
             torch.testing.assert_close(fast(x), block(x), rtol=1e-5, atol=1e-5)
         packed, weights = fast._packed[(tuple(x.shape), x.dtype, x.device)]
         assert packed
-        kinds = [[w.positions for w in (w1, w2) if w is not None] for w1, w2, _ in weights]
+        kinds = [[w.positions for w in (w1, w2) if w is not None] for w1, w2, _, _ in weights]
         assert kinds == [[1, unrolled] if bn_size else [unrolled]] * 3
 
 
@@ -173,7 +173,7 @@ def test_last_convolutions_run_natively_into_the_buffer_where_the_kernel_takes_t
                 torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
         _, weights = fast._packed[(tuple(x.shape), x.dtype, x.device)]
         runs = direct and native.conv3x3_supported(torch.float32)
-        assert [isinstance(d, native.Conv3x3) for _, _, d in weights] == [runs] * 3
+        assert [isinstance(d, native.Conv3x3) for _, _, d, _ in weights] == [runs] * 3
 
 
 @pytest.mark.parametrize("in_chans,size", [(1, 28), (3, 32)])
@@ -207,6 +207,36 @@ def test_a_stem_convolution_feeding_a_block_runs_natively_into_channels_last(in_
         assert not stem(x).is_contiguous(memory_format=torch.channels_last)
     # an ImageNet stem's convolution feeds its batch norm, not a block: it stays a Conv2d
     assert type(optimize_for_inference(create_model("densenet121").eval()).features.conv0) is torch.nn.Conv2d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bottlenecks_and_transitions_run_natively_where_the_kernel_is_the_faster(dtype):
+    """A bottleneck's 1x1 convolution (second batch norm folded in, then ReLU) and a transition's
+    run as ``native.Pointwise`` in bf16 up to 64 outputs, in float32 up to 32 (oneDNN's product
+    is the faster above), where this build has the kernel; the model computes the same function,
+    and with the native kernels turned off after the first call the product runs instead."""
+    torch.manual_seed(0)
+    model = create_model("densenet_bc_40_k12_s2", num_classes=10, in_chans=1)
+    randomize_norms(model)
+    prune_model(model, 0.4, round_to=16, round_width=8)
+    model.eval()
+    fast = optimize_for_inference(model)
+    x = torch.randn(frozen._PACK_MIN_BATCH, 1, 28, 28)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        want, got = model(x), fast(x)
+        with native.disabled():
+            off = fast(x)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    torch.testing.assert_close(got.float(), want.float(), **tolerance)
+    torch.testing.assert_close(off.float(), want.float(), **tolerance)
+    supported = native.conv3x3_supported(dtype)
+    limit = 64 if dtype == torch.bfloat16 else 32
+    block = fast.features.denseblock1
+    _, weights = block._packed[((x.shape[0], 24, 14, 14), dtype, x.device)]
+    widths = [layer.norm2.num_features for layer in block.values()]
+    assert [isinstance(p, native.Pointwise) for *_, p in weights] == [supported and w <= limit for w in widths]
+    (*_, point), = fast.features.transition1._kept.values()
+    assert isinstance(point, native.Pointwise) == (supported and fast.features.transition1.conv.out_channels <= limit)
 
 
 def test_eval_and_predict_run_the_optimized_copy_on_the_cpu_only():

@@ -582,6 +582,65 @@ def test_stem_conv_refuses_what_the_c_code_would_misread():
         native.StemConv(torch.randn(24, 1, 3, 3), (1, 1), (1, 1), torch.float64)
 
 
+# (rows, in, out): under and over a group of 8 (or 4) rows, one to four 16-lane vectors of
+# outputs, odd input counts (bf16 pairs a last channel with zero), the pruned ``make run``
+# model's first block (12,544 rows)
+POINTWISE = [(1, 1, 1), (7, 5, 17), (13, 33, 48), (9, 2, 64), (12544, 16, 24), (100, 84, 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("rows,cin,cout", POINTWISE)
+def test_pointwise_is_the_product_with_bias_and_relu_written_into_a_column_slice(rows, cin, cout, relu, dtype):
+    """Within float32 summation's error bound of the exact product plus bias (and ReLU), bf16
+    rounded once at the end; from a column slice into a column slice, the neighbouring columns
+    untouched; the same bits on one thread as on two."""
+    if not native.conv3x3_supported(dtype):
+        pytest.skip(f"this CPU's build has no {dtype} native convolution (AVX-512, AVX512-BF16)")
+    torch.manual_seed(0)
+    weight, bias = torch.randn(cout, cin, 1, 1), torch.randn(cout)
+    conv = native.Pointwise(weight, bias, dtype, relu)
+    x = torch.randn(rows, cin + 3).to(dtype)[:, 2:2 + cin]
+    buffer = torch.full((rows, cout + 5), 7.0, dtype=dtype)
+    got = conv(x, buffer[:, 1:1 + cout])
+    assert got.data_ptr() == buffer[:, 1:].data_ptr()
+    assert (buffer[:, 0] == 7).all() and (buffer[:, 1 + cout:] == 7).all()
+    w = weight.to(dtype).double().reshape(cout, cin).t()
+    exact = x.double() @ w + bias.double()
+    magnitude = x.double().abs() @ w.abs() + bias.double().abs()
+    if relu:
+        exact = exact.clamp_min(0)
+    bound = (cin + 1) * 2.0 ** -24 * magnitude + (2.0 ** -8 * exact.abs() if dtype == torch.bfloat16 else 0)
+    assert ((got.double() - exact).abs() <= bound * 1.01 + 1e-30).all()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(conv(x), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_pointwise_refuses_what_the_c_code_would_misread():
+    if not native.conv3x3_supported(torch.float32):
+        pytest.skip("this CPU's build has no native convolution (AVX-512)")
+    conv = native.Pointwise(torch.randn(12, 8, 1, 1), None, torch.float32, relu=False)
+    x, out = torch.randn(40, 8), torch.empty(40, 12)
+    conv(x, out)
+    for bad_x, bad_out in [(x[:, :7], out),                   # channels
+                           (torch.randn(8, 40).t(), out),     # columns not contiguous
+                           (x.bfloat16(), out),               # dtype
+                           (x, out[:, :11]),                  # output width
+                           (x, out[:39]),                     # output rows
+                           (x.view(2, 20, 8), out)]:          # not a matrix
+        with pytest.raises(ValueError, match="native 1x1 convolution"):
+            conv(bad_x, bad_out)
+    for weight in (torch.randn(65, 8, 1, 1), torch.randn(12, 8, 3, 3)):
+        with pytest.raises(ValueError, match="Pointwise takes"):
+            native.Pointwise(weight, None, torch.float32, relu=False)
+    with pytest.raises(ValueError, match="no 1x1 convolution on torch.float64"):
+        native.Pointwise(torch.randn(12, 8, 1, 1), None, torch.float64, relu=False)
+
+
 def test_native_results_do_not_vary_between_runs():
     torch.manual_seed(4)
     g, a = torch.randn(20000, 30), torch.relu(torch.randn(20000, 30))

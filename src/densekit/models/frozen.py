@@ -39,6 +39,12 @@ the buffer; the kernel was 1.2-1.5x as fast at 14x14, 1.9-2.5x at 7x7 and 2.1-2.
 and the ``make run`` model's forward at batch 64 1.18x as fast, 1.23x pruned
 (docs/performance.md#pruning). Elsewhere the convolution op runs, as above.
 
+A bottleneck's 1x1 convolution (its second batch norm folded in, then the ReLU) and a frozen
+transition's run as the native ``native.Pointwise`` where it measured faster than oneDNN's
+product (bf16 up to 64 outputs, float32 up to ``_POINTWISE_F32_OUT``; figures below): its call
+costs a few microseconds where oneDNN's costs 15-20, and on the narrow inputs of a pruned layer
+oneDNN's bf16 product ran at a fifth of the machine's rate.
+
 A convolution that feeds a frozen block directly (a DenseNet-BC stem) is copied as a
 :class:`FrozenStemConv`, which writes its output channels-last through ``native.StemConv``:
 the block then copies whole rows into its buffer instead of transposing oneDNN's NCHW output.
@@ -64,6 +70,15 @@ from .layers import DenseBlock, Transition, _plain_only
 # outputs reads at most this many input values (an RGB 7x7 stem's 147): the kernel multiplies
 # one tap at a time, where oneDNN's convolution is the faster for wider inputs.
 _STEM_TAPS = 160
+
+# A 1x1 convolution (a bottleneck with its second batch norm folded in, or a transition's) runs
+# as the native kernel in bf16 up to native.POINTWISE_MAX_OUT outputs, in float32 up to this
+# many. Timed against oneDNN's prepacked product on a Zen 4 EPYC, 2 threads (ad hoc): bf16
+# 44 against 61 us (12,544 rows, 16 to 24 channels), 75/100 (32 to 24), 110/142 (48 to 32),
+# 239/265 (84 to 48), 147/166 (33 to 64); float32 75/91, 136/150, 199/240, but 654/498 from 84
+# to 48 and 310/296 from 33 to 64: its float32 groups of 4 rows with 3-4 accumulators a row
+# lose to oneDNN's blocking there.
+_POINTWISE_F32_OUT = 32
 
 # Prepacked weights are kept for this many input shapes (batch size, spatial size, dtype) per block.
 _SHAPES = 4
@@ -217,14 +232,15 @@ class FrozenDenseBlock(_InferenceOnly, DenseBlock):
         for first, _, _, folded, last in layers:
             w1 = folded[0] if folded is not None else first.weight
             w2 = last.weight if folded is not None else None
-            # the layer's last convolution as the native kernel runs it, where it does
+            # the bottleneck and the layer's last convolution as the native kernels run them, where they do
+            point = None if folded is None else _pointwise(w1, folded[1], x.dtype, relu=True)
             direct = _direct(w2 if w2 is not None else w1, last.padding, spatial, x.dtype)
             if packed:
                 c1 = first.index.numel() if first.index is not None else first.weight.shape[1]
                 width = w1.shape[0]
                 w1 = _Packed(w1, first.padding, [n, c1, *spatial])
                 w2 = None if w2 is None else _Packed(w2, last.padding, [n, width, *spatial])
-            weights.append((w1, w2, direct))
+            weights.append((w1, w2, direct, point))
         return packed, weights
 
     @staticmethod
@@ -239,13 +255,16 @@ class FrozenDenseBlock(_InferenceOnly, DenseBlock):
         kept = 0 if index is None else index.numel()
         scratch = _fused._Scratch(rows.shape[0], {"a": max(c - k, k, kept), "g": c}, x)
         readers = self._column_readers(x.dtype, layers) if native.usable(rows) else None
-        for i, ((first, scale, shift, folded, last), (w1, w2, direct)) in enumerate(zip(layers, weights)):
+        for i, ((first, scale, shift, folded, last), (w1, w2, direct, point)) in enumerate(zip(layers, weights)):
             ci = c0 + i * k
             if readers is not None:
                 a = readers[i](rows, scratch("a", readers[i].cols))
             else:
                 a = first.read_act(rows[:, :ci], scale, shift, scratch)
-            if folded is not None:
+            if folded is not None and point is not None and readers is not None:
+                a = point(a)
+                w, padding = w2, last.padding
+            elif folded is not None:
                 a = _apply(w1, a, folded[1], first.padding, spatial, packed, relu=True)
                 w, padding = w2, last.padding
             else:
@@ -314,6 +333,16 @@ class FrozenStemConv(_InferenceOnly, nn.Conv2d):
         return conv(x.contiguous())
 
 
+def _pointwise(weight: torch.Tensor, bias, dtype: torch.dtype, relu: bool):
+    """A 1x1 convolution as a :class:`native.Pointwise` where that kernel takes it and measured
+    faster than oneDNN's product (bf16 up to 64 outputs, float32 up to ``_POINTWISE_F32_OUT``), else None."""
+    c_out = weight.shape[0]
+    if any(k != 1 for k in weight.shape[2:]) or c_out > native.POINTWISE_MAX_OUT \
+            or (dtype == torch.float32 and c_out > _POINTWISE_F32_OUT) or not native.conv3x3_supported(dtype):
+        return None
+    return native.Pointwise(weight, bias, dtype, relu)
+
+
 def _direct(weight: torch.Tensor, padding: list[int], spatial: list[int], dtype: torch.dtype):
     """A layer's last convolution as a :class:`native.Conv3x3` where that kernel takes it (2D, 3x3,
     padding 1, few enough outputs, a dtype this machine's build runs it in), else None."""
@@ -355,18 +384,20 @@ class FrozenTransition(_InferenceOnly, Transition):
         spatial = tuple(x.shape[2:])
         pooled_spatial = tuple(s // 2 for s in spatial)
         padding = [0] * len(spatial)
-        scale, shift, packed, weight = _kept(self._kept, x, lambda: self._constants(x, pooled_spatial))
+        scale, shift, packed, weight, point = _kept(self._kept, x, lambda: self._constants(x, pooled_spatial))
         pooled = native.bn_relu_pool(_fused._rows(x), spatial, scale, shift)
-        return _fused._grid(_apply(weight, pooled, None, padding, pooled_spatial, packed), pooled_spatial)
+        out = point(pooled) if point is not None else _apply(weight, pooled, None, padding, pooled_spatial, packed)
+        return _fused._grid(out, pooled_spatial)
 
     def _constants(self, x: torch.Tensor, pooled_spatial: tuple[int, ...]) -> tuple:
         unit = _fused._Unit(self.norm, self.conv, x.dtype)
         scale, shift = (t.contiguous() for t in unit.running_scale_shift())
         packed = _prepacks(x)
         weight = unit.weight
+        point = _pointwise(weight, None, x.dtype, relu=False)
         if packed:
             weight = _Packed(weight, [0] * len(pooled_spatial), [x.shape[0], x.shape[1], *pooled_spatial])
-        return scale, shift, packed, weight
+        return scale, shift, packed, weight, point
 
 
 def _kept(store: OrderedDict, x: torch.Tensor, make):

@@ -68,7 +68,8 @@ _BF16 = tuple(_SIGNATURES)
 _SIGNATURES.update({f"{name}_bf16": _SIGNATURES[name] for name in _BF16})
 # the 3x3 convolution takes its dtype as an argument (its bf16 weights are packed another way)
 _SIGNATURES.update({"dk_conv3x3": [_C, _P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _C], "dk_conv3x3_support": [],
-                    "dk_stem_conv": [_C, _P, *[_I] * 4, _P, *[_I] * 9, _P, _C]})
+                    "dk_stem_conv": [_C, _P, *[_I] * 4, _P, *[_I] * 9, _P, _C],
+                    "dk_pointwise": [_C, _P, _I, _I, _I, _P, _P, _I, _C, _P, _I, _C]})
 _DTYPES = (torch.float32, torch.bfloat16)
 _enabled = os.environ.get("DENSEKIT_NATIVE", "1") != "0"
 
@@ -638,3 +639,52 @@ class StemConv:
                     torch.get_num_threads()):
             raise RuntimeError("this build of the native kernels has no stem convolution")
         return out.permute(0, 3, 1, 2)
+
+
+POINTWISE_MAX_OUT = 64
+
+
+class Pointwise:
+    """A 1x1 convolution with a bias and optionally a ReLU, of at most ``POINTWISE_MAX_OUT``
+    outputs, on channels-last matrices: (rows, C_in) to (rows, C_out), each with contiguous
+    columns and any row stride (native.c says where it beats oneDNN). The weight (C_out, C_in,
+    1...) and bias are packed once, here, for ``dtype``; build it only where
+    :func:`conv3x3_supported` for ``dtype`` (the same instructions)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, relu: bool) -> None:
+        if not conv3x3_supported(dtype):
+            raise ValueError(f"this machine's native kernels run no 1x1 convolution on {dtype} matrices")
+        c_out, c_in = weight.shape[:2]
+        if not 0 < c_out <= POINTWISE_MAX_OUT or not c_in or any(k != 1 for k in weight.shape[2:]):
+            raise ValueError(f"native Pointwise takes a (C_out <= {POINTWISE_MAX_OUT}, C_in, 1...) weight, "
+                             f"got {tuple(weight.shape)}")
+        self.in_channels, self.out_channels, self.dtype, self.relu = c_in, c_out, dtype, bool(relu)
+        lanes = 16 * ((c_out + 15) // 16)
+        w = weight.detach().to("cpu", dtype).reshape(c_out, c_in).t()  # (in, out)
+        if dtype == torch.bfloat16:  # pairs of input channels, interleaved per output channel
+            pairs = (c_in + 1) // 2
+            packed = w.new_zeros(2 * pairs, lanes)
+            packed[:c_in, :c_out] = w
+            self.weight = packed.view(pairs, 2, lanes).transpose(1, 2).contiguous()
+        else:
+            self.weight = w.new_zeros(c_in, lanes)
+            self.weight[:, :c_out] = w
+        self.bias = torch.zeros(lanes)
+        if bias is not None:
+            self.bias[:c_out] = bias.detach().to("cpu", torch.float32)
+        self._fn = _library().dk_pointwise
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The (rows, C_out) result of ``x`` (rows, C_in), into ``out`` if given."""
+        if out is None and x.dim() == 2:
+            out = torch.empty((x.shape[0], self.out_channels), dtype=self.dtype)
+        if x.dim() != 2 or x.dtype != self.dtype or x.device.type != "cpu" or x.shape[1] != self.in_channels \
+                or x.stride(1) != 1 or out.dim() != 2 or out.dtype != self.dtype or out.device.type != "cpu" \
+                or tuple(out.shape) != (x.shape[0], self.out_channels) or out.stride(1) != 1:
+            raise ValueError(f"a native 1x1 convolution of {self.in_channels} to {self.out_channels} {self.dtype} "
+                             f"channels got {tuple(x.shape)} {x.dtype}")
+        if self._fn(int(self.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), x.shape[0], self.in_channels,
+                    self.weight.data_ptr(), self.bias.data_ptr(), self.out_channels, int(self.relu), out.data_ptr(),
+                    out.stride(0), torch.get_num_threads()):
+            raise RuntimeError("this build of the native kernels has no 1x1 convolution")
+        return out
