@@ -481,6 +481,20 @@ def _conv_exact(x: torch.Tensor, w: torch.Tensor, n: int, h: int, wd: int) -> tu
     return conv(x, w), conv(x.abs(), w.abs())
 
 
+def _exact_within_bound_on_any_thread_count(got, exact, magnitude, terms: int, dtype, rerun) -> None:
+    """``got`` within float32 summation's error bound of ``exact`` (``terms`` products: terms *
+    2^-24 of the sum of their absolute values, ``magnitude``), and in bf16 rounded once more at
+    the end; ``rerun()`` on one thread gives the same bits."""
+    bound = terms * 2.0 ** -24 * magnitude + (2.0 ** -8 * exact.abs() if dtype == torch.bfloat16 else 0)
+    assert ((got.double() - exact).abs() <= bound * 1.01 + 1e-30).all()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(rerun(), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,h,w,cin,cout", CONVS)
 def test_conv3x3_is_the_convolution_written_into_a_column_slice(n, h, w, cin, cout, dtype):
@@ -498,14 +512,8 @@ def test_conv3x3_is_the_convolution_written_into_a_column_slice(n, h, w, cin, co
     assert got.data_ptr() == buffer[:, 1:].data_ptr()
     assert (buffer[:, 0] == 7).all() and (buffer[:, 1 + cout:] == 7).all()
     exact, magnitude = _conv_exact(x, weight, n, h, w)
-    bound = 9 * cin * 2.0 ** -24 * magnitude + (2.0 ** -8 * exact.abs() if dtype == torch.bfloat16 else 0)
-    assert ((got.double() - exact).abs() <= bound * 1.01 + 1e-30).all()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(conv(x, (h, w), torch.empty(n * h * w, cout, dtype=dtype)), got)
-    finally:
-        torch.set_num_threads(threads)
+    _exact_within_bound_on_any_thread_count(got, exact, magnitude, 9 * cin, dtype,
+                                            lambda: conv(x, (h, w), torch.empty(n * h * w, cout, dtype=dtype)))
 
 
 def test_conv3x3_refuses_what_the_c_code_would_misread():
@@ -555,14 +563,7 @@ def test_stem_conv_is_the_convolution_in_channels_last(n, cin, cout, k, stride, 
     exact = torch.nn.functional.conv2d(x.double(), w_d, stride=stride, padding=pad)
     magnitude = torch.nn.functional.conv2d(x.double().abs(), w_d.abs(), stride=stride, padding=pad)
     assert got.shape == exact.shape and got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
-    bound = cin * k * k * 2.0 ** -24 * magnitude + (2.0 ** -8 * exact.abs() if dtype == torch.bfloat16 else 0)
-    assert ((got.double() - exact).abs() <= bound * 1.01 + 1e-30).all()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(conv(x), got)
-    finally:
-        torch.set_num_threads(threads)
+    _exact_within_bound_on_any_thread_count(got, exact, magnitude, cin * k * k, dtype, lambda: conv(x))
 
 
 def test_stem_conv_refuses_what_the_c_code_would_misread():
@@ -610,14 +611,7 @@ def test_pointwise_is_the_product_with_bias_and_relu_written_into_a_column_slice
     magnitude = x.double().abs() @ w.abs() + bias.double().abs()
     if relu:
         exact = exact.clamp_min(0)
-    bound = (cin + 1) * 2.0 ** -24 * magnitude + (2.0 ** -8 * exact.abs() if dtype == torch.bfloat16 else 0)
-    assert ((got.double() - exact).abs() <= bound * 1.01 + 1e-30).all()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(conv(x), got)
-    finally:
-        torch.set_num_threads(threads)
+    _exact_within_bound_on_any_thread_count(got, exact, magnitude, cin + 1, dtype, lambda: conv(x))
 
 
 def test_pointwise_refuses_what_the_c_code_would_misread():
