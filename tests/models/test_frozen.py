@@ -203,6 +203,9 @@ def test_a_stem_convolution_feeding_a_block_runs_natively_into_channels_last(in_
     stem(wanted).sum().backward()  # the Conv2d, which autograd records
     assert wanted.grad is not None and wanted.grad.abs().sum() > 0
     assert list(fast.state_dict()) == list(model.state_dict())
+    for bad in (torch.randn(2, in_chans + 1, size, size), torch.randn(2, in_chans, 1, 1)[..., :0]):
+        with pytest.raises(RuntimeError), torch.no_grad():  # torch's own error, as the Conv2d says it
+            stem(bad)
     with reference_path(fast), torch.no_grad():  # as counters and exports run it: the Conv2d
         assert not stem(x).is_contiguous(memory_format=torch.channels_last)
     # an ImageNet stem's convolution feeds its batch norm, not a block: it stays a Conv2d

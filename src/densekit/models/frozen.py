@@ -321,8 +321,10 @@ class FrozenStemConv(_InferenceOnly, nn.Conv2d):
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         if not self.fused or _plain_only() or torch.compiler.is_compiling() or x.device.type != "cpu" or x.dim() != 4 \
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) \
-                or not native.conv3x3_supported(dtype):
-            return super().forward(x)
+                or not native.conv3x3_supported(dtype) or x.shape[1] != self.in_channels \
+                or any((s + 2 * p - k) // st < 0 for s, p, k, st in zip(x.shape[2:], self.padding, self.kernel_size,
+                                                                          self.stride)):
+            return super().forward(x)  # which also says what is wrong with an input that does not fit
         return _fused._in_autocast_dtype(FrozenStemConv._run, self, x)
 
     @staticmethod
