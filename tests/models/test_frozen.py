@@ -208,6 +208,16 @@ def test_a_stem_convolution_feeding_a_block_runs_natively_into_channels_last(in_
             stem(bad)
     with reference_path(fast), torch.no_grad():  # as counters and exports run it: the Conv2d
         assert not stem(x).is_contiguous(memory_format=torch.channels_last)
+    scripted = torch.jit.script(fast)  # the Conv2d's call, as TorchScript compiles it
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-4)
+    calls = []
+    model.features.conv0.register_forward_hook(lambda *args: calls.append(1))
+    hooked = optimize_for_inference(model)  # a hook would be lost: a hooked convolution stays
+    assert type(hooked.features.conv0) is torch.nn.Conv2d
+    with torch.no_grad():
+        hooked(x)
+    assert calls == [1]
     # an ImageNet stem's convolution feeds its batch norm, not a block: it stays a Conv2d
     assert type(optimize_for_inference(create_model("densenet121").eval()).features.conv0) is torch.nn.Conv2d
 

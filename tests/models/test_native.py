@@ -612,6 +612,9 @@ def test_pointwise_is_the_product_with_bias_and_relu_written_into_a_column_slice
     if relu:
         exact = exact.clamp_min(0)
     _exact_within_bound_on_any_thread_count(got, exact, magnitude, cin + 1, dtype, lambda: conv(x))
+    poisoned = x.clone()
+    poisoned[0, 0] = float("nan")
+    assert conv(poisoned)[0].isnan().all()  # a NaN passes the ReLU, as torch.relu keeps it
 
 
 def test_pointwise_refuses_what_the_c_code_would_misread():

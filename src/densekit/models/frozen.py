@@ -61,9 +61,10 @@ import math
 from collections import OrderedDict
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import fused as _fused, native
+from .fused_stem import unhooked
 from .layers import DenseBlock, Transition, _plain_only
 
 # A convolution feeding a frozen dense block runs as the native stem kernel when each of its
@@ -299,10 +300,12 @@ class FrozenStemConv(_InferenceOnly, nn.Conv2d):
 
     @staticmethod
     def takes(conv: nn.Module) -> bool:
-        """Is ``conv`` a plain Conv2d the native kernel runs: no bias, groups and dilation 1, zero
+        """Is ``conv`` a plain Conv2d the native kernel runs: no hooks (which would be lost), no bias,
+        groups and dilation 1, zero
         padding given as numbers, at most ``native.STEM_MAX_OUT`` outputs, and a stem's few taps
         (at most ``_STEM_TAPS`` input values per output)?"""
-        return (type(conv) is nn.Conv2d and conv.bias is None and conv.groups == 1 and tuple(conv.dilation) == (1, 1)
+        return (type(conv) is nn.Conv2d and unhooked(conv) and conv.bias is None and conv.groups == 1
+                and tuple(conv.dilation) == (1, 1)
                 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
                 and conv.out_channels <= native.STEM_MAX_OUT
                 and conv.in_channels * math.prod(conv.kernel_size) <= _STEM_TAPS)
@@ -317,14 +320,33 @@ class FrozenStemConv(_InferenceOnly, nn.Conv2d):
         self.training, self.fused = False, True
         self._kept: OrderedDict = OrderedDict()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if not self.fused or _plain_only() or torch.compiler.is_compiling() or x.device.type != "cpu" or x.dim() != 4 \
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():  # a branch TorchScript leaves out
+            if self._native_takes(x):
+                return self._forward_native(x)
+        # the Conv2d's own call, which also says what is wrong with an input that does not fit
+        return self._conv_forward(x, self.weight, self.bias)
+
+    @torch.jit.unused
+    def _native_takes(self, x: Tensor) -> bool:
+        """Does the native kernel compute what the Conv2d would on ``x``: the fast path on (not
+        the reference path, a trace or the compiler), no gradient asked for, an input that fits,
+        float32 weights on the CPU, a float32 input (cast by bf16 autocast as the Conv2d's would
+        be) or a bf16 one with autocast on, in a dtype this build's kernel takes?"""
+        if not self.fused or _plain_only() or torch.compiler.is_compiling() or x.device.type != "cpu" \
+                or x.dim() != 4 or x.shape[1] != self.in_channels or self.weight.device.type != "cpu" \
+                or self.weight.dtype != torch.float32 \
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) \
-                or not native.conv3x3_supported(dtype) or x.shape[1] != self.in_channels \
                 or any((s + 2 * p - k) // st < 0 for s, p, k, st in zip(x.shape[2:], self.padding, self.kernel_size,
                                                                           self.stride)):
-            return super().forward(x)  # which also says what is wrong with an input that does not fit
+            return False
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            return x.dtype in (torch.float32, dtype) and native.conv3x3_supported(dtype)
+        return x.dtype == torch.float32 and native.conv3x3_supported(x.dtype)
+
+    @torch.jit.unused
+    def _forward_native(self, x: Tensor) -> Tensor:
         return _fused._in_autocast_dtype(FrozenStemConv._run, self, x)
 
     @staticmethod

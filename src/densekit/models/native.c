@@ -1551,7 +1551,7 @@ static inline __attribute__((always_inline)) void stem_pixels(
                         continue;
                     __m512 v;
                     if (bf16)
-                        v = _mm512_castsi512_ps(_mm512_set1_epi32((int32_t)((const uint16_t *)src)[ix] << 16));
+                        v = _mm512_castsi512_ps(_mm512_set1_epi32((int32_t)((uint32_t)((const uint16_t *)src)[ix] << 16)));
                     else
                         v = _mm512_set1_ps(((const float *)src)[ix]);
 #pragma GCC unroll 4
@@ -1658,7 +1658,8 @@ static inline __attribute__((always_inline)) void pw_rows(
     for (int p = 0; p < np; p++)
 #pragma GCC unroll 4
         for (int j = 0; j < nv; j++) {
-            __m512 v = relu ? _mm512_max_ps(acc[p][j], _mm512_setzero_ps()) : acc[p][j];
+            /* zero first: max returns its second operand where one is NaN, as torch.relu keeps it */
+            __m512 v = relu ? _mm512_max_ps(_mm512_setzero_ps(), acc[p][j]) : acc[p][j];
             __mmask16 m = j == nv - 1 ? last : (__mmask16)0xffff;
             char *dst = o + (p * ldo + j * 16) * esize;
 #if CONV_BF16
