@@ -262,11 +262,11 @@ class FrozenDenseBlock(_InferenceOnly, DenseBlock):
                 a = readers[i](rows, scratch("a", readers[i].cols))
             else:
                 a = first.read_act(rows[:, :ci], scale, shift, scratch)
-            if folded is not None and point is not None and readers is not None:
-                a = point(a)
-                w, padding = w2, last.padding
-            elif folded is not None:
-                a = _apply(w1, a, folded[1], first.padding, spatial, packed, relu=True)
+            if folded is not None:
+                if point is not None and readers is not None:
+                    a = point(a)
+                else:
+                    a = _apply(w1, a, folded[1], first.padding, spatial, packed, relu=True)
                 w, padding = w2, last.padding
             else:
                 w, padding = w1, first.padding
@@ -337,8 +337,7 @@ class FrozenStemConv(_InferenceOnly, nn.Conv2d):
                 or x.dim() != 4 or x.shape[1] != self.in_channels or self.weight.device.type != "cpu" \
                 or self.weight.dtype != torch.float32 \
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) \
-                or any((s + 2 * p - k) // st < 0 for s, p, k, st in zip(x.shape[2:], self.padding, self.kernel_size,
-                                                                          self.stride)):
+                or min(native.window_grid(x.shape[2:], self.kernel_size, self.stride, self.padding)) < 1:
             return False
         if torch.is_autocast_enabled("cpu"):
             dtype = torch.get_autocast_dtype("cpu")

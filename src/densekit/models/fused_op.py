@@ -307,7 +307,7 @@ def stem_pool(x: Tensor, weight: Tensor, bias: Tensor, running: list[Tensor], ep
 @stem_pool.register_fake
 def _(x, weight, bias, running, eps, kernel, stride, padding, training):
     n, c, *spatial = x.shape
-    pooled = native.maxpool_size(spatial, kernel, stride, padding)
+    pooled = native.window_grid(spatial, kernel, stride, padding)
     return [x.new_empty((n, *pooled, c)).movedim(-1, 1), x.new_empty(c, dtype=torch.float32),
             x.new_empty(c, dtype=torch.float32), x.new_empty((n * math.prod(pooled), c), dtype=torch.uint8)]
 

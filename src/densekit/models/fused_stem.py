@@ -200,7 +200,7 @@ def relu_maxpool(y: torch.Tensor, geometry: tuple, scale: torch.Tensor | None = 
     (:func:`native.relu_maxpool`)."""
     spatial = tuple(y.shape[2:])
     out, offsets = native.relu_maxpool(_matrix(y), spatial, *geometry, scale, shift, arg=arg)
-    return _grid(out, native.maxpool_size(spatial, *geometry)), offsets
+    return _grid(out, native.window_grid(spatial, *geometry)), offsets
 
 
 def native_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,

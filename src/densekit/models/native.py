@@ -466,7 +466,7 @@ def _maxpool_geometry(x: torch.Tensor, spatial: tuple[int, ...], kernel, stride,
     pad = 3 - dims
     geometry = [x.shape[0] // size, *[1] * pad, *spatial, *[1] * pad, *kernel, *[1] * pad, *stride, *[0] * pad,
                 *padding]
-    pooled = torch.Size((x.shape[0] // size * math.prod(maxpool_size(spatial, kernel, stride, padding)), x.shape[1]))
+    pooled = torch.Size((x.shape[0] // size * math.prod(window_grid(spatial, kernel, stride, padding)), x.shape[1]))
     if g is not None:
         _mats(pooled, g, dtype=x.dtype)
     if arg is not None and (arg.dtype != torch.uint8 or arg.shape != pooled or not arg.is_contiguous()
@@ -475,8 +475,9 @@ def _maxpool_geometry(x: torch.Tensor, spatial: tuple[int, ...], kernel, stride,
     return torch.tensor(geometry, dtype=torch.int64), pooled
 
 
-def maxpool_size(spatial, kernel, stride, padding) -> tuple[int, ...]:
-    """The pooled grid's sides, as torch's max pooling gives them (floor mode, no dilation)."""
+def window_grid(spatial, kernel, stride, padding) -> tuple[int, ...]:
+    """The sides of the grid a window of ``kernel`` sliding over ``spatial`` gives, as torch's max
+    pooling and convolution give them (floor mode, no dilation)."""
     return tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(spatial, kernel, stride, padding))
 
 
@@ -551,6 +552,20 @@ def conv3x3_supported(dtype: torch.dtype) -> bool:
     return bool(_conv3x3_support() & {torch.float32: 1, torch.bfloat16: 2}.get(dtype, 0))
 
 
+def _in_lanes(weight: torch.Tensor, lanes: int, pairs: bool) -> torch.Tensor:
+    """(..., C_in, C_out) weights as the native convolutions load them, C_out zero-padded to
+    ``lanes`` (whole 16-lane vectors): as they are, or with ``pairs`` (the AVX512-BF16 dot
+    product) pairs of input channels interleaved per output channel, (..., C_in / 2 rounded up,
+    lanes, 2), the last pair's second channel zero where C_in is odd."""
+    *lead, c_in, c_out = weight.shape
+    rows = c_in + c_in % 2 if pairs else c_in
+    packed = weight.new_zeros(*lead, rows, lanes)
+    packed[..., :c_in, :c_out] = weight
+    if pairs:
+        packed = packed.view(*lead, rows // 2, 2, lanes).transpose(-2, -1).contiguous()
+    return packed
+
+
 class Conv3x3:
     """A 2D 3x3 convolution, stride 1, padding 1, no bias, of at most ``CONV3X3_MAX_OUT`` output
     channels (a DenseNet-BC layer's last convolution), on channels-last matrices: the input
@@ -568,14 +583,7 @@ class Conv3x3:
                              f"got {tuple(weight.shape)}")
         self.in_channels, self.out_channels, self.dtype = c_in, c_out, dtype
         taps = weight.detach().to("cpu", dtype).permute(2, 3, 1, 0).reshape(9, c_in, c_out)  # (tap, in, out)
-        if dtype == torch.bfloat16:  # pairs of input channels, interleaved per output channel
-            pairs = (c_in + 1) // 2
-            packed = taps.new_zeros(9, 2 * pairs, CONV3X3_MAX_OUT)
-            packed[:, :c_in, :c_out] = taps
-            self.weight = packed.view(9, pairs, 2, CONV3X3_MAX_OUT).transpose(2, 3).contiguous()
-        else:
-            self.weight = taps.new_zeros(9, c_in, CONV3X3_MAX_OUT)
-            self.weight[:, :, :c_out] = taps
+        self.weight = _in_lanes(taps, CONV3X3_MAX_OUT, pairs=dtype == torch.bfloat16)
         self._fn = _library().dk_conv3x3
 
     def __call__(self, x: torch.Tensor, spatial: tuple[int, ...], out: torch.Tensor) -> torch.Tensor:
@@ -614,25 +622,20 @@ class StemConv:
             raise ValueError(f"native StemConv takes at most {STEM_MAX_OUT} output channels, got {c_out}")
         self.in_channels, self.out_channels, self.kernel, self.dtype = c_in, c_out, (kh, kw), dtype
         self.stride, self.padding = tuple(stride), tuple(padding)
-        vecs = (c_out + 15) // 16
         # the weights as the kernel multiplies them: rounded to dtype, then float32, (tap, out)
         taps = weight.detach().to("cpu", dtype).float().permute(1, 2, 3, 0).reshape(c_in * kh * kw, c_out)
-        self.weight = taps.new_zeros(c_in * kh * kw, 16 * vecs)
-        self.weight[:, :c_out] = taps
+        self.weight = _in_lanes(taps, 16 * ((c_out + 15) // 16), pairs=False)
         self._fn = _library().dk_stem_conv
-
-    def output_size(self, spatial: tuple[int, ...]) -> tuple[int, int]:
-        return tuple((s + 2 * p - k) // st + 1 for s, p, k, st in zip(spatial, self.padding, self.kernel, self.stride))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution of ``x`` (N, C_in, H, W), contiguous, as an (N, C_out, OH, OW) tensor
         in channels-last memory."""
         if x.dim() != 4 or x.dtype != self.dtype or x.device.type != "cpu" or x.shape[1] != self.in_channels \
-                or not x.is_contiguous() or min(self.output_size(tuple(x.shape[2:]))) < 1:
+                or not x.is_contiguous() or min(window_grid(x.shape[2:], self.kernel, self.stride, self.padding)) < 1:
             raise ValueError(f"a native stem convolution of {self.in_channels} {self.dtype} channels "
                              f"got {tuple(x.shape)} {x.dtype}")
         n, c, h, w = x.shape
-        oh, ow = self.output_size((h, w))
+        oh, ow = window_grid((h, w), self.kernel, self.stride, self.padding)
         out = torch.empty((n, oh, ow, self.out_channels), dtype=self.dtype)
         if self._fn(int(self.dtype == torch.bfloat16), x.data_ptr(), n, c, h, w, self.weight.data_ptr(),
                     self.out_channels, *self.kernel, *self.stride, *self.padding, oh, ow, out.data_ptr(),
@@ -661,14 +664,7 @@ class Pointwise:
         self.in_channels, self.out_channels, self.dtype, self.relu = c_in, c_out, dtype, bool(relu)
         lanes = 16 * ((c_out + 15) // 16)
         w = weight.detach().to("cpu", dtype).reshape(c_out, c_in).t()  # (in, out)
-        if dtype == torch.bfloat16:  # pairs of input channels, interleaved per output channel
-            pairs = (c_in + 1) // 2
-            packed = w.new_zeros(2 * pairs, lanes)
-            packed[:c_in, :c_out] = w
-            self.weight = packed.view(pairs, 2, lanes).transpose(1, 2).contiguous()
-        else:
-            self.weight = w.new_zeros(c_in, lanes)
-            self.weight[:, :c_out] = w
+        self.weight = _in_lanes(w, lanes, pairs=dtype == torch.bfloat16)
         self.bias = torch.zeros(lanes)
         if bias is not None:
             self.bias[:c_out] = bias.detach().to("cpu", torch.float32)
