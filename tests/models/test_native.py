@@ -617,6 +617,30 @@ def test_pointwise_is_the_product_with_bias_and_relu_written_into_a_column_slice
     assert conv(poisoned)[0].isnan().all()  # a NaN passes the ReLU, as torch.relu keeps it
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cin,cout", [(1, 1, 1), (13, 33, 48), (50, 120, 48), (9, 2, 64)])
+def test_pointwise_with_bn_relu_is_the_product_of_bn_relus_output_bit_for_bit(rows, cin, cout, dtype):
+    """With scale and shift the product reads ReLU(x * scale + shift), formed as bn_relu forms it
+    (rounded once to the matrix's dtype): the same bits as bn_relu into a matrix, then the
+    product, on one thread or two; the NaN a BN-ReLU passes reaches every output of its row."""
+    if not native.conv3x3_supported(dtype):
+        pytest.skip(f"this CPU's build has no {dtype} native convolution (AVX-512, AVX512-BF16)")
+    torch.manual_seed(1)
+    conv = native.Pointwise(torch.randn(cout, cin, 1, 1), None, dtype, relu=False)
+    x = torch.randn(rows, cin + 5).to(dtype)[:, 3:3 + cin]  # a column slice, as of a block's buffer
+    scale, shift = torch.rand(cin) + 0.5, torch.randn(cin) * 0.5
+    want = conv(native.bn_relu(x, scale, shift, torch.empty(rows, cin, dtype=dtype)))
+    got = conv(x, scale=scale, shift=shift)
+    assert torch.equal(got, want)
+    _exact_within_bound_on_any_thread_count(got, got.double(), got.double().abs(), 0, torch.float32,
+                                            lambda: conv(x, scale=scale, shift=shift))
+    poisoned = x.clone()
+    poisoned[-1, -1] = float("nan")
+    assert conv(poisoned, scale=scale, shift=shift)[-1].isnan().all()
+    with pytest.raises(ValueError, match="native 1x1 convolution"):
+        conv(x, scale=scale)  # a scale needs its shift
+
+
 def test_pointwise_refuses_what_the_c_code_would_misread():
     if not native.conv3x3_supported(torch.float32):
         pytest.skip("this CPU's build has no native convolution (AVX-512)")

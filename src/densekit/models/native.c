@@ -26,6 +26,7 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef int64_t i64;
 
@@ -267,6 +268,19 @@ static inline void st_lanes(int bf16, void *p, __mmask16 m, __m512 v)
 static inline __m512 ld_vec(__mmask16 m, const float *p)
 {
     return m == 0xFFFFu ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
+
+/* relu(x * scale + shift) of one row of cols values into o, each rounded once to the matrix's
+ * dtype: as dk_bn_relu and the 1x1 product's prologue (pointwise) form them;
+ * bf16 needs AVX-512 BW and VL */
+static void bn_relu_row(int bf16, const char *x, char *o, i64 cols, const float *scale, const float *shift)
+{
+    const i64 esize = bf16 ? 2 : 4;
+    for (i64 j = 0; j < cols; j += 16) {
+        __mmask16 m = lanes_at(j, cols);
+        st_lanes(bf16, o + j * esize, m,
+                 bn_relu_v(ld_lanes(bf16, m, x + j * esize), ld_vec(m, scale + j), ld_vec(m, shift + j)));
+    }
 }
 
 /* s[l] += v[l] in float64, for the lanes of m: each column's sum gets the same additions in
@@ -520,16 +534,8 @@ int NAME(dk_bn_relu)(const elem *x, i64 ldx, elem *out, i64 ldo, i64 rows, i64 c
         i64 lo, hi;
         row_range(rows, &lo, &hi);
 #if defined(DK_BF16) && defined(DK_GATHER_BF16_AVX512)
-        const int bf16 = 1;
-        for (i64 r = lo; r < hi; r++) {
-            const elem *xr = x + r * ldx;
-            elem *o = out + r * ldo;
-            for (i64 j = 0; j < cols; j += 16) {
-                __mmask16 m = lanes_at(j, cols);
-                st_lanes(bf16, o + j, m,
-                         bn_relu_v(ld_lanes(bf16, m, xr + j), ld_vec(m, scale + j), ld_vec(m, shift + j)));
-            }
-        }
+        for (i64 r = lo; r < hi; r++)
+            bn_relu_row(1, (const char *)(x + r * ldx), (char *)(out + r * ldo), cols, scale, shift);
         hi = lo; /* done: the portable loop below runs no rows */
 #endif
         for (i64 r = lo; r < hi; r++) {
@@ -1346,7 +1352,6 @@ int NAME(dk_unmaxpool_bn_grad)(const elem *g, i64 ldg, const uint8_t *arg, const
 #define CONV_PIXELS 14
 
 #if defined(__AVX512F__)
-#include <string.h>
 #define CONV_F32 1
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define CONV_BF16 2
@@ -1694,21 +1699,55 @@ PW_FNS(1)
 static const pw_fn pw_bf16[PW_VECS][2] = PW_TABLE(1);
 #endif
 
-static void pointwise(const pw_fn (*fns)[2], i64 esize, const char *x, i64 ldx, i64 rows, i64 cin, const float *wp,
-                      const float *bias, i64 cout, int relu, char *out, i64 ldo, int threads)
+/* The product of rows [r, r + n); with scale, of relu(x * scale + shift) instead of x: each
+ * thread forms those rows in its tile, which stays in L1 or L2, so the BN-ReLU output a
+ * training step's first convolution reads never goes to memory and back. Apart from that pass
+ * over the input (about 6 bytes of memory traffic per value, bf16), the same product, the same
+ * sums. */
+static void pw_group(const pw_fn fn, i64 esize, const char *x, i64 ldx, i64 r, i64 n, i64 cin, const float *wp,
+                     const float *bias, int relu, char *out, i64 ldo, __mmask16 last, const float *scale,
+                     const float *shift, char *tile)
+{
+    const char *src = x + r * ldx * esize;
+    i64 lds = ldx;
+    if (scale) {
+        for (i64 p = 0; p < n; p++)
+            bn_relu_row(esize == 2, src + p * ldx * esize, tile + p * cin * esize, cin, scale, shift);
+        src = tile, lds = cin;
+    }
+    fn(src, lds, cin, wp, bias, relu, out + r * ldo * esize, ldo, last);
+}
+
+static int pointwise(const pw_fn (*fns)[2], i64 esize, const char *x, i64 ldx, i64 rows, i64 cin, const float *wp,
+                     const float *bias, i64 cout, int relu, char *out, i64 ldo, const float *scale,
+                     const float *shift, int threads)
 {
     i64 nv = (cout + 15) / 16, group = nv <= 2 ? 8 : 4, groups = rows / group;
     __mmask16 last = (__mmask16)((1u << (cout - (nv - 1) * 16)) - 1);
-    int nt = team(rows, cout * cin, threads);
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 g = 0; g <= groups; g++) {
-        i64 r = g * group;
-        if (g < groups)
-            fns[nv - 1][0](x + r * ldx * esize, ldx, cin, wp, bias, relu, out + r * ldo * esize, ldo, last);
-        else
-            for (; r < rows; r++)
-                fns[nv - 1][1](x + r * ldx * esize, ldx, cin, wp, bias, relu, out + r * ldo * esize, ldo, last);
+    int nt = team(rows, cout * cin, threads), failed = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        char *tile = scale ? malloc((size_t)(group * cin * esize)) : 0;
+        if (scale && !tile) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (i64 g = 0; g <= groups; g++) {
+                if (g < groups)
+                    pw_group(fns[nv - 1][0], esize, x, ldx, g * group, group, cin, wp, bias, relu, out, ldo, last,
+                             scale, shift, tile);
+                else
+                    for (i64 r = g * group; r < rows; r++)
+                        pw_group(fns[nv - 1][1], esize, x, ldx, r, 1, cin, wp, bias, relu, out, ldo, last, scale,
+                                 shift, tile);
+            }
+        }
+        free(tile);
     }
+    return failed ? -1 : 0;
 }
 #else
 #define CONV_F32 0
@@ -1769,13 +1808,14 @@ int dk_stem_conv(int bf16, const void *x, i64 n, i64 cin, i64 h, i64 w, const fl
 }
 
 /* The 1x1 convolution (pointwise) of float32 matrices, or with bf16 set of bfloat16 ones (wp as
- * native.py packs it; bias float32, 16*nv of it); 2 where this build has no such kernel or
- * cout is over 16*PW_VECS. */
+ * native.py packs it; bias float32, 16*nv of it), of relu(x * scale + shift) where scale and
+ * shift are given (float32, cin each); 2 where this build has no such kernel or cout is over
+ * 16*PW_VECS, -1 when out of memory. */
 int dk_pointwise(int bf16, const void *x, i64 ldx, i64 rows, i64 cin, const float *wp, const float *bias, i64 cout,
-                 int relu, void *out, i64 ldo, int threads)
+                 int relu, void *out, i64 ldo, const float *scale, const float *shift, int threads)
 {
 #if CONV_F32
-    if (cout < 1 || cout > 16 * PW_VECS)
+    if (cout < 1 || cout > 16 * PW_VECS || (!scale) != (!shift))
         return 2;
     const pw_fn (*fns)[2] = pw_f32;
 #if CONV_BF16
@@ -1784,11 +1824,11 @@ int dk_pointwise(int bf16, const void *x, i64 ldx, i64 rows, i64 cin, const floa
 #endif
     if (bf16 && fns == pw_f32)
         return 2;
-    pointwise(fns, bf16 ? 2 : 4, (const char *)x, ldx, rows, cin, wp, bias, cout, relu, (char *)out, ldo, threads);
-    return 0;
+    return pointwise(fns, bf16 ? 2 : 4, (const char *)x, ldx, rows, cin, wp, bias, cout, relu, (char *)out, ldo,
+                     scale, shift, threads);
 #else
     (void)bf16, (void)x, (void)ldx, (void)rows, (void)cin, (void)wp, (void)bias, (void)cout, (void)relu;
-    (void)out, (void)ldo, (void)threads;
+    (void)out, (void)ldo, (void)scale, (void)shift, (void)threads;
     return 2;
 #endif
 }

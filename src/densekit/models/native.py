@@ -69,7 +69,7 @@ _SIGNATURES.update({f"{name}_bf16": _SIGNATURES[name] for name in _BF16})
 # the 3x3 convolution takes its dtype as an argument (its bf16 weights are packed another way)
 _SIGNATURES.update({"dk_conv3x3": [_C, _P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _C], "dk_conv3x3_support": [],
                     "dk_stem_conv": [_C, _P, *[_I] * 4, _P, *[_I] * 9, _P, _C],
-                    "dk_pointwise": [_C, _P, _I, _I, _I, _P, _P, _I, _C, _P, _I, _C]})
+                    "dk_pointwise": [_C, _P, _I, _I, _I, _P, _P, _I, _C, _P, _I, _P, _P, _C]})
 _DTYPES = (torch.float32, torch.bfloat16)
 _enabled = os.environ.get("DENSEKIT_NATIVE", "1") != "0"
 
@@ -670,17 +670,25 @@ class Pointwise:
             self.bias[:c_out] = bias.detach().to("cpu", torch.float32)
         self._fn = _library().dk_pointwise
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The (rows, C_out) result of ``x`` (rows, C_in), into ``out`` if given."""
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                 shift: torch.Tensor | None = None) -> torch.Tensor:
+        """The (rows, C_out) result of ``x`` (rows, C_in), into ``out`` if given; with ``scale`` and
+        ``shift`` (C_in each), of ReLU(x * scale + shift) instead, formed as ``bn_relu`` forms it
+        (a batch norm and ReLU before the convolution, as in a dense layer)."""
         if out is None and x.dim() == 2:
             out = torch.empty((x.shape[0], self.out_channels), dtype=self.dtype)
         if x.dim() != 2 or x.dtype != self.dtype or x.device.type != "cpu" or x.shape[1] != self.in_channels \
                 or x.stride(1) != 1 or out.dim() != 2 or out.dtype != self.dtype or out.device.type != "cpu" \
-                or tuple(out.shape) != (x.shape[0], self.out_channels) or out.stride(1) != 1:
+                or tuple(out.shape) != (x.shape[0], self.out_channels) or out.stride(1) != 1 \
+                or (scale is None) != (shift is None):
             raise ValueError(f"a native 1x1 convolution of {self.in_channels} to {self.out_channels} {self.dtype} "
                              f"channels got {tuple(x.shape)} {x.dtype}")
-        if self._fn(int(self.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), x.shape[0], self.in_channels,
-                    self.weight.data_ptr(), self.bias.data_ptr(), self.out_channels, int(self.relu), out.data_ptr(),
-                    out.stride(0), torch.get_num_threads()):
+        if scale is not None:
+            scale, shift = _vec(scale, self.in_channels), _vec(shift, self.in_channels)
+        code = self._fn(int(self.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), x.shape[0], self.in_channels,
+                        self.weight.data_ptr(), self.bias.data_ptr(), self.out_channels, int(self.relu),
+                        out.data_ptr(), out.stride(0), _ptr(scale), _ptr(shift), torch.get_num_threads())
+        if code == 2:
             raise RuntimeError("this build of the native kernels has no 1x1 convolution")
+        _check(code, "its BN-ReLU rows")
         return out
