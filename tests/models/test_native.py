@@ -641,6 +641,51 @@ def test_pointwise_with_bn_relu_is_the_product_of_bn_relus_output_bit_for_bit(ro
         conv(x, scale=scale)  # a scale needs its shift
 
 
+@pytest.mark.parametrize("rows,cols", [(1, 1), (37, 20), (300, 48), (2000, 120)])
+def test_relu_bn_sums_read_the_mask_from_the_input_as_from_the_bn_relu_output(rows, cols):
+    """Without a, the mask is x * scale + shift > 0: the same results, bit for bit, as with the
+    BN-ReLU's output a (bf16), NaN included; the float32 build refuses it."""
+    if not native.relu_mask_from_input(torch.bfloat16):
+        pytest.skip("this CPU's build reads no mask from the input (AVX512-BF16)")
+    torch.manual_seed(2)
+    x = (torch.randn(rows, cols + 3) * 2).bfloat16()[:, 1:cols + 1]
+    x[0, 0] = float("nan")
+    scale, shift = torch.rand(cols) + 0.5, torch.randn(cols)
+    a = native.bn_relu(x, scale, shift, torch.empty(rows, cols, dtype=torch.bfloat16))
+    g, k, mean = torch.randn(rows, cols).bfloat16(), torch.randn(cols), torch.randn(cols) * 0.1
+    acc = torch.randn(rows, cols).bfloat16()
+    acc_ref = acc.clone()
+    want = native.relu_bn_sums(g, a, x=x, mean=mean, acc=acc_ref, k=k)
+    got = native.relu_bn_sums(g, None, x=x, mean=mean, acc=acc, k=k, scale=scale, shift=shift)
+    assert torch.equal(acc, acc_ref)
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1][1:], want[1][1:]) and got[1][0].isnan() and want[1][0].isnan()  # NaN x passes
+    with pytest.raises(ValueError, match="no a needs x, scale and shift"):
+        native.relu_bn_sums(g, None, x=x, mean=mean)
+    with pytest.raises(ValueError, match="only in bfloat16"):
+        native.relu_bn_sums(g.float(), None, x=x.float(), mean=mean, scale=scale, shift=shift)
+
+
+@pytest.mark.parametrize("rows,cin,cout", [(1, 1, 1), (7, 17, 5), (129, 33, 48), (2000, 120, 48), (64, 70, 13)])
+def test_weight_gradient_from_the_bn_relu_input_is_the_exact_product_within_float32s_bound(rows, cin, cout):
+    """sum_r g[r, o] * a[r, c] for a = bn_relu(x) in bf16, within float32 summation's bound of
+    the exact float64 product of the same bf16 values, odd row counts and column tails included."""
+    if not native.relu_mask_from_input(torch.bfloat16):
+        pytest.skip("this CPU's build has no bf16 weight gradient (AVX512-BF16)")
+    torch.manual_seed(3)
+    x = torch.randn(rows, cin + 4).bfloat16()[:, 2:2 + cin]
+    scale, shift = torch.rand(cin) + 0.5, torch.randn(cin) * 0.5
+    a = native.bn_relu(x, scale, shift, torch.empty(rows, cin, dtype=torch.bfloat16))
+    g = torch.randn(rows, cout).bfloat16()
+    got = native.wgrad_bn_relu(g, x, scale, shift)
+    assert got.shape == (cout, cin) and got.dtype == torch.float32
+    exact = g.double().t() @ a.double()
+    bound = (rows + 1) * 2.0 ** -24 * (g.double().abs().t() @ a.double().abs())
+    assert ((got.double() - exact).abs() <= bound + 1e-30).all()
+    with pytest.raises(ValueError, match="native kernels need"):
+        native.wgrad_bn_relu(g.float(), x, scale, shift)
+
+
 def test_pointwise_refuses_what_the_c_code_would_misread():
     if not native.conv3x3_supported(torch.float32):
         pytest.skip("this CPU's build has no native convolution (AVX-512)")

@@ -320,11 +320,18 @@ class _Unit:
             d.addcmul_(xc, b.to(d.dtype)).add_(c.to(d.dtype))
         return dgamma, dbeta
 
-    def accumulate_input_grad(self, d, a, x, mean, var, training: bool, acc, sum_dy_a=None, src=None):
+    def accumulate_input_grad(self, d, a, x, mean, var, training: bool, acc, sum_dy_a=None, src=None, act=None):
         """Backward of a = ReLU(BN(x)) on rows where x is a slice of the block's buffer: adds
         the dy*k part of x's gradient to ``acc`` (with ``src``: acc = src + that part; ``d``
         and ``a`` may be overwritten) and returns (b, c, dgamma, dbeta); the caller applies the
-        (x - mean)*b + c part once per channel."""
+        (x - mean)*b + c part once per channel. ``a`` is None where the native kernels read the
+        ReLU's mask from x and ``act``, the BN's (scale, shift) (see :meth:`lean_backward`)."""
+        if a is None:
+            invstd = torch.rsqrt(var + self.eps)
+            sum_dy, sum_dyx = native.relu_bn_sums(d, None, x=x, mean=mean, acc=acc, k=self.gamma * invstd, src=src,
+                                                  scale=act[0], shift=act[1])
+            _, b, c, dgamma = self._native_coefficients(d, a, x, mean, invstd, training, sum_dy, sum_dyx, None)
+            return b, c, dgamma, sum_dy
         if native.usable(d, a, x, acc):
             invstd = torch.rsqrt(var + self.eps)
             sum_dy, sum_dyx = native.relu_bn_sums(d, a, x=x if sum_dy_a is None else None, mean=mean, acc=acc,
@@ -337,6 +344,24 @@ class _Unit:
         k, b, c, dgamma, dbeta = self.bn_backward(d, x, mean, var, a, training, sum_dy_a=sum_dy_a)
         acc.addcmul_(d, k.to(d.dtype))
         return b, c, dgamma, dbeta
+
+    def lean_backward(self, g: torch.Tensor, x: torch.Tensor, scale_shift, need_weight: bool, out):
+        """The backward of this 1x1 convolution of ReLU(x * scale + shift) without that BN-ReLU's
+        output, where the native kernels run it (bfloat16 on the CPU, a layer that reads a prefix
+        of the buffer): the input gradient (rows, c_in) into ``out()`` and the weight gradient
+        from x (``native.wgrad_bn_relu``); :meth:`accumulate_input_grad` then reads the ReLU's
+        mask from x. Else None: the caller forms the output and runs :meth:`conv_backward`. On
+        BC-100's first block that output was a pass over up to 204 of the buffer's channels, and
+        two more reads of it (docs/performance.md)."""
+        if self.index is not None or not self.pointwise or not native.relu_mask_from_input(x.dtype):
+            return None
+        rows = _rows(g)
+        if not native.usable(rows, x):
+            return None
+        grad_w = None
+        if need_weight:
+            grad_w = native.wgrad_bn_relu(rows, x, *scale_shift).view(self.weight.shape).to(self.weight.dtype)
+        return torch.mm(rows, self.weight.flatten(1), out=out()), grad_w
 
     def _native_coefficients(self, d, a, x, mean, invstd, training, sum_dy, sum_dyx, sum_dy_a):
         """(k, b, c, dgamma) from the sums of native.relu_bn_sums (``sum_dyx`` centred, or
@@ -749,23 +774,31 @@ def _backward(block, units, training: bool, c0: int, buf, mean, var, saved, grad
             else:
                 pos -= 1
                 h, (m2, v2) = saved[pos], _running(u2)
-            if h is None:  # memory-efficient: the bottleneck again, from the same BN-ReLU
-                a = u1.act(inp, m1, v1, scratch("a", n1))
-                h = _rows(u1.conv(a, spatial))
+            if h is None:  # memory-efficient: the bottleneck again, as forward formed it
+                h = u1.conv_act(inp, *u1.scale_shift(m1, v1))
+                if h is None:
+                    a = u1.act(inp, m1, v1, scratch("a", n1))
+                    h = _rows(u1.conv(a, spatial))
             a2 = u2.act(h, m2, v2, scratch("a2", h.shape[1]))
             d2, gl[5] = u2.conv_backward(g, a2, spatial, lambda: scratch("d2", h.shape[1]),
                                          all_weights or u2.weight.requires_grad)
             gl[3], gl[4] = u2.input_grad_(d2, a2, h, m2, v2, training, lambda: scratch("p", h.shape[1]),
                                           u2.sum_grad_times_input(gl[5], a2))
             g = _grid(d2, spatial)
-        if a is None:
-            a = u1.act(inp, m1, v1, scratch("a", n1))
-        d, gl[2] = u1.conv_backward(g, a, spatial, lambda: scratch("d", n1), all_weights or u1.weight.requires_grad)
+        need_weight = all_weights or u1.weight.requires_grad
+        act = u1.scale_shift(m1, v1) if native.relu_mask_from_input(inp.dtype) else None
+        lean = None if act is None else u1.lean_backward(g, inp, act, need_weight, lambda: scratch("d", n1))
+        if lean is not None:
+            (d, gl[2]), a = lean, None
+        else:
+            if a is None:
+                a = u1.act(inp, m1, v1, scratch("a", n1))
+            d, gl[2] = u1.conv_backward(g, a, spatial, lambda: scratch("d", n1), need_weight)
         # a pruned layer's input gradient goes to a workspace, then to the channels it read
         acc = grad_rows[:, :ci] if u1.index is None else scratch("acc", n1).zero_()
         b1, c1, gl[0], gl[1] = u1.accumulate_input_grad(d, a, inp, m1, v1, training, acc,
-                                                        u1.sum_grad_times_input(gl[2], a),
-                                                        src_rows[:, :ci] if i == last and top < c else None)
+                                                        None if a is None else u1.sum_grad_times_input(gl[2], a),
+                                                        src_rows[:, :ci] if i == last and top < c else None, act)
         if u1.index is not None:
             u1.add_back(acc, grad_rows[:, :ci])
         if training and u1.index is None:

@@ -171,16 +171,21 @@ static inline float to_f32(float f) { return f; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define DK_GATHER_BF16_AVX512 1
-/* to_bf16 on 16 lanes */
-static inline __m256i to_bf16_x16(__m512 v)
+/* to_bf16 on 16 lanes, each result in the low half of its 32-bit lane */
+static inline __m512i bf16_lanes(__m512 v)
 {
     const __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
     __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
                                             _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-    return _mm512_cvtepi32_epi16(r);
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+}
+
+/* to_bf16 on 16 lanes */
+static inline __m256i to_bf16_x16(__m512 v)
+{
+    return _mm512_cvtepi32_epi16(bf16_lanes(v));
 }
 
 /* 16 bfloat16 values (masked) widened to float32 */
@@ -708,7 +713,9 @@ int NAME(dk_scatter_add_cols)(const elem *src, i64 lds, const i64 *idx, elem *ds
     return failed;
 }
 
-/* The backward of ReLU and batch norm's sums, in one pass. With d = (a <= 0 ? 0 : g):
+/* The backward of ReLU and batch norm's sums, in one pass. With d = (a <= 0 ? 0 : g), or where a
+ * is NULL d = (x * ascale[j] + ashift[j] <= 0 ? 0 : g), the BN-ReLU's input (x is then needed,
+ * and a bfloat16 build with AVX-512 BW and VL: else 2 is returned):
  *   sum_d[j]  = sum_r d,
  *   sum_dx[j] = sum_r d * (x - mean[j])         when x is given,
  *   dout      = d                               when dout is given (may be g itself),
@@ -717,8 +724,14 @@ int NAME(dk_scatter_add_cols)(const elem *src, i64 lds, const i64 *idx, elem *ds
 int NAME(dk_relu_bn_sums)(const elem *g, i64 ldg, const elem *a, i64 lda, i64 rows, i64 cols,
                           elem *dout, i64 lddo, const elem *x, i64 ldx, const float *mean,
                           elem *acc, i64 ldacc, const elem *src, i64 ldsrc, const float *k, float *sum_d,
-                          float *sum_dx, int threads)
+                          float *sum_dx, const float *ascale, const float *ashift, int threads)
 {
+#if !(defined(DK_BF16) && defined(DK_GATHER_BF16_AVX512))
+    if (!a)
+        return 2;
+#endif
+    if (!a && !(x && ascale && ashift))
+        return 2;
     if (!src) /* acc += d * k in place */
         src = acc, ldsrc = ldacc;
     int n = team(rows, cols, threads);
@@ -736,14 +749,17 @@ int NAME(dk_relu_bn_sums)(const elem *g, i64 ldg, const elem *a, i64 lda, i64 ro
          * in them */
         const int bf16 = 1;
         for (i64 r = lo; r < hi; r++) {
-            const elem *gr = g + r * ldg, *ar = a + r * lda;
+            const elem *gr = g + r * ldg, *ar = a ? a + r * lda : 0;
             const elem *xr = x ? x + r * ldx : 0;
             elem *cr = acc ? acc + r * ldacc : 0, *dr = dout ? dout + r * lddo : 0;
             const elem *sr = acc ? src + r * ldsrc : 0;
             for (i64 j = 0; j < cols; j += 16) {
                 __mmask16 m = lanes_at(j, cols);
-                /* relu_grad: g where a > 0 or a is a NaN */
-                __mmask16 on = _mm512_cmp_ps_mask(ld_lanes(bf16, m, ar + j), _mm512_setzero_ps(), _CMP_NLE_UQ);
+                /* relu_grad: g where a > 0 or a is a NaN; without a, where x * scale + shift is (the
+                 * same but for values under bf16's least denormal, which a rounds to zero) */
+                __m512 av = ar ? ld_lanes(bf16, m, ar + j)
+                               : _mm512_fmadd_ps(ld_lanes(bf16, m, xr + j), ld_vec(m, ascale + j), ld_vec(m, ashift + j));
+                __mmask16 on = _mm512_cmp_ps_mask(av, _mm512_setzero_ps(), _CMP_NLE_UQ);
                 __m512 d = _mm512_maskz_mov_ps(on, ld_lanes(bf16, m, gr + j));
                 add_f64(ps + j, m, d);
                 if (xr)
@@ -1699,6 +1715,16 @@ PW_FNS(1)
 static const pw_fn pw_bf16[PW_VECS][2] = PW_TABLE(1);
 #endif
 
+/* Every cache line of the bytes [p, p + bytes), prefetched (past the matrix it does not fault) */
+static inline void line_prefetch(const void *p, i64 bytes)
+{
+    uintptr_t line = (uintptr_t)p & ~(uintptr_t)63, end = (uintptr_t)p + (uintptr_t)bytes;
+    for (; line < end; line += 64)
+        _mm_prefetch((const char *)line, _MM_HINT_T0);
+}
+
+#define PW_AHEAD 16
+
 /* The product of rows [r, r + n); with scale, of relu(x * scale + shift) instead of x: each
  * thread forms those rows in its tile, which stays in L1 or L2, so the BN-ReLU output a
  * training step's first convolution reads never goes to memory and back. Apart from that pass
@@ -1711,8 +1737,11 @@ static void pw_group(const pw_fn fn, i64 esize, const char *x, i64 ldx, i64 r, i
     const char *src = x + r * ldx * esize;
     i64 lds = ldx;
     if (scale) {
-        for (i64 p = 0; p < n; p++)
+        for (i64 p = 0; p < n; p++) {
+            /* as in wg_tile: the rows PW_AHEAD further on, from memory */
+            line_prefetch(src + (p + PW_AHEAD) * ldx * esize, cin * esize);
             bn_relu_row(esize == 2, src + p * ldx * esize, tile + p * cin * esize, cin, scale, shift);
+        }
         src = tile, lds = cin;
     }
     fn(src, lds, cin, wp, bias, relu, out + r * ldo * esize, ldo, last);
@@ -1749,6 +1778,154 @@ static int pointwise(const pw_fn (*fns)[2], i64 esize, const char *x, i64 ldx, i
     }
     return failed ? -1 : 0;
 }
+#if CONV_BF16
+/* The weight gradient of a bottleneck's first convolution in a bf16 training step,
+ *   dw[o][c] = sum_r g[r][o] * a[r][c],  a = relu(x * scale + shift) rounded to bf16,
+ * from the block's buffer x itself: oneDNN's product needs a in memory, which backward formed
+ * in one more pass over the buffer's columns (BC-100's first block: 50,176 rows of up to 204
+ * channels). Each thread takes a range of rows, in tiles of WG_PAIRS row pairs: it forms the
+ * tile's a as bf16 pairs of rows (r, r + 1) per column, the AVX512-BF16 dot product's operand,
+ * and g's as pairs per output, then adds the tile's products to its float32 sums, a block of
+ * WG_OUT outputs by WG_VECS 16-column vectors at a time in registers. The threads' sums are
+ * added in thread order: the result depends on the thread count, as oneDNN's does. */
+#define WG_PAIRS 32
+#define WG_OUT 6
+#define WG_VECS 4
+#define WG_AHEAD 32
+
+/* pairs of bf16 values, lo in the low half of each 32-bit lane: the dot product's (r, r + 1) */
+static inline __m512i wg_pair(__m512i lo, __m512i hi)
+{
+    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+/* to_bf16 on 16 lanes, each result in the low half of its 32-bit lane */
+static inline __m512i wg_round(__m512 v)
+{
+    return bf16_lanes(v);
+}
+
+static inline __attribute__((always_inline)) void wg_block(const int no, const int nv, const __m512i *a, i64 nvc,
+                                                           const uint32_t *gp, i64 cout, i64 pairs, float *acc,
+                                                           i64 ldacc)
+{
+    __m512 s[WG_OUT][WG_VECS];
+#pragma GCC unroll 6
+    for (int o = 0; o < no; o++)
+#pragma GCC unroll 4
+        for (int j = 0; j < nv; j++)
+            s[o][j] = _mm512_loadu_ps(acc + o * ldacc + j * 16);
+    for (i64 p = 0; p < pairs; p++) {
+        __m512 av[WG_VECS];
+#pragma GCC unroll 4
+        for (int j = 0; j < nv; j++)
+            av[j] = _mm512_castsi512_ps(_mm512_loadu_si512(a + p * nvc + j));
+#pragma GCC unroll 6
+        for (int o = 0; o < no; o++) {
+            __m512 gv = _mm512_castsi512_ps(_mm512_set1_epi32((int)gp[p * cout + o]));
+#pragma GCC unroll 4
+            for (int j = 0; j < nv; j++)
+                s[o][j] = _mm512_dpbf16_ps(s[o][j], (__m512bh)gv, (__m512bh)av[j]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int o = 0; o < no; o++)
+#pragma GCC unroll 4
+        for (int j = 0; j < nv; j++)
+            _mm512_storeu_ps(acc + o * ldacc + j * 16, s[o][j]);
+}
+
+typedef void (*wg_fn)(const __m512i *, i64, const uint32_t *, i64, i64, float *, i64);
+#define WG_FN(o, v)                                                                             \
+    static void wg_##o##_##v(const __m512i *a, i64 nvc, const uint32_t *gp, i64 cout, i64 pairs, float *acc, \
+                             i64 ldacc)                                                         \
+    {                                                                                           \
+        wg_block(o, v, a, nvc, gp, cout, pairs, acc, ldacc);                                    \
+    }
+#define WG_ROW(o) WG_FN(o, 1) WG_FN(o, 2) WG_FN(o, 3) WG_FN(o, 4)
+WG_ROW(1) WG_ROW(2) WG_ROW(3) WG_ROW(4) WG_ROW(5) WG_ROW(6)
+#define WG_TABLE_ROW(o) {wg_##o##_1, wg_##o##_2, wg_##o##_3, wg_##o##_4}
+static const wg_fn wg_fns[WG_OUT][WG_VECS] = {WG_TABLE_ROW(1), WG_TABLE_ROW(2), WG_TABLE_ROW(3),
+                                              WG_TABLE_ROW(4), WG_TABLE_ROW(5), WG_TABLE_ROW(6)};
+
+/* One tile: rows [r, r + n) of the thread's range into its sums acc (cout, 16 * nvc) */
+static void wg_tile(const uint16_t *g, i64 ldg, const uint16_t *x, i64 ldx, i64 r, i64 n, i64 cin, i64 cout,
+                    const float *scale, const float *shift, __m512i *a, uint32_t *gp, float *acc)
+{
+    i64 nvc = (cin + 15) / 16, pairs = (n + 1) / 2;
+    for (i64 p = 0; p < pairs; p++) {
+        const uint16_t *x0 = x + (r + 2 * p) * ldx, *g0 = g + (r + 2 * p) * ldg;
+        const int two = 2 * p + 1 < n; /* the last pair of an odd count has no second row: zeros */
+        /* the rows WG_AHEAD further on, from memory: without it the loads below waited on each
+         * row in turn (the tile's forming took longer than its products; a prefetch past the
+         * matrix is harmless, it does not fault) */
+        line_prefetch(x0 + WG_AHEAD * ldx, 2 * cin);
+        line_prefetch(x0 + (WG_AHEAD + 1) * ldx, 2 * cin);
+        line_prefetch(g0 + WG_AHEAD * ldg, 2 * cout);
+        line_prefetch(g0 + (WG_AHEAD + 1) * ldg, 2 * cout);
+        for (i64 j = 0; j < nvc; j++) {
+            __mmask16 m = lanes_at(j * 16, cin);
+            __m512 sc = ld_vec(m, scale + j * 16), sh = ld_vec(m, shift + j * 16);
+            /* lanes past cin are zero: relu(0 * scale + shift) there would not be */
+            __m512i lo = _mm512_maskz_mov_epi32(m, wg_round(bn_relu_v(ld_lanes(1, m, x0 + j * 16), sc, sh)));
+            __m512i hi = two ? _mm512_maskz_mov_epi32(m, wg_round(bn_relu_v(ld_lanes(1, m, x0 + ldx + j * 16),
+                                                                                 sc, sh)))
+                             : _mm512_setzero_si512();
+            a[p * nvc + j] = wg_pair(lo, hi);
+        }
+        for (i64 o = 0; o < cout; o += 16) {
+            __mmask16 m = lanes_at(o, cout);
+            __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, g0 + o));
+            __m512i hi = two ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, g0 + ldg + o)) : _mm512_setzero_si512();
+            _mm512_mask_storeu_epi32(gp + p * cout + o, m, wg_pair(lo, hi));
+        }
+    }
+    for (i64 o = 0; o < cout; o += WG_OUT) {
+        int no = cout - o < WG_OUT ? (int)(cout - o) : WG_OUT;
+        for (i64 j = 0; j < nvc; j += WG_VECS) {
+            int nv = nvc - j < WG_VECS ? (int)(nvc - j) : WG_VECS;
+            wg_fns[no - 1][nv - 1](a + j, nvc, gp + o, cout, pairs, acc + o * nvc * 16 + j * 16, nvc * 16);
+        }
+    }
+}
+
+static int wgrad_bn_relu(const uint16_t *g, i64 ldg, const uint16_t *x, i64 ldx, i64 rows, i64 cin, i64 cout,
+                         const float *scale, const float *shift, float *out, int threads)
+{
+    i64 nvc = (cin + 15) / 16, width = nvc * 16;
+    int nt = team(rows, cin * cout, threads), failed = 0;
+    float *sums = calloc((size_t)nt * (size_t)(cout * width), sizeof(float));
+    if (!sums)
+        return -1;
+#pragma omp parallel num_threads(nt)
+    {
+        i64 lo, hi;
+        row_range(rows, &lo, &hi);
+        __m512i *a = aligned_alloc(64, (size_t)(WG_PAIRS * nvc) * sizeof(__m512i));
+        uint32_t *gp = malloc((size_t)(WG_PAIRS * cout) * sizeof(uint32_t));
+        if (!a || !gp) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            float *acc = sums + (size_t)omp_get_thread_num() * (size_t)(cout * width);
+            for (i64 r = lo; r < hi; r += 2 * WG_PAIRS)
+                wg_tile(g, ldg, x, ldx, r, hi - r < 2 * WG_PAIRS ? hi - r : 2 * WG_PAIRS, cin, cout, scale, shift,
+                        a, gp, acc);
+        }
+        free(a), free(gp);
+    }
+    if (!failed)
+        for (i64 o = 0; o < cout; o++)
+            for (i64 c = 0; c < cin; c++) {
+                float v = 0.f;
+                for (int t = 0; t < nt; t++)
+                    v += sums[(size_t)t * (size_t)(cout * width) + o * width + c];
+                out[o * cin + c] = v;
+            }
+    free(sums);
+    return failed ? -1 : 0;
+}
+#endif
 #else
 #define CONV_F32 0
 #define CONV_BF16 0
@@ -1829,6 +2006,20 @@ int dk_pointwise(int bf16, const void *x, i64 ldx, i64 rows, i64 cin, const floa
 #else
     (void)bf16, (void)x, (void)ldx, (void)rows, (void)cin, (void)wp, (void)bias, (void)cout, (void)relu;
     (void)out, (void)ldo, (void)scale, (void)shift, (void)threads;
+    return 2;
+#endif
+}
+/* The weight gradient of a 1x1 convolution of relu(x * scale + shift) (wgrad_bn_relu): bfloat16
+ * g (rows, cout) and x (rows, cin), float32 scale, shift (cin) and out (cout, cin), contiguous;
+ * 2 where this build has no such kernel (AVX512-BF16), -1 when out of memory. */
+int dk_wgrad_bn_relu(const void *g, i64 ldg, const void *x, i64 ldx, i64 rows, i64 cin, i64 cout,
+                     const float *scale, const float *shift, float *out, int threads)
+{
+#if CONV_BF16
+    return wgrad_bn_relu(g, ldg, x, ldx, rows, cin, cout, scale, shift, out, threads);
+#else
+    (void)g, (void)ldg, (void)x, (void)ldx, (void)rows, (void)cin, (void)cout, (void)scale, (void)shift;
+    (void)out, (void)threads;
     return 2;
 #endif
 }

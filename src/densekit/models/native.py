@@ -53,7 +53,7 @@ _SIGNATURES = {
     "dk_bn_relu": [_P, _I, _P, _I, _I, _I, _P, _P, _C],
     "dk_gather_cols": [_P, _I, _I, _P, _P, _I, _I, _I, _P, _P, _C],
     "dk_scatter_add_cols": [_P, _I, _P, _P, _I, _I, _I, _I, _C],
-    "dk_relu_bn_sums": [_P, _I, _P, _I, _I, _I, _P, _I, _P, _I, _P, _P, _I, _P, _I, _P, _P, _P, _C],
+    "dk_relu_bn_sums": [_P, _I, _P, _I, _I, _I, _P, _I, _P, _I, _P, _P, _I, _P, _I, _P, _P, _P, _P, _P, _C],
     "dk_bn_grad_apply": [_P, _I, _P, _I, _P, _I, _I, _I, _P, _P, _P, _P, _C],
     "dk_col_stats": [_P, _I, _I, _I, _P, _P, _C],
     "dk_bn_relu_pool": [_P, _I, _P, _I] + [_I] * 8 + [_P, _P, _C],
@@ -69,7 +69,8 @@ _SIGNATURES.update({f"{name}_bf16": _SIGNATURES[name] for name in _BF16})
 # the 3x3 convolution takes its dtype as an argument (its bf16 weights are packed another way)
 _SIGNATURES.update({"dk_conv3x3": [_C, _P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _C], "dk_conv3x3_support": [],
                     "dk_stem_conv": [_C, _P, *[_I] * 4, _P, *[_I] * 9, _P, _C],
-                    "dk_pointwise": [_C, _P, _I, _I, _I, _P, _P, _I, _C, _P, _I, _P, _P, _C]})
+                    "dk_pointwise": [_C, _P, _I, _I, _I, _P, _P, _I, _C, _P, _I, _P, _P, _C],
+                    "dk_wgrad_bn_relu": [_P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _C]})
 _DTYPES = (torch.float32, torch.bfloat16)
 _enabled = os.environ.get("DENSEKIT_NATIVE", "1") != "0"
 
@@ -304,24 +305,58 @@ def scatter_add_cols(src: torch.Tensor, index: torch.Tensor, dst: torch.Tensor) 
     return dst
 
 
-def relu_bn_sums(g: torch.Tensor, a: torch.Tensor, *, dout: torch.Tensor | None = None,
+def relu_bn_sums(g: torch.Tensor, a: torch.Tensor | None, *, dout: torch.Tensor | None = None,
                  x: torch.Tensor | None = None, mean: torch.Tensor | None = None,
-                 acc: torch.Tensor | None = None, k: torch.Tensor | None = None, src: torch.Tensor | None = None):
+                 acc: torch.Tensor | None = None, k: torch.Tensor | None = None, src: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None, shift: torch.Tensor | None = None):
     """With d = g where a > 0, else 0: returns (sum of d, sum of d * (x - mean)) per column
     (the second None without ``x``); writes d into ``dout`` and adds d * k to ``acc`` if given
-    (with ``src``: acc = src + d * k, acc's own values unread)."""
+    (with ``src``: acc = src + d * k, acc's own values unread). With ``a`` None, a > 0 is read
+    as x * scale + shift > 0, the BN-ReLU that made a, which is then never read (bfloat16 only:
+    see :func:`relu_mask_from_input`)."""
     rows, cols = g.shape
     _mats(g.shape, g, a, dout, x, acc, src)
-    if (x is not None and mean is None) or (acc is not None and k is None) or (src is not None and acc is None):
-        raise ValueError("native relu_bn_sums: x needs mean, acc needs k and src needs acc")
+    if (x is not None and mean is None) or (acc is not None and k is None) or (src is not None and acc is None) \
+            or (a is None and (x is None or scale is None or shift is None)):
+        raise ValueError("native relu_bn_sums: x needs mean, acc needs k, src needs acc and no a needs x, "
+                         "scale and shift")
     sum_d = torch.empty(cols, dtype=torch.float32)
     sum_dx = torch.empty(cols, dtype=torch.float32) if x is not None else None
     mean, k = _vec(mean, cols), _vec(k, cols)
-    _check(_kernel("dk_relu_bn_sums", g)(g.data_ptr(), g.stride(0), a.data_ptr(), a.stride(0), rows, cols,
-                                      _ptr(dout), _ld(dout), _ptr(x), _ld(x), _ptr(mean), _ptr(acc), _ld(acc),
-                                      _ptr(src), _ld(src), _ptr(k), sum_d.data_ptr(), _ptr(sum_dx),
-                                      torch.get_num_threads()))
+    scale, shift = (None, None) if a is not None else (_vec(scale, cols), _vec(shift, cols))
+    code = _kernel("dk_relu_bn_sums", g)(g.data_ptr(), g.stride(0), _ptr(a), _ld(a), rows, cols, _ptr(dout),
+                                         _ld(dout), _ptr(x), _ld(x), _ptr(mean), _ptr(acc), _ld(acc), _ptr(src),
+                                         _ld(src), _ptr(k), sum_d.data_ptr(), _ptr(sum_dx), _ptr(scale), _ptr(shift),
+                                         torch.get_num_threads())
+    if code == 2:
+        raise ValueError("native relu_bn_sums: this build reads the ReLU mask from its input only in bfloat16")
+    _check(code)
     return sum_d, sum_dx
+
+
+def wgrad_bn_relu(g: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The (C_out, C_in) float32 sum over rows of g[r, o] * a[r, c], a = ReLU(x * scale + shift)
+    rounded to bfloat16 as :func:`bn_relu` rounds it: the weight gradient of a 1x1 convolution
+    of a BN-ReLU's output, from its input ``x`` (rows, C_in) and the output's gradient ``g``
+    (rows, C_out), both bfloat16 with contiguous columns (where :func:`relu_mask_from_input`)."""
+    rows, cout = g.shape
+    cin = x.shape[1]
+    _mats((rows, cin), x, dtype=torch.bfloat16)
+    _mats((rows, cout), g, dtype=torch.bfloat16)
+    scale, shift = _vec(scale, cin), _vec(shift, cin)
+    out = torch.empty(cout, cin, dtype=torch.float32)
+    code = _library().dk_wgrad_bn_relu(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), rows, cin, cout,
+                                       scale.data_ptr(), shift.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if code == 2:
+        raise RuntimeError("this build of the native kernels has no bfloat16 weight gradient (AVX512-BF16)")
+    _check(code)
+    return out
+
+
+def relu_mask_from_input(dtype: torch.dtype) -> bool:
+    """Can :func:`relu_bn_sums` read the ReLU's mask from the BN-ReLU's input, and
+    :func:`wgrad_bn_relu` run, for ``dtype`` matrices (bfloat16 with AVX512-BF16)?"""
+    return dtype == torch.bfloat16 and conv3x3_supported(dtype)
 
 
 def bn_grad_apply(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
