@@ -15,10 +15,13 @@ take float32 or bfloat16 matrices (all of one call in the same dtype: a dense bl
 transition under bf16 autocast holds its activations and gradients in bf16) and compute in
 float32.
 
-One kernel is not elementwise: :class:`Conv3x3`, a DenseNet-BC layer's last convolution for
-the inference copy (``frozen.py``), written here because oneDNN's convolution has a fixed
-cost of about 250 us per call at 14x14 in a batch of 64 on these narrow shapes (native.c and
-docs/performance.md#pruning have the figures).
+Some kernels are not elementwise: :class:`Conv3x3`, a DenseNet-BC layer's last convolution,
+written here because oneDNN's convolution has a fixed cost of about 250 us per call at 14x14
+in a batch of 64 on these narrow shapes; :class:`StemConv` and :class:`Pointwise`, the
+inference copy's stem and 1x1 convolutions (``frozen.py``); and, for a bf16 training step,
+:class:`Pointwise` with a BN-ReLU formed in its tile and :func:`wgrad_bn_relu`, so that the
+fused block never writes a bottleneck's BN-ReLU output to memory (native.c,
+docs/performance.md#pruning and "A Zen 4 EPYC" have the figures).
 """
 
 from __future__ import annotations
