@@ -180,7 +180,7 @@ class _Unit:
         layer that reads a prefix of the buffer. The BN-ReLU output then never reaches memory;
         on BC-100's first block it took 1.9 ms against 3.1 ms for the native BN-ReLU and oneDNN's
         product (120 channels, batch 64, AMD EPYC Zen 4; docs/performance.md). Else None."""
-        if self.index is not None or not self.pointwise or rows.dtype != torch.bfloat16 \
+        if self.index is not None or not self.pointwise or rows.dtype != torch.bfloat16 or rows.stride(1) != 1 \
                 or self.weight.shape[0] > native.POINTWISE_MAX_OUT or not native.usable(rows) \
                 or not native.conv3x3_supported(rows.dtype):
             return None
@@ -206,7 +206,8 @@ class _Unit:
         first block, 86 against 151 us on its last, AMD EPYC Zen 4), else None."""
         w = self.weight
         if a.dtype != torch.bfloat16 or w.dim() != 4 or tuple(w.shape[2:]) != (3, 3) or list(self.padding) != [1, 1] \
-                or w.shape[0] > native.CONV3X3_MAX_OUT or not native.usable(a) or not native.conv3x3_supported(a.dtype):
+                or w.shape[0] > native.CONV3X3_MAX_OUT or a.stride(1) != 1 or not native.usable(a) \
+                or not native.conv3x3_supported(a.dtype):
             return None
         return native.Conv3x3(w, a.dtype)
 

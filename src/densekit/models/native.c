@@ -1792,6 +1792,7 @@ static int pointwise(const pw_fn (*fns)[2], i64 esize, const char *x, i64 ldx, i
 #define WG_OUT 6
 #define WG_VECS 4
 #define WG_AHEAD 32
+#define WG_MIN_ROWS 256
 
 /* pairs of bf16 values, lo in the low half of each 32-bit lane: the dot product's (r, r + 1) */
 static inline __m512i wg_pair(__m512i lo, __m512i hi)
@@ -1894,6 +1895,9 @@ static int wgrad_bn_relu(const uint16_t *g, i64 ldg, const uint16_t *x, i64 ldx,
 {
     i64 nvc = (cin + 15) / 16, width = nvc * 16;
     int nt = team(rows, cin * cout, threads), failed = 0;
+    /* at least WG_MIN_ROWS rows a thread: each thread's sums are a whole (cout, width) matrix */
+    if (nt > 1 && rows / nt < WG_MIN_ROWS)
+        nt = rows / WG_MIN_ROWS > 1 ? (int)(rows / WG_MIN_ROWS) : 1;
     float *sums = calloc((size_t)nt * (size_t)(cout * width), sizeof(float));
     if (!sums)
         return -1;
@@ -1913,15 +1917,19 @@ static int wgrad_bn_relu(const uint16_t *g, i64 ldg, const uint16_t *x, i64 ldx,
                         a, gp, acc);
         }
         free(a), free(gp);
+#pragma omp barrier
+        if (!failed) { /* the same on every thread after the barrier */
+            int n = omp_get_num_threads();
+#pragma omp for schedule(static)
+            for (i64 o = 0; o < cout; o++)
+                for (i64 c = 0; c < cin; c++) {
+                    float v = 0.f;
+                    for (int t = 0; t < n; t++)
+                        v += sums[(size_t)t * (size_t)(cout * width) + o * width + c];
+                    out[o * cin + c] = v;
+                }
+        }
     }
-    if (!failed)
-        for (i64 o = 0; o < cout; o++)
-            for (i64 c = 0; c < cin; c++) {
-                float v = 0.f;
-                for (int t = 0; t < nt; t++)
-                    v += sums[(size_t)t * (size_t)(cout * width) + o * width + c];
-                out[o * cin + c] = v;
-            }
     free(sums);
     return failed ? -1 : 0;
 }

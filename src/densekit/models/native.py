@@ -348,7 +348,10 @@ def wgrad_bn_relu(g: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: 
     _mats((rows, cout), g, dtype=torch.bfloat16)
     scale, shift = _vec(scale, cin), _vec(shift, cin)
     out = torch.empty(cout, cin, dtype=torch.float32)
-    code = _library().dk_wgrad_bn_relu(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), rows, cin, cout,
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("densekit's native kernels are unavailable here (see native.available())")
+    code = lib.dk_wgrad_bn_relu(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), rows, cin, cout,
                                        scale.data_ptr(), shift.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if code == 2:
         raise RuntimeError("this build of the native kernels has no bfloat16 weight gradient (AVX512-BF16)")
