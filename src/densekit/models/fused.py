@@ -327,16 +327,11 @@ class _Unit:
         and ``a`` may be overwritten) and returns (b, c, dgamma, dbeta); the caller applies the
         (x - mean)*b + c part once per channel. ``a`` is None where the native kernels read the
         ReLU's mask from x and ``act``, the BN's (scale, shift) (see :meth:`lean_backward`)."""
-        if a is None:
+        if a is None or native.usable(d, a, x, acc):
             invstd = torch.rsqrt(var + self.eps)
-            sum_dy, sum_dyx = native.relu_bn_sums(d, None, x=x, mean=mean, acc=acc, k=self.gamma * invstd, src=src,
-                                                  scale=act[0], shift=act[1])
-            _, b, c, dgamma = self._native_coefficients(d, a, x, mean, invstd, training, sum_dy, sum_dyx, None)
-            return b, c, dgamma, sum_dy
-        if native.usable(d, a, x, acc):
-            invstd = torch.rsqrt(var + self.eps)
+            scale, shift = act if a is None else (None, None)
             sum_dy, sum_dyx = native.relu_bn_sums(d, a, x=x if sum_dy_a is None else None, mean=mean, acc=acc,
-                                                  k=self.gamma * invstd, src=src)
+                                                  k=self.gamma * invstd, src=src, scale=scale, shift=shift)
             _, b, c, dgamma = self._native_coefficients(d, a, x, mean, invstd, training, sum_dy, sum_dyx, sum_dy_a)
             return b, c, dgamma, sum_dy
         if src is not None:
@@ -346,7 +341,8 @@ class _Unit:
         acc.addcmul_(d, k.to(d.dtype))
         return b, c, dgamma, dbeta
 
-    def lean_backward(self, g: torch.Tensor, x: torch.Tensor, scale_shift, need_weight: bool, out):
+    def lean_backward(self, g: torch.Tensor, x: torch.Tensor, scale_shift, spatial: tuple[int, ...],
+                      need_weight: bool, out):
         """The backward of this 1x1 convolution of ReLU(x * scale + shift) without that BN-ReLU's
         output, where the native kernels run it (bfloat16 on the CPU, a layer that reads a prefix
         of the buffer): the input gradient (rows, c_in) into ``out()`` and the weight gradient
@@ -362,7 +358,7 @@ class _Unit:
         grad_w = None
         if need_weight:
             grad_w = native.wgrad_bn_relu(rows, x, *scale_shift).view(self.weight.shape).to(self.weight.dtype)
-        return torch.mm(rows, self.weight.flatten(1), out=out()), grad_w
+        return self.conv_backward(g, x, spatial, out, False)[0], grad_w  # x unread without the weight
 
     def _native_coefficients(self, d, a, x, mean, invstd, training, sum_dy, sum_dyx, sum_dy_a):
         """(k, b, c, dgamma) from the sums of native.relu_bn_sums (``sum_dyx`` centred, or
@@ -767,6 +763,8 @@ def _backward(block, units, training: bool, c0: int, buf, mean, var, saved, grad
         inp = u1.read(rows[:, :ci], scratch)
         m1, v1 = (u1.select(mean[:ci]), u1.select(var[:ci])) if training else _running(u1)
         n1, a = inp.shape[1], None
+        # the BN's (scale, shift) where the native kernels form its ReLU output themselves
+        act = u1.scale_shift(m1, v1) if native.relu_mask_from_input(inp.dtype) else None
         if len(us) == 2:
             u2 = us[1]
             if training:
@@ -776,7 +774,7 @@ def _backward(block, units, training: bool, c0: int, buf, mean, var, saved, grad
                 pos -= 1
                 h, (m2, v2) = saved[pos], _running(u2)
             if h is None:  # memory-efficient: the bottleneck again, as forward formed it
-                h = u1.conv_act(inp, *u1.scale_shift(m1, v1))
+                h = None if act is None else u1.conv_act(inp, *act)
                 if h is None:
                     a = u1.act(inp, m1, v1, scratch("a", n1))
                     h = _rows(u1.conv(a, spatial))
@@ -787,8 +785,7 @@ def _backward(block, units, training: bool, c0: int, buf, mean, var, saved, grad
                                           u2.sum_grad_times_input(gl[5], a2))
             g = _grid(d2, spatial)
         need_weight = all_weights or u1.weight.requires_grad
-        act = u1.scale_shift(m1, v1) if native.relu_mask_from_input(inp.dtype) else None
-        lean = None if act is None else u1.lean_backward(g, inp, act, need_weight, lambda: scratch("d", n1))
+        lean = None if act is None else u1.lean_backward(g, inp, act, spatial, need_weight, lambda: scratch("d", n1))
         if lean is not None:
             (d, gl[2]), a = lean, None
         else:

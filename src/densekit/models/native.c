@@ -1800,12 +1800,6 @@ static inline __m512i wg_pair(__m512i lo, __m512i hi)
     return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
 }
 
-/* to_bf16 on 16 lanes, each result in the low half of its 32-bit lane */
-static inline __m512i wg_round(__m512 v)
-{
-    return bf16_lanes(v);
-}
-
 static inline __attribute__((always_inline)) void wg_block(const int no, const int nv, const __m512i *a, i64 nvc,
                                                            const uint32_t *gp, i64 cout, i64 pairs, float *acc,
                                                            i64 ldacc)
@@ -1868,8 +1862,8 @@ static void wg_tile(const uint16_t *g, i64 ldg, const uint16_t *x, i64 ldx, i64 
             __mmask16 m = lanes_at(j * 16, cin);
             __m512 sc = ld_vec(m, scale + j * 16), sh = ld_vec(m, shift + j * 16);
             /* lanes past cin are zero: relu(0 * scale + shift) there would not be */
-            __m512i lo = _mm512_maskz_mov_epi32(m, wg_round(bn_relu_v(ld_lanes(1, m, x0 + j * 16), sc, sh)));
-            __m512i hi = two ? _mm512_maskz_mov_epi32(m, wg_round(bn_relu_v(ld_lanes(1, m, x0 + ldx + j * 16),
+            __m512i lo = _mm512_maskz_mov_epi32(m, bf16_lanes(bn_relu_v(ld_lanes(1, m, x0 + j * 16), sc, sh)));
+            __m512i hi = two ? _mm512_maskz_mov_epi32(m, bf16_lanes(bn_relu_v(ld_lanes(1, m, x0 + ldx + j * 16),
                                                                                  sc, sh)))
                              : _mm512_setzero_si512();
             a[p * nvc + j] = wg_pair(lo, hi);

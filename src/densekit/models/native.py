@@ -352,7 +352,7 @@ def wgrad_bn_relu(g: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: 
     if lib is None:
         raise RuntimeError("densekit's native kernels are unavailable here (see native.available())")
     code = lib.dk_wgrad_bn_relu(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), rows, cin, cout,
-                                       scale.data_ptr(), shift.data_ptr(), out.data_ptr(), torch.get_num_threads())
+                                scale.data_ptr(), shift.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if code == 2:
         raise RuntimeError("this build of the native kernels has no bfloat16 weight gradient (AVX512-BF16)")
     _check(code)
