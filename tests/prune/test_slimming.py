@@ -319,10 +319,11 @@ def test_a_traced_pruned_model_reads_the_index_it_holds():
         torch.testing.assert_close(traced(x), want, rtol=0, atol=0)
 
 
-def test_the_onnx_export_of_a_pruned_model_never_gathers_from_a_concatenation(tmp_path):
-    """A pruned layer's read in an exported graph gathers from the block's input and each
-    earlier layer's output, not from their concatenation (which grows with depth): onnxruntime
-    then copies only the channels the layer reads (docs/performance.md#pruning)."""
+def test_the_onnx_export_of_a_pruned_model_splits_each_map_once(tmp_path):
+    """In an exported graph a pruned block splits the block's input and each layer's output at
+    most once, into runs of channels with the same readers, and no reader gathers: each map is
+    copied once for all the layers that read part of it, not once per layer, and never from a
+    concatenation (docs/performance.md#pruning)."""
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from densekit.export import export_onnx
@@ -333,5 +334,35 @@ def test_the_onnx_export_of_a_pruned_model_never_gathers_from_a_concatenation(tm
     export_onnx(model, path)  # checked against PyTorch in onnxruntime
     graph = onnx.load(str(path)).graph
     made_by = {out: node.op_type for node in graph.node for out in node.output}
-    gathers = [node for node in graph.node if node.op_type == "Gather"]
-    assert gathers and all(made_by.get(node.input[0]) != "Concat" for node in gathers)
+    splits = [node for node in graph.node if node.op_type == "Split"]
+    assert not [node for node in graph.node if node.op_type == "Gather"]
+    assert splits and all(made_by.get(node.input[0]) != "Concat" for node in splits)
+    assert len({node.input[0] for node in splits}) == len(splits)
+
+
+@pytest.mark.parametrize("bn_size", [4, 0])
+def test_the_exports_split_reads_equal_the_reference_path(bn_size):
+    """The export's reads of a pruned block (each map split once, each reader concatenating its
+    runs) compute what the reference path does: here the block input is read whole by the first
+    layer and in part by the next two, and the block returns a subset of its channels."""
+    from densekit.models.layers import _read_plan
+
+    torch.manual_seed(0)
+    block = densekit.DenseBlock(6, 4, 3, bn_size=bn_size)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.2, 1.0)
+            m.bias.data.uniform_(-0.5, 0.5)
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    layers = list(block.values())
+    layers[1].prune_(torch.tensor([0, 1, 2, 6, 7, 8, 9]))
+    layers[2].prune_(torch.tensor([1, 2, 3, 4, 5, 7, 8, 12]))
+    block.prune_(torch.tensor([0, 3, 4, 5, 9, 10, 11, 14, 15, 16]))
+    block.eval()
+    h = torch.randn(5, 6, 7, 7, generator=torch.Generator().manual_seed(2))
+    plan = _read_plan(block, h)
+    assert plan.splits[0] == [1, 2, 3] and plan.pieces[0] == [(0, None)]  # map 0: split, and read whole
+    assert plan.pieces[3][0] == (0, 0) and (1, None) not in plan.pieces[3]
+    with torch.no_grad():
+        assert torch.equal(block._forward_parts(h, plan), block.forward_plain(h))

@@ -9,6 +9,7 @@ convolution, batch norm and pooling classes.
 """
 
 import contextlib
+import itertools
 import re
 import warnings
 from collections.abc import Iterator
@@ -261,11 +262,20 @@ class DenseLayer(nn.Module):
             out = self.conv1(self.relu1(self.norm1(_select_from_parts(x, self.input_index))))
         else:
             out = self.bottleneck(x if isinstance(x, Tensor) else torch.cat(x, 1))
+        return self._after_first(out)
+
+    def _after_first(self, out: Tensor) -> Tensor:
+        """The layer after its first convolution: the 3x3 part of a bottleneck layer, dropout."""
         if self.has_bottleneck:
             out = self.conv2(self.relu2(self.norm2(out)))
         if self.drop_rate > 0:
             out = F.dropout(out, p=self.drop_rate, training=self.training)
         return out
+
+    @torch.jit.unused
+    def forward_read(self, x: Tensor) -> Tensor:
+        """The layer on the channels it reads, already selected (``input_index`` applied)."""
+        return self._after_first(self.conv1(self.relu1(self.norm1(x))))
 
     def prune_(self, inputs: torch.Tensor | None = None, width: torch.Tensor | None = None) -> "DenseLayer":
         """Keep only the ``inputs`` channels that norm1 normalizes now and, in a bottleneck
@@ -468,6 +478,10 @@ class DenseBlock(nn.ModuleDict):
 
     def forward_plain(self, x: Tensor) -> Tensor:
         """The reference path: concatenate, as torchvision does; fast paths are tested against it."""
+        if not torch.jit.is_scripting() and _reads_parts():
+            plan = _read_plan(self, x)
+            if plan is not None:
+                return self._forward_parts(x, plan)
         features = [x]
         for layer in self.values():
             features.append(layer(features))
@@ -479,8 +493,99 @@ class DenseBlock(nn.ModuleDict):
             out = out.index_select(1, index)
         return out
 
+    @torch.jit.unused
+    def _forward_parts(self, x: Tensor, plan: "_ReadPlan") -> Tensor:
+        """:meth:`forward_plain` in the ONNX export of a pruned block: each map is split once
+        into the runs of channels that the same readers read, and each reader concatenates the
+        runs it reads (see :class:`_ReadPlan`)."""
+        features: List[Tensor] = []
+        runs: List[List[Tensor]] = []
+
+        def add(t: Tensor) -> None:
+            sizes = plan.splits[len(features)]
+            features.append(t)
+            runs.append([t] if len(sizes) == 1 else list(torch.split(t, sizes, 1)))
+
+        def read(reader: int) -> Tensor:
+            pieces = [features[p] if j is None else runs[p][j] for p, j in plan.pieces[reader]]
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+
+        add(x)
+        for i, layer in enumerate(self.values()):
+            add(layer.forward_read(read(i)))
+        return read(len(features) - 1)
+
+
+class _ReadPlan:
+    """How a pruned block's readers (each layer, then the block's output) take their channels
+    in the ONNX export, where every map is a tensor of its own: ``splits[p]``, the sizes of
+    the runs map p is split into (one: not split), runs of consecutive channels that the same
+    readers read; ``pieces[r]``, reader r's input as (map, run) pairs, run None for a whole map.
+
+    A gather per reader and map (the graph before) copied each map's channels once per
+    reader that took a subset, then again into the reader's concatenation; a split copies
+    each map once for all of them (docs/performance.md#pruning)."""
+
+    def __init__(self, sizes: List[int], readers: List[List[int] | None]):
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        # members[p][c]: the readers of channel c of map p (reader r reads maps 0..r)
+        members: List[List[set]] = [[set() for _ in range(size)] for size in sizes]
+        for r, wanted in enumerate(readers):
+            p = 0
+            for ch in (range(offsets[r + 1]) if wanted is None else wanted):
+                while ch >= offsets[p + 1]:
+                    p += 1
+                members[p][ch - offsets[p]].add(r)
+        counts = [[sum(r in m for m in ms) for r in range(len(readers))] for ms in members]
+        self.splits: List[List[int]] = []
+        runs: List[List[set]] = []
+        for p, size in enumerate(sizes):
+            sizes_p, runs_p = [size], [members[p][0]]
+            if any(0 < n < size for n in counts[p]):  # some reader takes part of it: split
+                sizes_p = [1]
+                for m in members[p][1:]:
+                    if m == runs_p[-1]:
+                        sizes_p[-1] += 1
+                    else:
+                        sizes_p.append(1)
+                        runs_p.append(m)
+            self.splits.append(sizes_p)
+            runs.append(runs_p)
+        self.pieces: List[List[tuple]] = []
+        for r in range(len(readers)):
+            pieces = []
+            for p in range(r + 1):
+                if counts[p][r] == sizes[p]:
+                    pieces.append((p, None))
+                elif counts[p][r]:
+                    pieces += [(p, j) for j, m in enumerate(runs[p]) if r in m]
+            self.pieces.append(pieces)
+
+
+@torch.jit.unused
+def _read_plan(block: "DenseBlock", x: Tensor) -> "_ReadPlan | None":
+    """The :class:`_ReadPlan` of ``block`` on input ``x``, or None where the plain loop runs:
+    no index at all, a layer that is not a :class:`DenseLayer`, or an index that does not
+    increase or reads past its reader's input."""
+    layers = list(block.values())
+    indices = [getattr(layer, "input_index", None) for layer in layers] + [block.output_index]
+    if all(i is None for i in indices) or not all(type(layer) is DenseLayer for layer in layers):
+        return None
+    with warnings.catch_warnings():  # in the export's trace these are constants of the model
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        readers = [None if i is None else i.tolist() for i in indices]
+        sizes = [int(x.shape[1])] + [layer.growth_rate for layer in layers]
+    ends = list(itertools.accumulate(sizes))
+    if any(w is not None and (not w or w[0] < 0 or w[-1] >= end or any(b <= a for a, b in zip(w, w[1:])))
+           for w, end in zip(readers, ends)):
+        return None
+    return _ReadPlan(sizes, readers)
+
 
 class Transition(nn.Sequential):
+
     """BN-ReLU-Conv1x1-AvgPool(2) between two dense blocks: compresses and halves the size.
 
     With ``fused=True`` (the default of :func:`densekit.create_model`) the pooling runs
