@@ -686,6 +686,54 @@ def test_weight_gradient_from_the_bn_relu_input_is_the_exact_product_within_floa
         native.wgrad_bn_relu(g.float(), x, scale, shift)
 
 
+@pytest.mark.parametrize("rows,cin,cout,with_src", [(1, 1, 1, False), (7, 17, 5, True), (129, 33, 48, False),
+                                                   (2000, 120, 48, True), (67, 70, 13, False), (300, 216, 128, False)])
+def test_whole_1x1_backward_is_the_exact_result_within_float32s_bound(rows, cin, cout, with_src):
+    """One pass for a 1x1 convolution of ReLU(x * scale + shift): d = (g @ w) masked where
+    x * scale + shift <= 0 (a NaN x passes, as in relu_bn_sums), its column sums, acc = src +
+    d * k rounded once to bf16, and the weight gradient: each within float32 summation's bound
+    of the float64 result from the same bf16 values, odd output counts, row and column tails
+    included; columns past the layer's untouched."""
+    if not native.relu_mask_from_input(torch.bfloat16):
+        pytest.skip("this CPU's build has no bf16 1x1 backward (AVX512-BF16)")
+    torch.manual_seed(4)
+    x = torch.randn(rows, cin + 4).bfloat16()[:, 2:2 + cin]
+    x[0, 0] = float("nan")
+    scale, shift = torch.rand(cin) + 0.5, torch.randn(cin) * 0.5
+    mean, k = torch.randn(cin) * 0.1, torch.randn(cin)
+    g, w = torch.randn(rows, cout).bfloat16(), torch.randn(cout, cin).bfloat16()
+    store = torch.randn(rows, cin + 3).bfloat16()
+    acc, src = store[:, :cin], torch.randn(rows, cin).bfloat16() if with_src else None
+    before, base = store.clone(), (src if with_src else store[:, :cin]).double()
+    sum_d, sum_dx, dw = native.pointwise_backward(g, x, w, scale, shift, mean, k, acc, src)
+
+    on = torch.addcmul(shift, x.float(), scale) > 0  # one fused multiply-add in the kernel
+    on[0, 0] = True  # the NaN passes
+    gw = g.double() @ w.double()
+    d = gw * on
+    dmag = (g.double().abs() @ w.double().abs()) * on * (cout + 1) * 2.0 ** -24  # |error| of each d
+    centered = x.double() - mean.double()
+    a = native.bn_relu(x, scale, shift, torch.empty(rows, cin, dtype=torch.bfloat16)).double()
+    eps = 2.0 ** -24
+    tail = slice(1, None)  # column 0 holds the NaN
+    assert sum_dx[0].isnan()  # d * (x - mean) at the NaN; d itself passes
+    assert ((sum_d.double() - d.sum(0)).abs() <= dmag.sum(0) + 8 * eps * d.abs().sum(0) + 1e-30).all()
+    assert ((sum_dx.double() - (d * centered).sum(0)).abs()[tail]
+            <= ((dmag * centered.abs()).sum(0) + 8 * eps * (d * centered).abs().sum(0))[tail] + 1e-30).all()
+    want = base + d * k.double()
+    err = (acc.double() - want).abs()[1:] if rows > 1 else torch.zeros(0)
+    assert (err <= (2.0 ** -8 * want.abs() + dmag * k.double().abs() + 1e-30)[1:]).all()  # one bf16 rounding
+    exact = g.double().t() @ a.nan_to_num()
+    bound = (rows + 1) * eps * (g.double().abs().t() @ a.nan_to_num().abs())
+    assert ((dw.double() - exact).abs()[:, tail] <= bound[:, tail] + 1e-30).all()
+    assert torch.equal(store[:, cin:], before[:, cin:])
+    no_w = native.pointwise_backward(g, x, w, scale, shift, mean, k, acc.clone(), src)
+    assert no_w[2] is not None and native.pointwise_backward(g, x, w, scale, shift, mean, k, acc.clone(), src,
+                                                             weight_grad=False)[2] is None
+    with pytest.raises(ValueError, match="native kernels need"):
+        native.pointwise_backward(g.float(), x, w, scale, shift, mean, k, acc)
+
+
 def test_pointwise_refuses_what_the_c_code_would_misread():
     if not native.conv3x3_supported(torch.float32):
         pytest.skip("this CPU's build has no native convolution (AVX-512)")
