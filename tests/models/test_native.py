@@ -686,52 +686,82 @@ def test_weight_gradient_from_the_bn_relu_input_is_the_exact_product_within_floa
         native.wgrad_bn_relu(g.float(), x, scale, shift)
 
 
-@pytest.mark.parametrize("rows,cin,cout,with_src", [(1, 1, 1, False), (7, 17, 5, True), (129, 33, 48, False),
-                                                   (2000, 120, 48, True), (67, 70, 13, False), (300, 216, 128, False)])
-def test_whole_1x1_backward_is_the_exact_result_within_float32s_bound(rows, cin, cout, with_src):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cin,cout,with_src,threads", [(1, 1, 1, False, None), (7, 17, 5, True, None),
+                                                           (129, 33, 48, False, None), (2000, 120, 48, True, None),
+                                                           (67, 70, 13, False, None), (300, 216, 128, False, None),
+                                                           (1500, 40, 48, False, 3)])
+def test_whole_1x1_backward_is_the_exact_result_within_float32s_bound(rows, cin, cout, with_src, threads, dtype):
     """One pass for a 1x1 convolution of ReLU(x * scale + shift): d = (g @ w) masked where
     x * scale + shift <= 0 (a NaN x passes, as in relu_bn_sums), its column sums, acc = src +
-    d * k rounded once to bf16, and the weight gradient: each within float32 summation's bound
-    of the float64 result from the same bf16 values, odd output counts, row and column tails
-    included; columns past the layer's untouched."""
-    if not native.relu_mask_from_input(torch.bfloat16):
-        pytest.skip("this CPU's build has no bf16 1x1 backward (AVX512-BF16)")
+    d * k rounded once to the matrices' dtype, and the weight gradient: each within float32
+    summation's bound of the float64 result from the same values; odd output counts, row and
+    column tails, strided rows, an uneven split over 3 threads included; columns past the
+    layer's, src and the inputs untouched."""
+    if not native.conv3x3_supported(dtype):
+        pytest.skip(f"this CPU's build has no {dtype} 1x1 backward (AVX-512; AVX512-BF16 for bf16)")
     torch.manual_seed(4)
-    x = torch.randn(rows, cin + 4).bfloat16()[:, 2:2 + cin]
+    x = torch.randn(rows, cin + 4).to(dtype)[:, 2:2 + cin]
     x[0, 0] = float("nan")
     scale, shift = torch.rand(cin) + 0.5, torch.randn(cin) * 0.5
     mean, k = torch.randn(cin) * 0.1, torch.randn(cin)
-    g, w = torch.randn(rows, cout).bfloat16(), torch.randn(cout, cin).bfloat16()
-    store = torch.randn(rows, cin + 3).bfloat16()
-    acc, src = store[:, :cin], torch.randn(rows, cin).bfloat16() if with_src else None
+    g = torch.randn(rows, cout + 5).to(dtype)[:, 3:3 + cout]  # rows apart by more than cout
+    w = torch.randn(cout, cin, 1, 1).to(dtype)
+    store = torch.randn(rows, cin + 3).to(dtype)
+    acc, src = store[:, :cin], torch.randn(rows, cin).to(dtype) if with_src else None
     before, base = store.clone(), (src if with_src else store[:, :cin]).double()
-    sum_d, sum_dx, dw = native.pointwise_backward(g, x, w, scale, shift, mean, k, acc, src)
+    inputs = [t.clone() for t in (x, g, w) + ((src,) if with_src else ())]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        sum_d, sum_dx, dw = native.pointwise_backward(g, x, w, scale, shift, mean, k, acc, src)
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(t, u) for t, u in zip(inputs, (x, g, w, src)) if not t.isnan().any())
+    assert sum_d.dtype == sum_dx.dtype == dw.dtype == torch.float32 and dw.shape == (cout, cin)
 
-    on = torch.addcmul(shift, x.float(), scale) > 0  # one fused multiply-add in the kernel
+    # the kernel's fused multiply-add rounds the exact value once: the same sign
+    on = x.double() * scale.double() + shift.double() > 0
     on[0, 0] = True  # the NaN passes
-    gw = g.double() @ w.double()
-    d = gw * on
-    dmag = (g.double().abs() @ w.double().abs()) * on * (cout + 1) * 2.0 ** -24  # |error| of each d
+    d = (g.double() @ w.double().view(cout, cin)) * on
+    dmag = (g.double().abs() @ w.double().view(cout, cin).abs()) * on * (cout + 1) * 2.0 ** -24  # |error| of each d
     centered = x.double() - mean.double()
-    a = native.bn_relu(x, scale, shift, torch.empty(rows, cin, dtype=torch.bfloat16)).double()
+    a = native.bn_relu(x, scale, shift, torch.empty(rows, cin, dtype=dtype)).double()
     eps = 2.0 ** -24
-    tail = slice(1, None)  # column 0 holds the NaN
-    assert sum_dx[0].isnan()  # d * (x - mean) at the NaN; d itself passes
+    tail = slice(1, None)  # column 0 holds the NaN, which d * (x - mean) and a carry there
+    assert sum_dx[0].isnan() and not sum_d.isnan().any() and not acc.isnan().any()
     assert ((sum_d.double() - d.sum(0)).abs() <= dmag.sum(0) + 8 * eps * d.abs().sum(0) + 1e-30).all()
     assert ((sum_dx.double() - (d * centered).sum(0)).abs()[tail]
             <= ((dmag * centered.abs()).sum(0) + 8 * eps * (d * centered).abs().sum(0))[tail] + 1e-30).all()
     want = base + d * k.double()
-    err = (acc.double() - want).abs()[1:] if rows > 1 else torch.zeros(0)
-    assert (err <= (2.0 ** -8 * want.abs() + dmag * k.double().abs() + 1e-30)[1:]).all()  # one bf16 rounding
+    rounding = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -23  # one rounding to the dtype
+    assert ((acc.double() - want).abs() <= rounding * want.abs() + dmag * k.double().abs() + 1e-30).all()
     exact = g.double().t() @ a.nan_to_num()
     bound = (rows + 1) * eps * (g.double().abs().t() @ a.nan_to_num().abs())
-    assert ((dw.double() - exact).abs()[:, tail] <= bound[:, tail] + 1e-30).all()
+    assert dw[:, 0].isnan().all() and ((dw.double() - exact).abs()[:, tail] <= bound[:, tail] + 1e-30).all()
     assert torch.equal(store[:, cin:], before[:, cin:])
-    no_w = native.pointwise_backward(g, x, w, scale, shift, mean, k, acc.clone(), src)
-    assert no_w[2] is not None and native.pointwise_backward(g, x, w, scale, shift, mean, k, acc.clone(), src,
-                                                             weight_grad=False)[2] is None
+    no_w = native.pointwise_backward(g, x, w, scale, shift, mean, k, acc.clone(), src, weight_grad=False)
+    assert no_w[2] is None  # its rows may be split over more threads: the same sums within their bound
+    assert ((no_w[0].double() - d.sum(0)).abs() <= dmag.sum(0) + 8 * eps * d.abs().sum(0) + 1e-30).all()
     with pytest.raises(ValueError, match="native kernels need"):
-        native.pointwise_backward(g.float(), x, w, scale, shift, mean, k, acc)
+        native.pointwise_backward(g.double(), x, w, scale, shift, mean, k, acc)
+
+
+def test_whole_1x1_backward_returns_float32_under_another_default_dtype():
+    """The sums and the weight gradient are float32 whatever torch's default dtype (the C code
+    writes float32 into them)."""
+    if not native.conv3x3_supported(torch.float32):
+        pytest.skip("this CPU's build has no 1x1 backward (AVX-512)")
+    x, g, w, acc = torch.randn(40, 20), torch.randn(40, 6), torch.randn(6, 20), torch.zeros(40, 20)
+    vecs = [torch.rand(20) + 0.5, torch.randn(20), torch.randn(20), torch.randn(20)]
+    want = native.pointwise_backward(g, x, w, *vecs, acc.clone())
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = native.pointwise_backward(g, x, w, *vecs, acc.clone())
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(t.dtype == torch.float32 and torch.equal(t, u) for t, u in zip(got, want))
 
 
 def test_pointwise_refuses_what_the_c_code_would_misread():

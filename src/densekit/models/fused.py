@@ -363,18 +363,21 @@ class _Unit:
     def whole_backward(self, g: torch.Tensor, x: torch.Tensor, scale_shift, mean: torch.Tensor, var: torch.Tensor,
                        training: bool, acc: torch.Tensor, src: torch.Tensor | None, need_weight: bool):
         """The whole backward of this 1x1 convolution of ReLU(x * scale + shift) and of that
-        BN-ReLU, where one native pass runs it (``native.pointwise_backward``: bfloat16 on the CPU,
-        a layer that reads a prefix of the buffer): adds the dy*k part of x's gradient to ``acc``
-        (with ``src``: acc = src + that part) and returns (b, c, dgamma, dbeta, weight gradient),
-        as :meth:`accumulate_input_grad` and :meth:`lean_backward` together. The input gradient
-        of the convolution is then never in memory: on BC-100's first block, at batch 64, that
-        pass and the three that read it back took 5.3 ms on the widest layer against 4.4 for
-        this one (AMD EPYC Zen 5). Else None."""
-        if self.index is not None or not self.pointwise or not native.relu_mask_from_input(x.dtype):
+        BN-ReLU, where one native pass runs it (``native.pointwise_backward``: float32 or bfloat16
+        on a CPU with AVX-512, a layer that reads a prefix of the buffer): adds the dy*k part of
+        x's gradient to ``acc`` (with ``src``: acc = src + that part) and returns (b, c, dgamma,
+        dbeta, weight gradient), as :meth:`accumulate_input_grad` and :meth:`lean_backward` or
+        :meth:`conv_backward` together. The input gradient of the convolution is then never in
+        memory: on BC-100's first block, at batch 64, in bfloat16, that pass and the three that
+        read it back took 5.3 ms on the widest layer against 4.4 for this one (AMD EPYC Zen 5).
+        ``scale_shift``: :meth:`scale_shift` of ``mean`` and ``var``, or None to form it. Else None."""
+        if self.index is not None or not self.pointwise or not native.conv3x3_supported(x.dtype):
             return None
         rows = _rows(g)
         if not native.usable(rows, x, acc) or (src is not None and not native.usable(src)):
             return None
+        if scale_shift is None:
+            scale_shift = self.scale_shift(mean, var)
         invstd = torch.rsqrt(var + self.eps)
         sum_dy, sum_dyx, grad_w = native.pointwise_backward(rows, x, self.weight, *scale_shift, mean,
                                                             self.gamma * invstd, acc, src, need_weight)
@@ -809,8 +812,7 @@ def _backward(block, units, training: bool, c0: int, buf, mean, var, saved, grad
             g = _grid(d2, spatial)
         need_weight = all_weights or u1.weight.requires_grad
         src = src_rows[:, :ci] if i == last and top < c else None
-        whole = None if act is None else u1.whole_backward(g, inp, act, m1, v1, training, grad_rows[:, :ci], src,
-                                                             need_weight)
+        whole = u1.whole_backward(g, inp, act, m1, v1, training, grad_rows[:, :ci], src, need_weight)
         if whole is not None:
             b1, c1, gl[0], gl[1], gl[2] = whole
         else:

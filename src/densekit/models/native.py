@@ -74,7 +74,7 @@ _SIGNATURES.update({"dk_conv3x3": [_C, _P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _
                     "dk_stem_conv": [_C, _P, *[_I] * 4, _P, *[_I] * 9, _P, _C],
                     "dk_pointwise": [_C, _P, _I, _I, _I, _P, _P, _I, _C, _P, _I, _P, _P, _C],
                     "dk_wgrad_bn_relu": [_P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _C],
-                    "dk_pointwise_backward": [_P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I,
+                    "dk_pointwise_backward": [_C, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I,
                                               _P, _P, _P, _C]})
 _DTYPES = (torch.float32, torch.bfloat16)
 _enabled = os.environ.get("DENSEKIT_NATIVE", "1") != "0"
@@ -365,31 +365,35 @@ def pointwise_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
                        shift: torch.Tensor, mean: torch.Tensor, k: torch.Tensor, acc: torch.Tensor,
                        src: torch.Tensor | None = None, weight_grad: bool = True):
     """The backward of a 1x1 convolution (``weight``, C_out x C_in) of a = ReLU(x * scale + shift)
-    and the sums of that BN-ReLU's backward, in one pass over the rows (bfloat16 matrices with
-    contiguous columns, where :func:`relu_mask_from_input`). With d the gradient of a, masked
+    and the sums of that BN-ReLU's backward, in one pass over the rows (float32 or bfloat16
+    matrices with contiguous columns, where :func:`conv3x3_supported` for their dtype: the
+    same instructions). With d the gradient of a, masked
     where x * scale + shift <= 0 and kept in float32 (g @ weight, never rounded): returns
     (sum of d, sum of d * (x - mean), the float32 weight gradient or None without
     ``weight_grad``) and adds d * k to ``acc`` (with ``src``: acc = src + d * k).
 
     It does what :func:`relu_bn_sums` and :func:`wgrad_bn_relu` do after a product that writes
-    d, without d in memory: on BC-100 those were four passes over the layer's input columns."""
+    d, without d in memory: on BC-100 those were four passes over the layer's input columns in
+    bfloat16, six in float32 (the BN-ReLU output was formed there too)."""
     rows, cout = g.shape
     cin = x.shape[1]
-    _mats((rows, cin), x, acc, src, dtype=torch.bfloat16)
-    _mats((rows, cout), g, dtype=torch.bfloat16)
-    w = weight.detach().reshape(cout, cin).to(torch.bfloat16).contiguous()
+    dtype = x.dtype
+    _mats((rows, cin), x, acc, src, dtype=dtype)
+    _mats((rows, cout), g, dtype=dtype)
+    w = weight.detach().reshape(cout, cin).to(dtype).contiguous()
     scale, shift, mean, k = (_vec(v, cin) for v in (scale, shift, mean, k))
-    sum_d, sum_dx = torch.empty(cin), torch.empty(cin)
-    dw = torch.empty(cout, cin) if weight_grad else None
+    sum_d, sum_dx = torch.empty(cin, dtype=torch.float32), torch.empty(cin, dtype=torch.float32)
+    dw = torch.empty(cout, cin, dtype=torch.float32) if weight_grad else None
     lib = _library()
     if lib is None:
         raise RuntimeError("densekit's native kernels are unavailable here (see native.available())")
-    code = lib.dk_pointwise_backward(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), rows, cin, cout,
+    code = lib.dk_pointwise_backward(int(dtype == torch.bfloat16), g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), rows, cin, cout,
                                      w.data_ptr(), scale.data_ptr(), shift.data_ptr(), mean.data_ptr(), k.data_ptr(),
                                      acc.data_ptr(), acc.stride(0), _ptr(src), _ld(src), sum_d.data_ptr(),
                                      sum_dx.data_ptr(), _ptr(dw), torch.get_num_threads())
     if code == 2:
-        raise RuntimeError("this build of the native kernels has no bfloat16 1x1 convolution backward (AVX512-BF16)")
+        raise RuntimeError(f"this build of the native kernels has no 1x1 convolution backward for {dtype} "
+                           "(AVX-512; for bfloat16 AVX512-BF16)")
     _check(code)
     return sum_d, sum_dx, dw
 
