@@ -321,17 +321,15 @@ class _Unit:
             d.addcmul_(xc, b.to(d.dtype)).add_(c.to(d.dtype))
         return dgamma, dbeta
 
-    def accumulate_input_grad(self, d, a, x, mean, var, training: bool, acc, sum_dy_a=None, src=None, act=None):
+    def accumulate_input_grad(self, d, a, x, mean, var, training: bool, acc, sum_dy_a=None, src=None):
         """Backward of a = ReLU(BN(x)) on rows where x is a slice of the block's buffer: adds
         the dy*k part of x's gradient to ``acc`` (with ``src``: acc = src + that part; ``d``
         and ``a`` may be overwritten) and returns (b, c, dgamma, dbeta); the caller applies the
-        (x - mean)*b + c part once per channel. ``a`` is None where the native kernels read the
-        ReLU's mask from x and ``act``, the BN's (scale, shift) (see :meth:`lean_backward`)."""
-        if a is None or native.usable(d, a, x, acc):
+        (x - mean)*b + c part once per channel. Where :meth:`whole_backward` runs, it does this."""
+        if native.usable(d, a, x, acc):
             invstd = torch.rsqrt(var + self.eps)
-            scale, shift = act if a is None else (None, None)
             sum_dy, sum_dyx = native.relu_bn_sums(d, a, x=x if sum_dy_a is None else None, mean=mean, acc=acc,
-                                                  k=self.gamma * invstd, src=src, scale=scale, shift=shift)
+                                                  k=self.gamma * invstd, src=src)
             _, b, c, dgamma = self._native_coefficients(d, a, x, mean, invstd, training, sum_dy, sum_dyx, sum_dy_a)
             return b, c, dgamma, sum_dy
         if src is not None:
@@ -341,33 +339,14 @@ class _Unit:
         acc.addcmul_(d, k.to(d.dtype))
         return b, c, dgamma, dbeta
 
-    def lean_backward(self, g: torch.Tensor, x: torch.Tensor, scale_shift, spatial: tuple[int, ...],
-                      need_weight: bool, out):
-        """The backward of this 1x1 convolution of ReLU(x * scale + shift) without that BN-ReLU's
-        output, where the native kernels run it (bfloat16 on the CPU, a layer that reads a prefix
-        of the buffer): the input gradient (rows, c_in) into ``out()`` and the weight gradient
-        from x (``native.wgrad_bn_relu``); :meth:`accumulate_input_grad` then reads the ReLU's
-        mask from x. Else None: the caller forms the output and runs :meth:`conv_backward`. On
-        BC-100's first block that output was a pass over up to 204 of the buffer's channels, and
-        two more reads of it (docs/performance.md)."""
-        if self.index is not None or not self.pointwise or not native.relu_mask_from_input(x.dtype):
-            return None
-        rows = _rows(g)
-        if not native.usable(rows, x):
-            return None
-        grad_w = None
-        if need_weight:
-            grad_w = native.wgrad_bn_relu(rows, x, *scale_shift).view(self.weight.shape).to(self.weight.dtype)
-        return self.conv_backward(g, x, spatial, out, False)[0], grad_w  # x unread without the weight
-
     def whole_backward(self, g: torch.Tensor, x: torch.Tensor, scale_shift, mean: torch.Tensor, var: torch.Tensor,
                        training: bool, acc: torch.Tensor, src: torch.Tensor | None, need_weight: bool):
         """The whole backward of this 1x1 convolution of ReLU(x * scale + shift) and of that
         BN-ReLU, where one native pass runs it (``native.pointwise_backward``: float32 or bfloat16
         on a CPU with AVX-512, a layer that reads a prefix of the buffer): adds the dy*k part of
         x's gradient to ``acc`` (with ``src``: acc = src + that part) and returns (b, c, dgamma,
-        dbeta, weight gradient), as :meth:`accumulate_input_grad` and :meth:`lean_backward` or
-        :meth:`conv_backward` together. The input gradient of the convolution is then never in
+        dbeta, weight gradient), as :meth:`conv_backward` and :meth:`accumulate_input_grad`
+        together. The input gradient of the convolution is then never in
         memory: on BC-100's first block, at batch 64, in bfloat16, that pass and the three that
         read it back took 5.3 ms on the widest layer against 4.4 for this one (AMD EPYC Zen 5).
         ``scale_shift``: :meth:`scale_shift` of ``mean`` and ``var``, or None to form it. Else None."""
@@ -816,19 +795,13 @@ def _backward(block, units, training: bool, c0: int, buf, mean, var, saved, grad
         if whole is not None:
             b1, c1, gl[0], gl[1], gl[2] = whole
         else:
-            lean = None if act is None else u1.lean_backward(g, inp, act, spatial, need_weight,
-                                                             lambda: scratch("d", n1))
-            if lean is not None:
-                (d, gl[2]), a = lean, None
-            else:
-                if a is None:
-                    a = u1.act(inp, m1, v1, scratch("a", n1))
-                d, gl[2] = u1.conv_backward(g, a, spatial, lambda: scratch("d", n1), need_weight)
+            if a is None:
+                a = u1.act(inp, m1, v1, scratch("a", n1))
+            d, gl[2] = u1.conv_backward(g, a, spatial, lambda: scratch("d", n1), need_weight)
             # a pruned layer's input gradient goes to a workspace, then to the channels it read
             acc = grad_rows[:, :ci] if u1.index is None else scratch("acc", n1).zero_()
             b1, c1, gl[0], gl[1] = u1.accumulate_input_grad(d, a, inp, m1, v1, training, acc,
-                                                            None if a is None else u1.sum_grad_times_input(gl[2], a),
-                                                            src, act)
+                                                            u1.sum_grad_times_input(gl[2], a), src)
             if u1.index is not None:
                 u1.add_back(acc, grad_rows[:, :ci])
         if training and u1.index is None:
