@@ -28,6 +28,24 @@ def test_native_kernels_build_and_load_here():
     assert not native.usable(torch.zeros(0, 6))
 
 
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86 instruction subsets")
+@pytest.mark.parametrize("flags", [["-march=x86-64-v3"], ["-march=native", "-mno-avx512bf16"]])
+def test_the_library_builds_and_loads_on_cpus_with_fewer_instructions(flags, tmp_path):
+    """The source compiles for a CPU without AVX-512 and for one without AVX512-BF16 (an Intel
+    Xeon before Cooper Lake), and the library loads there with every kernel native.py calls:
+    a kernel defined under the wrong condition leaves an undefined symbol, and then the whole
+    library fails to load and every block runs torch ops."""
+    import ctypes
+
+    cc = os.environ.get("CC", "").split() or ["cc"]
+    target = tmp_path / "native.so"
+    done = subprocess.run([*cc, *flags, *[f for f in native._FLAGS if not f.startswith("-march")],
+                           str(native._SOURCE), "-o", str(target)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lib = ctypes.CDLL(str(target))
+    assert all(hasattr(lib, name) for name in native._SIGNATURES)
+
+
 # 50 x 7 runs on one thread; 12000 x 40 (> 32768 elements) on every thread torch has.
 SHAPES = [(50, 7, 9), (12000, 40, 45), (12000, 1, 3)]
 

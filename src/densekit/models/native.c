@@ -1929,6 +1929,8 @@ static int wgrad_bn_relu(const uint16_t *g, i64 ldg, const uint16_t *x, i64 ldx,
 }
 
 
+#endif /* CONV_BF16 */
+
 /* The whole backward of a bottleneck's first convolution in a training step, where that
  * layer reads a prefix x (rows, cin) of the block's buffer through a BN-ReLU:
  *   d[r][c]  = sum_o g[r][o] * w[o][c] where x[r][c] * scale[c] + shift[c] > 0, else 0,
@@ -2214,6 +2216,7 @@ static int pointwise_backward(int bf16, const void *g, i64 ldg, const void *x, i
         const int t = omp_get_thread_num();
         void *a = dw ? tiles + (size_t)t * tile : 0;
         uint32_t *gp = gps ? gps + (size_t)t * pairs : 0;
+        (void)gp; /* read by wg_tile only: unused where this build has no bf16 */
         {
             float *accw = dw ? sums + (size_t)t * (size_t)(cout * width) : 0;
             for (i64 r = lo; r < hi; r += PB_TILE) {
@@ -2252,7 +2255,6 @@ static int pointwise_backward(int bf16, const void *g, i64 ldg, const void *x, i
     free(wp), free(sums), free(tiles), free(gps), free(p);
     return 0;
 }
-#endif
 #else
 #define CONV_F32 0
 #define CONV_BF16 0
