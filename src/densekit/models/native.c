@@ -1778,6 +1778,21 @@ static int pointwise(const pw_fn (*fns)[2], i64 esize, const char *x, i64 ldx, i
     }
     return failed ? -1 : 0;
 }
+
+/* out (cout, cin) = the threads' weight-gradient sums (n of them, each (cout, width)) added in
+ * thread order; called by every thread of a team, which shares the rows of out between them. */
+static void sum_thread_parts(const float *sums, int n, i64 cout, i64 cin, i64 width, float *out)
+{
+#pragma omp for schedule(static)
+    for (i64 o = 0; o < cout; o++)
+        for (i64 c = 0; c < cin; c++) {
+            float v = 0.f;
+            for (int t = 0; t < n; t++)
+                v += sums[(size_t)t * (size_t)(cout * width) + o * width + c];
+            out[o * cin + c] = v;
+        }
+}
+
 #if CONV_BF16
 /* The weight gradient of a bottleneck's first convolution in a bf16 training step,
  *   dw[o][c] = sum_r g[r][o] * a[r][c],  a = relu(x * scale + shift) rounded to bf16,
@@ -1913,15 +1928,7 @@ static int wgrad_bn_relu(const uint16_t *g, i64 ldg, const uint16_t *x, i64 ldx,
         free(a), free(gp);
 #pragma omp barrier
         if (!failed) { /* the same on every thread after the barrier */
-            int n = omp_get_num_threads();
-#pragma omp for schedule(static)
-            for (i64 o = 0; o < cout; o++)
-                for (i64 c = 0; c < cin; c++) {
-                    float v = 0.f;
-                    for (int t = 0; t < n; t++)
-                        v += sums[(size_t)t * (size_t)(cout * width) + o * width + c];
-                    out[o * cin + c] = v;
-                }
+            sum_thread_parts(sums, omp_get_num_threads(), cout, cin, width, out);
         }
     }
     free(sums);
@@ -2211,43 +2218,33 @@ static int pointwise_backward(int bf16, const void *g, i64 ldg, const void *x, i
     {
         i64 lo, hi;
         row_range(rows, &lo, &hi);
-        double *ps = p + (size_t)omp_get_thread_num() * 2 * cin, *px = ps + cin;
-        /* the weight gradient's tile: bf16 row pairs and g's pairs (wg_tile), or float32 rows */
         const int t = omp_get_thread_num();
+        double *ps = p + (size_t)t * 2 * cin, *px = ps + cin;
+        /* the weight gradient's tile: bf16 row pairs and g's pairs (wg_tile), or float32 rows */
         void *a = dw ? tiles + (size_t)t * tile : 0;
         uint32_t *gp = gps ? gps + (size_t)t * pairs : 0;
         (void)gp; /* read by wg_tile only: unused where this build has no bf16 */
-        {
-            float *accw = dw ? sums + (size_t)t * (size_t)(cout * width) : 0;
-            for (i64 r = lo; r < hi; r += PB_TILE) {
-                i64 n = hi - r < PB_TILE ? hi - r : PB_TILE;
+        float *accw = dw ? sums + (size_t)t * (size_t)(cout * width) : 0;
+        for (i64 r = lo; r < hi; r += PB_TILE) {
+            i64 n = hi - r < PB_TILE ? hi - r : PB_TILE;
 #if CONV_BF16
-                if (dw && bf16)
-                    wg_tile(g, ldg, x, ldx, r, n, cin, cout, scale, shift, a, gp, accw);
+            if (dw && bf16)
+                wg_tile(g, ldg, x, ldx, r, n, cin, cout, scale, shift, a, gp, accw);
 #endif
-                if (dw && !bf16)
-                    wf_tile((const float *)g + r * ldg, ldg, (const float *)x + r * ldx, ldx, n, cin, cout, scale,
-                            shift, a, accw);
-                for (i64 i = 0; i < n; i += PB_ROWS) {
-                    int nr = n - i < PB_ROWS ? (int)(n - i) : PB_ROWS;
-                    for (i64 j = 0; j < nvc; j += PB_VECS) {
-                        int nv = nvc - j < PB_VECS ? (int)(nvc - j) : PB_VECS;
-                        fns[nr - 1][nv - 1](&q, r + i, j, ps, px);
-                    }
+            if (dw && !bf16)
+                wf_tile((const float *)g + r * ldg, ldg, (const float *)x + r * ldx, ldx, n, cin, cout, scale, shift,
+                        a, accw);
+            for (i64 i = 0; i < n; i += PB_ROWS) {
+                int nr = n - i < PB_ROWS ? (int)(n - i) : PB_ROWS;
+                for (i64 j = 0; j < nvc; j += PB_VECS) {
+                    int nv = nvc - j < PB_VECS ? (int)(nvc - j) : PB_VECS;
+                    fns[nr - 1][nv - 1](&q, r + i, j, ps, px);
                 }
             }
         }
 #pragma omp barrier
         if (dw) {
-            int n = omp_get_num_threads();
-#pragma omp for schedule(static)
-            for (i64 o = 0; o < cout; o++)
-                for (i64 c = 0; c < cin; c++) {
-                    float v = 0.f;
-                    for (int t = 0; t < n; t++)
-                        v += sums[(size_t)t * (size_t)(cout * width) + o * width + c];
-                    dw[o * cin + c] = v;
-                }
+            sum_thread_parts(sums, omp_get_num_threads(), cout, cin, width, dw);
         }
     }
     reduce_parts(p, nt, cin, 2 * cin, sum_d);

@@ -387,10 +387,10 @@ def pointwise_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
     lib = _library()
     if lib is None:
         raise RuntimeError("densekit's native kernels are unavailable here (see native.available())")
-    code = lib.dk_pointwise_backward(int(dtype == torch.bfloat16), g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), rows, cin, cout,
-                                     w.data_ptr(), scale.data_ptr(), shift.data_ptr(), mean.data_ptr(), k.data_ptr(),
-                                     acc.data_ptr(), acc.stride(0), _ptr(src), _ld(src), sum_d.data_ptr(),
-                                     sum_dx.data_ptr(), _ptr(dw), torch.get_num_threads())
+    code = lib.dk_pointwise_backward(int(dtype == torch.bfloat16), g.data_ptr(), g.stride(0), x.data_ptr(),
+                                     x.stride(0), rows, cin, cout, w.data_ptr(), scale.data_ptr(), shift.data_ptr(),
+                                     mean.data_ptr(), k.data_ptr(), acc.data_ptr(), acc.stride(0), _ptr(src), _ld(src),
+                                     sum_d.data_ptr(), sum_dx.data_ptr(), _ptr(dw), torch.get_num_threads())
     if code == 2:
         raise RuntimeError(f"this build of the native kernels has no 1x1 convolution backward for {dtype} "
                            "(AVX-512; for bfloat16 AVX512-BF16)")
