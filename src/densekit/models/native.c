@@ -2234,10 +2234,14 @@ static int pointwise_backward(int bf16, const void *g, i64 ldg, const void *x, i
             if (dw && !bf16)
                 wf_tile((const float *)g + r * ldg, ldg, (const float *)x + r * ldx, ldx, n, cin, cout, scale, shift,
                         a, accw);
-            for (i64 i = 0; i < n; i += PB_ROWS) {
-                int nr = n - i < PB_ROWS ? (int)(n - i) : PB_ROWS;
-                for (i64 j = 0; j < nvc; j += PB_VECS) {
-                    int nv = nvc - j < PB_VECS ? (int)(nvc - j) : PB_VECS;
+            /* a block of columns down the whole tile, then the next: the packed weights of those
+             * columns (64 KiB and more on densenet121's wide layers, more than L1 holds whole) and
+             * the tile's rows of g stay in L1 from one block of rows to the next (1.02-1.07x on
+             * the kernel's input-gradient part, same process, ad hoc) */
+            for (i64 j = 0; j < nvc; j += PB_VECS) {
+                int nv = nvc - j < PB_VECS ? (int)(nvc - j) : PB_VECS;
+                for (i64 i = 0; i < n; i += PB_ROWS) {
+                    int nr = n - i < PB_ROWS ? (int)(n - i) : PB_ROWS;
                     fns[nr - 1][nv - 1](&q, r + i, j, ps, px);
                 }
             }
