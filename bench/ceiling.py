@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                            ceiling_img_s={mode: round(best * 1e9 / m, 1) for mode, m in macs.items()})
     env = environment()
     out = dict(model=args.model, input=list(size), threads=torch.get_num_threads(), cpu=env.get("cpu"),
-               cpu_bf16=env.get("cpu_bf16"), torch=env.get("torch"), git_commit=env.get("git_commit"), git_dirty=env.get("git_dirty"), macs_per_image={k: round(v / 1e9, 4) for k, v in macs.items()},
+               cpu_bf16=env.get("cpu_bf16"), torch=env.get("torch"), git_commit=env.get("git_commit"),
+               git_dirty=env.get("git_dirty"), macs_per_image={k: round(v / 1e9, 4) for k, v in macs.items()},
                unit="GMAC", rates=rates)
     targets = {mode: t for mode, t in (("train", args.train), ("infer", args.infer)) if t}
     if targets:
