@@ -2235,9 +2235,10 @@ static int pointwise_backward(int bf16, const void *g, i64 ldg, const void *x, i
                 wf_tile((const float *)g + r * ldg, ldg, (const float *)x + r * ldx, ldx, n, cin, cout, scale, shift,
                         a, accw);
             /* a block of columns down the whole tile, then the next: the packed weights of those
-             * columns (64 KiB and more on densenet121's wide layers, more than L1 holds whole) and
-             * the tile's rows of g stay in L1 from one block of rows to the next (1.02-1.07x on
-             * the kernel's input-gradient part, same process, ad hoc) */
+             * columns (16 KiB for 128 outputs) and the tile's rows of g stay in L1 from one block
+             * of rows to the next, where a layer's whole packed weight (56 KiB and more on
+             * densenet121's wide layers) does not fit (up to 1.07x on the whole kernel, same
+             * process, ad hoc; docs/performance.md) */
             for (i64 j = 0; j < nvc; j += PB_VECS) {
                 int nv = nvc - j < PB_VECS ? (int)(nvc - j) : PB_VECS;
                 for (i64 i = 0; i < n; i += PB_ROWS) {
