@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from densekit import DenseBlock, create_model
+from densekit import DenseBlock, DenseNet, create_model
 from densekit.models import frozen, native
 from densekit.models.frozen import FrozenDenseBlock, FrozenTransition, optimize_for_inference
 from densekit.models.layers import Transition, reference_path
@@ -250,6 +250,39 @@ def test_bottlenecks_and_transitions_run_natively_where_the_kernel_is_the_faster
     assert [isinstance(p, native.Pointwise) for *_, p in weights] == [supported and w <= limit for w in widths]
     (*_, point), = fast.features.transition1._kept.values()
     assert isinstance(point, native.Pointwise) == (supported and fast.features.transition1.conv.out_channels <= limit)
+
+
+def test_wide_bottlenecks_form_their_bn_relu_inside_the_native_convolution():
+    """In bf16 a bottleneck of up to 128 outputs (densenet121's) that reads a prefix of the
+    block's buffer runs as ``native.Pointwise`` with its first batch norm and ReLU formed in the
+    kernel's tile; a transition of more than 64 outputs stays oneDNN's product, which the kernel
+    does not beat on an input already formed; the function is the model's."""
+    if not native.conv3x3_supported(torch.bfloat16):
+        pytest.skip("this CPU's build has no bf16 native convolution (AVX512-BF16)")
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=32, block_config=(2, 2), num_init_features=128, num_classes=10, in_chans=1,
+                     stem="cifar", fused=True)
+    randomize_norms(model)
+    model.eval()
+    fast = optimize_for_inference(model)
+    x = torch.randn(frozen._PACK_MIN_BATCH, 1, 12, 12)
+    calls = []
+    original = native.Pointwise.__call__
+
+    def counting(self, *args, scale=None, **kwargs):
+        calls.append((self.out_channels, scale is not None))
+        return original(self, *args, scale=scale, **kwargs)
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(x)
+        native.Pointwise.__call__ = counting
+        try:
+            got = fast(x)
+        finally:
+            native.Pointwise.__call__ = original
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+    assert calls == [(128, True)] * 4  # two layers in each block; the transition (96 outputs) is oneDNN's
+    assert fast.features.transition1.conv.out_channels == 96
 
 
 def test_eval_and_predict_run_the_optimized_copy_on_the_cpu_only():

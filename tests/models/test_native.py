@@ -603,8 +603,11 @@ def test_stem_conv_refuses_what_the_c_code_would_misread():
 
 # (rows, in, out): under and over a group of 8 (or 4) rows, one to four 16-lane vectors of
 # outputs, odd input counts (bf16 pairs a last channel with zero), the pruned ``make run``
-# model's first block (12,544 rows)
-POINTWISE = [(1, 1, 1), (7, 5, 17), (13, 33, 48), (9, 2, 64), (12544, 16, 24), (100, 84, 32)]
+# model's first block (12,544 rows); past 64 outputs, in chunks of 64 from one tile: a last
+# chunk of one vector (65, 80: its 8-row function run row by row in 4-row groups), of three
+# (100, odd inputs), and two whole chunks (densenet121's bottleneck, 128)
+POINTWISE = [(1, 1, 1), (7, 5, 17), (13, 33, 48), (9, 2, 64), (12544, 16, 24), (100, 84, 32),
+             (11, 7, 65), (30, 40, 80), (9, 33, 100), (1001, 96, 128)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -636,7 +639,8 @@ def test_pointwise_is_the_product_with_bias_and_relu_written_into_a_column_slice
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,cin,cout", [(1, 1, 1), (13, 33, 48), (50, 120, 48), (9, 2, 64)])
+@pytest.mark.parametrize("rows,cin,cout", [(1, 1, 1), (13, 33, 48), (50, 120, 48), (9, 2, 64), (50, 33, 80),
+                                           (203, 128, 128)])
 def test_pointwise_with_bn_relu_is_the_product_of_bn_relus_output_bit_for_bit(rows, cin, cout, dtype):
     """With scale and shift the product reads ReLU(x * scale + shift), formed as bn_relu forms it
     (rounded once to the matrix's dtype): the same bits as bn_relu into a matrix, then the
@@ -796,7 +800,7 @@ def test_pointwise_refuses_what_the_c_code_would_misread():
                            (x.view(2, 20, 8), out)]:          # not a matrix
         with pytest.raises(ValueError, match="native 1x1 convolution"):
             conv(bad_x, bad_out)
-    for weight in (torch.randn(65, 8, 1, 1), torch.randn(12, 8, 3, 3)):
+    for weight in (torch.randn(129, 8, 1, 1), torch.randn(12, 8, 3, 3)):
         with pytest.raises(ValueError, match="Pointwise takes"):
             native.Pointwise(weight, None, torch.float32, relu=False)
     with pytest.raises(ValueError, match="no 1x1 convolution on torch.float64"):

@@ -73,13 +73,21 @@ from .layers import DenseBlock, Transition, _plain_only
 _STEM_TAPS = 160
 
 # A 1x1 convolution (a bottleneck with its second batch norm folded in, or a transition's) runs
-# as the native kernel in bf16 up to native.POINTWISE_MAX_OUT outputs, in float32 up to this
+# as the native kernel in bf16 up to _POINTWISE_BF16_OUT outputs (below), in float32 up to this
 # many. Timed against oneDNN's prepacked product on a Zen 4 EPYC, 2 threads (ad hoc): bf16
 # 44 against 61 us (12,544 rows, 16 to 24 channels), 75/100 (32 to 24), 110/142 (48 to 32),
 # 239/265 (84 to 48), 147/166 (33 to 64); float32 75/91, 136/150, 199/240, but 654/498 from 84
 # to 48 and 310/296 from 33 to 64: its float32 groups of 4 rows with 3-4 accumulators a row
 # lose to oneDNN's blocking there.
 _POINTWISE_F32_OUT = 32
+# In bf16 the kernel takes up to native.POINTWISE_MAX_OUT (128) outputs, but on its own it ran
+# at 0.92-0.95x oneDNN's rate from 128 to 992 channels into 128 (Zen 5 EPYC, ad hoc): a
+# bottleneck that reads a prefix of the block's buffer runs it there with its first batch
+# norm and ReLU formed in the kernel's tile (``Pointwise`` with scale and shift), which saves
+# the pass that wrote that BN-ReLU output and oneDNN's read of it (1.10-1.52x on densenet121's
+# shapes, the same measurement); a 1x1 convolution that reads a formed input (a transition's,
+# a pruned layer's) runs natively up to this many outputs.
+_POINTWISE_BF16_OUT = 64
 
 # Prepacked weights are kept for this many input shapes (batch size, spatial size, dtype) per block.
 _SHAPES = 4
@@ -234,7 +242,8 @@ class FrozenDenseBlock(_InferenceOnly, DenseBlock):
             w1 = folded[0] if folded is not None else first.weight
             w2 = last.weight if folded is not None else None
             # the bottleneck and the layer's last convolution as the native kernels run them, where they do
-            point = None if folded is None else _pointwise(w1, folded[1], x.dtype, relu=True)
+            point = None if folded is None else _pointwise(w1, folded[1], x.dtype, relu=True,
+                                                           prologue=first.index is None)
             direct = _direct(w2 if w2 is not None else w1, last.padding, spatial, x.dtype)
             if packed:
                 c1 = first.index.numel() if first.index is not None else first.weight.shape[1]
@@ -258,12 +267,18 @@ class FrozenDenseBlock(_InferenceOnly, DenseBlock):
         readers = self._column_readers(x.dtype, layers) if native.usable(rows) else None
         for i, ((first, scale, shift, folded, last), (w1, w2, direct, point)) in enumerate(zip(layers, weights)):
             ci = c0 + i * k
-            if readers is not None:
+            # an unpruned bottleneck's BN-ReLU is formed inside the native 1x1 convolution
+            prologue = point is not None and readers is not None and first.index is None
+            if prologue:
+                a = rows[:, :ci]
+            elif readers is not None:
                 a = readers[i](rows, scratch("a", readers[i].cols))
             else:
                 a = first.read_act(rows[:, :ci], scale, shift, scratch)
             if folded is not None:
-                if point is not None and readers is not None:
+                if prologue:
+                    a = point(a, scale=scale, shift=shift)
+                elif point is not None and readers is not None:
                     a = point(a)
                 else:
                     a = _apply(w1, a, folded[1], first.padding, spatial, packed, relu=True)
@@ -356,12 +371,15 @@ class FrozenStemConv(_InferenceOnly, nn.Conv2d):
         return conv(x.contiguous())
 
 
-def _pointwise(weight: torch.Tensor, bias, dtype: torch.dtype, relu: bool):
+def _pointwise(weight: torch.Tensor, bias, dtype: torch.dtype, relu: bool, prologue: bool = False):
     """A 1x1 convolution as a :class:`native.Pointwise` where that kernel takes it and measured
-    faster than oneDNN's product (bf16 up to 64 outputs, float32 up to ``_POINTWISE_F32_OUT``), else None."""
+    faster than oneDNN's product (bf16 up to ``_POINTWISE_BF16_OUT`` outputs, or up to
+    ``native.POINTWISE_MAX_OUT`` where it forms its input's BN-ReLU itself, ``prologue``;
+    float32 up to ``_POINTWISE_F32_OUT``), else None."""
     c_out = weight.shape[0]
-    if any(k != 1 for k in weight.shape[2:]) or c_out > native.POINTWISE_MAX_OUT \
-            or (dtype == torch.float32 and c_out > _POINTWISE_F32_OUT) or not native.conv3x3_supported(dtype):
+    limit = _POINTWISE_F32_OUT if dtype == torch.float32 else \
+        native.POINTWISE_MAX_OUT if prologue else _POINTWISE_BF16_OUT
+    if any(k != 1 for k in weight.shape[2:]) or c_out > limit or not native.conv3x3_supported(dtype):
         return None
     return native.Pointwise(weight, bias, dtype, relu)
 

@@ -1646,6 +1646,7 @@ static void stem_conv(const stem_fn *fns, i64 esize, const char *x, i64 n, i64 c
  * (cin/2 rounded up, 16*nv, 2), zero past cout. The sums' order does not depend on the thread
  * count; bf16 outputs are rounded to nearest even. */
 #define PW_VECS 4
+#define PW_MAX_OUT 128
 
 static inline __attribute__((always_inline)) void pw_rows(
     const int bf16, const int nv, const int np, const char *x, i64 ldx, i64 cin, const float *wp, const float *bias,
@@ -1693,8 +1694,10 @@ static inline __attribute__((always_inline)) void pw_rows(
         }
 }
 
-/* Groups of 8 rows with one or two accumulators a row, of 4 with three or four; a copy per
- * dtype, accumulator count and group size (see conv_fn). */
+/* Groups of 8 rows with one or two accumulators a row, of 4 with three or four, then one row,
+ * then 4 rows with one or two (the narrow last chunk of more than 16 * PW_VECS outputs, whose
+ * groups are of 4 rows: row by row it ran at half oneDNN's rate); a copy per dtype,
+ * accumulator count and group size (see conv_fn). */
 typedef void (*pw_fn)(const char *, i64, i64, const float *, const float *, int, char *, i64, __mmask16);
 #define PW_FN(b, k, n)                                                                         \
     static void pw_##b##_##k##_##n(const char *x, i64 ldx, i64 cin, const float *wp, const float *bias, int relu, \
@@ -1704,15 +1707,15 @@ typedef void (*pw_fn)(const char *, i64, i64, const float *, const float *, int,
     }
 #define PW_FNS(b)                                                                              \
     PW_FN(b, 1, 8) PW_FN(b, 2, 8) PW_FN(b, 3, 4) PW_FN(b, 4, 4)                                \
-    PW_FN(b, 1, 1) PW_FN(b, 2, 1) PW_FN(b, 3, 1) PW_FN(b, 4, 1)
+    PW_FN(b, 1, 1) PW_FN(b, 2, 1) PW_FN(b, 3, 1) PW_FN(b, 4, 1) PW_FN(b, 1, 4) PW_FN(b, 2, 4)
 #define PW_TABLE(b)                                                                            \
-    {{pw_##b##_1_8, pw_##b##_1_1}, {pw_##b##_2_8, pw_##b##_2_1}, {pw_##b##_3_4, pw_##b##_3_1}, \
-     {pw_##b##_4_4, pw_##b##_4_1}}
+    {{pw_##b##_1_8, pw_##b##_1_1, pw_##b##_1_4}, {pw_##b##_2_8, pw_##b##_2_1, pw_##b##_2_4},     \
+     {pw_##b##_3_4, pw_##b##_3_1, pw_##b##_3_4}, {pw_##b##_4_4, pw_##b##_4_1, pw_##b##_4_4}}
 PW_FNS(0)
-static const pw_fn pw_f32[PW_VECS][2] = PW_TABLE(0);
+static const pw_fn pw_f32[PW_VECS][3] = PW_TABLE(0);
 #if CONV_BF16
 PW_FNS(1)
-static const pw_fn pw_bf16[PW_VECS][2] = PW_TABLE(1);
+static const pw_fn pw_bf16[PW_VECS][3] = PW_TABLE(1);
 #endif
 
 /* Every cache line of the bytes [p, p + bytes), prefetched (past the matrix it does not fault) */
@@ -1729,10 +1732,14 @@ static inline void line_prefetch(const void *p, i64 bytes)
  * thread forms those rows in its tile, which stays in L1 or L2, so the BN-ReLU output a
  * training step's first convolution reads never goes to memory and back. Apart from that pass
  * over the input (about 6 bytes of memory traffic per value, bf16), the same product, the same
- * sums. */
-static void pw_group(const pw_fn fn, i64 esize, const char *x, i64 ldx, i64 r, i64 n, i64 cin, const float *wp,
-                     const float *bias, int relu, char *out, i64 ldo, __mmask16 last, const float *scale,
-                     const float *shift, char *tile)
+ * sums. Outputs past 16 * PW_VECS (a densenet121 bottleneck's 128) are done in chunks of that
+ * many from the same tile, each chunk's weights packed on their own (see pw_layout): the input
+ * is read and its BN-ReLU formed once for all of them. fns[v - 1] runs v vectors of outputs on
+ * a group of rows (column 0: 8 rows for one or two vectors, else 4), on one row (column 1), or
+ * on 4 rows (column 2). */
+static void pw_group(const pw_fn (*fns)[3], int whole, i64 nv, i64 esize, const char *x, i64 ldx, i64 r, i64 n,
+                     i64 cin, const float *wp, const float *bias, int relu, char *out, i64 ldo, __mmask16 last,
+                     const float *scale, const float *shift, char *tile)
 {
     const char *src = x + r * ldx * esize;
     i64 lds = ldx;
@@ -1744,10 +1751,20 @@ static void pw_group(const pw_fn fn, i64 esize, const char *x, i64 ldx, i64 r, i
         }
         src = tile, lds = cin;
     }
-    fn(src, lds, cin, wp, bias, relu, out + r * ldo * esize, ldo, last);
+    const i64 steps = esize == 2 ? (cin + 1) / 2 : cin;
+    for (i64 j = 0; j < nv; j += PW_VECS) {
+        const i64 k = nv - j < PW_VECS ? nv - j : PW_VECS;
+        const __mmask16 m = j + k == nv ? last : (__mmask16)0xffff;
+        const float *w = wp + j * 16 * steps;
+        char *o = out + (r * ldo + j * 16) * esize;
+        if (whole) /* a group: 8 rows where every chunk is narrow (nv <= 2), else 4 */
+            fns[k - 1][n == 8 ? 0 : 2](src, lds, cin, w, bias + j * 16, relu, o, ldo, m);
+        else
+            fns[k - 1][1](src, lds, cin, w, bias + j * 16, relu, o, ldo, m);
+    }
 }
 
-static int pointwise(const pw_fn (*fns)[2], i64 esize, const char *x, i64 ldx, i64 rows, i64 cin, const float *wp,
+static int pointwise(const pw_fn (*fns)[3], i64 esize, const char *x, i64 ldx, i64 rows, i64 cin, const float *wp,
                      const float *bias, i64 cout, int relu, char *out, i64 ldo, const float *scale,
                      const float *shift, int threads)
 {
@@ -1766,12 +1783,12 @@ static int pointwise(const pw_fn (*fns)[2], i64 esize, const char *x, i64 ldx, i
 #pragma omp for schedule(static)
             for (i64 g = 0; g <= groups; g++) {
                 if (g < groups)
-                    pw_group(fns[nv - 1][0], esize, x, ldx, g * group, group, cin, wp, bias, relu, out, ldo, last,
-                             scale, shift, tile);
+                    pw_group(fns, 1, nv, esize, x, ldx, g * group, group, cin, wp, bias, relu, out, ldo, last, scale,
+                             shift, tile);
                 else
                     for (i64 r = g * group; r < rows; r++)
-                        pw_group(fns[nv - 1][1], esize, x, ldx, r, 1, cin, wp, bias, relu, out, ldo, last, scale,
-                                 shift, tile);
+                        pw_group(fns, 0, nv, esize, x, ldx, r, 1, cin, wp, bias, relu, out, ldo, last, scale, shift,
+                                 tile);
             }
         }
         free(tile);
@@ -2323,9 +2340,9 @@ int dk_pointwise(int bf16, const void *x, i64 ldx, i64 rows, i64 cin, const floa
                  int relu, void *out, i64 ldo, const float *scale, const float *shift, int threads)
 {
 #if CONV_F32
-    if (cout < 1 || cout > 16 * PW_VECS || (!scale) != (!shift))
+    if (cout < 1 || cout > PW_MAX_OUT || (!scale) != (!shift))
         return 2;
-    const pw_fn (*fns)[2] = pw_f32;
+    const pw_fn (*fns)[3] = pw_f32;
 #if CONV_BF16
     if (bf16)
         fns = pw_bf16;

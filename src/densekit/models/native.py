@@ -724,7 +724,8 @@ class StemConv:
         return out.permute(0, 3, 1, 2)
 
 
-POINTWISE_MAX_OUT = 64
+POINTWISE_MAX_OUT = 128
+_POINTWISE_CHUNK = 64  # outputs a call of the kernel's register block computes (native.c's PW_VECS vectors)
 
 
 class Pointwise:
@@ -744,7 +745,10 @@ class Pointwise:
         self.in_channels, self.out_channels, self.dtype, self.relu = c_in, c_out, dtype, bool(relu)
         lanes = 16 * ((c_out + 15) // 16)
         w = weight.detach().to("cpu", dtype).reshape(c_out, c_in).t()  # (in, out)
-        self.weight = _in_lanes(w, lanes, pairs=dtype == torch.bfloat16)
+        # in chunks of _POINTWISE_CHUNK outputs, each packed on its own, as the kernel runs them
+        chunks = [w[:, o:o + _POINTWISE_CHUNK] for o in range(0, c_out, _POINTWISE_CHUNK)]
+        self.weight = torch.cat([_in_lanes(c, 16 * ((c.shape[1] + 15) // 16), pairs=dtype == torch.bfloat16).flatten()
+                                 for c in chunks])
         self.bias = torch.zeros(lanes)
         if bias is not None:
             self.bias[:c_out] = bias.detach().to("cpu", torch.float32)
