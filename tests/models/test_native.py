@@ -786,6 +786,34 @@ def test_whole_1x1_backward_returns_float32_under_another_default_dtype():
     assert all(t.dtype == torch.float32 and torch.equal(t, u) for t, u in zip(got, want))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,width,cout", [(1, 5, 3), (37, 60, 48), (203, 200, 128), (50, 40, 80)])
+def test_pointwise_of_gathered_columns_is_the_product_of_the_gather_bit_for_bit(rows, width, cout, dtype):
+    """With an index (a pruned layer's columns of the block's buffer) the tile is what
+    gather_cols with BN-ReLU (or without: plain) writes, so the result is that gather's product
+    to the bit, on one thread or two; a column past the width is refused before any read."""
+    if not native.conv3x3_supported(dtype):
+        pytest.skip(f"this CPU's build has no {dtype} native convolution (AVX-512, AVX512-BF16)")
+    torch.manual_seed(2)
+    index = torch.sort(torch.randperm(width)[:max(1, width * 3 // 5)]).values
+    cin = index.numel()
+    weight = torch.randn(cout, cin, 1, 1)
+    plain = native.Pointwise(weight, None, dtype, relu=False)
+    conv = native.Pointwise(weight, None, dtype, relu=False, index=index, width=width)
+    x = torch.randn(rows, width + 4).to(dtype)[:, 1:1 + width]
+    scale, shift = torch.rand(cin) + 0.5, torch.randn(cin) * 0.5
+    gathered = native.gather_cols(x, index, torch.empty(rows, cin, dtype=dtype), scale, shift)
+    got = conv(x, scale=scale, shift=shift)
+    assert torch.equal(got, plain(gathered))
+    assert torch.equal(conv(x), plain(native.gather_cols(x, index, torch.empty(rows, cin, dtype=dtype))))
+    _exact_within_bound_on_any_thread_count(got, got.double(), got.double().abs(), 0, torch.float32,
+                                            lambda: conv(x, scale=scale, shift=shift))
+    with pytest.raises(ValueError, match="native 1x1 convolution"):
+        conv(x[:, :-1], scale=scale, shift=shift)  # the input must have the index's width
+    with pytest.raises(ValueError, match="input columns"):
+        native.Pointwise(weight, None, dtype, relu=False, index=index + width - int(index.max()), width=width)
+
+
 def test_pointwise_refuses_what_the_c_code_would_misread():
     if not native.conv3x3_supported(torch.float32):
         pytest.skip("this CPU's build has no native convolution (AVX-512)")

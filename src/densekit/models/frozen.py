@@ -238,12 +238,14 @@ class FrozenDenseBlock(_InferenceOnly, DenseBlock):
     def _pack(self, x: torch.Tensor, layers: list) -> tuple[bool, list]:
         n, _, *spatial = x.shape
         packed, weights = _prepacks(x), []
-        for first, _, _, folded, last in layers:
+        for i, (first, _, _, folded, last) in enumerate(layers):
             w1 = folded[0] if folded is not None else first.weight
             w2 = last.weight if folded is not None else None
-            # the bottleneck and the layer's last convolution as the native kernels run them, where they do
-            point = None if folded is None else _pointwise(w1, folded[1], x.dtype, relu=True,
-                                                           prologue=first.index is None)
+            # the bottleneck and the layer's last convolution as the native kernels run them, where they
+            # do: the bottleneck with its BN-ReLU (and a pruned layer's gather) formed in the kernel's tile
+            point = None if folded is None else _pointwise(w1, folded[1], x.dtype, relu=True, prologue=True,
+                                                           index=first.index,
+                                                           width=self.in_channels + i * self.growth_rate)
             direct = _direct(w2 if w2 is not None else w1, last.padding, spatial, x.dtype)
             if packed:
                 c1 = first.index.numel() if first.index is not None else first.weight.shape[1]
@@ -267,8 +269,8 @@ class FrozenDenseBlock(_InferenceOnly, DenseBlock):
         readers = self._column_readers(x.dtype, layers) if native.usable(rows) else None
         for i, ((first, scale, shift, folded, last), (w1, w2, direct, point)) in enumerate(zip(layers, weights)):
             ci = c0 + i * k
-            # an unpruned bottleneck's BN-ReLU is formed inside the native 1x1 convolution
-            prologue = point is not None and readers is not None and first.index is None
+            # the bottleneck's BN-ReLU (a pruned layer's gather too) is formed inside the native 1x1 convolution
+            prologue = point is not None and readers is not None
             if prologue:
                 a = rows[:, :ci]
             elif readers is not None:
@@ -278,8 +280,6 @@ class FrozenDenseBlock(_InferenceOnly, DenseBlock):
             if folded is not None:
                 if prologue:
                     a = point(a, scale=scale, shift=shift)
-                elif point is not None and readers is not None:
-                    a = point(a)
                 else:
                     a = _apply(w1, a, folded[1], first.padding, spatial, packed, relu=True)
                 w, padding = w2, last.padding
@@ -371,17 +371,19 @@ class FrozenStemConv(_InferenceOnly, nn.Conv2d):
         return conv(x.contiguous())
 
 
-def _pointwise(weight: torch.Tensor, bias, dtype: torch.dtype, relu: bool, prologue: bool = False):
+def _pointwise(weight: torch.Tensor, bias, dtype: torch.dtype, relu: bool, prologue: bool = False,
+               index: torch.Tensor | None = None, width: int | None = None):
     """A 1x1 convolution as a :class:`native.Pointwise` where that kernel takes it and measured
     faster than oneDNN's product (bf16 up to ``_POINTWISE_BF16_OUT`` outputs, or up to
     ``native.POINTWISE_MAX_OUT`` where it forms its input's BN-ReLU itself, ``prologue``;
-    float32 up to ``_POINTWISE_F32_OUT``), else None."""
+    float32 up to ``_POINTWISE_F32_OUT``), else None. ``index``: a pruned layer's columns of
+    its ``width``-column input, gathered by the kernel."""
     c_out = weight.shape[0]
     limit = _POINTWISE_F32_OUT if dtype == torch.float32 else \
         native.POINTWISE_MAX_OUT if prologue else _POINTWISE_BF16_OUT
     if any(k != 1 for k in weight.shape[2:]) or c_out > limit or not native.conv3x3_supported(dtype):
         return None
-    return native.Pointwise(weight, bias, dtype, relu)
+    return native.Pointwise(weight, bias, dtype, relu, index=index, width=width)
 
 
 def _direct(weight: torch.Tensor, padding: list[int], spatial: list[int], dtype: torch.dtype):

@@ -1739,11 +1739,16 @@ static inline void line_prefetch(const void *p, i64 bytes)
  * on 4 rows (column 2). */
 static void pw_group(const pw_fn (*fns)[3], int whole, i64 nv, i64 esize, const char *x, i64 ldx, i64 r, i64 n,
                      i64 cin, const float *wp, const float *bias, int relu, char *out, i64 ldo, __mmask16 last,
-                     const float *scale, const float *shift, char *tile)
+                     const float *scale, const float *shift, const group_t *g, i64 groups, i64 xcols, char *tile)
 {
     const char *src = x + r * ldx * esize;
     i64 lds = ldx;
-    if (scale) {
+    if (g) { /* a pruned layer's columns, gathered (and BN-ReLU'd) into the tile as dk_gather_cols does */
+        for (i64 p = 0; p < n; p++)
+            line_prefetch(src + (p + PW_AHEAD) * ldx * esize, xcols * esize);
+        gather_rows_avx512(esize == 2, src, ldx, xcols, g, groups, tile, cin, 0, n, scale, shift);
+        src = tile, lds = cin;
+    } else if (scale) {
         for (i64 p = 0; p < n; p++) {
             /* as in wg_tile: the rows PW_AHEAD further on, from memory */
             line_prefetch(src + (p + PW_AHEAD) * ldx * esize, cin * esize);
@@ -1766,33 +1771,39 @@ static void pw_group(const pw_fn (*fns)[3], int whole, i64 nv, i64 esize, const 
 
 static int pointwise(const pw_fn (*fns)[3], i64 esize, const char *x, i64 ldx, i64 rows, i64 cin, const float *wp,
                      const float *bias, i64 cout, int relu, char *out, i64 ldo, const float *scale,
-                     const float *shift, int threads)
+                     const float *shift, const i64 *idx, i64 xcols, int threads)
 {
-    i64 nv = (cout + 15) / 16, group = nv <= 2 ? 8 : 4, groups = rows / group;
+    i64 nv = (cout + 15) / 16, group = nv <= 2 ? 8 : 4, groups = rows / group, ngroups = 0;
     __mmask16 last = (__mmask16)((1u << (cout - (nv - 1) * 16)) - 1);
+    if (idx && columns_width(idx, cin, xcols) < 0)
+        return 3;
+    group_t *g = idx ? plan_groups(idx, cin, &ngroups) : 0;
+    if (idx && !g)
+        return -1;
     int nt = team(rows, cout * cin, threads), failed = 0;
 #pragma omp parallel num_threads(nt)
     {
-        char *tile = scale ? malloc((size_t)(group * cin * esize)) : 0;
-        if (scale && !tile) {
+        char *tile = scale || g ? malloc((size_t)(group * cin * esize)) : 0;
+        if ((scale || g) && !tile) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp barrier
         if (!failed) {
 #pragma omp for schedule(static)
-            for (i64 g = 0; g <= groups; g++) {
-                if (g < groups)
-                    pw_group(fns, 1, nv, esize, x, ldx, g * group, group, cin, wp, bias, relu, out, ldo, last, scale,
-                             shift, tile);
+            for (i64 b = 0; b <= groups; b++) {
+                if (b < groups)
+                    pw_group(fns, 1, nv, esize, x, ldx, b * group, group, cin, wp, bias, relu, out, ldo, last, scale,
+                             shift, g, ngroups, xcols, tile);
                 else
-                    for (i64 r = g * group; r < rows; r++)
+                    for (i64 r = b * group; r < rows; r++)
                         pw_group(fns, 0, nv, esize, x, ldx, r, 1, cin, wp, bias, relu, out, ldo, last, scale, shift,
-                                 tile);
+                                 g, ngroups, xcols, tile);
             }
         }
         free(tile);
     }
+    free(g);
     return failed ? -1 : 0;
 }
 
@@ -2334,10 +2345,12 @@ int dk_stem_conv(int bf16, const void *x, i64 n, i64 cin, i64 h, i64 w, const fl
 
 /* The 1x1 convolution (pointwise) of float32 matrices, or with bf16 set of bfloat16 ones (wp as
  * native.py packs it; bias float32, 16*nv of it), of relu(x * scale + shift) where scale and
- * shift are given (float32, cin each); 2 where this build has no such kernel or cout is over
- * 16*PW_VECS, -1 when out of memory. */
+ * shift are given (float32, cin each); with idx (cin int64 columns of x's first xcols), of
+ * x's columns idx, as dk_gather_cols reads them. 2 where this build has no such kernel or cout
+ * is over PW_MAX_OUT, 3 for a column outside [0, xcols), -1 when out of memory. */
 int dk_pointwise(int bf16, const void *x, i64 ldx, i64 rows, i64 cin, const float *wp, const float *bias, i64 cout,
-                 int relu, void *out, i64 ldo, const float *scale, const float *shift, int threads)
+                 int relu, void *out, i64 ldo, const float *scale, const float *shift, const i64 *idx, i64 xcols,
+                 int threads)
 {
 #if CONV_F32
     if (cout < 1 || cout > PW_MAX_OUT || (!scale) != (!shift))
@@ -2350,10 +2363,10 @@ int dk_pointwise(int bf16, const void *x, i64 ldx, i64 rows, i64 cin, const floa
     if (bf16 && fns == pw_f32)
         return 2;
     return pointwise(fns, bf16 ? 2 : 4, (const char *)x, ldx, rows, cin, wp, bias, cout, relu, (char *)out, ldo,
-                     scale, shift, threads);
+                     scale, shift, idx, xcols, threads);
 #else
     (void)bf16, (void)x, (void)ldx, (void)rows, (void)cin, (void)wp, (void)bias, (void)cout, (void)relu;
-    (void)out, (void)ldo, (void)scale, (void)shift, (void)threads;
+    (void)out, (void)ldo, (void)scale, (void)shift, (void)idx, (void)xcols, (void)threads;
     return 2;
 #endif
 }

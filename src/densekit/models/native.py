@@ -72,7 +72,7 @@ _SIGNATURES.update({f"{name}_bf16": _SIGNATURES[name] for name in _BF16})
 # the 3x3 convolution takes its dtype as an argument (its bf16 weights are packed another way)
 _SIGNATURES.update({"dk_conv3x3": [_C, _P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _C], "dk_conv3x3_support": [],
                     "dk_stem_conv": [_C, _P, *[_I] * 4, _P, *[_I] * 9, _P, _C],
-                    "dk_pointwise": [_C, _P, _I, _I, _I, _P, _P, _I, _C, _P, _I, _P, _P, _C],
+                    "dk_pointwise": [_C, _P, _I, _I, _I, _P, _P, _I, _C, _P, _I, _P, _P, _P, _I, _C],
                     "dk_wgrad_bn_relu": [_P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _C],
                     "dk_pointwise_backward": [_C, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I,
                                               _P, _P, _P, _C]})
@@ -733,9 +733,12 @@ class Pointwise:
     outputs, on channels-last matrices: (rows, C_in) to (rows, C_out), each with contiguous
     columns and any row stride (native.c says where it beats oneDNN). The weight (C_out, C_in,
     1...) and bias are packed once, here, for ``dtype``; build it only where
-    :func:`conv3x3_supported` for ``dtype`` (the same instructions)."""
+    :func:`conv3x3_supported` for ``dtype`` (the same instructions). With ``index`` (C_in int64
+    columns in [0, ``width``)) it reads those columns of a (rows, width) input, as a pruned
+    layer reads the block's buffer (:func:`gather_cols`), gathered into the kernel's tile."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, relu: bool) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, relu: bool,
+                 index: torch.Tensor | None = None, width: int | None = None) -> None:
         if not conv3x3_supported(dtype):
             raise ValueError(f"this machine's native kernels run no 1x1 convolution on {dtype} matrices")
         c_out, c_in = weight.shape[:2]
@@ -743,6 +746,12 @@ class Pointwise:
             raise ValueError(f"native Pointwise takes a (C_out <= {POINTWISE_MAX_OUT}, C_in, 1...) weight, "
                              f"got {tuple(weight.shape)}")
         self.in_channels, self.out_channels, self.dtype, self.relu = c_in, c_out, dtype, bool(relu)
+        self.index, self.width = None, c_in
+        if index is not None:
+            if width is None or index.numel() != c_in or int(index.min()) < 0 or int(index.max()) >= width:
+                raise ValueError(f"native Pointwise takes {c_in} input columns in [0, width), got "
+                                 f"{index.numel()} for a width of {width}")
+            self.index, self.width = _columns(index, width), width
         lanes = 16 * ((c_out + 15) // 16)
         w = weight.detach().to("cpu", dtype).reshape(c_out, c_in).t()  # (in, out)
         # in chunks of _POINTWISE_CHUNK outputs, each packed on its own, as the kernel runs them
@@ -756,23 +765,27 @@ class Pointwise:
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, scale: torch.Tensor | None = None,
                  shift: torch.Tensor | None = None) -> torch.Tensor:
-        """The (rows, C_out) result of ``x`` (rows, C_in), into ``out`` if given; with ``scale`` and
-        ``shift`` (C_in each), of ReLU(x * scale + shift) instead, formed as ``bn_relu`` forms it
-        (a batch norm and ReLU before the convolution, as in a dense layer)."""
+        """The (rows, C_out) result of ``x`` (rows, C_in; with an index, rows, width), into ``out``
+        if given; with ``scale`` and ``shift`` (C_in each), of ReLU(x * scale + shift) instead,
+        formed as ``bn_relu`` (with an index ``gather_cols``) forms it (a batch norm and ReLU
+        before the convolution, as in a dense layer)."""
         if out is None and x.dim() == 2:
             out = torch.empty((x.shape[0], self.out_channels), dtype=self.dtype)
-        if x.dim() != 2 or x.dtype != self.dtype or x.device.type != "cpu" or x.shape[1] != self.in_channels \
+        if x.dim() != 2 or x.dtype != self.dtype or x.device.type != "cpu" or x.shape[1] != self.width \
                 or x.stride(1) != 1 or out.dim() != 2 or out.dtype != self.dtype or out.device.type != "cpu" \
                 or tuple(out.shape) != (x.shape[0], self.out_channels) or out.stride(1) != 1 \
                 or (scale is None) != (shift is None):
-            raise ValueError(f"a native 1x1 convolution of {self.in_channels} to {self.out_channels} {self.dtype} "
+            raise ValueError(f"a native 1x1 convolution of {self.width} to {self.out_channels} {self.dtype} "
                              f"channels got {tuple(x.shape)} {x.dtype}")
         if scale is not None:
             scale, shift = _vec(scale, self.in_channels), _vec(shift, self.in_channels)
         code = self._fn(int(self.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), x.shape[0], self.in_channels,
                         self.weight.data_ptr(), self.bias.data_ptr(), self.out_channels, int(self.relu),
-                        out.data_ptr(), out.stride(0), _ptr(scale), _ptr(shift), torch.get_num_threads())
+                        out.data_ptr(), out.stride(0), _ptr(scale), _ptr(shift), _ptr(self.index), self.width,
+                        torch.get_num_threads())
         if code == 2:
             raise RuntimeError("this build of the native kernels has no 1x1 convolution")
+        if code == 3:
+            _check_columns(2, self.width)
         _check(code, "its BN-ReLU rows")
         return out
