@@ -176,15 +176,17 @@ class _Unit:
     def conv_act(self, rows: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor | None:
         """This 1x1 convolution of ReLU(rows * scale + shift) as (rows, c_out), by the native
         product with its BN-ReLU prologue (``native.Pointwise``), where it runs: bfloat16 on the
-        CPU, at most ``native.POINTWISE_MAX_OUT`` outputs (a bottleneck's ``bn_size * k``), a
-        layer that reads a prefix of the buffer. The BN-ReLU output then never reaches memory;
-        on BC-100's first block it took 1.9 ms against 3.1 ms for the native BN-ReLU and oneDNN's
-        product (120 channels, batch 64, AMD EPYC Zen 4; docs/performance.md). Else None."""
-        if self.index is not None or not self.pointwise or rows.dtype != torch.bfloat16 or rows.stride(1) != 1 \
+        CPU, at most ``native.POINTWISE_MAX_OUT`` outputs (a bottleneck's ``bn_size * k``); a
+        pruned layer's columns of ``rows`` gathered in the same tile. The BN-ReLU output then
+        never reaches memory; on BC-100's first block it took 1.9 ms against 3.1 ms for the
+        native BN-ReLU and oneDNN's product (120 channels, batch 64, AMD EPYC Zen 4;
+        docs/performance.md). Else None."""
+        if not self.pointwise or rows.dtype != torch.bfloat16 or rows.stride(1) != 1 \
                 or self.weight.shape[0] > native.POINTWISE_MAX_OUT or not native.usable(rows) \
                 or not native.conv3x3_supported(rows.dtype):
             return None
-        return native.Pointwise(self.weight, None, rows.dtype, relu=False)(rows, scale=scale, shift=shift)
+        conv = native.Pointwise(self.weight, None, rows.dtype, relu=False, index=self.index, width=rows.shape[1])
+        return conv(rows, scale=scale, shift=shift)
 
     def conv(self, a: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
         """(rows, c_in) -> the conv output as (N, c_out, *spatial), channels-last when 1x1 or
