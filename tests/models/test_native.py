@@ -604,10 +604,10 @@ def test_stem_conv_refuses_what_the_c_code_would_misread():
 # (rows, in, out): under and over a group of 8 (or 4) rows, one to four 16-lane vectors of
 # outputs, odd input counts (bf16 pairs a last channel with zero), the pruned ``make run``
 # model's first block (12,544 rows); past 64 outputs, in chunks of 64 from one tile: a last
-# chunk of one vector (65, 80: its 8-row function run row by row in 4-row groups), of three
-# (100, odd inputs), and two whole chunks (densenet121's bottleneck, 128)
+# chunk of one vector (65, 80) or two (96), run by 4-row functions as the wide chunks' groups
+# are of 4 rows, of three (100, odd inputs), and two whole chunks (densenet121's bottleneck)
 POINTWISE = [(1, 1, 1), (7, 5, 17), (13, 33, 48), (9, 2, 64), (12544, 16, 24), (100, 84, 32),
-             (11, 7, 65), (30, 40, 80), (9, 33, 100), (1001, 96, 128)]
+             (11, 7, 65), (30, 40, 80), (13, 9, 96), (9, 33, 100), (1001, 96, 128)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -850,14 +850,17 @@ def test_memory_efficient_checkpoints_the_reference_path():
     assert all(p.grad is not None for p in lean.parameters())
 
 
+@pytest.mark.parametrize("pruned", [False, True])
 @pytest.mark.parametrize("train, dtype", [(True, torch.float32), (True, torch.bfloat16), (False, torch.float32)])
-def test_memory_efficient_fused_block_recomputes_the_bottleneck(train, dtype):
+def test_memory_efficient_fused_block_recomputes_the_bottleneck(train, dtype, pruned):
     # torchvision's meaning on the fused path too: each layer's bottleneck (its 1x1
     # convolution's output) is not kept but recomputed in backward from the same BN-ReLU, so
     # exactly its bytes leave the saved tensors and every gradient stays the same, bit for bit
     # (eval mode: batch norms frozen for fine-tuning, the weights still trained)
     torch.manual_seed(0)
     model = create_model("densenet_bc_100_k12", block_config=(3, 4), num_classes=5).train(train)
+    if pruned:  # a layer that gathers some of the buffer's channels: recomputed from them too
+        model.features.denseblock1.denselayer3.prune_(inputs=torch.tensor([0, 2, 3, 7, 19, 20, 25, 33]))
     randomize_norms(model, var=(0.5, 2.0), gamma=(0.5, 1.5))
     lean = copy.deepcopy(model).set_grad_checkpointing(True)
     assert all(b.fused_status() is None for b in (lean.features.denseblock1, lean.features.denseblock2))

@@ -82,11 +82,11 @@ _STEM_TAPS = 160
 _POINTWISE_F32_OUT = 32
 # In bf16 the kernel takes up to native.POINTWISE_MAX_OUT (128) outputs, but on its own it ran
 # at 0.92-0.95x oneDNN's rate from 128 to 992 channels into 128 (Zen 5 EPYC, ad hoc): a
-# bottleneck that reads a prefix of the block's buffer runs it there with its first batch
-# norm and ReLU formed in the kernel's tile (``Pointwise`` with scale and shift), which saves
-# the pass that wrote that BN-ReLU output and oneDNN's read of it (1.10-1.52x on densenet121's
+# bottleneck runs it there with its first batch norm and ReLU (and a pruned layer's gather)
+# formed in the kernel's tile (``Pointwise`` with scale, shift and the layer's index), which
+# saves the pass that wrote that input and oneDNN's read of it (1.10-1.52x on densenet121's
 # shapes, the same measurement); a 1x1 convolution that reads a formed input (a transition's,
-# a pruned layer's) runs natively up to this many outputs.
+# after its pooling) runs natively up to this many outputs.
 _POINTWISE_BF16_OUT = 64
 
 # Prepacked weights are kept for this many input shapes (batch size, spatial size, dtype) per block.

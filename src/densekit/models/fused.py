@@ -780,8 +780,9 @@ def _backward(block, units, training: bool, c0: int, buf, mean, var, saved, grad
             else:
                 pos -= 1
                 h, (m2, v2) = saved[pos], _running(u2)
-            if h is None:  # memory-efficient: the bottleneck again, as forward formed it
-                h = None if act is None else u1.conv_act(inp, *act)
+            if h is None:  # memory-efficient: the bottleneck again, as forward formed it (from the
+                # buffer's columns: a pruned layer's product gathers them itself, as in forward)
+                h = None if act is None else u1.conv_act(rows[:, :ci], *act)
                 if h is None:
                     a = u1.act(inp, m1, v1, scratch("a", n1))
                     h = _rows(u1.conv(a, spatial))
