@@ -688,26 +688,6 @@ def test_relu_bn_sums_read_the_mask_from_the_input_as_from_the_bn_relu_output(ro
         native.relu_bn_sums(g.float(), None, x=x.float(), mean=mean, scale=scale, shift=shift)
 
 
-@pytest.mark.parametrize("rows,cin,cout", [(1, 1, 1), (7, 17, 5), (129, 33, 48), (2000, 120, 48), (64, 70, 13)])
-def test_weight_gradient_from_the_bn_relu_input_is_the_exact_product_within_float32s_bound(rows, cin, cout):
-    """sum_r g[r, o] * a[r, c] for a = bn_relu(x) in bf16, within float32 summation's bound of
-    the exact float64 product of the same bf16 values, odd row counts and column tails included."""
-    if not native.relu_mask_from_input(torch.bfloat16):
-        pytest.skip("this CPU's build has no bf16 weight gradient (AVX512-BF16)")
-    torch.manual_seed(3)
-    x = torch.randn(rows, cin + 4).bfloat16()[:, 2:2 + cin]
-    scale, shift = torch.rand(cin) + 0.5, torch.randn(cin) * 0.5
-    a = native.bn_relu(x, scale, shift, torch.empty(rows, cin, dtype=torch.bfloat16))
-    g = torch.randn(rows, cout).bfloat16()
-    got = native.wgrad_bn_relu(g, x, scale, shift)
-    assert got.shape == (cout, cin) and got.dtype == torch.float32
-    exact = g.double().t() @ a.double()
-    bound = (rows + 1) * 2.0 ** -24 * (g.double().abs().t() @ a.double().abs())
-    assert ((got.double() - exact).abs() <= bound + 1e-30).all()
-    with pytest.raises(ValueError, match="native kernels need"):
-        native.wgrad_bn_relu(g.float(), x, scale, shift)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,cin,cout,with_src,threads", [(1, 1, 1, False, None), (7, 17, 5, True, None),
                                                            (129, 33, 48, False, None), (2000, 120, 48, True, None),

@@ -1733,7 +1733,7 @@ static inline void line_prefetch(const void *p, i64 bytes)
  * training step's first convolution reads never goes to memory and back. Apart from that pass
  * over the input (about 6 bytes of memory traffic per value, bf16), the same product, the same
  * sums. Outputs past 16 * PW_VECS (a densenet121 bottleneck's 128) are done in chunks of that
- * many from the same tile, each chunk's weights packed on their own (see pw_layout): the input
+ * many from the same tile, each chunk's weights packed on their own (native.py's Pointwise): the input
  * is read and its BN-ReLU formed once for all of them. fns[v - 1] runs v vectors of outputs on
  * a group of rows (column 0: 8 rows for one or two vectors, else 4), on one row (column 1), or
  * on 4 rows (column 2). */
@@ -1822,20 +1822,19 @@ static void sum_thread_parts(const float *sums, int n, i64 cout, i64 cin, i64 wi
 }
 
 #if CONV_BF16
-/* The weight gradient of a bottleneck's first convolution in a bf16 training step,
- *   dw[o][c] = sum_r g[r][o] * a[r][c],  a = relu(x * scale + shift) rounded to bf16,
+/* The bf16 weight gradient of a bottleneck's first convolution, a tile of rows at a time (the
+ * one-pass backward below runs it):
+ *   dw[o][c] += sum_r g[r][o] * a[r][c],  a = relu(x * scale + shift) rounded to bf16,
  * from the block's buffer x itself: oneDNN's product needs a in memory, which backward formed
  * in one more pass over the buffer's columns (BC-100's first block: 50,176 rows of up to 204
- * channels). Each thread takes a range of rows, in tiles of WG_PAIRS row pairs: it forms the
- * tile's a as bf16 pairs of rows (r, r + 1) per column, the AVX512-BF16 dot product's operand,
- * and g's as pairs per output, then adds the tile's products to its float32 sums, a block of
- * WG_OUT outputs by WG_VECS 16-column vectors at a time in registers. The threads' sums are
- * added in thread order: the result depends on the thread count, as oneDNN's does. */
+ * channels). A tile of up to WG_PAIRS row pairs forms its a as bf16 pairs of rows (r, r + 1)
+ * per column, the AVX512-BF16 dot product's operand, and g's as pairs per output, then adds
+ * its products to the thread's float32 sums, a block of WG_OUT outputs by WG_VECS 16-column
+ * vectors at a time in registers. */
 #define WG_PAIRS 32
 #define WG_OUT 6
 #define WG_VECS 4
 #define WG_AHEAD 32
-#define WG_MIN_ROWS 256
 
 /* pairs of bf16 values, lo in the low half of each 32-bit lane: the dot product's (r, r + 1) */
 static inline __m512i wg_pair(__m512i lo, __m512i hi)
@@ -1927,43 +1926,6 @@ static void wg_tile(const uint16_t *g, i64 ldg, const uint16_t *x, i64 ldx, i64 
     }
 }
 
-static int wgrad_bn_relu(const uint16_t *g, i64 ldg, const uint16_t *x, i64 ldx, i64 rows, i64 cin, i64 cout,
-                         const float *scale, const float *shift, float *out, int threads)
-{
-    i64 nvc = (cin + 15) / 16, width = nvc * 16;
-    int nt = team(rows, cin * cout, threads), failed = 0;
-    /* at least WG_MIN_ROWS rows a thread: each thread's sums are a whole (cout, width) matrix */
-    if (nt > 1 && rows / nt < WG_MIN_ROWS)
-        nt = rows / WG_MIN_ROWS > 1 ? (int)(rows / WG_MIN_ROWS) : 1;
-    float *sums = calloc((size_t)nt * (size_t)(cout * width), sizeof(float));
-    if (!sums)
-        return -1;
-#pragma omp parallel num_threads(nt)
-    {
-        i64 lo, hi;
-        row_range(rows, &lo, &hi);
-        __m512i *a = aligned_alloc(64, (size_t)(WG_PAIRS * nvc) * sizeof(__m512i));
-        uint32_t *gp = malloc((size_t)(WG_PAIRS * cout) * sizeof(uint32_t));
-        if (!a || !gp) {
-#pragma omp atomic write
-            failed = 1;
-        } else {
-            float *acc = sums + (size_t)omp_get_thread_num() * (size_t)(cout * width);
-            for (i64 r = lo; r < hi; r += 2 * WG_PAIRS)
-                wg_tile(g, ldg, x, ldx, r, hi - r < 2 * WG_PAIRS ? hi - r : 2 * WG_PAIRS, cin, cout, scale, shift,
-                        a, gp, acc);
-        }
-        free(a), free(gp);
-#pragma omp barrier
-        if (!failed) { /* the same on every thread after the barrier */
-            sum_thread_parts(sums, omp_get_num_threads(), cout, cin, width, out);
-        }
-    }
-    free(sums);
-    return failed ? -1 : 0;
-}
-
-
 #endif /* CONV_BF16 */
 
 /* The whole backward of a bottleneck's first convolution in a training step, where that
@@ -1972,7 +1934,7 @@ static int wgrad_bn_relu(const uint16_t *g, i64 ldg, const uint16_t *x, i64 ldx,
  *   sum_d[c] = sum_r d,   sum_dx[c] = sum_r d * (x - mean[c]),
  *   acc      = src + d * k[c]  (src NULL: acc itself),
  *   dw       = the weight gradient, sum_r g[r][o] * relu(x * scale + shift)[r][c] (dw NULL: not
- *              formed), in bfloat16 as wgrad_bn_relu forms it.
+ *              formed), in bfloat16 as wg_tile forms it.
  * Unfused, these were four passes over (rows, cin) matrices in bfloat16 (oneDNN's product
  * writing d, the mask and sums reading d, x and acc and writing acc, the weight gradient
  * reading x again) and six in float32 (where the BN-ReLU output was formed too). Here each
@@ -2367,20 +2329,6 @@ int dk_pointwise(int bf16, const void *x, i64 ldx, i64 rows, i64 cin, const floa
 #else
     (void)bf16, (void)x, (void)ldx, (void)rows, (void)cin, (void)wp, (void)bias, (void)cout, (void)relu;
     (void)out, (void)ldo, (void)scale, (void)shift, (void)idx, (void)xcols, (void)threads;
-    return 2;
-#endif
-}
-/* The weight gradient of a 1x1 convolution of relu(x * scale + shift) (wgrad_bn_relu): bfloat16
- * g (rows, cout) and x (rows, cin), float32 scale, shift (cin) and out (cout, cin), contiguous;
- * 2 where this build has no such kernel (AVX512-BF16), -1 when out of memory. */
-int dk_wgrad_bn_relu(const void *g, i64 ldg, const void *x, i64 ldx, i64 rows, i64 cin, i64 cout,
-                     const float *scale, const float *shift, float *out, int threads)
-{
-#if CONV_BF16
-    return wgrad_bn_relu(g, ldg, x, ldx, rows, cin, cout, scale, shift, out, threads);
-#else
-    (void)g, (void)ldg, (void)x, (void)ldx, (void)rows, (void)cin, (void)cout, (void)scale, (void)shift;
-    (void)out, (void)threads;
     return 2;
 #endif
 }

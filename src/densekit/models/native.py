@@ -19,7 +19,7 @@ Some kernels are not elementwise: :class:`Conv3x3`, a DenseNet-BC layer's last c
 written here because oneDNN's convolution has a fixed cost of about 250 us per call at 14x14
 in a batch of 64 on these narrow shapes; :class:`StemConv` and :class:`Pointwise`, the
 inference copy's stem and 1x1 convolutions (``frozen.py``); and, for a bf16 training step,
-:class:`Pointwise` with a BN-ReLU formed in its tile and :func:`wgrad_bn_relu`, so that the
+:class:`Pointwise` with a BN-ReLU formed in its tile and :func:`pointwise_backward`, so that the
 fused block never writes a bottleneck's BN-ReLU output to memory (native.c,
 docs/performance.md#pruning and "A Zen 4 EPYC" have the figures).
 """
@@ -73,7 +73,6 @@ _SIGNATURES.update({f"{name}_bf16": _SIGNATURES[name] for name in _BF16})
 _SIGNATURES.update({"dk_conv3x3": [_C, _P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _C], "dk_conv3x3_support": [],
                     "dk_stem_conv": [_C, _P, *[_I] * 4, _P, *[_I] * 9, _P, _C],
                     "dk_pointwise": [_C, _P, _I, _I, _I, _P, _P, _I, _C, _P, _I, _P, _P, _P, _I, _C],
-                    "dk_wgrad_bn_relu": [_P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _C],
                     "dk_pointwise_backward": [_C, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I,
                                               _P, _P, _P, _C]})
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -339,28 +338,6 @@ def relu_bn_sums(g: torch.Tensor, a: torch.Tensor | None, *, dout: torch.Tensor 
     return sum_d, sum_dx
 
 
-def wgrad_bn_relu(g: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """The (C_out, C_in) float32 sum over rows of g[r, o] * a[r, c], a = ReLU(x * scale + shift)
-    rounded to bfloat16 as :func:`bn_relu` rounds it: the weight gradient of a 1x1 convolution
-    of a BN-ReLU's output, from its input ``x`` (rows, C_in) and the output's gradient ``g``
-    (rows, C_out), both bfloat16 with contiguous columns (where :func:`relu_mask_from_input`)."""
-    rows, cout = g.shape
-    cin = x.shape[1]
-    _mats((rows, cin), x, dtype=torch.bfloat16)
-    _mats((rows, cout), g, dtype=torch.bfloat16)
-    scale, shift = _vec(scale, cin), _vec(shift, cin)
-    out = torch.empty(cout, cin, dtype=torch.float32)
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("densekit's native kernels are unavailable here (see native.available())")
-    code = lib.dk_wgrad_bn_relu(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), rows, cin, cout,
-                                scale.data_ptr(), shift.data_ptr(), out.data_ptr(), torch.get_num_threads())
-    if code == 2:
-        raise RuntimeError("this build of the native kernels has no bfloat16 weight gradient (AVX512-BF16)")
-    _check(code)
-    return out
-
-
 def pointwise_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                        shift: torch.Tensor, mean: torch.Tensor, k: torch.Tensor, acc: torch.Tensor,
                        src: torch.Tensor | None = None, weight_grad: bool = True):
@@ -372,8 +349,8 @@ def pointwise_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
     (sum of d, sum of d * (x - mean), the float32 weight gradient or None without
     ``weight_grad``) and adds d * k to ``acc`` (with ``src``: acc = src + d * k).
 
-    It does what :func:`relu_bn_sums` and :func:`wgrad_bn_relu` do after a product that writes
-    d, without d in memory: on BC-100 those were four passes over the layer's input columns in
+    It does what :func:`relu_bn_sums` and a weight gradient from the BN-ReLU's input do after a
+    product that writes d, without d in memory: on BC-100 those were four passes over the layer's input columns in
     bfloat16, six in float32 (the BN-ReLU output was formed there too)."""
     rows, cout = g.shape
     cin = x.shape[1]
@@ -399,8 +376,8 @@ def pointwise_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
 
 
 def relu_mask_from_input(dtype: torch.dtype) -> bool:
-    """Can :func:`relu_bn_sums` read the ReLU's mask from the BN-ReLU's input, and
-    :func:`wgrad_bn_relu` run, for ``dtype`` matrices (bfloat16 with AVX512-BF16)?"""
+    """Can :func:`relu_bn_sums` read the ReLU's mask from the BN-ReLU's input for ``dtype``
+    matrices (bfloat16 with AVX512-BF16)?"""
     return dtype == torch.bfloat16 and conv3x3_supported(dtype)
 
 
