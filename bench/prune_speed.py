@@ -1,11 +1,12 @@
 """Inference speed of a pruned run against its parent: PyTorch and onnxruntime, same process.
 
-    python bench/prune_speed.py PARENT PRUNED [--batch 64] [--rounds 51] [--precision fp32|bf16] [--ort-spinning] [--eager]
+    python bench/prune_speed.py PARENT PRUNED [--batch 64] [--rounds 51] [--precision fp32|bf16] [--ort-spinning] [--eager] [--align N]
 
 Both run directories are loaded with ``densekit.load`` and, as ``densekit eval`` and ``predict``
 run them on the CPU, copied by ``densekit.models.frozen.optimize_for_inference`` (``--eager``:
 the loaded models as they are, whose fused blocks recompute their constants at each call); and
-both are exported to ONNX (``densekit.export.export_onnx``, checked against PyTorch on export).
+both are exported to ONNX (``densekit.export.export_onnx``, checked against PyTorch on export;
+``--align`` as ``densekit export --align``, its default padding the channel counts to 16).
 Each engine then runs the two models in alternating rounds on one random batch, after one
 warm-up call each; a round times one call of each model, and the speedup is the median of
 the rounds' ratios (parent time over pruned time). glibc's allocator is set as densekit's
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(onnxruntime runs the fp32 export either way)")
     p.add_argument("--eager", action="store_true",
                    help="time the loaded models as they are, not their optimize_for_inference copies")
+    p.add_argument("--align", type=int, default=None, metavar="N",
+                   help="the ONNX export's channel alignment (default: the export's; 0: the widths as they are)")
     p.add_argument("--ort-spinning", action="store_true",
                    help="let onnxruntime's threads spin between ops (its default; off here, see below)")
     args = p.parse_args(argv)
@@ -61,10 +64,11 @@ def main(argv: list[str] | None = None) -> int:
                **counts,
                torch_images_per_second=[args.batch / t_parent, args.batch / t_pruned], torch_speedup=torch_speedup)
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = []
+        sessions, aligned = [], []
         for name, d in zip(("parent", "pruned"), (args.parent, args.pruned)):
             path = Path(tmp) / f"{name}.onnx"
-            export_onnx(d, path, batch_size=args.batch)
+            report = export_onnx(d, path, batch_size=args.batch, **({} if args.align is None else {"align": args.align}))
+            aligned.append(report.aligned)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = torch.get_num_threads()
             # onnxruntime's pool threads spin between ops by default (see the docstring)
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         calls = [lambda s=s: s.run(None, {s.get_inputs()[0].name: feed}) for s in sessions]
         (o_parent, o_pruned), onnx_speedup = alternate(calls, args.rounds)
     out.update(onnx_images_per_second=[args.batch / o_parent, args.batch / o_pruned], onnx_speedup=onnx_speedup,
-               onnx_spinning=args.ort_spinning)
+               onnx_spinning=args.ort_spinning, onnx_aligned=aligned)
     print(json.dumps(out))
     return 0
 

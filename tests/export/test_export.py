@@ -318,10 +318,12 @@ def test_cli_writes_the_default_file_and_prints_one_json_object(run_dir, tmp_pat
     (["{run}", "--opset", "99"], "opset must be an integer from 9 to 20"),
     (["{run}", "--batch-size", "0"], "--batch-size: must be a positive integer, got 0"),
     (["{run}", "--batch-size", "two"], "--batch-size: must be a positive integer, got 'two'"),
-    (["{run}", "--format", "pt2", "--opset", "13"], "--opset and --dynamo apply to the onnx format only"),
+    (["{run}", "--format", "pt2", "--opset", "13"], "--opset, --dynamo and --align apply to the onnx format only"),
+    (["{run}", "--format", "pt2", "--align", "16"], "--opset, --dynamo and --align apply to the onnx format only"),
+    (["{run}", "--align", "-1"], "--align: must be an integer >= 0, got -1"),
     (["{run}", "--format", "tflite"], "invalid choice: 'tflite'"),
 ], ids=["not-a-run", "missing-dir", "out-exists", "out-folder-missing", "opset-zero", "opset-unknown",
-        "batch-size-zero", "batch-size-word", "opset-for-pt2", "unknown-format"])
+        "batch-size-zero", "batch-size-word", "opset-for-pt2", "align-for-pt2", "align-negative", "unknown-format"])
 def test_cli_user_errors_exit_2_with_one_line(run_dir, tmp_path, cli, argv, message):
     (tmp_path / "exists.onnx").write_bytes(b"keep me")
     names = sorted(p.name for p in run_dir.iterdir())

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..export import FORMATS
-from .common import positive_int
+from ..export_aligned import ALIGN
+from .common import non_negative_int, positive_int
 
 # the library's name for what --out gives
 ALIASES = {"path": "--out"}
@@ -20,6 +21,10 @@ def add_arguments(p) -> None:
                    help="batch of the traced example (at least 2 for pt2); the batch axis stays free (default: 1)")
     p.add_argument("--dynamo", action="store_true",
                    help="use torch's torch.export-based ONNX exporter (needs onnxscript; much slower)")
+    p.add_argument("--align", type=non_negative_int, metavar="N",
+                   help="onnx: pad channel counts to multiples of N in the graph (zero weights, the same outputs), "
+                        "so that onnxruntime's blocked convolutions keep every layer in their layout; "
+                        f"0: as the model has them (default: {ALIGN})")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip running the file and comparing it with PyTorch")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -29,14 +34,15 @@ def run(args) -> int:
     from ..export import export_model
 
     report = export_model(args.run_dir, args.out, format=args.format, opset=args.opset, dynamo=args.dynamo,
-                          batch_size=args.batch_size, check=args.check)
+                          batch_size=args.batch_size, check=args.check, align=args.align)
     if args.json:
         print(report.to_json())
         return 0
     shape = "x".join(map(str, report.input_shape))
     kind = f"ONNX opset {report.opset}" if report.format == "onnx" else "torch.export program"
     print(f"wrote {report.path} ({report.bytes / 1e6:.1f} MB, {kind}): {report.model}, input {shape} -> "
-          f"{', '.join(report.outputs)}, in {report.export_seconds:.1f} s")
+          f"{', '.join(report.outputs)}, in {report.export_seconds:.1f} s"
+          + (f"; channel counts padded to multiples of {report.aligned}" if report.aligned else ""))
     if report.check is not None:
         c = report.check
         print(f"checked with {c.runner} at batch {c.check_batch_size}: max abs diff {c.max_abs_diff:.2g} "
