@@ -4,7 +4,9 @@
 What is exported is the model in eval mode on the plain reference path (torchvision's
 concatenating blocks): the fused blocks run native C kernels and autograd functions that
 no exporter can see, and in eval mode both paths compute the same function (the parity
-tests pin it). The caller's model is never touched: the export works on a copy.
+tests pin it). For ONNX, a 2D DenseNet's reference path is traced from a copy with its
+channel counts padded to a multiple (``export_aligned.py``: the same function, faster in
+onnxruntime). The caller's model is never touched: the export works on a copy.
 
 The file carries what a consumer needs besides the weights (docs/design.md, "Export"):
 the class names, mean and std, the input size and layout, the model's name and the
@@ -61,7 +63,7 @@ OPSETS = {"torchscript": (9, 20), "dynamo": (18, 23)}
 RTOL = 1e-4
 
 # The metadata values that are not plain strings are stored as JSON text.
-_JSON_KEYS = ("model_args", "pruned_layers", "pruned_blocks", "classes", "num_classes", "mean", "std", "input_size", "spatial_dims", "outputs", "feature_info")
+_JSON_KEYS = ("channel_alignment", "model_args", "pruned_layers", "pruned_blocks", "classes", "num_classes", "mean", "std", "input_size", "spatial_dims", "outputs", "feature_info")
 _PT2_EXTRA = "densekit.json"
 _LAYOUTS = {1: "NCL", 2: "NCHW", 3: "NCDHW"}
 
@@ -71,7 +73,7 @@ class _Subject:
     """What is exported: the reference model, the copy to trace, and what describes them."""
 
     reference: nn.Module     # the caller's model as it runs by default, in eval mode (a copy)
-    plain: nn.Module         # the same weights on the reference path, what the exporter traces
+    plain: nn.Module         # the same weights on the reference path (for ONNX perhaps channel-aligned), what is traced
     input_shape: tuple[int, ...]  # (C, *spatial), without the batch
     outputs: list[str]
     metadata: dict[str, str]
@@ -349,7 +351,7 @@ def _check_onnx(onnx, data: bytes, subject: _Subject, batch: int, rtol: float) -
 
 def export_onnx(model_or_run_dir, path=None, *, opset: int | None = None, batch_size: int = 1,
                 dynamic_batch: bool = True, check: bool = True, input_size=None, metadata=None,
-                dynamo: bool = False, rtol: float = RTOL, align: int = ALIGN) -> ExportReport:
+                dynamo: bool = False, rtol: float = RTOL, align: int | None = ALIGN) -> ExportReport:
     """Export a model or a run directory's model to an ONNX file; returns a report.
 
     Args:
@@ -367,8 +369,9 @@ def export_onnx(model_or_run_dir, path=None, *, opset: int | None = None, batch_
             instead of the TorchScript-based one, which is 20-30x faster here.
         align: pad a 2D DenseNet's channel counts in the graph to multiples of this (zero
             weights, the same outputs) so that onnxruntime's blocked convolutions keep every
-            layer in their layout (``export_aligned.py``); 0 traces the widths as they are.
-            A model already aligned and unpruned, or of another kind, is traced as it is.
+            layer in their layout (``export_aligned.py``); 0 traces the widths as they are,
+            None means the default (16). A model already aligned and unpruned, or of another
+            kind, is traced as it is. The file records the multiple (``channel_alignment``).
 
     Returns an :class:`ExportReport`; its ``aligned`` says whether the graph was padded.
     """
@@ -376,11 +379,12 @@ def export_onnx(model_or_run_dir, path=None, *, opset: int | None = None, batch_
     batch_size = _check_batch_size(batch_size)
     exporter = "dynamo" if dynamo else "torchscript"
     opset = _check_opset(opset, exporter)
-    align = checks.non_negative_int("align", align)
+    align = ALIGN if align is None else checks.non_negative_int("align", align)
     subject, target = _subject(model_or_run_dir, path, "onnx", input_size, metadata)
     padded = aligned_copy(subject.plain, align)
     if padded is not None:
         subject.plain = padded
+        subject.metadata["channel_alignment"] = str(align)
     if dynamo and dynamic_batch:
         batch_size = max(2, batch_size)  # torch.export fixes a dimension it sees at size 1
     start = time.perf_counter()
@@ -443,15 +447,13 @@ def export_pt2(model_or_run_dir, path=None, *, batch_size: int = 2, check: bool 
 
 def export_model(model_or_run_dir, path=None, *, format: str = "onnx", opset: int | None = None,
                  dynamo: bool = False, align: int | None = None, **kwargs) -> ExportReport:
-    """:func:`export_onnx` or :func:`export_pt2` by ``format`` (what ``densekit export`` calls);
-    ``align`` None: export_onnx's default."""
+    """:func:`export_onnx` or :func:`export_pt2` by ``format`` (what ``densekit export`` calls)."""
     checks.one_of("format", format, FORMATS)
     if format == "pt2":
         if opset is not None or dynamo or align is not None:
             raise checks.ArgumentError("{opset}, {dynamo} and {align} apply to the onnx format only")
         return export_pt2(model_or_run_dir, path, **kwargs)
-    return export_onnx(model_or_run_dir, path, opset=opset, dynamo=dynamo, align=ALIGN if align is None else align,
-                       **kwargs)
+    return export_onnx(model_or_run_dir, path, opset=opset, dynamo=dynamo, align=align, **kwargs)
 
 
 # -- reading back -------------------------------------------------------------------

@@ -136,7 +136,6 @@ class _Block(nn.Module):
             self.layers.append(_Layer(layer, self.layout, multiple))
             self.layout.add(self.layers[-1].out_channels, multiple)
         self.output_index = None if block.output_index is None else block.output_index.tolist()
-        self.out_channels = self.layout.total if self.output_index is None else len(self.output_index)
 
     def forward(self, x: Tensor) -> List[Tensor]:
         feats = [x]
@@ -152,7 +151,6 @@ class _Transition(nn.Module):
         self.norm = _bn(transition.norm, positions, width)
         self.pool = transition.pool
         self.conv = _conv(transition.conv, positions, width, _up(transition.conv.out_channels, multiple))
-        self.out_channels = transition.conv.out_channels
 
     def forward(self, feats: List[Tensor]) -> Tensor:
         return self.conv(self.pool(F.relu(self.norm(_cat(feats, self.maps)))))
@@ -190,12 +188,13 @@ class AlignedDenseNet(nn.Module):
         self.norm = _bn(final, positions, width)
         self.global_pool = model.global_pool
         classifier = model.classifier
-        if isinstance(classifier, nn.Linear) and model.global_pool in ("avg", "max"):
-            head = nn.Linear(width, classifier.out_features).eval()
+        if type(classifier) is nn.Linear and model.global_pool in ("avg", "max"):
+            head = nn.Linear(width, classifier.out_features, bias=classifier.bias is not None).eval()
             with torch.no_grad():
                 head.weight.zero_()
                 head.weight[:, torch.as_tensor(positions)] = classifier.weight.detach().float()
-                head.bias.copy_(classifier.bias.detach().float())
+                if classifier.bias is not None:
+                    head.bias.copy_(classifier.bias.detach().float())
             self.classifier = head
             self.register_buffer("select", None)
         else:  # pooled or unpooled features out: take the logical channels back
@@ -235,45 +234,53 @@ def _pruned(model: DenseNet) -> bool:
                for m in model.features.modules())
 
 
-def _commutes(transition: Transition) -> bool:
-    """A 2x2 average pool and a 1x1 stride-1 convolution, which can run in either order."""
-    pool, conv = transition.pool, transition.conv
-    return (type(pool) is nn.AvgPool2d and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
-            and pool.padding in (0, (0, 0)) and not pool.ceil_mode and pool.divisor_override is None
-            and type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-            and conv.padding == (0, 0) and conv.groups == 1)
+# The module types the copy rebuilds; any other (a subclass, an activation swapped in, a layer
+# of the user's) means a function the copy would not compute: the model is exported as it is.
+_STOCK = (DenseBlock, DenseLayer, Transition, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d)
+
+
+def _stock(module: nn.Module) -> bool:
+    if type(module) not in _STOCK:
+        return False
+    if type(module) is nn.Conv2d:
+        return module.groups == 1 and module.padding_mode == "zeros"
+    if type(module) is nn.BatchNorm2d:
+        return module.affine and module.running_mean is not None and module.running_var is not None
+    return True
 
 
 def _supported(model: nn.Module) -> bool:
-    """A 2D DenseNet whose features are a known stem, dense blocks, transitions and a final
-    batch norm, in eval mode with running statistics, and whose head returns one tensor."""
+    """A 2D DenseNet in eval mode built of the stock modules: a stem (conv0, then norm0, relu0,
+    pool0 if any, in that order), dense blocks and transitions in turn, a dense block last, a
+    final batch norm, and a linear or no classifier; every transition's pooling commutes with
+    its convolution."""
     if type(model) is not DenseNet or model.spatial_dims != 2 or model.features_only or model.training:
         return False
-    names = list(model.features._modules)
-    stem = [n for n in names if n in ("conv0", "norm0", "relu0", "pool0")]
-    if not stem or stem[0] != "conv0" or names[:len(stem)] != stem:
+    if type(model.classifier) not in (nn.Linear, nn.Identity):
         return False
-    body = [model.features._modules[n] for n in names[len(stem):]]
-    if len(body) < 2 or not isinstance(body[0], DenseBlock) or type(body[-1]) is not nn.BatchNorm2d:
+    features = model.features._modules
+    names = list(features)
+    stem = [n for n in names if n in ("conv0", "norm0", "relu0", "pool0")]
+    kinds = {"conv0": nn.Conv2d, "norm0": nn.BatchNorm2d, "relu0": nn.ReLU, "pool0": nn.MaxPool2d}
+    if not stem or names[:len(stem)] != [n for n in kinds if n in stem] or stem[0] != "conv0" \
+            or any(type(features[n]) is not kinds[n] for n in stem):
+        return False
+    body = [features[n] for n in names[len(stem):]]
+    if len(body) < 2 or len(body) % 2 or type(body[-1]) is not nn.BatchNorm2d:
         return False
     for i, module in enumerate(body[:-1]):
-        want = DenseBlock if i % 2 == 0 else Transition
-        if not isinstance(module, want):
+        if type(module) is not (DenseBlock if i % 2 == 0 else Transition):
             return False
-        if isinstance(module, Transition) and not _commutes(module):
+        if type(module) is Transition and not module.commutes:
             return False
-    for m in model.features.modules():
-        if isinstance(m, nn.BatchNorm2d) and (m.running_mean is None or not m.affine):
-            return False
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            return False
-    return isinstance(model.classifier, (nn.Linear, nn.Identity))
+    return all(_stock(m) for n in names for m in features[n].modules())
 
 
 def aligned_copy(model: nn.Module, multiple: int = ALIGN) -> nn.Module | None:
-    """An eval-mode copy of ``model`` for the ONNX export with every channel count padded to
-    ``multiple``; None where the model is already aligned and unpruned (nothing to gain) or is
-    not a 2D DenseNet of the stock layout (exported as it is)."""
+    """A float32 CPU eval-mode copy of ``model`` (a CPU float32 model in eval mode, as the
+    export makes) with every channel count padded to ``multiple``; None where the model is
+    already aligned and unpruned (nothing to gain), is in training mode, or is not a 2D
+    DenseNet of the stock modules (exported as it is)."""
     if not multiple or multiple < 2 or not _supported(model):
         return None
     if all(w % multiple == 0 for w in _widths(model)) and not _pruned(model):

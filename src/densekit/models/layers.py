@@ -62,8 +62,9 @@ def _plain_only() -> bool:
 @torch.jit.unused
 def _reads_parts() -> bool:
     """Does a pruned selection read the block's maps one by one (:func:`_select_from_parts`)?
-    Only in the TorchScript-based ONNX export, whose graph holds the index as a constant
-    anyway. Everywhere else the reference path concatenates and then selects, with the index
+    Only in the TorchScript-based ONNX export of a model traced with its own widths (the
+    export's ``align=0``, or one that ``export_aligned`` does not take, which reads whole
+    maps instead), whose graph holds the index as a constant anyway. Everywhere else the reference path concatenates and then selects, with the index
     a tensor of the graph: eager (which follows any later change to the index), torch.jit's
     own traces (which ``load_state_dict`` may give another index), torch.compile, torch.export
     and fx (TorchScript's compiler skips the call itself)."""
@@ -518,7 +519,8 @@ class DenseBlock(nn.ModuleDict):
 
 class _ReadPlan:
     """How a pruned block's readers (each layer, then the block's output) take their channels
-    in the ONNX export, where every map is a tensor of its own: ``splits[p]``, the sizes of
+    in the ONNX export with its own widths (see :func:`_reads_parts`), where every map is a
+    tensor of its own: ``splits[p]``, the sizes of
     the runs map p is split into (one: not split), runs of consecutive channels that the same
     readers read; ``pieces[r]``, reader r's input as (map, run) pairs, run None for a whole map.
 
@@ -594,7 +596,7 @@ class Transition(nn.Sequential):
     and pooling are one native pass that keeps no full-size activation (``fused.py``).
     """
 
-    __jit_unused_properties__ = ["pools_first"]
+    __jit_unused_properties__ = ["pools_first", "commutes"]
 
     def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2, fused: bool = False) -> None:
         checks.positive_int("in_channels", in_channels)
@@ -620,11 +622,16 @@ class Transition(nn.Sequential):
 
     @property
     def pools_first(self) -> bool:
-        """Does the fast path pool before the convolution? With ``fused`` and the stock
+        """Does the fast path pool before the convolution? With ``fused`` where they commute."""
+        return self.fused and self.commutes
+
+    @property
+    def commutes(self) -> bool:
+        """Can the pooling run before the convolution, the same function? With the stock
         layers: a 1x1 stride-1 convolution and a 2x average pool without padding (a layer
         swapped for another, a max pool say, may not commute: the reference order runs)."""
         pool, conv = self.pool, self.conv
-        return (self.fused and isinstance(pool, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d))
+        return (isinstance(pool, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d))
                 and _each(pool.kernel_size, 2) and _each(pool.stride, 2) and _each(pool.padding, 0)
                 and not pool.ceil_mode and getattr(pool, "divisor_override", None) is None
                 and isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and _each(conv.kernel_size, 1)
