@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         sessions, aligned = [], []
         for name, d in zip(("parent", "pruned"), (args.parent, args.pruned)):
             path = Path(tmp) / f"{name}.onnx"
-            report = export_onnx(d, path, batch_size=args.batch, **({} if args.align is None else {"align": args.align}))
+            report = export_onnx(d, path, batch_size=args.batch, align=args.align)  # None: the default
             aligned.append(report.aligned)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = torch.get_num_threads()

@@ -63,7 +63,8 @@ OPSETS = {"torchscript": (9, 20), "dynamo": (18, 23)}
 RTOL = 1e-4
 
 # The metadata values that are not plain strings are stored as JSON text.
-_JSON_KEYS = ("channel_alignment", "model_args", "pruned_layers", "pruned_blocks", "classes", "num_classes", "mean", "std", "input_size", "spatial_dims", "outputs", "feature_info")
+_JSON_KEYS = ("channel_alignment", "model_args", "pruned_layers", "pruned_blocks", "classes", "num_classes", "mean",
+              "std", "input_size", "spatial_dims", "outputs", "feature_info")
 _PT2_EXTRA = "densekit.json"
 _LAYOUTS = {1: "NCL", 2: "NCHW", 3: "NCDHW"}
 

@@ -167,9 +167,7 @@ class AlignedDenseNet(nn.Module):
         for name in names:
             module = model.features._modules[name]
             if isinstance(module, DenseBlock):
-                block = _Block(module, c, multiple)
-                stages.append(block)
-                c = None
+                stages.append(_Block(module, c, multiple))
             elif isinstance(module, Transition):
                 stages.append(_Transition(module, stages[-1], multiple))
                 c = module.conv.out_channels

@@ -63,11 +63,12 @@ def _plain_only() -> bool:
 def _reads_parts() -> bool:
     """Does a pruned selection read the block's maps one by one (:func:`_select_from_parts`)?
     Only in the TorchScript-based ONNX export of a model traced with its own widths (the
-    export's ``align=0``, or one that ``export_aligned`` does not take, which reads whole
-    maps instead), whose graph holds the index as a constant anyway. Everywhere else the reference path concatenates and then selects, with the index
-    a tensor of the graph: eager (which follows any later change to the index), torch.jit's
-    own traces (which ``load_state_dict`` may give another index), torch.compile, torch.export
-    and fx (TorchScript's compiler skips the call itself)."""
+    export's ``align=0``, or a model ``export_aligned`` does not take; its aligned copy reads
+    whole maps instead), whose graph holds the index as a constant anyway. Everywhere else
+    the reference path concatenates and then selects, with the index a tensor of the graph:
+    eager (which follows any later change to the index), torch.jit's own traces (which
+    ``load_state_dict`` may give another index), torch.compile, torch.export and fx
+    (TorchScript's compiler skips the call itself)."""
     return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
 
 
@@ -520,9 +521,9 @@ class DenseBlock(nn.ModuleDict):
 class _ReadPlan:
     """How a pruned block's readers (each layer, then the block's output) take their channels
     in the ONNX export with its own widths (see :func:`_reads_parts`), where every map is a
-    tensor of its own: ``splits[p]``, the sizes of
-    the runs map p is split into (one: not split), runs of consecutive channels that the same
-    readers read; ``pieces[r]``, reader r's input as (map, run) pairs, run None for a whole map.
+    tensor of its own: ``splits[p]``, the sizes of the runs map p is split into (one: not
+    split), runs of consecutive channels that the same readers read; ``pieces[r]``, reader
+    r's input as (map, run) pairs, run None for a whole map.
 
     A gather per reader and map (the graph before) copied each map's channels once per
     reader that took a subset, then again into the reader's concatenation; a split copies
