@@ -39,9 +39,9 @@ def model_of(seed: int = 0, **kwargs) -> densekit.DenseNet:
     return model.eval()
 
 
-def pruned(seed: int = 0, **kwargs) -> densekit.DenseNet:
+def pruned(seed: int = 0, unit: str = "channel", **kwargs) -> densekit.DenseNet:
     model = model_of(seed, **{"stem": "cifar", "block_config": (4, 4), **kwargs})
-    prune_model(model, 0.4)
+    prune_model(model, 0.4, unit=unit)
     assert any(getattr(m, "input_index", None) is not None for m in model.modules())
     assert any(getattr(m, "output_index", None) is not None for m in model.modules())
     return model.eval()
@@ -62,6 +62,7 @@ MODELS = {
     "pruned": pruned,
     "pruned-no-bottleneck-three-blocks-max-pool": lambda: pruned(bn_size=0, block_config=(3, 3, 3),
                                                                  global_pool="max"),
+    "pruned-by-map": lambda: pruned(unit="map"),
     "growth-per-block": lambda: model_of(stem="cifar", growth_rate=[12, 20, 8], block_config=(2, 2, 2)),
 }
 
@@ -112,6 +113,20 @@ def test_the_aligned_copy_computes_the_models_function(key):
         want, got = model(x), copy_(x)
     assert got.shape == want.shape
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_pruning_by_map_lets_the_copy_skip_maps():
+    """Pruned per channel, each layer still touches nearly every map and reads it whole in the
+    copy; pruned per map by the same amount, the copy reads fewer maps and costs fewer MACs."""
+    from densekit.models.profile import count_macs
+
+    copies = {unit: aligned_copy(plain(pruned(unit=unit))) for unit in ("channel", "map")}
+    reads = {unit: sum(len(layer.maps) for stage in c.stages if hasattr(stage, "layers") for layer in stage.layers)
+             for unit, c in copies.items()}
+    everything = 2 * sum(range(1, 5))  # two blocks of four layers: layer i reads i + 1 maps
+    assert reads["map"] < reads["channel"] <= everything
+    macs = {unit: count_macs(c, (3, 32, 32)) for unit, c in copies.items()}
+    assert macs["map"] < 0.97 * macs["channel"]
 
 
 def test_aligned_unpruned_and_other_models_are_traced_as_they_are(tmp_path):

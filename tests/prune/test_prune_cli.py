@@ -33,7 +33,8 @@ def pruned(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("pruned") / "p30"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["prune", str(run), "--amount", "0.3", "--round-to", "1", "--out", str(out), "--json"]) == 0
+        assert main(["prune", str(run), "--amount", "0.3", "--unit", "channel", "--round-to", "1", "--out", str(out),
+                     "--json"]) == 0
     return data, run, out, json.loads(buf.getvalue())
 
 
@@ -51,7 +52,8 @@ def test_prune_writes_a_run_with_its_figures(pruned):
     c = summary["channels"]
     assert c["prunable"] == 4 + 8 + 6 + 10 + 4 * 16 + 12 + 14 == 118 and c["removed"] == 35 and c["kept"] == 83
     assert summary["params_after"] < summary["params_before"] and summary["macs_after"] < summary["macs_before"]
-    assert 0 <= summary["test_accuracy_after"] <= 1 and summary["amount"] == 0.3 and summary["round_to"] == 1 \
+    assert 0 <= summary["test_accuracy_after"] <= 1 and summary["amount"] == 0.3 and summary["unit"] == "channel" \
+        and summary["round_to"] == 1 \
         and summary["round_width"] == 1  # --round-to below 8 rounds the widths so too
     assert summary["speed_batch"] == 64 and summary["reference_path_blocks"] == 0
     assert summary["images_per_second_before"] > 0 and summary["images_per_second_after"] > 0
@@ -150,11 +152,12 @@ def test_bad_amount_exits_2(trained, cli, tmp_path, amount):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "p").exists()
 
 
-@pytest.mark.parametrize("flag", ["--round-to", "--round-width"])
-def test_bad_rounding_exits_2(trained, cli, tmp_path, flag):
+@pytest.mark.parametrize("flag,message", [("--round-to", "--round-to must be"), ("--round-width", "--round-width must be"),
+                                          ("--unit", "--unit: invalid choice: '0' (choose from 'map', 'channel')")])
+def test_bad_rounding_exits_2(trained, cli, tmp_path, flag, message):
     data, run = trained
     rc, stdout, err = cli("prune", run, "--amount", "0.3", flag, "0", "--out", tmp_path / "p")
-    assert rc == 2 and stdout == "" and f"{flag} must be" in err
+    assert rc == 2 and stdout == "" and message in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "p").exists()
 
 
@@ -282,10 +285,25 @@ def test_no_speed_skips_the_measurement(trained, tmp_path):
     data, run = trained
     report = prune_run(run, tmp_path / "p", 0.3, device="cpu", speed=False)
     assert report.speedup is None and report.speed_batch is None and report.images_per_second_after is None
-    # by default each layer keeps a multiple of 16 input channels and of 8 bottleneck channels,
-    # or all of them
-    assert (report.round_to, report.round_width) == (16, 8)
-    for layer in densekit.load(tmp_path / "p").modules():
+    # by default each layer reads whole maps (the block input, or one earlier layer's 4 new
+    # maps) and keeps a multiple of 8 bottleneck channels, or all of them
+    assert (report.unit, report.round_to, report.round_width) == ("map", 16, 8)
+    whole_maps_dropped = 0
+    for block in densekit.load(tmp_path / "p").modules():
+        if isinstance(block, densekit.DenseBlock):
+            for layer in block.values():
+                assert layer.norm2.num_features % 8 == 0 or layer.norm2.num_features == 16
+                read = set(range(layer.in_channels) if layer.input_index is None else layer.input_index.tolist())
+                starts = [0, block.in_channels, *range(block.in_channels + 4, layer.in_channels, 4)]
+                for a, b in zip(starts, [*starts[1:], layer.in_channels]):
+                    span = set(range(a, b))
+                    assert span <= read or not span & read
+                    whole_maps_dropped += not span & read
+    assert whole_maps_dropped > 0
+    # per channel, a multiple of 16 input channels
+    report = prune_run(run, tmp_path / "c", 0.3, device="cpu", speed=False, unit="channel")
+    assert (report.unit, report.round_to, report.round_width) == ("channel", 16, 8)
+    for layer in densekit.load(tmp_path / "c").modules():
         if isinstance(layer, densekit.DenseLayer):
             for n, full, step in ((layer.norm1.num_features, layer.in_channels, 16), (layer.norm2.num_features, 16, 8)):
                 assert n % step == 0 or n == full

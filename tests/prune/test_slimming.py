@@ -156,6 +156,80 @@ def test_round_to_keeps_each_norms_largest_in_multiples(round_to, round_width):
     assert kept_rounded < 204 and kinds == {"inputs", "width", "outputs"}
 
 
+def _maps_of(model, name, kind):
+    """Each logical channel's map in the block that ``name`` (a layer, or a block) reads from:
+    0 for the block input, i for layer i's new maps; written out here, not taken from prune."""
+    block = model.get_submodule(name.rpartition(".")[0] if kind == "inputs" else name)
+    n = model.get_submodule(name).in_channels if kind == "inputs" else block.out_channels
+    return [0 if c < block.in_channels else 1 + (c - block.in_channels) // block.growth_rate for c in range(n)]
+
+
+@pytest.mark.parametrize("amount", [0.2, 0.4, 0.6])
+def test_unit_map_drops_whole_maps_where_most_of_each_was_marked(amount):
+    """Per map, a reader's map goes exactly where the per-channel plan marked at least half of
+    its channels; widths go as in the per-channel plan; the rest of the map stays whole."""
+    model = small()
+    exact = slimming_plan(model, amount)
+    plan = slimming_plan(model, amount, unit="map")
+    whole_maps_gone = 0
+    for name, kind, bn in prunable_norms(model):
+        n = bn.num_features
+        keep, want = plan[name][kind], exact[name][kind]
+        if kind == "width":
+            assert (keep is None and want is None) or torch.equal(keep, want)
+            continue
+        kept = set(range(n)) if keep is None else set(keep.tolist())
+        marked = set(range(n)) - (set(range(n)) if want is None else set(want.tolist()))
+        maps = _maps_of(model, name, kind)
+        votes = {}
+        for m in set(maps):
+            channels = {c for c in range(n) if maps[c] == m}
+            assert channels <= kept or not channels & kept  # whole maps only
+            votes[m] = 2 * len(channels & marked) >= len(channels)
+        if all(votes.values()):  # all would go: the map of the norm's largest |gamma| stays
+            assert {maps[c] for c in kept} == {maps[int(bn.weight.detach().abs().argmax())]}
+        else:
+            assert all(votes[maps[c]] != (c in kept) for c in range(n)), (name, kind)
+        whole_maps_gone += len(set(maps) - {maps[c] for c in kept})
+    assert whole_maps_gone > 0
+
+
+def test_unit_map_keeps_the_map_of_the_largest_channel_where_all_would_go():
+    model = small()
+    name, first = "features.denseblock1.denselayer2", model.features.denseblock1.denselayer2.norm1
+    assert first.num_features == 6 + 4  # the block input and one map
+    first.weight.data.fill_(1e-4)
+    first.weight.data[7] = 2e-4  # in the first layer's maps (channels 6-9)
+    plan = slimming_plan(model, 0.5, unit="map")
+    assert plan[name]["inputs"].tolist() == [6, 7, 8, 9]
+
+
+def test_unit_map_on_a_pruned_model_reads_maps_through_its_index():
+    """Pruning per map a model already pruned per channel votes on the channels each layer
+    still reads, by the maps they came from, and composes with the earlier index."""
+    model = small().eval()
+    prune_model(model, 0.2)
+    before = {name: model.get_submodule(name).input_index for name, kind, _ in prunable_norms(model)
+              if kind == "inputs"}
+    prune_model(model, 0.3, unit="map")
+    for name, old in before.items():
+        layer = model.get_submodule(name)
+        if layer.input_index is None:
+            continue
+        maps = _maps_of(model, name, "inputs")
+        read = {maps[c] for c in layer.input_index.tolist()}
+        earlier = set(range(layer.in_channels)) if old is None else set(old.tolist())
+        # each map a layer reads, it reads as much of as it did before
+        assert set(layer.input_index.tolist()) == {c for c in earlier if maps[c] in read}
+    with torch.no_grad():
+        model(inputs())
+
+
+def test_unit_must_be_map_or_channel():
+    with pytest.raises(densekit.errors.UserError, match="unit must be one of"):
+        slimming_plan(small(), 0.3, unit="maps")
+
+
 @pytest.mark.parametrize("bad", [0, -8, 2.5, True])
 def test_round_to_must_be_a_positive_integer(bad):
     with pytest.raises(densekit.errors.UserError, match="round_to must be"):

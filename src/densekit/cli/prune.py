@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..prune import ROUND_TO, ROUND_WIDTH
+from ..prune import ROUND_TO, ROUND_WIDTH, UNITS
 from .common import add_device_argument
 
 
@@ -13,11 +13,17 @@ def add_arguments(p) -> None:
                         "and each block's outputs as its transition or the final norm reads them) "
                         "to remove, those with the smallest |BN gamma| across the network")
     p.add_argument("--round-to", type=int, default=ROUND_TO, metavar="N",
-                   help="keep a multiple of N channels, its largest, in each batch norm of a layer's inputs or a "
-                        "block's outputs (default %(default)s: onnxruntime's CPU convolutions run channels in blocks "
+                   help="with --unit channel, keep a multiple of N channels, its largest, in each batch norm of a "
+                        "layer's inputs or a block's outputs (default %(default)s: onnxruntime's CPU convolutions run channels in blocks "
                         "of 8, or 16 with AVX-512; 1 keeps the exact amount)")
     p.add_argument("--round-width", type=int, metavar="N",
-                   help=f"the same for each bottleneck's width (default: --round-to's, at most {ROUND_WIDTH})")
+                   help=f"keep a multiple of N channels in each bottleneck's width, whatever the unit "
+                        f"(default: --round-to's, at most {ROUND_WIDTH})")
+    p.add_argument("--unit", choices=UNITS, default=UNITS[0],
+                   help="what a layer's inputs and a block's outputs lose: whole maps (the block input, or one "
+                        "earlier layer's new maps) where at least half of a map's channels rank below the "
+                        "threshold, which the ONNX export's blocked convolutions can skip (default), or single "
+                        "channels, in multiples of --round-to")
     p.add_argument("--out", metavar="OUT", required=True, help="new run directory (must not exist or be empty)")
     p.add_argument("--data-dir", help="folder with the run's dataset, to measure the accuracy before and after "
                                       "(default: where the run read it)")
@@ -32,7 +38,8 @@ def summary_lines(s) -> list[str]:
     c = s.channels
     lines = [
         f"pruned {c.removed:,} of {c.prunable:,} prunable channels ({100 * c.removed_fraction:.2f}%) "
-        f"in {s.pruned_layers} dense layers and the outputs of {s.pruned_blocks} blocks of {s.model}",
+        f"in {s.pruned_layers} dense layers and the outputs of {s.pruned_blocks} blocks of {s.model}"
+        + (" (inputs and outputs in whole maps)" if s.unit == "map" else ""),
         f"parameters {s.params_before:,} -> {s.params_after:,} ({s.params_ratio:.3f}x), "
         f"MACs {s.macs_before / 1e6:.1f} M -> {s.macs_after / 1e6:.1f} M ({s.macs_ratio:.3f}x)",
         f"{s.dataset} {s.split} accuracy ({s.test_images} images) {100 * s.test_accuracy_before:.2f}% -> "
@@ -52,6 +59,6 @@ def run(args) -> int:
     from ..prune import prune_run
 
     summary = prune_run(args.run_dir, args.out, args.amount, device=args.device, data_dir=args.data_dir,
-                        speed=not args.no_speed, round_to=args.round_to, round_width=args.round_width)
+                        speed=not args.no_speed, round_to=args.round_to, round_width=args.round_width, unit=args.unit)
     print(summary.to_json() if args.json else "\n".join(summary_lines(summary)))
     return 0
