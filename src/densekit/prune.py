@@ -26,9 +26,10 @@ still go by channel). The ONNX export pads each map to a multiple of 16 channels
 onnxruntime's blocked convolutions and reads it whole (``export_aligned``), so there a layer
 that keeps one channel of a map pays for all of it: on the ``make run`` model trained with
 ``--sparsity 5e-4`` and pruned by 0.4, per channel every layer still read every map and the
-padded export ran 1.25-1.29x as fast as its parent's; per map the layers read 49 of 63 and it
-ran 1.54-1.57x, with the PyTorch path 1.56-1.58x (against 1.47-1.53x) and the accuracy after
-fine-tuning within 0.21 points of the unpruned run's (docs/performance.md#pruning).
+padded export ran 1.27-1.28x as fast as its parent's; per map the layers read 49 of 63 and it
+ran 1.53-1.58x, the PyTorch path about as before (float32 1.53-1.56x, against 1.45-1.61x),
+and the accuracy after fine-tuning was 0.21 points under the unpruned run's
+(docs/performance.md, "Pruning whole maps").
 
 A block's feature buffer itself keeps every layer's maps: a map could only leave it when no
 later layer and no reader after the block reads it, which in a DenseNet, where every map is
