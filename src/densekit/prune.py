@@ -22,14 +22,11 @@ exactly the channels ranked below the threshold (then rounded, :data:`ROUND_TO`)
 the default of ``densekit prune``, a layer's inputs and a block's outputs go in whole maps:
 the block input, or the ``growth_rate`` maps one earlier layer added, goes where at least
 half of its channels rank below the threshold and stays whole otherwise (bottleneck widths
-still go by channel). The ONNX export pads each map to a multiple of 16 channels for
-onnxruntime's blocked convolutions and reads it whole (``export_aligned``), so there a layer
-that keeps one channel of a map pays for all of it: on the ``make run`` model trained with
-``--sparsity 5e-4`` and pruned by 0.4, per channel every layer still read every map and the
-padded export ran 1.27-1.28x as fast as its parent's; per map the layers read 49 of 63 and it
-ran 1.53-1.58x, the PyTorch path about as before (float32 1.53-1.56x, against 1.45-1.61x),
-and the accuracy after fine-tuning was 0.21 points under the unpruned run's
-(docs/performance.md, "Pruning whole maps").
+still go by channel; a layer or norm outside a dense block, too). The ONNX export pads each
+map to a multiple of 16 channels for onnxruntime's blocked convolutions and reads it whole
+(``export_aligned``), so there a layer that keeps one channel of a map pays for all of it,
+and only maps dropped whole make a pruned export cheaper (figures: docs/performance.md,
+"Pruning whole maps").
 
 A block's feature buffer itself keeps every layer's maps: a map could only leave it when no
 later layer and no reader after the block reads it, which in a DenseNet, where every map is
@@ -71,7 +68,8 @@ UNITS = ("map", "channel")  # what a layer's inputs and a block's outputs lose: 
 KINDS = ("inputs", "width", "outputs")  # a layer's inputs and width (DenseLayer.prune_), a block's outputs
 
 # What ``densekit prune`` rounds each batch norm's kept channels to by default: a dense
-# layer's inputs and a block's outputs to ROUND_TO, a bottleneck's width to ROUND_WIDTH.
+# layer's inputs and a block's outputs to ROUND_TO where it prunes them per channel (``unit``
+# "channel"; per map they go in whole maps), a bottleneck's width to ROUND_WIDTH either way.
 # onnxruntime's CPU convolutions run channels in blocks (its NCHWc layout: 8, or 16 with
 # AVX-512) and fall back to a several times slower kernel for a 3x3 convolution whose input
 # channels are not a multiple of 8: measured on the `make run` model pruned by 0.4 with and
@@ -142,7 +140,7 @@ def _map_ids(model: nn.Module, name: str, kind: str, bn: nn.Module) -> torch.Ten
     if kind == "width":
         return None
     if kind == "inputs":
-        block = model.get_submodule(name.rpartition(".")[0]) if "." in name else None
+        block = model.get_submodule(name.rpartition(".")[0])  # "": the model itself
         index = model.get_submodule(name).input_index
     else:
         block = model.get_submodule(name)
@@ -175,16 +173,18 @@ def slimming_plan(model: nn.Module, amount: float, round_to: int = 1,
     their full speed only then (see :data:`ROUND_TO`). Returns ``{name:
     {"inputs": kept or None, "width": kept or None, "outputs": kept or None}}`` (a layer's
     inputs and width, a block's outputs: :func:`prunable_norms`), None where nothing of that
-    kind goes. With ``unit="map"`` a layer's inputs and a block's outputs, once marked, go in
-    whole maps instead (see the module's docstring), not rounded; widths as above.
+    kind goes. With ``unit="map"`` (the default of :func:`prune_run`; here the exact
+    per-channel rule is the default) a layer's inputs and a block's outputs go in whole maps
+    instead, a map where at least half of its channels were marked (see the module's
+    docstring), not rounded; widths as above.
     """
     amount = _check_amount(amount)
     round_to = positive_int("round_to", round_to)
     round_width = round_to if round_width is None else positive_int("round_width", round_width)
+    unit = one_of("unit", unit, UNITS)
     groups = prunable_norms(model)
     if not groups:
         return {}
-    unit = one_of("unit", unit, UNITS)
     maps = [_map_ids(model, name, kind, bn) if unit == "map" else None for name, kind, bn in groups]
     scores = torch.cat([bn.weight.detach().abs().float().cpu() for _, _, bn in groups])
     removed = torch.zeros(scores.numel(), dtype=torch.bool)

@@ -152,9 +152,10 @@ def test_bad_amount_exits_2(trained, cli, tmp_path, amount):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "p").exists()
 
 
-@pytest.mark.parametrize("flag,message", [("--round-to", "--round-to must be"), ("--round-width", "--round-width must be"),
-                                          ("--unit", "--unit: invalid choice: '0' (choose from 'map', 'channel')")])
-def test_bad_rounding_exits_2(trained, cli, tmp_path, flag, message):
+@pytest.mark.parametrize("flag,message", [("--round-to", "--round-to must be"),
+                                          ("--round-width", "--round-width must be"),
+                                          ("--unit", "--unit: invalid choice: '0'")])
+def test_bad_prune_option_exits_2(trained, cli, tmp_path, flag, message):
     data, run = trained
     rc, stdout, err = cli("prune", run, "--amount", "0.3", flag, "0", "--out", tmp_path / "p")
     assert rc == 2 and stdout == "" and message in err
@@ -289,16 +290,23 @@ def test_no_speed_skips_the_measurement(trained, tmp_path):
     # maps) and keeps a multiple of 8 bottleneck channels, or all of them
     assert (report.unit, report.round_to, report.round_width) == ("map", 16, 8)
     whole_maps_dropped = 0
+
+    def check(index, channels, bounds):
+        read = set(range(channels) if index is None else index.tolist())
+        dropped = 0
+        for a, b in zip(bounds, bounds[1:]):
+            span = set(range(a, b))
+            assert span and (span <= read or not span & read)
+            dropped += not span & read
+        return dropped
+
     for block in densekit.load(tmp_path / "p").modules():
         if isinstance(block, densekit.DenseBlock):
-            for layer in block.values():
+            bounds = [0, *range(block.in_channels, block.out_channels + 1, 4)]  # k = 4
+            for i, layer in enumerate(block.values()):
                 assert layer.norm2.num_features % 8 == 0 or layer.norm2.num_features == 16
-                read = set(range(layer.in_channels) if layer.input_index is None else layer.input_index.tolist())
-                starts = [0, block.in_channels, *range(block.in_channels + 4, layer.in_channels, 4)]
-                for a, b in zip(starts, [*starts[1:], layer.in_channels]):
-                    span = set(range(a, b))
-                    assert span <= read or not span & read
-                    whole_maps_dropped += not span & read
+                whole_maps_dropped += check(layer.input_index, layer.in_channels, bounds[:i + 2])
+            whole_maps_dropped += check(block.output_index, block.out_channels, bounds)
     assert whole_maps_dropped > 0
     # per channel, a multiple of 16 input channels
     report = prune_run(run, tmp_path / "c", 0.3, device="cpu", speed=False, unit="channel")
@@ -307,6 +315,14 @@ def test_no_speed_skips_the_measurement(trained, tmp_path):
         if isinstance(layer, densekit.DenseLayer):
             for n, full, step in ((layer.norm1.num_features, layer.in_channels, 16), (layer.norm2.num_features, 16, 8)):
                 assert n % step == 0 or n == full
+
+
+def test_the_cli_says_when_it_pruned_whole_maps(trained, cli, tmp_path):
+    data, run = trained
+    for unit, said in (("map", True), ("channel", False)):
+        rc, stdout, err = cli("prune", run, "--amount", "0.3", "--unit", unit, "--no-speed", "--out", tmp_path / unit)
+        assert rc == 0 and ("(inputs and outputs in whole maps)" in stdout) == said
+        assert json.loads((tmp_path / unit / "summary.json").read_text())["unit"] == unit
 
 
 def test_the_export_of_a_pruned_run_says_what_was_pruned(pruned, tmp_path):

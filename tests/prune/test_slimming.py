@@ -164,11 +164,29 @@ def _maps_of(model, name, kind):
     return [0 if c < block.in_channels else 1 + (c - block.in_channels) // block.growth_rate for c in range(n)]
 
 
+def spread(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.weight.data.uniform_(0.2, 1.0)
+    return model
+
+
+MAP_MODELS = {
+    "2d": small,
+    # a growth rate per block, no bottleneck, 1D
+    "1d-per-block-growth-no-bottleneck": lambda: spread(densekit.DenseNet(
+        [2, 3], (3, 4), num_init_features=4, bn_size=0, num_classes=3, in_chans=1, stem="cifar", spatial_dims=1)),
+    "a-bare-block": lambda: spread(densekit.DenseBlock(5, 3, 4)),
+}
+
+
+@pytest.mark.parametrize("key", MAP_MODELS)
 @pytest.mark.parametrize("amount", [0.2, 0.4, 0.6])
-def test_unit_map_drops_whole_maps_where_most_of_each_was_marked(amount):
+def test_unit_map_drops_whole_maps_where_most_of_each_was_marked(amount, key):
     """Per map, a reader's map goes exactly where the per-channel plan marked at least half of
     its channels; widths go as in the per-channel plan; the rest of the map stays whole."""
-    model = small()
+    model = MAP_MODELS[key]()
     exact = slimming_plan(model, amount)
     plan = slimming_plan(model, amount, unit="map")
     whole_maps_gone = 0
@@ -211,7 +229,15 @@ def test_unit_map_on_a_pruned_model_reads_maps_through_its_index():
     prune_model(model, 0.2)
     before = {name: model.get_submodule(name).input_index for name, kind, _ in prunable_norms(model)
               if kind == "inputs"}
+    outputs = {name: model.get_submodule(name).output_index for name, kind, _ in prunable_norms(model)
+               if kind == "outputs"}
     prune_model(model, 0.3, unit="map")
+    for name, old in outputs.items():  # the same for what each block returns
+        block = model.get_submodule(name)
+        maps = _maps_of(model, name, "outputs")
+        index = range(block.out_channels) if block.output_index is None else block.output_index.tolist()
+        earlier = set(range(block.out_channels)) if old is None else set(old.tolist())
+        assert set(index) == {c for c in earlier if maps[c] in {maps[c] for c in index}}
     for name, old in before.items():
         layer = model.get_submodule(name)
         if layer.input_index is None:
