@@ -1,10 +1,11 @@
 """Training memory of pruned DenseNet-BC models against depth, each depth in a fresh process.
 
-    python bench/prune_memory.py [--depths 100,190,250] [--amount 0.4] [--batch 16] [--size 28]
+    python bench/prune_memory.py [--depths 100,190,250] [--amount 0.4] [--batch 16] [--size 28] [--unit map|channel]
 
 For each depth L, a child process builds ``densenet_bc_L_k12`` (k=12, 1 input channel, 10
 classes) with batch-norm scales drawn at random (so that the global threshold prunes every
-block), prunes ``--amount`` of its prunable channels and measures the peak resident memory
+block), prunes ``--amount`` of its prunable channels (``--unit`` as ``densekit prune --unit``;
+per channel without rounding) and measures the peak resident memory
 of two training steps (SGD) above the memory before them (Linux's VmHWM, reset through
 /proc/self/clear_refs), with ``MALLOC_MMAP_THRESHOLD_=65536`` as in ``bench/cpu.sh`` so that
 glibc returns large blocks on free and the peak follows the live tensors. The same is
@@ -27,6 +28,7 @@ from densekit.bench.measure import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
 from densekit.bench.spec import model_spec
 from densekit.prune import prune_model
 depth, amount, batch, size, fused = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+unit = sys.argv[6]
 torch.manual_seed(0)
 base, overrides = model_spec(f"densenet_bc_{depth}_k12")
 model = densekit.create_model(base, **overrides, in_chans=1, num_classes=10)
@@ -34,7 +36,7 @@ with torch.no_grad():
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.weight.uniform_(0.0, 1.0)
-prune_model(model, amount)
+prune_model(model, amount, unit=unit)
 model.set_fused(fused).train()
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 x, y = torch.randn(batch, 1, size, size), torch.randint(0, 10, (batch,))
@@ -67,13 +69,14 @@ def main(argv=None) -> int:
     p.add_argument("--amount", type=float, default=0.4)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=28)
+    p.add_argument("--unit", choices=("map", "channel"), default="map")
     args = p.parse_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
     rows = []
     for depth in depths:
         for fused in ("1", "0"):
             out = subprocess.run([sys.executable, "-c", CHILD, str(depth), str(args.amount), str(args.batch),
-                                  str(args.size), fused], check=True, capture_output=True, text=True,
+                                  str(args.size), fused, args.unit], check=True, capture_output=True, text=True,
                                  env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
