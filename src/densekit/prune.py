@@ -154,9 +154,7 @@ def _map_ids(model: nn.Module, name: str, kind: str, bn: nn.Module) -> torch.Ten
 def _map_vote(gone: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     """``gone`` widened to whole maps (``maps``: each channel's map): a map goes where at least
     half of its channels were marked, and stays whole otherwise."""
-    n = int(maps.max()) + 1
-    marked = torch.zeros(n).index_add_(0, maps, gone.float())
-    size = torch.zeros(n).index_add_(0, maps, torch.ones(maps.numel()))
+    marked, size = torch.bincount(maps, weights=gone.float()), torch.bincount(maps)
     return (2 * marked >= size)[maps]
 
 
