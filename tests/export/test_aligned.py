@@ -125,7 +125,7 @@ def test_pruning_by_map_lets_the_copy_skip_maps():
              for unit, c in copies.items()}
     # two blocks of four layers, where layer i reads i + 1 maps: 20 in all; per channel every
     # layer of this seeded model still touches every map
-    assert reads == {"channel": 20, "map": 16}
+    assert reads == {"channel": 20, "map": 12}
     macs = {unit: count_macs(c, (3, 32, 32)) for unit, c in copies.items()}
     assert macs["map"] < 0.97 * macs["channel"]
 

@@ -11,9 +11,8 @@ def add_arguments(p) -> None:
     p.add_argument("--amount", type=float, required=True,
                    help="fraction in [0, 1) of the prunable channels (dense layers' inputs and bottleneck widths, "
                         "and each block's outputs as its transition or the final norm reads them) "
-                        "to remove, those with the smallest |BN gamma| across the network (with --unit map, "
-                        "the fraction marked: a map then goes where at least half of it was, so the fraction "
-                        "removed differs a little)")
+                        "to remove, those with the smallest |BN gamma| across the network; one threshold "
+                        "is placed so that what goes, in whole maps or rounded counts, comes nearest it")
     p.add_argument("--round-to", type=int, default=ROUND_TO, metavar="N",
                    help="with --unit channel, keep a multiple of N channels, its largest, in each batch norm "
                         "of a layer's inputs or a block's outputs; either way the default of --round-width "
