@@ -1,16 +1,19 @@
 """Training memory of pruned DenseNet-BC models against depth, each depth in a fresh process.
 
-    python bench/prune_memory.py [--depths 100,190,250] [--amount 0.4] [--batch 16] [--size 28] [--unit map|channel]
+    python bench/prune_memory.py [--depths 100,190,250] [--seeds 3] [--amount 0.4] [--batch 16] [--size 28]
+                                 [--unit map|channel]
 
 For each depth L, a child process builds ``densenet_bc_L_k12`` (k=12, 1 input channel, 10
-classes) with batch-norm scales drawn at random (so that the global threshold prunes every
-block), prunes ``--amount`` of its prunable channels (``--unit`` as ``densekit prune --unit``;
+classes) with batch-norm scales drawn at random from each of ``--seeds`` seeds (so that the
+global threshold prunes every block), prunes ``--amount`` of its prunable channels (``--unit`` as ``densekit prune --unit``;
 per channel without rounding) and measures the peak resident memory
 of two training steps (SGD) above the memory before them (Linux's VmHWM, reset through
 /proc/self/clear_refs), with ``MALLOC_MMAP_THRESHOLD_=65536`` as in ``bench/cpu.sh`` so that
 glibc returns large blocks on free and the peak follows the live tensors. The same is
-measured for the pruned model on the reference path (``set_fused(False)``). Prints one JSON line per depth and a
-least-squares line through the fused figures (slope per layer, r^2).
+measured for the pruned model on the reference path (``set_fused(False)``). Prints one JSON line per depth and seed,
+then a least-squares line through each path's mean over the seeds at each depth (slope per layer, r^2) and the
+slope between neighbouring depths. Each seed prunes a different model: at one depth two seeds' peaks differ by
+a few MiB (docs/performance.md, "Pruning whole maps"), which the mean evens out.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -28,8 +32,8 @@ from densekit.bench.measure import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
 from densekit.bench.spec import model_spec
 from densekit.prune import prune_model
 depth, amount, batch, size, fused = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
-unit = sys.argv[6]
-torch.manual_seed(0)
+unit, seed = sys.argv[6], int(sys.argv[7])
+torch.manual_seed(seed)
 base, overrides = model_spec(f"densenet_bc_{depth}_k12")
 model = densekit.create_model(base, **overrides, in_chans=1, num_classes=10)
 with torch.no_grad():
@@ -48,7 +52,7 @@ before = _rss_bytes()
 assert _reset_peak_rss()
 step()
 step()
-print(json.dumps(dict(depth=depth, fused=fused, peak_mib=(_peak_rss_bytes() - before) / 2 ** 20,
+print(json.dumps(dict(depth=depth, seed=seed, fused=fused, peak_mib=(_peak_rss_bytes() - before) / 2 ** 20,
                       blocks_fused=sum(1 for m in model.modules() if hasattr(m, "fused_status") and m.fused_status() is None))))
 """
 
@@ -66,6 +70,7 @@ def fit(xs, ys):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--depths", default="100,190,250")
+    p.add_argument("--seeds", type=int, default=3, help="models pruned per depth, each from its own random scales")
     p.add_argument("--amount", type=float, default=0.4)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=28)
@@ -74,16 +79,20 @@ def main(argv=None) -> int:
     depths = [int(d) for d in args.depths.split(",")]
     rows = []
     for depth in depths:
-        for fused in ("1", "0"):
-            out = subprocess.run([sys.executable, "-c", CHILD, str(depth), str(args.amount), str(args.batch),
-                                  str(args.size), fused, args.unit], check=True, capture_output=True, text=True,
-                                 env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
+        for seed in range(args.seeds):
+            for fused in ("1", "0"):
+                out = subprocess.run([sys.executable, "-c", CHILD, str(depth), str(args.amount), str(args.batch),
+                                      str(args.size), fused, args.unit, str(seed)], check=True, capture_output=True,
+                                     text=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")).stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]))
+                print(json.dumps(rows[-1]), flush=True)
     for fused in (True, False):
-        pts = [(r["depth"], r["peak_mib"]) for r in rows if r["fused"] == fused]
-        slope, r2 = fit([d for d, _ in pts], [m for _, m in pts])
-        print(json.dumps(dict(fused=fused, slope_mib_per_layer=slope, r2=r2)))
+        means = [statistics.mean(r["peak_mib"] for r in rows if r["fused"] == fused and r["depth"] == d)
+                 for d in depths]
+        slope, r2 = fit(depths, means)
+        between = [(b - a) / (e - d) for a, b, d, e in zip(means, means[1:], depths, depths[1:])]
+        print(json.dumps(dict(fused=fused, mean_peak_mib=means, slope_mib_per_layer=slope, r2=r2,
+                              slope_between_neighbours=between)))
     return 0
 
 
