@@ -147,7 +147,7 @@ def test_pointwise_and_small_grid_convolutions_run_as_matrix_products(bn_size):
         x = torch.randn(frozen._PACK_MIN_BATCH, 6, side, side)
         with torch.no_grad():
             torch.testing.assert_close(fast(x), block(x), rtol=1e-5, atol=1e-5)
-        packed, weights = fast._packed[(tuple(x.shape), x.dtype, x.device)]
+        packed, weights, _ = fast._packed[(tuple(x.shape), x.dtype, x.device)]
         assert packed
         kinds = [[w.positions for w in (w1, w2) if w is not None] for w1, w2, _, _ in weights]
         assert kinds == [[1, unrolled] if bn_size else [unrolled]] * 3
@@ -171,7 +171,7 @@ def test_last_convolutions_run_natively_into_the_buffer_where_the_kernel_takes_t
             torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
             with native.disabled():
                 torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
-        _, weights = fast._packed[(tuple(x.shape), x.dtype, x.device)]
+        _, weights, _ = fast._packed[(tuple(x.shape), x.dtype, x.device)]
         runs = direct and native.conv3x3_supported(torch.float32)
         assert [isinstance(d, native.Conv3x3) for _, _, d, _ in weights] == [runs] * 3
 
@@ -245,9 +245,11 @@ def test_bottlenecks_and_transitions_run_natively_where_the_kernel_is_the_faster
     supported = native.conv3x3_supported(dtype)
     limit = 64 if dtype == torch.bfloat16 else 32
     block = fast.features.denseblock1
-    _, weights = block._packed[((x.shape[0], 24, 14, 14), dtype, x.device)]
+    _, weights, chain = block._packed[((x.shape[0], 24, 14, 14), dtype, x.device)]
     widths = [layer.norm2.num_features for layer in block.values()]
     assert [isinstance(p, native.Pointwise) for *_, p in weights] == [supported and w <= limit for w in widths]
+    # where every layer runs both kernels, the block runs all its layers in one native call
+    assert isinstance(chain, native.DenseLayers) == (supported and max(widths) <= limit)
     (*_, point), = fast.features.transition1._kept.values()
     assert isinstance(point, native.Pointwise) == (supported and fast.features.transition1.conv.out_channels <= limit)
 
@@ -449,3 +451,68 @@ def test_outputs_stay_the_callers_across_calls_and_inference_mode():
     torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kept[1], held, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pruned", [False, True])
+@pytest.mark.parametrize("batch", [1, frozen._PACK_MIN_BATCH])
+def test_a_block_runs_all_its_layers_in_one_native_call(dtype, pruned, batch, monkeypatch):
+    """Where every layer runs the native 1x1 and 3x3 kernels, the block runs them all in one
+    ``native.DenseLayers`` call, no Pointwise or Conv3x3 called from Python, and computes the
+    same as layer by layer (the kernels' own calls, counted) and as the block it copies."""
+    if not native.conv3x3_supported(dtype):
+        pytest.skip(f"this CPU's build has no native {dtype} convolutions")
+    torch.manual_seed(0)
+    block = DenseBlock(6, 12, 4, bn_size=2, fused=True)  # widths of 24: native in float32 too
+    randomize_norms(block)
+    if pruned:
+        prune_model(block, 0.4, round_width=8)
+        assert any(layer.input_index is not None for layer in block.values())
+    block.eval()
+    chained, layered = optimize_for_inference(block), optimize_for_inference(block)
+    x = torch.randn(batch, 6, 7, 5)
+    calls = []
+    for cls in (native.Pointwise, native.Conv3x3):
+        original = cls.__call__
+        monkeypatch.setattr(cls, "__call__", lambda self, *a, original=original, **k: calls.append(self) or
+                            original(self, *a, **k))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        want = block(x)
+        calls.clear()
+        got = chained(x)
+        assert calls == []
+        # the same constants, the layers run one kernel call at a time
+        layered(x)  # fills its cache
+        key = next(iter(layered._packed))
+        packed, weights, chain = layered._packed[key]
+        assert isinstance(chain, native.DenseLayers) and chain.layers == 4
+        layered._packed[key] = (packed, weights, None)
+        calls.clear()
+        one_by_one = layered(x)
+        assert len(calls) == 2 * 4
+    torch.testing.assert_close(got, one_by_one, rtol=0, atol=0)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    torch.testing.assert_close(got.float(), want.float(), **tolerance)
+
+
+def test_dense_layers_refuse_layers_that_do_not_chain_and_matrices_that_do_not_fit():
+    if not native.conv3x3_supported(torch.float32):
+        pytest.skip("this CPU's build has no native float32 convolutions")
+    torch.manual_seed(0)
+    point = native.Pointwise(torch.randn(8, 6, 1, 1), torch.zeros(8), torch.float32, relu=True)
+    direct = native.Conv3x3(torch.randn(4, 8, 3, 3), torch.float32)
+    scale, shift = torch.ones(6), torch.zeros(6)
+    with pytest.raises(ValueError, match="does not chain"):  # a second layer must read 6 + 4 channels
+        native.DenseLayers([point, point], [scale] * 2, [shift] * 2, [direct] * 2, 6, 4, torch.float32)
+    with pytest.raises(ValueError, match="does not chain"):  # no ReLU after the bottleneck
+        native.DenseLayers([native.Pointwise(torch.randn(8, 6, 1, 1), None, torch.float32, relu=False)],
+                           [scale], [shift], [direct], 6, 4, torch.float32)
+    layers = native.DenseLayers([point], [scale], [shift], [direct], 6, 4, torch.float32)
+    rows, mid = torch.randn(2 * 35, 10), torch.empty(2 * 35 * 8)
+    layers(rows, (7, 5), mid)
+    with pytest.raises(ValueError, match="native DenseLayers"):
+        layers(rows.bfloat16(), (7, 5), mid)
+    with pytest.raises(ValueError, match="native DenseLayers"):
+        layers(rows, (7, 5), mid[:-1])
+    with pytest.raises(ValueError, match="native DenseLayers"):
+        layers(rows[:, :9], (7, 5), mid)

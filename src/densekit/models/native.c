@@ -2353,6 +2353,33 @@ int dk_pointwise_backward(int bf16, const void *g, i64 ldg, const void *x, i64 l
     return 2;
 #endif
 }
+
+/* A frozen dense block's layers for inference, in one call instead of two from Python per
+ * layer (each of which costs 10-20 us of Python and ctypes, as much as the arithmetic of a
+ * small batch): for layer i, dk_pointwise of relu(x * scale + shift) with its bias and a ReLU,
+ * where x is the first c0 + i*k columns of rows (n*h*w rows, leading dimension ld), or idx of
+ * them, into mid (contiguous, width_i columns); then dk_conv3x3 of mid into rows' k columns
+ * after those. table holds six pointers per layer (the packed 1x1 weight, its bias, scale,
+ * shift, idx or NULL, the packed 3x3 weight), dims two numbers (the columns read, width_i).
+ * 0, or the first failing kernel's code. */
+int dk_dense_layers(int bf16, void *rows, i64 ld, i64 n, i64 h, i64 w, i64 c0, i64 k, i64 layers, const i64 *dims,
+                    void *const *table, void *mid, int threads)
+{
+    const i64 esize = bf16 ? 2 : 4;
+    for (i64 i = 0; i < layers; i++) {
+        void *const *p = table + 6 * i;
+        const i64 cin = dims[2 * i], width = dims[2 * i + 1], cols = c0 + i * k;
+        int code = dk_pointwise(bf16, rows, ld, n * h * w, cin, (const float *)p[0], (const float *)p[1], width, 1,
+                                mid, width, (const float *)p[2], (const float *)p[3], (const i64 *)p[4], cols,
+                                threads);
+        if (!code)
+            code = dk_conv3x3(bf16, mid, width, n, h, w, width, (const float *)p[5], k, (char *)rows + cols * esize,
+                              ld, threads);
+        if (code)
+            return code;
+    }
+    return 0;
+}
 #endif
 
 /* The second pass: the kernels again, for bfloat16 matrices. */

@@ -74,7 +74,8 @@ _SIGNATURES.update({"dk_conv3x3": [_C, _P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _
                     "dk_stem_conv": [_C, _P, *[_I] * 4, _P, *[_I] * 9, _P, _C],
                     "dk_pointwise": [_C, _P, _I, _I, _I, _P, _P, _I, _C, _P, _I, _P, _P, _P, _I, _C],
                     "dk_pointwise_backward": [_C, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I,
-                                              _P, _P, _P, _C]})
+                                              _P, _P, _P, _C],
+                    "dk_dense_layers": [_C, _P, *[_I] * 7, _P, _P, _P, _C]})
 _DTYPES = (torch.float32, torch.bfloat16)
 _enabled = os.environ.get("DENSEKIT_NATIVE", "1") != "0"
 
@@ -766,3 +767,57 @@ class Pointwise:
             _check_columns(2, self.width)
         _check(code, "its BN-ReLU rows")
         return out
+
+
+class DenseLayers:
+    """A dense block's layers for inference in one native call (``dk_dense_layers``): per layer
+    its :class:`Pointwise` (the bottleneck, with the second batch norm folded into its weight
+    and bias, a ReLU, and the first batch norm's BN-ReLU and a pruned layer's gather formed in
+    its tile from ``scale`` and ``shift``), then its :class:`Conv3x3` of ``growth_rate``
+    outputs straight into the block's buffer. Run one by one from Python, each of the two calls
+    costs 10-20 us of checks and ctypes, as much as its arithmetic on a small batch, and the
+    same for a pruned layer as for its parent; here the per-layer constants are checked and
+    their addresses tabled once."""
+
+    def __init__(self, points: list[Pointwise], scales: list[torch.Tensor], shifts: list[torch.Tensor],
+                 directs: list[Conv3x3], in_channels: int, growth_rate: int, dtype: torch.dtype) -> None:
+        if not (len(points) == len(scales) == len(shifts) == len(directs)) or not points:
+            raise ValueError("native DenseLayers takes one Pointwise, scale, shift and Conv3x3 per layer")
+        kept, pointers, dims = [], [], []
+        for i, (point, scale, shift, direct) in enumerate(zip(points, scales, shifts, directs)):
+            if point.dtype != dtype or direct.dtype != dtype or not point.relu \
+                    or point.width != in_channels + i * growth_rate or direct.in_channels != point.out_channels \
+                    or direct.out_channels != growth_rate:
+                raise ValueError(f"layer {i} does not chain: a ReLU Pointwise of the block's first "
+                                 f"{in_channels + i * growth_rate} channels into a Conv3x3 of {growth_rate}")
+            scale, shift = _vec(scale, point.in_channels), _vec(shift, point.in_channels)
+            kept += [point.weight, point.bias, scale, shift, point.index, direct.weight]
+            pointers += [_ptr(t) for t in kept[-6:]]
+            dims += [point.in_channels, point.out_channels]
+        self._kept = kept  # the tabled memory stays alive with the table
+        self._table = (ctypes.c_void_p * len(pointers))(*pointers)
+        self._dims = torch.tensor(dims, dtype=torch.int64)
+        self.layers, self.in_channels, self.growth_rate, self.dtype = len(points), in_channels, growth_rate, dtype
+        self.width = max(dims[1::2])  # the widest bottleneck: the columns ``mid`` needs
+        self._fn = _library().dk_dense_layers
+
+    def __call__(self, rows: torch.Tensor, spatial: tuple[int, ...], mid: torch.Tensor) -> None:
+        """Write each layer's ``growth_rate`` channels into ``rows`` (N*H*W, C), the block's buffer
+        holding its input in the first channels; ``mid``: at least N*H*W times :attr:`width`
+        contiguous values of the same dtype, the bottleneck's workspace."""
+        filled = self.in_channels + self.layers * self.growth_rate
+        if rows.dim() != 2 or rows.dtype != self.dtype or rows.device.type != "cpu" or rows.stride(1) != 1 \
+                or rows.shape[1] < filled or len(spatial) != 2 or rows.shape[0] % (spatial[0] * spatial[1]) \
+                or mid.dtype != self.dtype or mid.device.type != "cpu" or not mid.is_contiguous() \
+                or mid.numel() < rows.shape[0] * self.width:
+            raise ValueError(f"native DenseLayers of {filled} {self.dtype} channels got {tuple(rows.shape)} "
+                             f"{rows.dtype} at {tuple(spatial)} positions")
+        h, w = spatial
+        code = self._fn(int(self.dtype == torch.bfloat16), rows.data_ptr(), rows.stride(0), rows.shape[0] // (h * w),
+                        h, w, self.in_channels, self.growth_rate, self.layers, self._dims.data_ptr(), self._table,
+                        mid.data_ptr(), torch.get_num_threads())
+        if code == 2:
+            raise RuntimeError("this build of the native kernels has no 1x1 or 3x3 convolution")
+        if code == 3:
+            _check_columns(2, filled)
+        _check(code, "its BN-ReLU rows")
