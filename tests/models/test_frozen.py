@@ -465,9 +465,10 @@ def test_a_block_runs_all_its_layers_in_one_native_call(dtype, pruned, batch, mo
     torch.manual_seed(0)
     block = DenseBlock(6, 12, 4, bn_size=2, fused=True)  # widths of 24: native in float32 too
     randomize_norms(block)
-    if pruned:
-        prune_model(block, 0.4, round_width=8)
+    if pruned:  # unrounded: each bottleneck its own width, which the native loop must take
+        prune_model(block, 0.4)
         assert any(layer.input_index is not None for layer in block.values())
+        assert len({layer.norm2.num_features for layer in block.values()}) > 1
     block.eval()
     chained, layered = optimize_for_inference(block), optimize_for_inference(block)
     x = torch.randn(batch, 6, 7, 5)
@@ -516,3 +517,7 @@ def test_dense_layers_refuse_layers_that_do_not_chain_and_matrices_that_do_not_f
         layers(rows, (7, 5), mid[:-1])
     with pytest.raises(ValueError, match="native DenseLayers"):
         layers(rows[:, :9], (7, 5), mid)
+    with pytest.raises(ValueError, match="native DenseLayers"):  # not whole images of 7x5
+        layers(rows[:-1], (7, 5), mid)
+    with pytest.raises(ValueError, match="native DenseLayers"):  # 2D only
+        layers(rows, (7, 5, 1), mid)

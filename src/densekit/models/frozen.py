@@ -314,8 +314,9 @@ class FrozenDenseBlock(_InferenceOnly, DenseBlock):
         # A pruned block's kept outputs: one gather, without select_channels' autograd node
         # (about 7 us a call, half the gather itself at 3x3 positions), into the workspace
         # the last layer's BN-ReLU has just written, which is still in the CPU's caches: into
-        # a new tensor the gather took twice as long (docs/performance.md#pruning). The
-        # workspace is this call's own; the returned view keeps it.
+        # a new tensor the gather took twice as long (docs/performance.md#pruning). Where the
+        # layers ran in one native call, nothing wrote it yet and it is new. The workspace is
+        # this call's own; the returned view keeps it.
         out = scratch("a", kept)
         return _fused._grid(readers[-1](rows, out) if readers is not None else _fused._gather_cols(rows, index, out),
                             spatial)

@@ -819,5 +819,5 @@ class DenseLayers:
         if code == 2:
             raise RuntimeError("this build of the native kernels has no 1x1 or 3x3 convolution")
         if code == 3:
-            _check_columns(2, filled)
+            raise ValueError("native DenseLayers: a layer's column index reaches past the channels before it")
         _check(code, "its BN-ReLU rows")
