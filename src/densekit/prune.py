@@ -132,6 +132,7 @@ class PruneReport(Result):
     images_per_second_before: float | None  # random inputs, in this process, as the runtime runs
     images_per_second_after: float | None   # them (autocast and memory format)
     speedup: float | None          # median over rounds of the parent's time over the pruned model's
+    fine_tune_lr: float | None     # suggested for `train --init`: a quarter of the run's peak lr (FINE_TUNE_LR_SCALE)
     device: str
     torch: str
     densekit: str
@@ -300,6 +301,14 @@ def _channel_count(model: nn.Module) -> int:
     return sum(bn.num_features for _, _, bn in prunable_norms(model))
 
 
+# The peak learning rate ``densekit prune`` suggests for fine-tuning (2 epochs with the run's
+# recipe), as a fraction of the run's own. Measured on the sparse `make run` model pruned by
+# 0.4 (docs/performance.md, "The amount is what goes"): validation accuracy 89.40% after 1
+# epoch at the run's lr (0.2), 90.73% after 2; after 2 epochs at 0.1, 0.05 and 0.02 (a half,
+# a quarter, a tenth), 90.73%, 91.05% and 90.73%.
+FINE_TUNE_LR_SCALE = 0.25
+FINE_TUNE_EPOCHS = 2
+
 SPEED_BATCH = 64
 SPEED_ROUNDS = 15
 
@@ -345,6 +354,18 @@ def _accuracy(model: nn.Module, info: ModelInfo, data, split, runtime) -> float:
     loader = loader_for(data, split, batch, train=False, device=runtime.device, channels_last=runtime.channels_last)
     with runtime.activated():
         return evaluate(model, loader, runtime, info.num_classes, multi_label=info.multi_label).accuracy
+
+
+def _fine_tune_lr(source: RunDir) -> float | None:
+    """:data:`FINE_TUNE_LR_SCALE` of the peak learning rate the run trained at, where its
+    summary says (None for a run without one, such as one ``prune`` wrote)."""
+    try:
+        lr = source.read_summary().get("lr") if source.has_summary() else None
+    except UserError:
+        return None
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+        return None
+    return lr * FINE_TUNE_LR_SCALE
 
 
 def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float, device: str = "auto",
@@ -403,7 +424,7 @@ def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float,
         pruned_layers=layers, pruned_blocks=blocks,
         reference_path_blocks=sum(1 for m in model.modules() if hasattr(m, "fused_status") and m.fused_status()),
         speed_batch=SPEED_BATCH if speed else None, images_per_second_before=rates[0],
-        images_per_second_after=rates[1], speedup=rates[2],
+        images_per_second_after=rates[1], speedup=rates[2], fine_tune_lr=_fine_tune_lr(source),
         device=str(runtime.device), torch=torch.__version__, densekit=__version__)
     # the pruned run records where its data are, from wherever it is: absolute
     folder = None if data_dir is None else str(Path(data_dir).resolve())

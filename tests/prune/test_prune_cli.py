@@ -56,6 +56,7 @@ def test_prune_writes_a_run_with_its_figures(pruned):
         and summary["round_to"] == 1 \
         and summary["round_width"] == 1  # --round-to below 8 rounds the widths so too
     assert summary["speed_batch"] == 64 and summary["reference_path_blocks"] == 0
+    assert summary["fine_tune_lr"] == trained["lr"] / 4  # what the last line suggests for `train --init`
     assert summary["images_per_second_before"] > 0 and summary["images_per_second_after"] > 0
     info = json.loads((out / "model.json").read_text())
     # both blocks' outputs (the transition's and final norm's inputs), and the layers the rest
@@ -323,6 +324,13 @@ def test_the_cli_says_when_it_pruned_whole_maps(trained, cli, tmp_path):
         rc, stdout, err = cli("prune", run, "--amount", "0.3", "--unit", unit, "--no-speed", "--out", tmp_path / unit)
         assert rc == 0 and ("(inputs and outputs in whole maps)" in stdout) == said
         assert json.loads((tmp_path / unit / "summary.json").read_text())["unit"] == unit
+    lr = json.loads((run / "summary.json").read_text())["lr"]
+    assert stdout.splitlines()[-1] == f"saved in {tmp_path / 'channel'}; fine-tune with: densekit train --init " \
+        f"{tmp_path / 'channel'} --epochs 2 --lr {lr / 4:.3g} --out DIR"
+    # a run that prune wrote has no learning rate of its own to go by
+    rc, stdout, err = cli("prune", tmp_path / "channel", "--amount", "0.1", "--no-speed", "--out", tmp_path / "again")
+    assert rc == 0 and stdout.splitlines()[-1].endswith("--epochs 2 --out DIR")
+    assert json.loads((tmp_path / "again" / "summary.json").read_text())["fine_tune_lr"] is None
 
 
 def test_the_export_of_a_pruned_run_says_what_was_pruned(pruned, tmp_path):

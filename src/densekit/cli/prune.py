@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..prune import ROUND_TO, ROUND_WIDTH, UNITS
+from ..prune import FINE_TUNE_EPOCHS, ROUND_TO, ROUND_WIDTH, UNITS
 from .common import add_device_argument
 
 
@@ -54,7 +54,9 @@ def summary_lines(s) -> list[str]:
     if s.reference_path_blocks:
         lines.append(f"{s.reference_path_blocks} pruned dense block(s) run the reference path: they hold a module "
                      "the fused block does not take")
-    lines.append(f"saved in {s.out}; fine-tune with: densekit train --init {s.out} --epochs 1 --out DIR")
+    lr = "" if s.fine_tune_lr is None else f" --lr {s.fine_tune_lr:.3g}"
+    lines.append(f"saved in {s.out}; fine-tune with: densekit train --init {s.out} --epochs {FINE_TUNE_EPOCHS}{lr} "
+                 "--out DIR")
     return lines
 
 
