@@ -10,9 +10,11 @@ per channel without rounding) and measures the peak resident memory
 of two training steps (SGD) above the memory before them (Linux's VmHWM, reset through
 /proc/self/clear_refs), with ``MALLOC_MMAP_THRESHOLD_=65536`` as in ``bench/cpu.sh`` so that
 glibc returns large blocks on free and the peak follows the live tensors. The same is
-measured for the pruned model on the reference path (``set_fused(False)``). Prints one JSON line per depth and seed,
-then a least-squares line through each path's mean over the seeds at each depth (slope per layer, r^2) and the
-slope between neighbouring depths. Each seed prunes a different model: at one depth two seeds' peaks differ by
+measured for the pruned model on the reference path (``set_fused(False)``), and for both the peak of live tensors
+over two more steps (``tensor_peak_mib``: torch.profiler's record of every allocation and free through PyTorch's
+CPU allocator, which leaves out the allocator's own slack and memory outside it). Prints one JSON line per depth and
+seed, then for each measure a least-squares line through each path's mean over the seeds at each depth (slope per
+layer, r^2) and the slope between neighbouring depths. Each seed prunes a different model: at one depth two seeds' peaks differ by
 a few MiB (docs/performance.md, "Pruning whole maps"), which the mean evens out.
 """
 
@@ -52,7 +54,18 @@ before = _rss_bytes()
 assert _reset_peak_rss()
 step()
 step()
-print(json.dumps(dict(depth=depth, seed=seed, fused=fused, peak_mib=(_peak_rss_bytes() - before) / 2 ** 20,
+rss = (_peak_rss_bytes() - before) / 2 ** 20
+# the peak of live tensors over two more steps: torch.profiler's record of every allocation
+# and free through PyTorch's CPU allocator, summed in time order
+from torch.profiler import ProfilerActivity, profile
+with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    step()
+    step()
+live = peak = 0
+for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+    live += e.nbytes()
+    peak = max(peak, live)
+print(json.dumps(dict(depth=depth, seed=seed, fused=fused, peak_mib=rss, tensor_peak_mib=peak / 2 ** 20,
                       blocks_fused=sum(1 for m in model.modules() if hasattr(m, "fused_status") and m.fused_status() is None))))
 """
 
@@ -86,13 +99,13 @@ def main(argv=None) -> int:
                                      text=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")).stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]))
                 print(json.dumps(rows[-1]), flush=True)
-    for fused in (True, False):
-        means = [statistics.mean(r["peak_mib"] for r in rows if r["fused"] == fused and r["depth"] == d)
-                 for d in depths]
-        slope, r2 = fit(depths, means)
-        between = [(b - a) / (e - d) for a, b, d, e in zip(means, means[1:], depths, depths[1:])]
-        print(json.dumps(dict(fused=fused, mean_peak_mib=means, slope_mib_per_layer=slope, r2=r2,
-                              slope_between_neighbours=between)))
+    for key in ("peak_mib", "tensor_peak_mib"):
+        for fused in (True, False):
+            means = [statistics.mean(r[key] for r in rows if r["fused"] == fused and r["depth"] == d) for d in depths]
+            slope, r2 = fit(depths, means)
+            between = [(b - a) / (e - d) for a, b, d, e in zip(means, means[1:], depths, depths[1:])]
+            print(json.dumps(dict(measure=key, fused=fused, mean_mib=means, slope_mib_per_layer=slope, r2=r2,
+                                  slope_between_neighbours=between)))
     return 0
 
 
