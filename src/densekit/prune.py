@@ -64,6 +64,7 @@ from .models.layers import DenseBlock, prunable_norms, prune_block_outputs_
 from .models.profile import count_macs, count_params
 from .results import Result
 from .rundir import ModelInfo, RunDir, pruned_counts, pruned_structure, refuse_nonempty
+from .rundir.schema import is_number
 from .models.size import estimate
 from .data.batches import loader_for
 from .train.engine import eval_batch_size, evaluate
@@ -196,27 +197,11 @@ def slimming_plan(model: nn.Module, amount: float, round_to: int = 1,
 def marked_for(model: nn.Module, amount: float, round_to: int = 1, round_width: int | None = None,
                unit: str = "channel") -> float:
     """The fraction to mark (``slimming_plan``'s ``amount``) whose plan removes the nearest
-    to ``amount`` of all prunable channels, given the rounding and the unit: the fewest
-    marked whose plan removes at least ``amount``, or one fewer where that removes nearer
-    (a tie goes to the smaller removal). What a plan removes grows with what it marks (a map
-    goes once half of it is marked, a rounded count shrinks as more is marked), so a
-    bisection over the marked count finds it in about log2(total) plans."""
+    to ``amount`` of all prunable channels, given the rounding and the unit
+    (:meth:`_Planner.marking`)."""
     amount = _check_amount(amount)
     planner = _Planner(model, round_to, round_width, unit)
-    target = round(amount * planner.total)
-    if target == 0:
-        return 0.0
-    lo, hi = 0, planner.total - 1  # marking all is not a fraction below 1
-    if planner.plan(hi)[1] < target:  # every norm keeps a channel: as near as it gets
-        return hi / planner.total
-    while hi - lo > 1:  # removed(lo) < target <= removed(hi)
-        mid = (lo + hi) // 2
-        if planner.plan(mid)[1] >= target:
-            hi = mid
-        else:
-            lo = mid
-    below, above = planner.plan(lo)[1], planner.plan(hi)[1]
-    return (lo if target - below <= above - target else hi) / planner.total
+    return planner.marking(round(amount * planner.total)) / planner.total if planner.total else 0.0
 
 
 class _Planner:
@@ -243,11 +228,33 @@ class _Planner:
             n = bn.num_features
             if ids is not None:
                 r = rank[start:start + n]
-                middle = [r[ids == m].sort().values[(int((ids == m).sum()) - 1) // 2] for m in ids.unique()]
-                self.last.append(ids.unique()[int(torch.stack(middle).argmax())])
+                maps = ids.unique()
+                middle = [r[ids == m].sort().values[(int((ids == m).sum()) - 1) // 2] for m in maps]
+                self.last.append(maps[int(torch.stack(middle).argmax())])
             else:
                 self.last.append(None)
             start += n
+
+    def marking(self, target: int) -> int:
+        """How many channels to mark for a plan that removes the nearest to ``target``: the
+        fewest whose plan removes at least ``target``, or one fewer where that removes nearer (a
+        tie goes to the smaller removal). What a plan removes grows with what it marks (a map
+        goes once half of it is marked, a rounded count shrinks as more is marked), so a
+        bisection over the marked count finds it in about log2(total) plans."""
+        if target == 0:
+            return 0
+        lo, hi = 0, self.total - 1  # marking all is not a fraction below 1
+        below, above = 0, self.plan(hi)[1]  # what lo and hi remove
+        if above < target:  # every norm keeps a channel: as near as it gets
+            return hi
+        while hi - lo > 1:  # below < target <= above
+            mid = (lo + hi) // 2
+            removed = self.plan(mid)[1]
+            if removed >= target:
+                hi, above = mid, removed
+            else:
+                lo, below = mid, removed
+        return lo if target - below <= above - target else hi
 
     def plan(self, marked: int) -> tuple[dict[str, dict[str, torch.Tensor | None]], int]:
         """The plan with the ``marked`` lowest-ranked channels marked, and how many channels it removes."""
@@ -287,14 +294,17 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, torch.Tensor | None]]
 def prune_model(model: nn.Module, amount: float, round_to: int = 1, round_width: int | None = None,
                 unit: str = "channel") -> Channels:
     """Network-slim ``model`` in place, removing the nearest to ``amount`` of its prunable
-    channels that the rounding and the unit allow (:func:`marked_for`, then
-    :func:`slimming_plan`); returns the channel counts before and after."""
-    before = _channel_count(model)
-    marked = marked_for(model, amount, round_to, round_width, unit)
-    apply_plan(model, slimming_plan(model, marked, round_to, round_width, unit))
+    channels that the rounding and the unit allow (the plan of :func:`slimming_plan` for the
+    fraction :func:`marked_for` finds); returns the channel counts before and after."""
+    amount = _check_amount(amount)
+    planner = _Planner(model, round_to, round_width, unit)
+    before = planner.total  # the prunable channels
+    marked = planner.marking(round(amount * before))
+    apply_plan(model, planner.plan(marked)[0])
     after = _channel_count(model)
     return Channels(prunable=before, kept=after, removed=before - after,
-                    removed_fraction=(before - after) / before if before else 0.0, marked_fraction=marked)
+                    removed_fraction=(before - after) / before if before else 0.0,
+                    marked_fraction=marked / before if before else 0.0)
 
 
 def _channel_count(model: nn.Module) -> int:
@@ -363,9 +373,7 @@ def _fine_tune_lr(source: RunDir) -> float | None:
         lr = source.read_summary().get("lr") if source.has_summary() else None
     except UserError:
         return None
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
-        return None
-    return lr * FINE_TUNE_LR_SCALE
+    return lr * FINE_TUNE_LR_SCALE if is_number(lr) and lr > 0 else None  # as a run's config checks it
 
 
 def prune_run(run_dir: str | os.PathLike, out: str | os.PathLike, amount: float, device: str = "auto",
