@@ -639,8 +639,9 @@ def test_pointwise_is_the_product_with_bias_and_relu_written_into_a_column_slice
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# (300, 24, 24) and (100, 300, 16): several tiles of rows and a part tile (native.c's pw_tile_rows)
 @pytest.mark.parametrize("rows,cin,cout", [(1, 1, 1), (13, 33, 48), (50, 120, 48), (9, 2, 64), (50, 33, 80),
-                                           (203, 128, 128)])
+                                           (203, 128, 128), (300, 24, 24), (100, 300, 16)])
 def test_pointwise_with_bn_relu_is_the_product_of_bn_relus_output_bit_for_bit(rows, cin, cout, dtype):
     """With scale and shift the product reads ReLU(x * scale + shift), formed as bn_relu forms it
     (rounded once to the matrix's dtype): the same bits as bn_relu into a matrix, then the
@@ -767,7 +768,8 @@ def test_whole_1x1_backward_returns_float32_under_another_default_dtype():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,width,cout", [(1, 5, 3), (37, 60, 48), (203, 200, 128), (50, 40, 80)])
+@pytest.mark.parametrize("rows,width,cout", [(1, 5, 3), (37, 60, 48), (203, 200, 128), (50, 40, 80), (300, 40, 24),
+                                              (100, 500, 16)])
 def test_pointwise_of_gathered_columns_is_the_product_of_the_gather_bit_for_bit(rows, width, cout, dtype):
     """With an index (a pruned layer's columns of the block's buffer) the tile is what
     gather_cols with BN-ReLU (or without: plain) writes, so the result is that gather's product

@@ -1726,20 +1726,61 @@ static inline void line_prefetch(const void *p, i64 bytes)
         _mm_prefetch((const char *)line, _MM_HINT_T0);
 }
 
+/* A prologue tile holds up to PW_TILE_ROWS rows and about PW_TILE_BYTES of them, so that it stays
+ * in L1 while the product reads it back group by group. */
+#define PW_TILE_ROWS 64
+#define PW_TILE_BYTES 16384
 #define PW_AHEAD 16
+
+/* Rows per prologue tile: a multiple of the product's group of rows. */
+static i64 pw_tile_rows(i64 group, i64 cin, i64 esize)
+{
+    i64 t = PW_TILE_BYTES / (cin * esize);
+    t = t > PW_TILE_ROWS ? PW_TILE_ROWS : t;
+    t -= t % group;
+    return t < group ? group : t;
+}
+
+/* relu(x * scale + shift) of n rows of cols values into the contiguous tile o, as bn_relu_row forms
+ * each row (the same values, bit for bit), a block of 16 columns at a time down the rows: a
+ * block's scale and shift are loaded once for the tile, not once a row. While forming the first
+ * block it prefetches each row's successor `ahead` rows further on, from memory. */
+static inline __attribute__((always_inline)) void bn_relu_tile(
+    const int bf16, const char *x, i64 ldx, i64 n, char *o, i64 cols, const float *scale, const float *shift,
+    i64 ahead)
+{
+    const i64 esize = bf16 ? 2 : 4;
+    for (i64 j = 0; j < cols; j += 16) {
+        const __mmask16 m = lanes_at(j, cols);
+        const __m512 sc = ld_vec(m, scale + j), sh = ld_vec(m, shift + j);
+        for (i64 p = 0; p < n; p++) {
+            const char *src = x + (p * ldx + j) * esize;
+            char *dst = o + (p * cols + j) * esize;
+            if (j == 0)
+                line_prefetch(x + (p + ahead) * ldx * esize, cols * esize);
+            if (m == 0xFFFFu)
+                stu_x16(bf16, dst, bn_relu_v(ldu_x16(bf16, src), sc, sh));
+            else
+                st_x16(bf16, dst, m, bn_relu_v(ld_x16(bf16, m, src), sc, sh));
+        }
+    }
+}
 
 /* The product of rows [r, r + n); with scale, of relu(x * scale + shift) instead of x: each
  * thread forms those rows in its tile, which stays in L1 or L2, so the BN-ReLU output a
  * training step's first convolution reads never goes to memory and back. Apart from that pass
  * over the input (about 6 bytes of memory traffic per value, bf16), the same product, the same
- * sums. Outputs past 16 * PW_VECS (a densenet121 bottleneck's 128) are done in chunks of that
- * many from the same tile, each chunk's weights packed on their own (native.py's Pointwise): the input
- * is read and its BN-ReLU formed once for all of them. fns[v - 1] runs v vectors of outputs on
- * a group of rows (column 0: 8 rows for one or two vectors, else 4), on one row (column 1), or
- * on 4 rows (column 2). */
-static void pw_group(const pw_fn (*fns)[3], int whole, i64 nv, i64 esize, const char *x, i64 ldx, i64 r, i64 n,
-                     i64 cin, const float *wp, const float *bias, int relu, char *out, i64 ldo, __mmask16 last,
-                     const float *scale, const float *shift, const group_t *g, i64 groups, i64 xcols, char *tile)
+ * sums. Where one chunk holds every output, the tile holds up to pw_tile_rows rows, formed a
+ * block of columns at a time (see bn_relu_tile): formed a group of 8 rows at a time, row by row,
+ * the prologue cost about as much as the product on a pruned layer's narrow inputs
+ * (docs/performance.md, "The 1x1 convolution's prologue in tiles"). Outputs past 16 * PW_VECS (a densenet121 bottleneck's 128) are done in chunks of that
+ * many from the same tile, each chunk's weights packed on their own (native.py's Pointwise): the
+ * input is read and its BN-ReLU formed once for all of them. The rows go in groups of `group`
+ * (fns[v - 1][0] for 8 rows, one or two vectors of outputs, [2] for 4), the rows past the last
+ * whole group one by one ([1]). */
+static void pw_tile(const pw_fn (*fns)[3], i64 group, i64 nv, i64 esize, const char *x, i64 ldx, i64 r, i64 n,
+                    i64 cin, const float *wp, const float *bias, int relu, char *out, i64 ldo, __mmask16 last,
+                    const float *scale, const float *shift, const group_t *g, i64 groups, i64 xcols, char *tile)
 {
     const char *src = x + r * ldx * esize;
     i64 lds = ldx;
@@ -1749,23 +1790,28 @@ static void pw_group(const pw_fn (*fns)[3], int whole, i64 nv, i64 esize, const 
         gather_rows_avx512(esize == 2, src, ldx, xcols, g, groups, tile, cin, 0, n, scale, shift);
         src = tile, lds = cin;
     } else if (scale) {
-        for (i64 p = 0; p < n; p++) {
-            /* as in wg_tile: the rows PW_AHEAD further on, from memory */
-            line_prefetch(src + (p + PW_AHEAD) * ldx * esize, cin * esize);
-            bn_relu_row(esize == 2, src + p * ldx * esize, tile + p * cin * esize, cin, scale, shift);
-        }
+        if (n <= group) /* one group (at 128 outputs, see pointwise): row by row, each row's successor prefetched */
+            for (i64 p = 0; p < n; p++) {
+                line_prefetch(src + (p + PW_AHEAD) * ldx * esize, cin * esize);
+                bn_relu_row(esize == 2, src + p * ldx * esize, tile + p * cin * esize, cin, scale, shift);
+            }
+        else if (esize == 2)
+            bn_relu_tile(1, src, ldx, n, tile, cin, scale, shift, PW_AHEAD);
+        else
+            bn_relu_tile(0, src, ldx, n, tile, cin, scale, shift, PW_AHEAD);
         src = tile, lds = cin;
     }
     const i64 steps = esize == 2 ? (cin + 1) / 2 : cin;
-    for (i64 j = 0; j < nv; j += PW_VECS) {
-        const i64 k = nv - j < PW_VECS ? nv - j : PW_VECS;
-        const __mmask16 m = j + k == nv ? last : (__mmask16)0xffff;
-        const float *w = wp + j * 16 * steps;
-        char *o = out + (r * ldo + j * 16) * esize;
-        if (whole) /* a group: 8 rows where every chunk is narrow (nv <= 2), else 4 */
-            fns[k - 1][n == 8 ? 0 : 2](src, lds, cin, w, bias + j * 16, relu, o, ldo, m);
-        else
-            fns[k - 1][1](src, lds, cin, w, bias + j * 16, relu, o, ldo, m);
+    for (i64 p = 0; p < n;) {
+        const i64 rows = p + group <= n ? group : 1; /* a group: 8 rows where every chunk is narrow (nv <= 2), else 4 */
+        for (i64 j = 0; j < nv; j += PW_VECS) {
+            const i64 k = nv - j < PW_VECS ? nv - j : PW_VECS;
+            const __mmask16 m = j + k == nv ? last : (__mmask16)0xffff;
+            fns[k - 1][rows == 1 ? 1 : group == 8 ? 0 : 2](src + p * lds * esize, lds, cin, wp + j * 16 * steps,
+                                                           bias + j * 16, relu, out + ((r + p) * ldo + j * 16) * esize,
+                                                           ldo, m);
+        }
+        p += rows;
     }
 }
 
@@ -1773,32 +1819,33 @@ static int pointwise(const pw_fn (*fns)[3], i64 esize, const char *x, i64 ldx, i
                      const float *bias, i64 cout, int relu, char *out, i64 ldo, const float *scale,
                      const float *shift, const i64 *idx, i64 xcols, int threads)
 {
-    i64 nv = (cout + 15) / 16, group = nv <= 2 ? 8 : 4, groups = rows / group, ngroups = 0;
+    i64 nv = (cout + 15) / 16, group = nv <= 2 ? 8 : 4, ngroups = 0;
     __mmask16 last = (__mmask16)((1u << (cout - (nv - 1) * 16)) - 1);
     if (idx && columns_width(idx, cin, xcols) < 0)
         return 3;
     group_t *g = idx ? plan_groups(idx, cin, &ngroups) : 0;
     if (idx && !g)
         return -1;
+    const int formed = scale || g; /* the input is formed in a tile first */
+    /* a tile of many rows where one chunk holds every output; at 128 outputs (two chunks) one group
+     * a tile, as before: there the product dominates, and larger tiles measured no faster */
+    const i64 per = formed && nv <= PW_VECS ? pw_tile_rows(group, cin, esize) : group;
+    const i64 tiles = (rows + per - 1) / per;
     int nt = team(rows, cout * cin, threads), failed = 0;
 #pragma omp parallel num_threads(nt)
     {
-        char *tile = scale || g ? malloc((size_t)(group * cin * esize)) : 0;
-        if ((scale || g) && !tile) {
+        char *tile = formed ? malloc((size_t)(per * cin * esize)) : 0;
+        if (formed && !tile) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp barrier
         if (!failed) {
 #pragma omp for schedule(static)
-            for (i64 b = 0; b <= groups; b++) {
-                if (b < groups)
-                    pw_group(fns, 1, nv, esize, x, ldx, b * group, group, cin, wp, bias, relu, out, ldo, last, scale,
-                             shift, g, ngroups, xcols, tile);
-                else
-                    for (i64 r = b * group; r < rows; r++)
-                        pw_group(fns, 0, nv, esize, x, ldx, r, 1, cin, wp, bias, relu, out, ldo, last, scale, shift,
-                                 g, ngroups, xcols, tile);
+            for (i64 b = 0; b < tiles; b++) {
+                i64 r = b * per, n = rows - r < per ? rows - r : per;
+                pw_tile(fns, group, nv, esize, x, ldx, r, n, cin, wp, bias, relu, out, ldo, last, scale, shift, g,
+                        ngroups, xcols, tile);
             }
         }
         free(tile);
