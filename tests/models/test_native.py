@@ -638,10 +638,20 @@ def test_pointwise_is_the_product_with_bias_and_relu_written_into_a_column_slice
     assert conv(poisoned)[0].isnan().all()  # a NaN passes the ReLU, as torch.relu keeps it
 
 
+def _into_a_column_slice_only(run, want):
+    """``run(out)`` into columns 1.. of a wider matrix writes ``want`` there and nothing beside it."""
+    rows, cout = want.shape
+    wide = torch.full((rows, cout + 3), 7.0, dtype=want.dtype)
+    run(wide[:, 1:1 + cout])
+    assert torch.equal(wide[:, 1:1 + cout], want)
+    assert (wide[:, 0] == 7).all() and (wide[:, 1 + cout:] == 7).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# (300, 24, 24) and (100, 300, 16): several tiles of rows and a part tile (native.c's pw_tile_rows)
+# (65, 24, 24), (300, 24, 24) and (100, 300, 16): several tiles of rows and a part tile (native.c's
+# pw_tile_rows), each thread's share a tile or more
 @pytest.mark.parametrize("rows,cin,cout", [(1, 1, 1), (13, 33, 48), (50, 120, 48), (9, 2, 64), (50, 33, 80),
-                                           (203, 128, 128), (300, 24, 24), (100, 300, 16)])
+                                           (203, 128, 128), (65, 24, 24), (300, 24, 24), (100, 300, 16)])
 def test_pointwise_with_bn_relu_is_the_product_of_bn_relus_output_bit_for_bit(rows, cin, cout, dtype):
     """With scale and shift the product reads ReLU(x * scale + shift), formed as bn_relu forms it
     (rounded once to the matrix's dtype): the same bits as bn_relu into a matrix, then the
@@ -655,6 +665,7 @@ def test_pointwise_with_bn_relu_is_the_product_of_bn_relus_output_bit_for_bit(ro
     want = conv(native.bn_relu(x, scale, shift, torch.empty(rows, cin, dtype=dtype)))
     got = conv(x, scale=scale, shift=shift)
     assert torch.equal(got, want)
+    _into_a_column_slice_only(lambda out: conv(x, out=out, scale=scale, shift=shift), want)
     _exact_within_bound_on_any_thread_count(got, got.double(), got.double().abs(), 0, torch.float32,
                                             lambda: conv(x, scale=scale, shift=shift))
     poisoned = x.clone()
@@ -768,8 +779,8 @@ def test_whole_1x1_backward_returns_float32_under_another_default_dtype():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,width,cout", [(1, 5, 3), (37, 60, 48), (203, 200, 128), (50, 40, 80), (300, 40, 24),
-                                              (100, 500, 16)])
+@pytest.mark.parametrize("rows,width,cout", [(1, 5, 3), (37, 60, 48), (203, 200, 128), (50, 40, 80), (65, 40, 24),
+                                              (300, 40, 24), (150, 60, 48), (100, 500, 16)])
 def test_pointwise_of_gathered_columns_is_the_product_of_the_gather_bit_for_bit(rows, width, cout, dtype):
     """With an index (a pruned layer's columns of the block's buffer) the tile is what
     gather_cols with BN-ReLU (or without: plain) writes, so the result is that gather's product
@@ -787,6 +798,7 @@ def test_pointwise_of_gathered_columns_is_the_product_of_the_gather_bit_for_bit(
     gathered = native.gather_cols(x, index, torch.empty(rows, cin, dtype=dtype), scale, shift)
     got = conv(x, scale=scale, shift=shift)
     assert torch.equal(got, plain(gathered))
+    _into_a_column_slice_only(lambda out: conv(x, out=out, scale=scale, shift=shift), got)
     assert torch.equal(conv(x), plain(native.gather_cols(x, index, torch.empty(rows, cin, dtype=dtype))))
     _exact_within_bound_on_any_thread_count(got, got.double(), got.double().abs(), 0, torch.float32,
                                             lambda: conv(x, scale=scale, shift=shift))

@@ -1726,8 +1726,9 @@ static inline void line_prefetch(const void *p, i64 bytes)
         _mm_prefetch((const char *)line, _MM_HINT_T0);
 }
 
-/* A prologue tile holds up to PW_TILE_ROWS rows and about PW_TILE_BYTES of them, so that it stays
- * in L1 while the product reads it back group by group. */
+/* Where one chunk holds every output, a prologue tile holds up to PW_TILE_ROWS rows and at most
+ * PW_TILE_BYTES of them (but never fewer than one group of rows), so that it stays in L1 while
+ * the product reads it back group by group. */
 #define PW_TILE_ROWS 64
 #define PW_TILE_BYTES 16384
 #define PW_AHEAD 16
@@ -1735,6 +1736,8 @@ static inline void line_prefetch(const void *p, i64 bytes)
 /* Rows per prologue tile: a multiple of the product's group of rows. */
 static i64 pw_tile_rows(i64 group, i64 cin, i64 esize)
 {
+    if (cin < 1)
+        return group;
     i64 t = PW_TILE_BYTES / (cin * esize);
     t = t > PW_TILE_ROWS ? PW_TILE_ROWS : t;
     t -= t % group;
@@ -1770,14 +1773,15 @@ static inline __attribute__((always_inline)) void bn_relu_tile(
  * thread forms those rows in its tile, which stays in L1 or L2, so the BN-ReLU output a
  * training step's first convolution reads never goes to memory and back. Apart from that pass
  * over the input (about 6 bytes of memory traffic per value, bf16), the same product, the same
- * sums. Where one chunk holds every output, the tile holds up to pw_tile_rows rows, formed a
- * block of columns at a time (see bn_relu_tile): formed a group of 8 rows at a time, row by row,
+ * sums. Where one chunk holds every output, the tile holds up to pw_tile_rows rows, its BN-ReLU
+ * formed a block of columns at a time (bn_relu_tile; a pruned layer's gather a group of columns
+ * at a time, in sub-tiles of GATHER_TILE rows): formed a group of 8 rows at a time, row by row,
  * the prologue cost about as much as the product on a pruned layer's narrow inputs
- * (docs/performance.md, "The 1x1 convolution's prologue in tiles"). Outputs past 16 * PW_VECS (a densenet121 bottleneck's 128) are done in chunks of that
- * many from the same tile, each chunk's weights packed on their own (native.py's Pointwise): the
- * input is read and its BN-ReLU formed once for all of them. The rows go in groups of `group`
- * (fns[v - 1][0] for 8 rows, one or two vectors of outputs, [2] for 4), the rows past the last
- * whole group one by one ([1]). */
+ * (docs/performance.md, "The 1x1 convolution's prologue in tiles"). Outputs past 16 * PW_VECS
+ * (a densenet121 bottleneck's 128) are done in chunks of that many from the same tile, each
+ * chunk's weights packed on their own (native.py's Pointwise): the input is read and its BN-ReLU
+ * formed once for all of them. The rows go in groups of `group` (fns[v - 1][0] for 8 rows, one
+ * or two vectors of outputs, [2] for 4), the rows past the last whole group one by one ([1]). */
 static void pw_tile(const pw_fn (*fns)[3], i64 group, i64 nv, i64 esize, const char *x, i64 ldx, i64 r, i64 n,
                     i64 cin, const float *wp, const float *bias, int relu, char *out, i64 ldo, __mmask16 last,
                     const float *scale, const float *shift, const group_t *g, i64 groups, i64 xcols, char *tile)
@@ -1790,7 +1794,8 @@ static void pw_tile(const pw_fn (*fns)[3], i64 group, i64 nv, i64 esize, const c
         gather_rows_avx512(esize == 2, src, ldx, xcols, g, groups, tile, cin, 0, n, scale, shift);
         src = tile, lds = cin;
     } else if (scale) {
-        if (n <= group) /* one group (at 128 outputs, see pointwise): row by row, each row's successor prefetched */
+        if (n <= group) /* past 64 outputs (see pointwise), or a last part tile of at most one group: row by
+                         * row, as before the tiles, each row's successor prefetched */
             for (i64 p = 0; p < n; p++) {
                 line_prefetch(src + (p + PW_AHEAD) * ldx * esize, cin * esize);
                 bn_relu_row(esize == 2, src + p * ldx * esize, tile + p * cin * esize, cin, scale, shift);
@@ -1827,11 +1832,16 @@ static int pointwise(const pw_fn (*fns)[3], i64 esize, const char *x, i64 ldx, i
     if (idx && !g)
         return -1;
     const int formed = scale || g; /* the input is formed in a tile first */
-    /* a tile of many rows where one chunk holds every output; at 128 outputs (two chunks) one group
-     * a tile, as before: there the product dominates, and larger tiles measured no faster */
-    const i64 per = formed && nv <= PW_VECS ? pw_tile_rows(group, cin, esize) : group;
-    const i64 tiles = (rows + per - 1) / per;
+    /* a tile of many rows where one chunk holds every output; past 64 outputs (two chunks) one group
+     * a tile, as before: there the product dominates, and larger tiles measured no faster. A tile
+     * is at most each thread's share of the rows (rounded up to whole groups), so that few rows
+     * are still split between the threads; whole groups, so the rows' groups stay the same. */
     int nt = team(rows, cout * cin, threads), failed = 0;
+    i64 per = formed && nv <= PW_VECS ? pw_tile_rows(group, cin, esize) : group;
+    i64 share = (rows + nt - 1) / nt;
+    share += (group - share % group) % group;
+    per = per < share ? per : share;
+    const i64 tiles = (rows + per - 1) / per;
 #pragma omp parallel num_threads(nt)
     {
         char *tile = formed ? malloc((size_t)(per * cin * esize)) : 0;
