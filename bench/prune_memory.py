@@ -9,7 +9,10 @@ global threshold prunes every block), prunes ``--amount`` of its prunable channe
 per channel without rounding) and measures the peak resident memory
 of two training steps (SGD) above the memory before them (Linux's VmHWM, reset through
 /proc/self/clear_refs), with ``MALLOC_MMAP_THRESHOLD_=65536`` as in ``bench/cpu.sh`` so that
-glibc returns large blocks on free and the peak follows the live tensors. The same is
+glibc returns large blocks on free and the peak follows the live tensors; then the peak of two
+more steps above the memory before them (``steady_peak_mib``: a step's own memory, without what
+the first steps leave behind, such as the gradients, oneDNN's cache of convolution primitives
+and the allocator's free memory). The same is
 measured for the pruned model on the reference path (``set_fused(False)``), and for both the peak of live tensors
 over two more steps (``tensor_peak_mib``: torch.profiler's record of every allocation and free through PyTorch's
 CPU allocator, which leaves out the allocator's own slack and memory outside it). Prints one JSON line per depth and
@@ -55,6 +58,11 @@ assert _reset_peak_rss()
 step()
 step()
 rss = (_peak_rss_bytes() - before) / 2 ** 20
+warm = _rss_bytes()
+assert _reset_peak_rss()
+step()
+step()
+steady = (_peak_rss_bytes() - warm) / 2 ** 20
 # the peak of live tensors over two more steps: torch.profiler's record of every allocation
 # and free through PyTorch's CPU allocator, summed in time order
 from torch.profiler import ProfilerActivity, profile
@@ -65,7 +73,8 @@ live = peak = 0
 for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
     live += e.nbytes()
     peak = max(peak, live)
-print(json.dumps(dict(depth=depth, seed=seed, fused=fused, peak_mib=rss, tensor_peak_mib=peak / 2 ** 20,
+print(json.dumps(dict(depth=depth, seed=seed, fused=fused, peak_mib=rss, steady_peak_mib=steady,
+                      tensor_peak_mib=peak / 2 ** 20,
                       blocks_fused=sum(1 for m in model.modules() if hasattr(m, "fused_status") and m.fused_status() is None))))
 """
 
@@ -99,7 +108,7 @@ def main(argv=None) -> int:
                                      text=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")).stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]))
                 print(json.dumps(rows[-1]), flush=True)
-    for key in ("peak_mib", "tensor_peak_mib"):
+    for key in ("peak_mib", "steady_peak_mib", "tensor_peak_mib"):
         for fused in (True, False):
             means = [statistics.mean(r[key] for r in rows if r["fused"] == fused and r["depth"] == d) for d in depths]
             slope, r2 = fit(depths, means)
