@@ -8,7 +8,7 @@ import torch
 
 from densekit import DenseBlock, DenseNet, create_model
 from densekit.models import frozen, native
-from densekit.models.frozen import FrozenDenseBlock, FrozenTransition, optimize_for_inference
+from densekit.models.frozen import FrozenDenseBlock, FrozenDenseNet, FrozenTransition, optimize_for_inference
 from densekit.models.layers import Transition, reference_path
 from densekit.models.profile import count_macs
 from densekit.prune import prune_model
@@ -42,6 +42,63 @@ def test_pruned_network_same_function_float32_and_bf16(batch, cpu_kernels):
     assert got.dtype == want.dtype
     # both in bf16 with BN folded in float32: within a few bf16 steps of each other
     torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+
+
+def _head_calls(model: torch.nn.Module, monkeypatch) -> list:
+    """The fused head's calls on ``model`` (a FrozenDenseNet) from now on."""
+    calls, run = [], FrozenDenseNet._forward_fused_head
+    monkeypatch.setattr(FrozenDenseNet, "_forward_fused_head", lambda *a: calls.append(1) or run(*a))
+    return calls
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_the_head_runs_as_one_pass_with_the_modules_function(batch, monkeypatch, cpu_kernels):
+    """The final norm, ReLU, mean and classifier as one float32 pass: the modules' function and
+    output dtype in float32, under bf16 autocast and in a bf16 model."""
+    model = _pruned_model()
+    fast = optimize_for_inference(model)
+    assert type(fast) is FrozenDenseNet and type(model) is DenseNet
+    calls = _head_calls(fast, monkeypatch)
+    x = torch.randn(batch, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = model(x), fast(x)
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+        low, fast_low = copy.deepcopy(model).bfloat16(), copy.deepcopy(fast).bfloat16()
+        want, got = low(x.bfloat16()), fast_low(x.bfloat16())
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.1)
+    assert len(calls) == 3
+
+
+def test_the_head_runs_as_modules_where_one_pass_would_change_what_is_seen(monkeypatch):
+    """A hook on a module the pass skips, maps or pooled features asked for, max pooling, a
+    classifier changed after the copy, float64, a trace: the modules run, with their function."""
+    model = _pruned_model()
+    x = torch.randn(3, 1, 28, 28)
+    seen = []
+    hooked = optimize_for_inference(model)
+    hooked.classifier.register_forward_hook(lambda m, i, o: seen.append(o))
+    calls = _head_calls(hooked, monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(hooked(x), model(x), rtol=1e-5, atol=1e-5)
+        assert len(seen) == 1 and calls == []
+        fast = optimize_for_inference(model)
+        torch.testing.assert_close(fast.forward_features(x), model.forward_features(x), rtol=1e-5, atol=1e-5)
+        fast.classifier = torch.nn.Sequential(model.classifier)
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+        for changed in (create_model("densenet_bc_40_k12_s2", num_classes=10, in_chans=1, global_pool="max"),
+                        create_model("densenet_bc_40_k12_s2", num_classes=0, in_chans=1, features_only=True)):
+            changed.eval()
+            out, want = optimize_for_inference(changed)(x), changed(x)
+            for o, w in zip(out if isinstance(out, list) else [out], want if isinstance(want, list) else [want]):
+                torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.double()(x.double()), model.double()(x.double()), rtol=1e-9, atol=1e-9)
+    assert calls == []
+    with pytest.raises(RuntimeError, match="inference only"):
+        optimize_for_inference(model).train()
 
 
 def test_float64_runs_on_torch_ops_beside_the_native_kernels(cpu_kernels):

@@ -68,11 +68,14 @@ import copy
 import itertools
 import math
 from collections import OrderedDict
+from typing import List, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fused as _fused, native
+from .densenet import DenseNet, _check_input
 from .fused_stem import unhooked
 from .layers import DenseBlock, Transition, _plain_only
 
@@ -135,6 +138,9 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
         for name, after in zip(names, names[1:]):
             if isinstance(seq._modules[after], FrozenDenseBlock) and FrozenStemConv.takes(seq._modules[name]):
                 setattr(seq, name, FrozenStemConv(seq._modules[name]))
+    if type(frozen) is DenseNet:
+        frozen.__class__ = FrozenDenseNet
+        frozen._head = OrderedDict()
     return frozen
 
 
@@ -177,6 +183,76 @@ class _InferenceOnly:
 
     def prune_(self, *args, **kwargs):
         raise RuntimeError(f"a {type(self).__name__} is for inference only: prune the model it was made from")
+
+
+class FrozenDenseNet(_InferenceOnly, DenseNet):
+    """A :class:`DenseNet` for inference whose head runs as one pass (the class of
+    :func:`optimize_for_inference`'s copy of a DenseNet). After the last dense block the
+    network's own head is four ops and four passes (the final batch norm, the ReLU, the global
+    mean, the classifier), each costing about as much in fixed overhead as in arithmetic on the
+    small final maps: at batch 64 on the ``make run`` model 67, 23, 73 and 121 us in bf16 in a
+    forward of 4.3 ms (2 threads, Zen 5 EPYC, ad hoc; docs/performance.md#pruning), the same in
+    a pruned model, whose forward is shorter. Here the final norm's scale and shift and the
+    classifier are kept in float32 and the head is ``linear(mean(relu(x * scale + shift)))``
+    in float32, rounded to the dtype the modules would return (bf16 under bf16 autocast, as the
+    classifier's product there). Where it does not apply (maps or pooled features asked for, a
+    pooling other than the mean, a hook on the modules it skips, a head changed since, off the
+    CPU, under torch.compile and in traces and exports) the modules run as in a DenseNet."""
+
+    _CACHES = ("_head",)
+
+    def forward(self, x: Tensor) -> Union[Tensor, List[Tensor]]:
+        if not torch.jit.is_scripting():
+            name = self._fused_head(x)
+            if name is not None:
+                return self._forward_fused_head(x, name)
+        if self.features_only:  # DenseNet.forward (TorchScript compiles no super() call)
+            return self._forward_feature_list(x)
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.unused
+    def _fused_head(self, x: Tensor) -> Optional[str]:
+        """The final norm's name in ``features`` where the head runs as one pass on ``x``, else None."""
+        features, classifier = self.features, self.classifier
+        if self.features_only or self.global_pool != "avg" or not getattr(features, "fused", False) \
+                or _plain_only() or torch.compiler.is_compiling() or x.device.type != "cpu" or not features._modules:
+            return None
+        name, norm = next(reversed(features._modules.items()))
+        if type(norm) not in _fused._BN or not _fused._plain_bn(norm) or norm.training \
+                or type(classifier) is not nn.Linear or not unhooked(features, norm, classifier):
+            return None
+        if x.dtype not in (torch.float32, torch.bfloat16) or classifier.weight.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+            return None
+        return name
+
+    @torch.jit.unused
+    def _forward_fused_head(self, x: Tensor, name: str) -> Tensor:
+        _check_input(x, self.spatial_dims, self.in_chans, self._min_size, self._reduction)
+        maps = self.features._forward_fused(x, stop=name)
+        norm, classifier = self.features._modules[name], self.classifier
+        # the dtype the modules would return: the classifier's product runs in bf16 under autocast
+        autocast = torch.is_autocast_enabled("cpu")
+        out_dtype = torch.bfloat16 if autocast else torch.promote_types(maps.dtype, classifier.weight.dtype)
+        constants = self._head.get(maps.device)
+        if constants is None:
+            constants = self._head[maps.device] = self._head_constants(norm, classifier)
+        scale, shift, weight, bias = constants
+        n, c = maps.shape[:2]
+        rows = maps.movedim(1, -1).reshape(n, -1, c)  # channels-last maps: a view
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            pooled = torch.addcmul(shift, rows, scale).relu_().mean(1)
+            return F.linear(pooled, weight, bias).to(out_dtype)
+
+    @staticmethod
+    def _head_constants(norm: nn.Module, classifier: nn.Linear) -> tuple:
+        with torch.no_grad():
+            var, mean = norm.running_var.float(), norm.running_mean.float()
+            scale = norm.weight.float() * torch.rsqrt(var + norm.eps)
+            shift = norm.bias.float() - mean * scale
+            bias = None if classifier.bias is None else classifier.bias.float().contiguous()
+            return scale.contiguous(), shift.contiguous(), classifier.weight.float().contiguous(), bias
 
 
 class FrozenDenseBlock(_InferenceOnly, DenseBlock):

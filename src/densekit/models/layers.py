@@ -688,9 +688,13 @@ class Features(nn.Sequential):
         return x
 
     @torch.jit.unused
-    def _forward_fused(self, x: Tensor) -> Tensor:
+    def _forward_fused(self, x: Tensor, stop: str | None = None) -> Tensor:
+        """The modules in order, fused where they fuse; with ``stop``, up to the module of that
+        name, which does not run (an inference copy's fused head runs the final norm itself)."""
         skip: tuple[str, ...] = ()
         for name, module in self._modules.items():
+            if name == stop:
+                break
             if name in skip:
                 continue
             if name == "norm0":
