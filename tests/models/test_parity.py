@@ -10,7 +10,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from densekit import DenseBlock, DenseLayer, DenseNet, Transition, create_model
-from densekit.models import native
+from densekit.models import fused, native
 from densekit.models.layers import Features
 from densekit.prune import prune_model
 from testkit import randomize_norms, saved_bytes
@@ -595,6 +595,41 @@ def test_torch_compile_keeps_the_fused_block_as_one_operator(train):
     assert code.count("densekit.transition") == 1 and "torch.cat" not in code
     # in training the final norm runs torch's kernel too, not the compiler's code for it
     assert code.count("densekit.batch_norm") == (1 if train else 0)
+    # and where a gradient may flow, so do the final ReLU and the mean
+    assert code.count("densekit.relu_mean") == 1 and "relu" not in code.replace("relu_mean", "")
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch.no_grad():  # no gradient: the compiler's code, which keeps no mask there
+        torch.compile(model, backend=counter, fullgraph=True)(torch.randn(3, 3, 12, 12))
+    assert "densekit.relu_mean" not in counter.graphs[0].code and "densekit.dense_block" in counter.graphs[0].code
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype,spatial_dims", [(torch.float32, 2), (torch.bfloat16, 2), (torch.float32, 1),
+                                                (torch.float32, 3)])
+def test_relu_mean_operator_passes_torch_library_opcheck_and_is_relu_then_mean(dtype, spatial_dims):
+    from densekit.models import fused_op
+
+    torch.manual_seed(13)
+    shape = (3, 6, *[5, 4, 3][:spatial_dims])
+    x = torch.randn(shape, dtype=dtype)
+    if spatial_dims > 1:
+        x = x.contiguous(memory_format=fused._channels_last(spatial_dims))
+    x.requires_grad_()
+    dims = list(range(2, 2 + spatial_dims))
+    # in bf16 the traced backward's gradient check differs by rounding
+    checks = {} if dtype == torch.float32 else dict(test_utils=("test_schema", "test_autograd_registration",
+                                                                "test_faketensor"))
+    assert set(torch.library.opcheck(fused_op.relu_mean, (x, dims), **checks).values()) == {"SUCCESS"}
+    y = fused_op.relu_mean(x, dims)
+    x_eager = x.detach().requires_grad_()
+    y_eager = torch.relu(x_eager).mean(dims)
+    assert torch.equal(y, y_eager)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_eager.backward(g)
+    torch.testing.assert_close(x.grad, x_eager.grad, rtol=0, atol=0)
+    assert x.grad.stride() == x.stride()  # the input's layout, channels-last included
 
 
 def test_batch_norm_operator_passes_torch_library_opcheck_and_is_the_module():

@@ -211,9 +211,7 @@ class FrozenDenseNet(_InferenceOnly, DenseNet):
             name = self._fused_head(x)
             if name is not None:
                 return self._forward_fused_head(x, name)
-        if self.features_only:  # DenseNet.forward (TorchScript compiles no super() call)
-            return self._forward_feature_list(x)
-        return self.forward_head(self.forward_features(x))
+        return self._forward(x)  # DenseNet's (TorchScript compiles no super() call)
 
     @torch.jit.unused
     def _fused_head(self, x: Tensor) -> Optional[str]:
