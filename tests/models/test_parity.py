@@ -605,6 +605,25 @@ def test_torch_compile_keeps_the_fused_block_as_one_operator(train):
     torch._dynamo.reset()
 
 
+def test_torch_compile_keeps_a_subclass_head_as_it_is():
+    """A subclass with its own forward_head runs it under the compiler too, not the operator."""
+
+    class Scaled(DenseNet):
+        def forward_head(self, x, pre_logits: bool = False):
+            return 2 * super().forward_head(x, pre_logits)
+
+    torch.manual_seed(14)
+    model = Scaled(8, (2, 2), stem="cifar", num_classes=5, fused=True).train()
+    x = torch.randn(3, 3, 12, 12)
+    want = copy.deepcopy(model)(x)  # eager: its own head
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    got = torch.compile(model, backend=counter, fullgraph=True)(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert "densekit.relu_mean" not in counter.graphs[0].code
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("dtype,spatial_dims", [(torch.float32, 2), (torch.bfloat16, 2), (torch.float32, 1),
                                                 (torch.float32, 3)])
 def test_relu_mean_operator_passes_torch_library_opcheck_and_is_relu_then_mean(dtype, spatial_dims):

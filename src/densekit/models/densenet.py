@@ -428,7 +428,9 @@ class DenseNet(nn.Module):
         """Under torch.compile, while a gradient may flow: do the final ReLU and the global mean
         run as one custom operator (``fused_op.relu_mean``), where the compiler's code for them
         was 10-20x slower than torch's kernels on the CPU?"""
-        return (torch.compiler.is_compiling() and not _plain_only() and torch.is_grad_enabled()
+        own = type(self).forward_features is DenseNet.forward_features and \
+            type(self).forward_head is DenseNet.forward_head  # a subclass's own head runs as it is
+        return (own and torch.compiler.is_compiling() and not _plain_only() and torch.is_grad_enabled()
                 and self.global_pool == "avg" and self.features.fused
                 and next(self.parameters()).device.type == "cpu")
 
