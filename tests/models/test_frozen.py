@@ -95,10 +95,57 @@ def test_the_head_runs_as_modules_where_one_pass_would_change_what_is_seen(monke
             out, want = optimize_for_inference(changed)(x), changed(x)
             for o, w in zip(out if isinstance(out, list) else [out], want if isinstance(want, list) else [want]):
                 torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(fast.double()(x.double()), model.double()(x.double()), rtol=1e-9, atol=1e-9)
     assert calls == []
+    with torch.no_grad():
+        fresh = optimize_for_inference(model)
+        fresh(x)  # constants kept in float32
+        torch.testing.assert_close(fresh.double()(x.double()), model.double()(x.double()), rtol=1e-9, atol=1e-9)
+    assert calls == [1]
     with pytest.raises(RuntimeError, match="inference only"):
         optimize_for_inference(model).train()
+
+
+def test_the_head_follows_changes_after_its_first_call(monkeypatch):
+    """A classifier reset or replaced, a dtype changed, an in-place edit of the final norm after
+    the head's first call: the modules' function, and a batch of none."""
+    model = _pruned_model()
+    fast = optimize_for_inference(model)
+    calls = _head_calls(fast, monkeypatch)
+    x = torch.randn(4, 1, 28, 28)
+
+    def modules(m, x):  # the same copy with the head as its modules
+        return m.forward_head(m.forward_features(x))
+
+    with torch.no_grad():
+        fast(x)
+        fast.classifier = torch.nn.Linear(fast.num_features, 10)
+        torch.testing.assert_close(fast(x), modules(fast, x), rtol=1e-5, atol=1e-5)
+        fast.features.norm4.running_mean.add_(0.5)
+        fast.classifier.weight.mul_(2)
+        torch.testing.assert_close(fast(x), modules(fast, x), rtol=1e-5, atol=1e-5)
+        fast.reset_classifier(3)
+        assert fast(x).shape == (4, 3)
+        torch.testing.assert_close(fast(x), modules(fast, x), rtol=1e-5, atol=1e-5)
+        low = fast.bfloat16()(x.bfloat16())
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), modules(fast, x.bfloat16()).float(), rtol=0.05, atol=0.1)
+        torch.testing.assert_close(fast.float()(x), modules(fast, x), rtol=1e-5, atol=1e-5)
+        assert fast(x[:0]).shape == (0, 3)
+    assert len(calls) == 8
+
+
+def test_a_copy_with_nothing_frozen_keeps_its_gradient_and_trains():
+    """Where no block runs fused nothing is frozen (here a layer's activation is not a ReLU): the
+    copy's output keeps the input's gradient and the copy trains."""
+    torch.manual_seed(0)
+    model = DenseNet(8, (2,), stem="cifar", num_classes=5, in_chans=1, fused=True)
+    model.features.denseblock1.denselayer1.relu1 = torch.nn.LeakyReLU()
+    fast = optimize_for_inference(model.eval())
+    assert type(fast) is FrozenDenseNet and not any(isinstance(m, FrozenDenseBlock) for m in fast.modules())
+    x = torch.randn(2, 1, 28, 28, requires_grad=True)
+    fast(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert fast.train().training
 
 
 def test_float64_runs_on_torch_ops_beside_the_native_kernels(cpu_kernels):

@@ -649,6 +649,10 @@ def test_relu_mean_operator_passes_torch_library_opcheck_and_is_relu_then_mean(d
     y_eager.backward(g)
     torch.testing.assert_close(x.grad, x_eager.grad, rtol=0, atol=0)
     assert x.grad.stride() == x.stride()  # the input's layout, channels-last included
+    negative = [d - x.dim() for d in dims]  # counted from the end, as torch's mean takes them
+    assert set(torch.library.opcheck(fused_op.relu_mean, (x, negative), **checks).values()) == {"SUCCESS"}
+    with pytest.raises(ValueError, match="at least one dim"):
+        fused_op.relu_mean(x, [])
 
 
 def test_batch_norm_operator_passes_torch_library_opcheck_and_is_the_module():

@@ -431,6 +431,7 @@ class DenseNet(nn.Module):
         own = type(self).forward_features is DenseNet.forward_features and \
             type(self).forward_head is DenseNet.forward_head  # a subclass's own head runs as it is
         return (own and torch.compiler.is_compiling() and not _plain_only() and torch.is_grad_enabled()
+                and not torch._C._are_functorch_transforms_active()
                 and self.global_pool == "avg" and self.features.fused
                 and next(self.parameters()).device.type == "cpu")
 

@@ -201,10 +201,19 @@ class FrozenDenseNet(_InferenceOnly, DenseNet):
     classifier are kept in float32 and the head is ``linear(mean(relu(x * scale + shift)))``
     in float32, rounded to the dtype the modules would return (bf16 under bf16 autocast, as the
     classifier's product there). Where it does not apply (maps or pooled features asked for, a
-    pooling other than the mean, a hook on the modules it skips, a head changed since, off the
-    CPU, under torch.compile and in traces and exports) the modules run as in a DenseNet."""
+    pooling other than the mean, a hook on the modules it skips, a classifier other than a Linear,
+    maps that need a gradient, off the CPU, under torch.compile and in traces and exports) the
+    modules run as in a DenseNet. The kept constants are those of the head's tensors as they are:
+    a classifier replaced or reset, a dtype changed, an in-place edit make them anew."""
 
     _CACHES = ("_head",)
+    __jit_ignored_attributes__ = ["_head"]  # the kept constants, which TorchScript's code never reads
+
+    def train(self, mode: bool = True):
+        # a copy with nothing frozen in it (no block ran fused) trains as the DenseNet it is
+        if mode and not any(isinstance(m, _InferenceOnly) for m in self.modules() if m is not self):
+            return DenseNet.train(self, mode)
+        return super().train(mode)
 
     def forward(self, x: Tensor) -> Union[Tensor, List[Tensor]]:
         if not torch.jit.is_scripting():
@@ -235,15 +244,24 @@ class FrozenDenseNet(_InferenceOnly, DenseNet):
         _check_input(x, self.spatial_dims, self.in_chans, self._min_size, self._reduction)
         maps = self.features._forward_fused(x, stop=name)
         norm, classifier = self.features._modules[name], self.classifier
+        if maps.requires_grad:  # a gradient asked for (modules left unfrozen): the modules, which autograd records
+            return self.forward_head(F.relu(norm(maps), inplace=True))
         # the dtype the modules would return: the classifier's product runs in bf16 under autocast
         autocast = torch.is_autocast_enabled("cpu")
         out_dtype = torch.bfloat16 if autocast else torch.promote_types(maps.dtype, classifier.weight.dtype)
-        constants = self._head.get(maps.device)
+        # the constants of these very tensors as they are now: a classifier replaced or reset, a
+        # dtype or device changed, an in-place edit (a new version) make them anew
+        sources = [t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var, classifier.weight,
+                               classifier.bias) if t is not None]
+        key = (maps.device, float(norm.eps),  # (inference tensors have no version counter)
+               *[(id(t), t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype) for t in sources])
+        constants = self._head.get(key)
         if constants is None:
-            constants = self._head[maps.device] = self._head_constants(norm, classifier)
+            self._head.clear()
+            constants = self._head[key] = self._head_constants(norm, classifier)
         scale, shift, weight, bias = constants
         n, c = maps.shape[:2]
-        rows = maps.movedim(1, -1).reshape(n, -1, c)  # channels-last maps: a view
+        rows = maps.movedim(1, -1).reshape(n, math.prod(maps.shape[2:]), c)  # channels-last maps: a view
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
             pooled = torch.addcmul(shift, rows, scale).relu_().mean(1)
             return F.linear(pooled, weight, bias).to(out_dtype)
@@ -254,8 +272,9 @@ class FrozenDenseNet(_InferenceOnly, DenseNet):
             var, mean = norm.running_var.float(), norm.running_mean.float()
             scale = norm.weight.float() * torch.rsqrt(var + norm.eps)
             shift = norm.bias.float() - mean * scale
-            bias = None if classifier.bias is None else classifier.bias.float().contiguous()
-            return scale.contiguous(), shift.contiguous(), classifier.weight.float().contiguous(), bias
+            # copies: a later .to() of the module changes its parameters' data in place
+            bias = None if classifier.bias is None else classifier.bias.to(torch.float32, copy=True)
+            return scale.contiguous(), shift.contiguous(), classifier.weight.to(torch.float32, copy=True), bias
 
 
 class FrozenDenseBlock(_InferenceOnly, DenseBlock):

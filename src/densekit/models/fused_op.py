@@ -448,11 +448,19 @@ def relu_mean(x: Tensor, dims: list[int]) -> Tensor:
     maps (64 x 342 x 7 x 7 bf16, channels-last) against 0.2-0.35 ms for torch's kernels, and its
     backward with the mean's another 2.4 ms, on a 2-core Zen 5 EPYC (docs/performance.md)."""
     with torch.no_grad():
-        return torch.relu(x).mean(dims)
+        return torch.relu(x).mean(_dims(x, dims))
+
+
+def _dims(x: Tensor, dims: list[int]) -> list[int]:
+    """``dims`` as non-negative dims of ``x``; at least one (``mean`` over none would reduce all)."""
+    if not dims:
+        raise ValueError("densekit::relu_mean needs at least one dim to average over")
+    return [d % x.dim() for d in dims]
 
 
 @relu_mean.register_fake
 def _(x, dims):
+    dims = _dims(x, dims)
     return x.new_empty([s for d, s in enumerate(x.shape) if d not in dims])
 
 
@@ -460,6 +468,7 @@ def _(x, dims):
 def relu_mean_backward(grad: Tensor, x: Tensor, dims: list[int]) -> Tensor:
     """The gradient of :func:`relu_mean`'s x, in x's memory layout (a channels-last gradient
     beside a channels-last input: see ``densenet._GlobalMean``)."""
+    dims = _dims(x, dims)
     count = math.prod(x.shape[d] for d in dims)
     shape = [1 if d in dims else s for d, s in enumerate(x.shape)]
     spread = (grad / count).reshape(shape).expand(x.shape)
