@@ -319,12 +319,13 @@ def test_user_error_in_a_real_process(world, case):
 @pytest.mark.parametrize("error", [RuntimeError, ValueError, KeyError])
 def test_internal_errors_are_not_dressed_up_as_user_errors(capsys, monkeypatch, world, error):
     """main() catches UserError only: a bug, even a plain ValueError, propagates with its traceback."""
-    import densekit.models.densenet as densenet
+    import densekit.models.layers as layers
 
-    def bug(self, x):
+    def bug(self, x, *args, **kwargs):
         raise error("simulated bug deep inside densekit")
 
-    monkeypatch.setattr(densenet.DenseNet, "forward", bug)
+    # the features' fused forward: every fused model runs it, the inference copy's included
+    monkeypatch.setattr(layers.Features, "_forward_fused", bug)
     before = snapshot(world["root"])
     with pytest.raises(error, match="simulated bug"):
         main(["predict", world["run"], world["png"], "--device", "cpu"])
@@ -332,9 +333,9 @@ def test_internal_errors_are_not_dressed_up_as_user_errors(capsys, monkeypatch, 
 
 
 def test_internal_error_in_a_real_process_exits_1_with_traceback(world):
-    hook = ("import runpy, densekit.models.densenet as d\n"
-            "def bug(self, x): raise RuntimeError('simulated bug deep inside densekit')\n"
-            "d.DenseNet.forward = bug\n"
+    hook = ("import runpy, densekit.models.layers as d\n"
+            "def bug(self, x, *a, **k): raise RuntimeError('simulated bug deep inside densekit')\n"
+            "d.Features._forward_fused = bug\n"
             "runpy.run_module('densekit', run_name='__main__', alter_sys=True)\n")
     before = snapshot(world["root"])
     proc = subprocess.run([PYTHON, "-c", hook, "predict", world["run"], world["png"], "--device", "cpu"],

@@ -27,6 +27,7 @@ from ..data import Dataset, load_dataset
 from ..data.batches import loader_for
 from ..errors import UserError
 from ..models import DenseNet, create_model, model_kwargs
+from ..models.frozen import for_inference
 from ..models.layers import prunable_norms
 from ..models.profile import count_macs, count_params
 from ..results import Result
@@ -409,9 +410,10 @@ class _Session:
                           augment=self.augment, workers=cfg["workers"],
                           skip_bad_images=cfg["skip_bad_images"])
 
-    def _evaluate(self, split, name: str, emit: Callable[[Event], None]) -> EvalResult | MultiLabelResult:
+    def _evaluate(self, split, name: str, emit: Callable[[Event], None],
+                  model: nn.Module | None = None) -> EvalResult | MultiLabelResult:
         loader = self._loader(split, self.eval_batch, train=False)
-        return evaluate(self.model, loader, self.runtime, self.data.num_classes,
+        return evaluate(self.model if model is None else model, loader, self.runtime, self.data.num_classes,
                         report=lambda done: emit(Evaluating(name, done, len(loader))),
                         multi_label=self.data.multi_label)
 
@@ -568,7 +570,10 @@ class _Session:
         if self.data.test is not None and self.finished:
             # once, at the end: a run stopped on the way is not scored on it, so that where to
             # stop is never chosen by looking at the test split
-            self.test_eval = self._evaluate(self.data.test, "test", emit)
+            # by the copy `densekit eval` runs (on the CPU an inference copy, whose head rounds
+            # differently from the training model's), so that it reproduces this number
+            self.test_eval = self._evaluate(self.data.test, "test", emit,
+                                            model=for_inference(self.model, self.runtime.device))
         if self.main and self.progress.history:  # drawn once at the end: a figure costs more than a small epoch
             self.run.write_curves(curves_png(self.progress.history, f"{self.cfg['model']} on {self.data.name}"))
 
