@@ -81,7 +81,7 @@ from torch import Tensor, nn
 
 from . import fused as _fused, native
 from .densenet import DenseNet, _check_input
-from .fused_stem import unhooked
+from .fused_stem import bn_scale_shift, unhooked
 from .layers import DenseBlock, Transition, _plain_only
 
 # A convolution feeding a frozen dense block runs as the native stem kernel when each of its
@@ -269,9 +269,8 @@ class FrozenDenseNet(_InferenceOnly, DenseNet):
     @staticmethod
     def _head_constants(norm: nn.Module, classifier: nn.Linear) -> tuple:
         with torch.no_grad():
-            var, mean = norm.running_var.float(), norm.running_mean.float()
-            scale = norm.weight.float() * torch.rsqrt(var + norm.eps)
-            shift = norm.bias.float() - mean * scale
+            scale, shift = bn_scale_shift(norm.weight, norm.bias, norm.running_mean.float(), norm.running_var.float(),
+                                          norm.eps)
             # copies: a later .to() of the module changes its parameters' data in place
             bias = None if classifier.bias is None else classifier.bias.to(torch.float32, copy=True)
             return scale.contiguous(), shift.contiguous(), classifier.weight.to(torch.float32, copy=True), bias
